@@ -1,0 +1,1 @@
+"""Role packages: one per role, each an aiohttp app plus its background loops."""
