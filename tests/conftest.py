@@ -1,0 +1,6 @@
+"""Shared fixtures live in tests/fixtures/, one module per real part (chain, Docker, processes)."""
+
+pytest_plugins = [
+    "tests.fixtures.chain",
+    "tests.fixtures.docker",
+]
