@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.chain",
     "tests.fixtures.docker",
+    "tests.fixtures.processes",
 ]

@@ -7,14 +7,17 @@ every ``PrimeError`` into one printed sentence and a non-zero exit.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
 from rich.console import Console
 
+from prime.config import ConfigPath, apply_config
 from prime.errors import PrimeError
 
-err_console = Console(stderr=True)
+# soft_wrap: an error stays one line in logs and pipes instead of being cut at 80 columns.
+err_console = Console(stderr=True, soft_wrap=True)
 
 app = typer.Typer(
     name="prime",
@@ -23,6 +26,16 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def root(ctx: typer.Context, config: ConfigPath = None) -> None:
+    """prime: one coordinated, verifiable compute pool out of GPUs owned by strangers."""
+    # The TOML file becomes click's default_map here, before any subcommand parses its
+    # options, so every command sees flags > PRIME_* env > TOML > default.
+    _path, warnings = apply_config(ctx, config)
+    for warning in warnings:
+        err_console.print(f"[yellow]Warning:[/] {warning}", highlight=False)
 
 
 def _mount() -> None:
@@ -60,18 +73,22 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as exc:  # click's own usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            err_console.print("Aborted.")
-            sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("Aborted.")
+        sys.exit(1)
+    except typer.TyperException as exc:
+        # Typer vendors click: usage errors (unknown option, missing argument, bare group
+        # showing its help) arrive here and know how to print themselves.
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            err_console.print(f"[bold red]Error:[/] {exc.message}", highlight=False)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # anything unexpected
         err_console.print(f"[bold red]Error:[/] unexpected failure ({type(exc).__name__}: {exc}); run with PRIME_DEBUG=1 for details and report it.")
-        import os
-
         if os.environ.get("PRIME_DEBUG"):
             raise
         sys.exit(1)

@@ -1,0 +1,398 @@
+"""Miner side of the challenge: compute C = A·B, commit to its rows, open rows on request.
+
+Compute backends: torch (CUDA) or cupy when importable *and* a GPU is present, numpy
+otherwise. Each returns C on the host as float32 holding exactly the values of the
+challenge's dtype (float16/bfloat16 results are widened, which is exact). The prover is
+a strategy object so tests can substitute cheating ones (tests/challenge/cheaters.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from prime.challenge import generator as gen
+from prime.challenge.merkle import MerkleTree, hash_rows
+from prime.challenge.params import ChallengeParams, prover_bytes
+
+log = logging.getLogger(__name__)
+
+# Share of the currently free memory a challenge may take.
+MEMORY_HEADROOM = 0.8
+
+
+# ------------------------------------------------------------------ results
+@dataclass
+class Commitment:
+    """A computed and committed challenge, kept by the miner until it is opened."""
+
+    params: ChallengeParams
+    root: bytes
+    tree: MerkleTree
+    rows: np.ndarray  # float32, n × n
+    elapsed_s: float
+    backend: str
+
+    def nbytes(self) -> int:
+        return int(self.rows.nbytes)
+
+
+@dataclass(frozen=True)
+class RowOpening:
+    """One opened row: its values and the Merkle path from its leaf to the root."""
+
+    index: int
+    values: np.ndarray  # float32, length n
+    path: list[bytes]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            # hex, not base64: bytes.fromhex decodes ~3× faster in CPython, and decoding
+            # is a visible share of the validator's few milliseconds.
+            "values": np.ascontiguousarray(self.values, dtype="<f4").tobytes().hex(),
+            "path": [p.hex() for p in self.path],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, n: int) -> "RowOpening":
+        """Parse an opening; raises ValueError naming what is malformed."""
+        if not isinstance(obj, dict):
+            raise ValueError("an opening must be an object")
+        index, values, path = obj.get("index"), obj.get("values"), obj.get("path")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise ValueError("opening index must be an integer")
+        if not isinstance(values, str) or len(values) != 8 * n:
+            raise ValueError(f"row {index}: values must be {4 * n} bytes of hex")
+        if not isinstance(path, list) or not all(isinstance(p, str) and len(p) == 64 for p in path):
+            raise ValueError(f"row {index}: path must be a list of 32-byte hex hashes")
+        try:
+            raw = bytes.fromhex(values)
+            hashes = [bytes.fromhex(p) for p in path]
+        except ValueError:
+            raise ValueError(f"row {index}: values or path is not valid hex") from None
+        return cls(index=index, values=np.frombuffer(raw, dtype="<f4"), path=hashes)
+
+
+# ------------------------------------------------------------------ output rounding
+def round_to_dtype(c: np.ndarray, dtype: str) -> np.ndarray:
+    """Round a float32 array in place to the challenge dtype's values (kept as float32)."""
+    if dtype == "float16":
+        c[...] = c.astype(np.float16)
+    elif dtype == "bfloat16":
+        bits = c.view(np.uint32)
+        # round to nearest, ties to even, on the upper 16 bits (values are finite here)
+        bits += np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        bits &= np.uint32(0xFFFF0000)
+    return c
+
+
+# ------------------------------------------------------------------ backends
+class ComputeBackend(Protocol):
+    name: str
+
+    def product(self, params: ChallengeParams) -> np.ndarray: ...
+
+    def required_bytes(self, params: ChallengeParams) -> int: ...
+
+    def memory_problem(self, params: ChallengeParams) -> str | None: ...
+
+
+def _host_available_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+class NumpyBackend:
+    """CPU: float32 BLAS over repeat blocks of n×n. Exact for every dtype (generator.py),
+    and half-precision results are rounded once at the end."""
+
+    name = "numpy"
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads or gen.worker_count()
+
+    def required_bytes(self, params: ChallengeParams) -> int:
+        return prover_bytes(params)[0]
+
+    def memory_problem(self, params: ChallengeParams) -> str | None:
+        need, free = self.required_bytes(params), int(_host_available_bytes() * MEMORY_HEADROOM)
+        if need > free:
+            return f"needs {need} bytes of RAM but only {free} are free"
+        return None
+
+    def product(self, params: ChallengeParams) -> np.ndarray:
+        n, seed = params.n, params.seed
+        a_rows = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_ROW, np.arange(n))
+        b_cols = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_COL, np.arange(n))
+        a = np.empty((n, n), np.float32)
+        b = np.empty((n, n), np.float32)
+        c = np.empty((n, n), np.float32)
+        tmp = np.empty((n, n), np.float32) if params.repeat > 1 else None
+        for r in range(params.repeat):
+            block = np.arange(r * n, (r + 1) * n)
+            gen.fill_nibbles(a_rows, gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_COL, block), a,
+                             threads=self.threads)
+            gen.fill_nibbles(gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_ROW, block), b_cols, b,
+                             threads=self.threads)
+            if r == 0:
+                np.matmul(a, b, out=c)
+            else:
+                np.matmul(a, b, out=tmp)
+                c += tmp  # integer-valued and below 2**24: exact
+        del a, b, tmp
+        c *= np.float32(gen.PRODUCT_SCALE)  # nibble products → values; power of two, exact
+        return round_to_dtype(c, params.dtype)
+
+
+def _device_rows(n: int, parts: int) -> list[np.ndarray]:
+    return [r for r in np.array_split(np.arange(n), parts) if r.size]
+
+
+def _run_per_device(work: Any, devices: list[Any], splits: list[np.ndarray]) -> None:
+    if len(splits) == 1:
+        work(devices[0], splits[0])
+        return
+    with ThreadPoolExecutor(max_workers=len(splits)) as pool:
+        list(pool.map(work, devices[: len(splits)], splits))
+
+
+class TorchBackend:
+    """CUDA through torch: rows of C split across the GPUs, one thread per GPU.
+
+    Each GPU builds its band of A and all of B with the int64 generator, then one matmul
+    over the whole K, so a half-precision result is rounded once. TF32 is allowed (the
+    inputs have 3 significant bits, exact in TF32); reduced-precision split-K reductions
+    are turned off so accumulation stays float32 and the result exact before rounding.
+    """
+
+    name = "torch"
+    GEN_CHUNK = 1 << 24  # int64 elements per generation step (128 MiB per temporary)
+
+    def __init__(self, devices: list[Any] | None = None) -> None:
+        import torch
+
+        self.torch = torch
+        self.devices = devices or [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+    def required_bytes(self, params: ChallengeParams) -> int:
+        host, device = prover_bytes(params, gpu_count=len(self.devices))
+        return host + device * len(self.devices)
+
+    def memory_problem(self, params: ChallengeParams) -> str | None:
+        host, device = prover_bytes(params, gpu_count=len(self.devices))
+        free_host = int(_host_available_bytes() * MEMORY_HEADROOM)
+        if host > free_host:
+            return f"needs {host} bytes of RAM but only {free_host} are free"
+        for d in self.devices:
+            if d.type == "cuda":
+                free = int(self.torch.cuda.mem_get_info(d)[0] * MEMORY_HEADROOM)
+                if device > free:
+                    return f"needs {device} bytes on {d} but only {free} are free"
+        return None
+
+    def matrix(self, row_keys: np.ndarray, col_keys: np.ndarray, dtype: Any, device: Any) -> Any:
+        """Element values (nibble/16) in ``dtype`` on ``device``, generated in row chunks."""
+        torch = self.torch
+        out = torch.empty((row_keys.size, col_keys.size), dtype=dtype, device=device)
+        cols = torch.from_numpy(col_keys.astype(np.int64)).to(device)[None, :]
+        step = max(1, self.GEN_CHUNK // max(col_keys.size, 1))
+        for s in range(0, row_keys.size, step):
+            rows = torch.from_numpy(row_keys[s:s + step].astype(np.int64)).to(device)[:, None]
+            out[s:s + step] = gen.nibbles_int64(rows, cols).to(dtype) * gen.VALUE_SCALE
+        return out
+
+    def product(self, params: ChallengeParams) -> np.ndarray:
+        torch = self.torch
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[params.dtype]
+        n, k, seed = params.n, params.inner, params.seed
+        a_rows, a_cols = gen.matrix_keys(seed, gen.MATRIX_A, n, k)
+        b_rows, b_cols = gen.matrix_keys(seed, gen.MATRIX_B, k, n)
+        out = np.empty((n, n), np.float32)
+        splits = _device_rows(n, len(self.devices))
+
+        def work(device: Any, rows: np.ndarray) -> None:
+            ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+            with ctx:
+                a = self.matrix(a_rows[rows], a_cols, dtype, device)
+                b = self.matrix(b_rows, b_cols, dtype, device)
+                c = a @ b
+                del a, b
+                out[rows[0]:rows[-1] + 1] = c.float().cpu().numpy()
+                del c
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        _run_per_device(work, self.devices, splits)
+        return out
+
+
+class CupyBackend:
+    """CUDA through cupy with the uint32 generator (same code as numpy). bfloat16 has no
+    cupy dtype, so it is computed in float32 and rounded on the host (same values)."""
+
+    name = "cupy"
+
+    def __init__(self, devices: list[int] | None = None) -> None:
+        import cupy
+
+        self.cp = cupy
+        self.devices = devices or list(range(cupy.cuda.runtime.getDeviceCount()))
+
+    def required_bytes(self, params: ChallengeParams) -> int:
+        host, device = prover_bytes(params, gpu_count=len(self.devices))
+        return host + device * len(self.devices)
+
+    def memory_problem(self, params: ChallengeParams) -> str | None:
+        host, device = prover_bytes(params, gpu_count=len(self.devices))
+        free_host = int(_host_available_bytes() * MEMORY_HEADROOM)
+        if host > free_host:
+            return f"needs {host} bytes of RAM but only {free_host} are free"
+        for d in self.devices:
+            with self.cp.cuda.Device(d):
+                free = int(self.cp.cuda.runtime.memGetInfo()[0] * MEMORY_HEADROOM)
+            if device * (2 if params.dtype == "bfloat16" else 1) > free:
+                return f"needs {device} bytes on GPU {d} but only {free} are free"
+        return None
+
+    def product(self, params: ChallengeParams) -> np.ndarray:
+        cp = self.cp
+        dtype = cp.float16 if params.dtype == "float16" else cp.float32
+        n, k, seed = params.n, params.inner, params.seed
+        a_rows, a_cols = gen.matrix_keys(seed, gen.MATRIX_A, n, k)
+        b_rows, b_cols = gen.matrix_keys(seed, gen.MATRIX_B, k, n)
+        out = np.empty((n, n), np.float32)
+        splits = _device_rows(n, len(self.devices))
+
+        def values(rows: np.ndarray, cols: np.ndarray) -> Any:
+            return (gen.nibbles_uint32(cp, cp.asarray(rows), cp.asarray(cols)).astype(dtype)
+                    * dtype(gen.VALUE_SCALE))
+
+        def work(device: int, rows: np.ndarray) -> None:
+            with cp.cuda.Device(device):
+                c = cp.matmul(values(a_rows[rows], a_cols), values(b_rows, b_cols))
+                out[rows[0]:rows[-1] + 1] = cp.asnumpy(c.astype(cp.float32))
+                del c
+                cp.get_default_memory_pool().free_all_blocks()
+
+        _run_per_device(work, self.devices, splits)
+        return round_to_dtype(out, params.dtype)
+
+
+_probe_lock = threading.Lock()
+_probed: ComputeBackend | None = None
+
+
+def detect_backend(prefer: str | None = None) -> ComputeBackend:
+    """torch (CUDA) if importable with a GPU, else cupy with a GPU, else numpy.
+
+    ``prefer`` ("torch", "cupy", "numpy") picks one explicitly. Probing is lazy and any
+    failure (no driver, no device, broken install) degrades to numpy with a log line.
+    """
+    global _probed
+    if prefer == "numpy":
+        return NumpyBackend()
+    with _probe_lock:
+        if _probed is not None and prefer is None:
+            return _probed
+        candidates = [prefer] if prefer else ["torch", "cupy"]
+        chosen: ComputeBackend = NumpyBackend()
+        for name in candidates:
+            try:
+                if name == "torch":
+                    import torch
+
+                    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+                        chosen = TorchBackend()
+                        break
+                elif name == "cupy":
+                    import cupy
+
+                    if cupy.cuda.runtime.getDeviceCount() > 0:
+                        chosen = CupyBackend()
+                        break
+            except Exception as exc:  # noqa: BLE001 - any probe failure means "not this one"
+                log.info("challenge backend %s unavailable: %s", name, exc)
+        if prefer is None:
+            _probed = chosen
+        return chosen
+
+
+# ------------------------------------------------------------------ provers
+class Prover(Protocol):
+    """What the miner's challenge service needs from a prover."""
+
+    name: str
+
+    def required_bytes(self, params: ChallengeParams) -> int: ...
+
+    def memory_problem(self, params: ChallengeParams) -> str | None: ...
+
+    def commit(self, params: ChallengeParams) -> Commitment: ...
+
+    def open(self, commitment: Commitment, rows: list[int]) -> list[RowOpening]: ...
+
+
+class MatmulProver:
+    """The honest prover: compute C, hash its rows, build the tree, open rows on demand."""
+
+    def __init__(self, backend: ComputeBackend | None = None) -> None:
+        self._backend = backend
+
+    @property
+    def backend(self) -> ComputeBackend:
+        if self._backend is None:
+            self._backend = detect_backend()
+        return self._backend
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def required_bytes(self, params: ChallengeParams) -> int:
+        return self.backend.required_bytes(params)
+
+    def memory_problem(self, params: ChallengeParams) -> str | None:
+        return self.backend.memory_problem(params)
+
+    def compute(self, params: ChallengeParams) -> np.ndarray:
+        return self.backend.product(params)
+
+    def commit(self, params: ChallengeParams) -> Commitment:
+        started = time.perf_counter()
+        c = self.compute(params)
+        tree = MerkleTree.from_leaves(hash_rows(c))
+        return Commitment(params=params, root=tree.root, tree=tree, rows=c,
+                          elapsed_s=time.perf_counter() - started, backend=self.name)
+
+    def open(self, commitment: Commitment, rows: list[int]) -> list[RowOpening]:
+        return [RowOpening(index=i, values=commitment.rows[i].copy(), path=commitment.tree.path(i))
+                for i in rows]
+
+
+def load_prover(spec: str) -> Prover:
+    """Build a prover from "package.module:factory" (a class or function taking no arguments).
+
+    Lets a miner be started with a different prover (e.g. a cheating one in end-to-end
+    tests) without code changes; "" or "default" gives the honest MatmulProver.
+    """
+    if spec in ("", "default"):
+        return MatmulProver()
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"prover spec {spec!r} must look like 'package.module:factory'")
+    import importlib
+
+    factory = getattr(importlib.import_module(module_name), attr)
+    return factory()

@@ -1,0 +1,182 @@
+"""Miner side HTTP surface: POST /challenge and POST /challenge/{id}/open.
+
+One challenge at a time per node. Everything a request can get wrong (bad JSON, bad
+fields, a size beyond the node's memory, a second challenge while one runs, an unknown
+id, rows out of range) is answered 4xx JSON before anything is allocated. The matmul
+runs in a worker thread so the event loop keeps serving /health and heartbeats. The
+committed rows are held until they are opened or ``open_timeout_s`` passes, then freed.
+
+No chain and no signature logic here: ``add_challenge_routes`` wraps both handlers with
+the ``require_validator`` decorator it is given (prime.auth.middleware.require(check)).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from prime.challenge.params import ChallengeParamError, ChallengeParams
+from prime.challenge.prover import Commitment, MatmulProver, Prover
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+DEFAULT_OPEN_TIMEOUT_S = 120.0
+DEFAULT_MAX_OPEN_ROWS = 4096
+
+
+def _error(status: int, error: str, detail: Any = None) -> web.Response:
+    """The project's JSON error shape, {"error": ..., "detail": ...}."""
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+@dataclass
+class _Active:
+    params: ChallengeParams
+    signer: str | None
+    commitment: Commitment | None = None  # None while computing
+    expiry: asyncio.TimerHandle | None = None
+
+
+class ChallengeService:
+    """Holds at most one challenge: computing, then committed until opened or expired."""
+
+    def __init__(self, prover: Prover | None = None, *, memory_limit_bytes: int | None = None,
+                 open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S,
+                 max_open_rows: int = DEFAULT_MAX_OPEN_ROWS) -> None:
+        self.prover: Prover = prover or MatmulProver()
+        self.memory_limit_bytes = memory_limit_bytes
+        self.open_timeout_s = open_timeout_s
+        self.max_open_rows = max_open_rows
+        self._active: _Active | None = None
+        self.completed = 0
+
+    # ---------------------------------------------------------------- state
+    @property
+    def active_id(self) -> str | None:
+        return self._active.params.id if self._active else None
+
+    def holds_arrays(self) -> bool:
+        """True while a computed C (or a computation) is held in memory."""
+        return self._active is not None
+
+    def release(self) -> None:
+        """Drop the current challenge and its arrays."""
+        if self._active and self._active.expiry:
+            self._active.expiry.cancel()
+        self._active = None
+
+    def _expire(self, active: _Active) -> None:
+        if self._active is active:
+            log.info("challenge %s was not opened within %.0f s; freeing it", active.params.id,
+                     self.open_timeout_s)
+            self.release()
+
+    def _memory_problem(self, params: ChallengeParams) -> str | None:
+        if self.memory_limit_bytes is not None:
+            need = self.prover.required_bytes(params)
+            if need > self.memory_limit_bytes:
+                return f"needs {need} bytes but this node allows {self.memory_limit_bytes}"
+        return self.prover.memory_problem(params)
+
+    # ---------------------------------------------------------------- handlers
+    async def handle_challenge(self, request: web.Request) -> web.Response:
+        """Compute C = A·B for {id, seed, n, dtype, repeat} and answer with the Merkle root over C's rows."""
+        if self._active is not None:
+            return _error(409, "challenge_in_progress", {"id": self._active.params.id})
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "bad_json", "the body must be a JSON object")
+        try:
+            params = ChallengeParams.from_json(body)
+        except ChallengeParamError as exc:
+            return _error(400, "invalid_challenge", str(exc))
+        problem = self._memory_problem(params)
+        if problem is not None:
+            return _error(400, "challenge_too_large", f"n={params.n}, repeat={params.repeat} {problem}")
+        if self._active is not None:  # another request got in while we read the body
+            return _error(409, "challenge_in_progress", {"id": self._active.params.id})
+        active = _Active(params=params, signer=request.get("signer"))
+        self._active = active
+        started = time.perf_counter()
+        try:
+            commitment = await asyncio.to_thread(self.prover.commit, params)
+        except MemoryError:
+            self.release()
+            return _error(507, "out_of_memory", "the node ran out of memory computing the challenge")
+        except Exception:  # noqa: BLE001 - a prover failure must not take the miner down
+            log.exception("challenge %s failed", params.id)
+            self.release()
+            return _error(500, "prover_failed", "the node could not compute the challenge")
+        if self._active is not active:  # released meanwhile (shutdown)
+            return _error(409, "challenge_cancelled", None)
+        active.commitment = commitment
+        active.expiry = asyncio.get_running_loop().call_later(self.open_timeout_s, self._expire, active)
+        return web.json_response({
+            "id": params.id,
+            "root": commitment.root.hex(),
+            "n": params.n,
+            "dtype": params.dtype,
+            "repeat": params.repeat,
+            "elapsed_s": round(time.perf_counter() - started, 6),
+            "backend": commitment.backend,
+        })
+
+    async def handle_open(self, request: web.Request) -> web.Response:
+        """Open the requested rows {rows: [int]} of the committed C with their Merkle paths, then free it."""
+        ident = request.match_info.get("id", "")
+        active = self._active
+        if active is None or active.params.id != ident:
+            return _error(404, "unknown_challenge", {"id": ident})
+        if active.commitment is None:
+            return _error(409, "challenge_not_committed", {"id": ident})
+        signer = request.get("signer")
+        if active.signer is not None and signer != active.signer:
+            return _error(403, "not_your_challenge", "only the validator that sent the challenge may open it")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "bad_json", "the body must be a JSON object")
+        rows = body.get("rows") if isinstance(body, dict) else None
+        n = active.params.n
+        if not isinstance(rows, list) or not rows:
+            return _error(400, "invalid_rows", "'rows' must be a non-empty list of row indices")
+        if len(rows) > min(n, self.max_open_rows):
+            return _error(400, "invalid_rows", f"at most {min(n, self.max_open_rows)} rows may be opened")
+        if any(isinstance(r, bool) or not isinstance(r, int) for r in rows):
+            return _error(400, "invalid_rows", "row indices must be integers")
+        out_of_range = [r for r in rows if not 0 <= r < n]
+        if out_of_range:
+            return _error(400, "invalid_rows", f"row {out_of_range[0]} is outside 0..{n - 1}")
+        if len(set(rows)) != len(rows):
+            return _error(400, "invalid_rows", "row indices must be distinct")
+        if self._active is not active:
+            return _error(404, "unknown_challenge", {"id": ident})
+        commitment = active.commitment
+        self.release()  # one opening per challenge; the rows below are copies
+        try:
+            openings = await asyncio.to_thread(
+                lambda: [o.to_json() for o in self.prover.open(commitment, rows)])
+        except Exception:  # noqa: BLE001 - never let a prover bug crash the miner
+            log.exception("opening challenge %s failed", ident)
+            return _error(500, "prover_failed", "the node could not open the requested rows")
+        finally:
+            del commitment
+        self.completed += 1
+        return web.json_response({"id": ident, "rows": openings})
+
+
+def add_challenge_routes(app: web.Application, service: ChallengeService,
+                         require_validator: Callable[[Handler], Handler] | None = None) -> None:
+    """Mount POST /challenge and POST /challenge/{id}/open, each wrapped by require_validator."""
+    wrap = require_validator or (lambda handler: handler)
+    app.router.add_post("/challenge", wrap(service.handle_challenge))
+    app.router.add_post("/challenge/{id}/open", wrap(service.handle_open))

@@ -1,0 +1,304 @@
+"""The master's persistent state in SQLite (on top of ``prime.store.Database``).
+
+Nodes (with their invite bookkeeping), tasks and replicas, the chain cursor, synced storage
+manifests and the index of content-addressed blobs. ``save``/``flush`` write a ``MasterState``
+in one transaction, ``load`` rebuilds it, so a restarted master resumes where it stopped
+(then feed it ``MasterStarted(now)`` so its own downtime is not counted as missed heartbeats).
+
+Migrations are append-only: never edit a shipped statement, add a new one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from prime.chain.types import NodeStatus
+from prime.roles.master.models import (
+    NO_HARDWARE,
+    ManifestEntry,
+    NodeRecord,
+    NodeSample,
+    NodeState,
+    Replica,
+    ReplicaState,
+    RestartPolicy,
+    Task,
+    TaskSpec,
+    specs_from_json,
+    specs_to_json,
+)
+from prime.roles.master.state import MasterState, StateConfig
+from prime.store import Database
+
+MIGRATIONS: list[str] = [
+    """CREATE TABLE nodes (
+        address TEXT PRIMARY KEY, state TEXT NOT NULL, chain_status INTEGER, chain_block INTEGER,
+        hardware TEXT, url TEXT, approved_at REAL, member_since REAL, last_heartbeat REAL,
+        state_since REAL, last_error TEXT, last_sample TEXT)""",
+    """CREATE TABLE invites (
+        node TEXT PRIMARY KEY, invited_at REAL, expiry INTEGER, failures INTEGER NOT NULL,
+        next_attempt_at REAL, sent INTEGER NOT NULL)""",
+    """CREATE TABLE tasks (
+        id TEXT PRIMARY KEY, spec TEXT NOT NULL, created_at REAL NOT NULL, stop_requested INTEGER NOT NULL)""",
+    """CREATE TABLE replicas (
+        task_id TEXT NOT NULL, idx INTEGER NOT NULL, node TEXT, state TEXT NOT NULL, gpu_indices TEXT NOT NULL,
+        attempt INTEGER NOT NULL, exit_code INTEGER, assigned_at REAL, started_at REAL, finished_at REAL,
+        error TEXT, PRIMARY KEY (task_id, idx))""",
+    "CREATE INDEX replicas_by_node ON replicas (node)",
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE manifests (
+        task_id TEXT NOT NULL, replica INTEGER NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL, synced_at REAL NOT NULL, PRIMARY KEY (task_id, replica, path))""",
+    "CREATE TABLE blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_at REAL NOT NULL)",
+]
+
+CURSOR_KEY = "chain_cursor"
+
+
+@dataclass(frozen=True)
+class SyncedFile:
+    """A file of a replica's persistent storage that the master holds a copy of (blob ``sha256``)."""
+
+    task_id: str
+    replica: int
+    path: str
+    size: int
+    sha256: str
+    synced_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "replica": self.replica, "path": self.path, "size": self.size,
+                "sha256": self.sha256, "synced_at": self.synced_at}
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    sha256: str
+    size: int
+    stored_at: float
+
+
+class MasterStore:
+    """Persistence for one master. ``db`` is a ``prime.store.Database``; the schema is created on open."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate(MIGRATIONS)
+
+    # --- whole state -------------------------------------------------------------------------
+
+    def save(self, state: MasterState) -> None:
+        """Write every node and task (and the cursor) in one transaction."""
+        self._write(state, list(state.nodes), list(state.tasks), everything=True)
+
+    def flush(self, state: MasterState) -> None:
+        """Write what changed since the last save/flush (``state.dirty_*``) and the cursor."""
+        self._write(state, sorted(state.dirty_nodes), sorted(state.dirty_tasks))
+
+    def _write(self, state: MasterState, node_ids: list[str], task_ids: list[str], everything: bool = False) -> None:
+        with self.db.transaction():
+            for address in node_ids:
+                if address in state.nodes:
+                    self._write_node(state.nodes[address])
+            for task_id in task_ids:
+                if task_id in state.tasks:
+                    self._write_task(state.tasks[task_id])
+            if state.chain_cursor is not None and (state.dirty_cursor or everything):
+                self._set_meta(CURSOR_KEY, str(state.chain_cursor))
+        state.dirty_nodes.clear()
+        state.dirty_tasks.clear()
+        state.dirty_cursor = False
+
+    def load(self, config: StateConfig | None = None) -> MasterState:
+        """The state as last saved (empty on a new database)."""
+        state = MasterState(config=config or StateConfig())
+        invites = {row["node"]: row for row in self.db.query("SELECT * FROM invites", ())}
+        for row in self.db.query("SELECT * FROM nodes ORDER BY address", ()):
+            rec = _node_from_row(row, invites.get(row["address"]))
+            state.nodes[rec.address] = rec
+        replicas: dict[str, list[Replica]] = {}
+        for row in self.db.query("SELECT * FROM replicas ORDER BY task_id, idx", ()):
+            replicas.setdefault(row["task_id"], []).append(_replica_from_row(row))
+        for row in self.db.query("SELECT * FROM tasks ORDER BY created_at, id", ()):
+            task = Task(row["id"], _spec_from_stored(json.loads(row["spec"])), row["created_at"],
+                        replicas.get(row["id"], []), bool(row["stop_requested"]))
+            state.tasks[task.id] = task
+        state.chain_cursor = self.get_cursor()
+        return state
+
+    def _write_node(self, rec: NodeRecord) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO nodes (address, state, chain_status, chain_block, hardware, url, approved_at,"
+            " member_since, last_heartbeat, state_since, last_error, last_sample)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                rec.address, rec.state.value,
+                int(rec.chain_status) if rec.chain_status is not None else None, rec.chain_block,
+                json.dumps(specs_to_json(rec.hardware)), rec.url, rec.approved_at, rec.member_since,
+                rec.last_heartbeat, rec.state_since, rec.last_error,
+                json.dumps(rec.last_sample.to_json()) if rec.last_sample else None,
+            ),
+        )
+        self.db.execute(
+            "INSERT OR REPLACE INTO invites (node, invited_at, expiry, failures, next_attempt_at, sent)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (rec.address, rec.invited_at, rec.invite_expiry, rec.invite_failures, rec.next_invite_at,
+             rec.invites_sent),
+        )
+
+    def _write_task(self, task: Task) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO tasks (id, spec, created_at, stop_requested) VALUES (?, ?, ?, ?)",
+            (task.id, json.dumps(task.spec.to_json()), task.created_at, int(task.stop_requested)),
+        )
+        for r in task.replicas:
+            self.db.execute(
+                "INSERT OR REPLACE INTO replicas (task_id, idx, node, state, gpu_indices, attempt, exit_code,"
+                " assigned_at, started_at, finished_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (task.id, r.index, r.node, r.state.value, json.dumps(list(r.gpu_indices)), r.attempt, r.exit_code,
+                 r.assigned_at, r.started_at, r.finished_at, r.error),
+            )
+
+    # --- chain cursor -----------------------------------------------------------------------------
+    # Prefer StateCursor (below): it commits the cursor together with the state changes of the
+    # events it covers. These read/write the same stored value, for tools and tests.
+
+    def get_cursor(self) -> int | None:
+        value = self._get_meta(CURSOR_KEY)
+        return int(value) if value is not None else None
+
+    def set_cursor(self, block: int) -> None:
+        with self.db.transaction():
+            self._set_meta(CURSOR_KEY, str(int(block)))
+
+    def _get_meta(self, key: str) -> str | None:
+        rows = self.db.query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # --- synced storage --------------------------------------------------------------------------
+
+    def save_manifest(self, task_id: str, replica: int, entries: Iterable[ManifestEntry], synced_at: float) -> None:
+        """Replace the synced manifest of one replica (call after every listed blob is stored)."""
+        with self.db.transaction():
+            self.db.execute("DELETE FROM manifests WHERE task_id = ? AND replica = ?", (task_id, replica))
+            for e in entries:
+                self.db.execute(
+                    "INSERT OR REPLACE INTO manifests (task_id, replica, path, size, sha256, synced_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (task_id, replica, e.path, e.size, e.sha256, synced_at),
+                )
+
+    def manifest(self, task_id: str, replica: int | None = None) -> list[SyncedFile]:
+        """The synced files of a task (all replicas, or one), by replica then path."""
+        if replica is None:
+            rows = self.db.query("SELECT * FROM manifests WHERE task_id = ? ORDER BY replica, path", (task_id,))
+        else:
+            rows = self.db.query(
+                "SELECT * FROM manifests WHERE task_id = ? AND replica = ? ORDER BY path", (task_id, replica)
+            )
+        return [_synced_from_row(r) for r in rows]
+
+    def synced_file(self, task_id: str, path: str, replica: int = 0) -> SyncedFile | None:
+        rows = self.db.query(
+            "SELECT * FROM manifests WHERE task_id = ? AND replica = ? AND path = ?", (task_id, replica, path)
+        )
+        return _synced_from_row(rows[0]) if rows else None
+
+    def add_blob(self, sha256: str, size: int, stored_at: float) -> None:
+        """Record that the content store holds ``sha256`` (idempotent)."""
+        with self.db.transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO blobs (sha256, size, stored_at) VALUES (?, ?, ?)", (sha256, size, stored_at)
+            )
+
+    def has_blob(self, sha256: str) -> bool:
+        return bool(self.db.query("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,)))
+
+    def blob(self, sha256: str) -> BlobRecord | None:
+        rows = self.db.query("SELECT * FROM blobs WHERE sha256 = ?", (sha256,))
+        return BlobRecord(rows[0]["sha256"], rows[0]["size"], rows[0]["stored_at"]) if rows else None
+
+    def missing_blobs(self, digests: Iterable[str]) -> list[str]:
+        """The digests (unique, in the given order) the content store lacks: what a sync must fetch."""
+        wanted = list(dict.fromkeys(digests))
+        have: set[str] = set()
+        for start in range(0, len(wanted), 500):  # stay under SQLite's parameter limit
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            have.update(r["sha256"] for r in self.db.query(f"SELECT sha256 FROM blobs WHERE sha256 IN ({marks})",
+                                                           tuple(chunk)))
+        return [d for d in wanted if d not in have]
+
+
+class StateCursor:
+    """A ``prime.chain.events.CursorStore`` for the master's EventFollower.
+
+    ``set`` is called after a batch of chain events went through ``handle``: it moves the cursor
+    and flushes the state, so the events' effects and the cursor land in one transaction; a
+    crash before that replays the batch (every chain event handler is idempotent).
+    """
+
+    def __init__(self, state: MasterState, store: MasterStore) -> None:
+        self.state = state
+        self.store = store
+
+    def get(self) -> int | None:
+        return self.state.chain_cursor
+
+    def set(self, block: int) -> None:
+        self.state.set_cursor(block)
+        self.store.flush(self.state)
+
+
+# --- row conversion -----------------------------------------------------------------------------------
+
+
+def _node_from_row(row: Any, invite: Any | None) -> NodeRecord:
+    return NodeRecord(
+        address=row["address"],
+        state=NodeState(row["state"]),
+        hardware=specs_from_json(json.loads(row["hardware"])) if row["hardware"] else NO_HARDWARE,
+        chain_status=NodeStatus(row["chain_status"]) if row["chain_status"] is not None else None,
+        chain_block=row["chain_block"],
+        url=row["url"],
+        approved_at=row["approved_at"],
+        invited_at=invite["invited_at"] if invite else None,
+        invite_expiry=invite["expiry"] if invite else None,
+        invite_failures=invite["failures"] if invite else 0,
+        next_invite_at=invite["next_attempt_at"] if invite else None,
+        invites_sent=invite["sent"] if invite else 0,
+        member_since=row["member_since"],
+        last_heartbeat=row["last_heartbeat"],
+        state_since=row["state_since"],
+        last_error=row["last_error"],
+        last_sample=NodeSample.from_json(json.loads(row["last_sample"])) if row["last_sample"] else None,
+    )
+
+
+def _replica_from_row(row: Any) -> Replica:
+    return Replica(
+        task_id=row["task_id"], index=row["idx"], node=row["node"], state=ReplicaState(row["state"]),
+        gpu_indices=tuple(json.loads(row["gpu_indices"])), attempt=row["attempt"], exit_code=row["exit_code"],
+        assigned_at=row["assigned_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+        error=row["error"],
+    )
+
+
+def _spec_from_stored(data: dict[str, Any]) -> TaskSpec:
+    # Not TaskSpec.from_json: a stored task stays loadable even if input limits tighten later.
+    return TaskSpec(
+        image=data["image"], command=tuple(data.get("command", ())), env=dict(data.get("env", {})),
+        gpus=data.get("gpus", 0), replicas=data.get("replicas", 1), persistent=bool(data.get("persistent", False)),
+        cpu_limit=data.get("cpu_limit"), memory_limit_mib=data.get("memory_limit_mib"),
+        restart=RestartPolicy(data.get("restart", "never")),
+    )
+
+
+def _synced_from_row(row: Any) -> SyncedFile:
+    return SyncedFile(row["task_id"], row["replica"], row["path"], row["size"], row["sha256"], row["synced_at"])

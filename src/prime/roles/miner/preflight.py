@@ -1,0 +1,146 @@
+"""Checks before the miner starts, each failure one sentence that names the fix.
+
+Operators of systems like this one lost hours to a Docker engine that was not
+running, GPUs requested without the NVIDIA container runtime, an unwritable data
+directory and a port already taken; the miner says so up front instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+
+from prime.errors import PrimeError
+
+
+def docker_client_or_failure(base_url: str | None = None, timeout_s: int = 10) -> tuple[docker.DockerClient | None, str | None]:
+    """A client of a reachable engine, or None and the sentence that says how to fix it."""
+    where = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    try:
+        client = docker.DockerClient(base_url=base_url, timeout=timeout_s) if base_url else docker.from_env(timeout=timeout_s)
+        client.ping()
+        return client, None
+    except Exception as exc:  # DockerException, ConnectionError, PermissionError...
+        text = str(exc)
+        if "Permission denied" in text or isinstance(exc, PermissionError):
+            return None, (
+                f"The Docker engine at {where} refused this user (permission denied); add the user to the "
+                "'docker' group (sudo usermod -aG docker $USER, then log in again) or run the miner as root."
+            )
+        return None, (
+            f"The Docker engine is not reachable at {where}; start it (e.g. sudo systemctl start docker) "
+            "or point DOCKER_HOST at a running engine."
+        )
+
+
+def nvidia_runtime_available(info: dict[str, Any], *, local_engine: bool = True) -> bool:
+    """Can this engine give containers NVIDIA GPUs? (pure; ``info`` is ``docker info``'s data)
+
+    Any of: an "nvidia" runtime registered with Docker; NVIDIA devices discovered
+    through CDI; or, for a local engine, the NVIDIA container toolkit's hook on
+    PATH, which is what Docker's built-in ``--gpus`` support calls.
+    """
+    runtimes = info.get("Runtimes") or {}
+    if any("nvidia" in name.lower() for name in runtimes):
+        return True
+    for device in info.get("DiscoveredDevices") or []:
+        if str(device.get("ID", "")).startswith("nvidia.com/gpu"):
+            return True
+    return bool(local_engine and shutil.which("nvidia-container-runtime-hook"))
+
+
+def check_nvidia_runtime(client: docker.DockerClient) -> str | None:
+    try:
+        info = client.info()
+    except Exception as exc:
+        return f"Docker did not answer `docker info` ({exc}); check that the engine is healthy, then try again."
+    base_url = str(getattr(client.api, "base_url", ""))
+    local = "localhost" in base_url or "unix" in base_url or base_url.startswith("http+docker://")
+    if nvidia_runtime_available(info, local_engine=local):
+        return None
+    return (
+        "GPUs were requested but Docker has no NVIDIA container runtime; install the NVIDIA Container Toolkit "
+        "and run `sudo nvidia-ctk runtime configure --runtime=docker && sudo systemctl restart docker`, "
+        "or start the miner with --gpu none."
+    )
+
+
+def check_data_dir(data_dir: str | Path) -> str | None:
+    """The data directory exists (created if missing) and a file can be written in it."""
+    path = Path(data_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".prime-write-check-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return (
+            f"The data directory {path} is not writable ({reason}); choose another one with --data-dir "
+            "(or PRIME_DATA_DIR) or fix its permissions."
+        )
+    return None
+
+
+def check_port(port: int, host: str = "127.0.0.1") -> str | None:
+    """The port can be bound on ``host`` (as aiohttp will: with SO_REUSEADDR)."""
+    if not 0 < int(port) < 65536:
+        return f"Port {port} is not a valid TCP port; choose one between 1 and 65535 with --port."
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"The listen address {host} could not be resolved ({exc.strerror}); give an IP address of this machine with --host."
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"Port {port} on {host} is already in use; stop the program that uses it or choose another port with --port."
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"The listen address {host} is not an address of this machine; choose one with --host (e.g. 0.0.0.0 for all)."
+            if exc.errno == errno.EACCES:
+                return f"Port {port} needs privileges this user lacks; choose a port above 1023 with --port."
+            return f"Port {port} on {host} cannot be used ({exc.strerror}); choose another port with --port."
+    return None
+
+
+def run_preflight(
+    *,
+    gpus_requested: bool,
+    data_dir: str | Path,
+    port: int,
+    host: str = "127.0.0.1",
+    docker_base_url: str | None = None,
+    raise_first: bool = False,
+) -> list[str]:
+    """Run every check; the failures, one sentence each (empty when all is well).
+
+    With ``raise_first`` the first failure is raised as a ``PrimeError`` instead.
+    """
+    failures: list[str] = []
+    client, failure = docker_client_or_failure(docker_base_url)
+    if failure:
+        failures.append(failure)
+    elif gpus_requested and client is not None:
+        runtime_failure = check_nvidia_runtime(client)
+        if runtime_failure:
+            failures.append(runtime_failure)
+    if client is not None:
+        client.close()
+    for check in (check_data_dir(data_dir), check_port(port, host)):
+        if check:
+            failures.append(check)
+    if raise_first and failures:
+        raise PrimeError(failures[0])
+    return failures

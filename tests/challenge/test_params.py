@@ -1,0 +1,108 @@
+"""Parameter validation, sample sizes, throughput table, time bound and planning."""
+
+from __future__ import annotations
+
+import pytest
+
+from prime.challenge.params import (DEFAULT_K, MAX_INNER, MAX_N, ChallengeParamError, ChallengeParams,
+                                    gpu_throughput, pass_probability_bound, plan_challenge, prover_bytes,
+                                    rows_needed, time_bound_s, UNKNOWN_GPU)
+
+GOOD = {"id": "c-1", "seed": 7, "n": 64, "dtype": "float32", "repeat": 1}
+
+
+def test_round_trip() -> None:
+    params = ChallengeParams.from_json(GOOD)
+    assert params.to_json() == GOOD
+    assert params.inner == 64 and params.flops == 2 * 64**3
+    assert ChallengeParams.from_json({"id": "x", "seed": 1, "n": 8}).dtype == "float32"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"n": 0}, "n must be"),
+    ({"n": -3}, "n must be"),
+    ({"n": MAX_N + 1}, "n must be"),
+    ({"n": "64"}, "'n' must be an integer"),
+    ({"n": True}, "'n' must be an integer"),
+    ({"n": 64.0}, "'n' must be an integer"),
+    ({"dtype": "float64"}, "unknown dtype"),
+    ({"dtype": 3}, "'dtype' must be a string"),
+    ({"repeat": 0}, "repeat must be"),
+    ({"repeat": 65}, "repeat must be"),
+    ({"n": 32768, "repeat": 8}, r"n \* repeat"),
+    ({"seed": -1}, "seed must be"),
+    ({"seed": 1 << 64}, "seed must be"),
+    ({"id": ""}, "id must be"),
+    ({"id": "../etc"}, "id must be"),
+    ({"id": 5}, "'id' must be a string"),
+    ({"extra": 1}, "unknown field"),
+])
+def test_invalid_fields_are_named(change: dict, words: str) -> None:
+    with pytest.raises(ChallengeParamError, match=words):
+        ChallengeParams.from_json({**GOOD, **change})
+
+
+def test_missing_fields_and_non_objects() -> None:
+    with pytest.raises(ChallengeParamError, match="'seed' is required"):
+        ChallengeParams.from_json({"id": "x", "n": 4})
+    with pytest.raises(ChallengeParamError, match="JSON object"):
+        ChallengeParams.from_json([1, 2])
+
+
+def test_k_gives_the_promised_detection_probability() -> None:
+    assert DEFAULT_K == rows_needed(0.1, 1e-6) == 132
+    assert pass_probability_bound(DEFAULT_K, 0.1) <= 1e-6 < pass_probability_bound(DEFAULT_K - 1, 0.1)
+
+
+def test_gpu_table_prefers_the_specific_name() -> None:
+    assert gpu_throughput("NVIDIA A100-SXM4-80GB").half == 312.0
+    assert gpu_throughput("NVIDIA A10").half == 125.0
+    assert gpu_throughput("NVIDIA L40S").fp32 == 91.6
+    assert gpu_throughput("NVIDIA L4").fp32 == 30.3
+    assert gpu_throughput("NVIDIA GeForce RTX 4090").fp32 == 82.6
+    assert gpu_throughput("nvidia h100 80gb hbm3").half == 756.0
+    assert gpu_throughput("Imaginary X9") == UNKNOWN_GPU
+    assert gpu_throughput("") == UNKNOWN_GPU
+
+
+def test_time_bound_follows_the_claimed_hardware() -> None:
+    p = ChallengeParams(id="x", seed=1, n=8192, dtype="float16", repeat=16)
+    h100x8 = time_bound_s(p, gpu_model="H100", gpu_count=8)
+    h100 = time_bound_s(p, gpu_model="H100", gpu_count=1)
+    t4 = time_bound_s(p, gpu_model="T4", gpu_count=1)
+    cpu = time_bound_s(p)
+    assert h100x8 < h100 < t4 < cpu
+    assert time_bound_s(p, gpu_model="H100", gpu_count=1, slack=8) > h100
+    # float32 is held to the (slower) non-tensor-core figure
+    assert time_bound_s(ChallengeParams(id="x", seed=1, n=8192, dtype="float32", repeat=16),
+                        gpu_model="H100", gpu_count=1) > h100
+
+
+def test_plan_for_a_cpu_node_is_small_float32() -> None:
+    plan = plan_challenge({"gpu_count": 0, "ram_mib": 16384})
+    assert plan.params.dtype == "float32" and plan.params.n <= 4096
+    assert plan.k == DEFAULT_K and plan.m >= 1 and plan.bound_s > 2
+    assert plan.params.id and 0 <= plan.params.seed < 1 << 64
+
+
+def test_plan_for_gpus_uses_half_precision_and_fits_claimed_memory() -> None:
+    specs = {"gpu_count": 8, "gpu_model": "H100", "gpu_memory_mib": 81920, "ram_mib": 1 << 20}
+    plan = plan_challenge(specs)
+    assert plan.params.dtype == "float16"
+    assert plan.params.inner <= MAX_INNER
+    host, device = prover_bytes(plan.params, gpu_count=8)
+    assert device <= 0.8 * 81920 * (1 << 20)
+    small = plan_challenge({**specs, "gpu_memory_mib": 4096})
+    assert prover_bytes(small.params, gpu_count=8)[1] <= 0.8 * 4096 * (1 << 20)
+    assert small.params.flops <= plan.params.flops
+
+
+def test_plan_accepts_overrides_and_rejects_unknown_ones() -> None:
+    plan = plan_challenge({}, {"n": 64, "k": 10, "m": 3, "bound_s": 0.5, "seed": 9, "id": "abc"})
+    assert (plan.params.n, plan.params.repeat, plan.k, plan.m, plan.bound_s) == (64, 1, 10, 3, 0.5)
+    with pytest.raises(ChallengeParamError, match="unknown challenge override"):
+        plan_challenge({}, {"nn": 64})
+    with pytest.raises(ChallengeParamError, match="k and m"):
+        plan_challenge({}, {"k": 0})
+    with pytest.raises(ChallengeParamError, match="unknown dtype"):
+        plan_challenge({}, {"dtype": "int8"})
