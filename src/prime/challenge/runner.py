@@ -12,13 +12,20 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from prime.challenge.params import ChallengePlan, plan_challenge
 from prime.challenge.prover import RowOpening
-from prime.challenge.verifier import (Draw, check_entries, check_openings, check_time, draw_samples,
-                                      rows_to_open)
+from prime.challenge.verifier import (
+    Draw,
+    check_entries,
+    check_openings,
+    check_time,
+    draw_samples,
+    rows_to_open,
+)
 from prime.errors import PeerError
 
 _HEX32 = re.compile(r"^[0-9a-f]{64}$")

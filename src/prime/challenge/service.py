@@ -16,8 +16,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -99,7 +100,8 @@ class ChallengeService:
             params = ChallengeParams.from_json(body)
         except ChallengeParamError as exc:
             return _error(400, "invalid_challenge", str(exc))
-        problem = self._memory_problem(params)
+        # in a thread: the first call may probe the GPU backend (importing torch takes seconds)
+        problem = await asyncio.to_thread(self._memory_problem, params)
         if problem is not None:
             return _error(400, "challenge_too_large", f"n={params.n}, repeat={params.repeat} {problem}")
         if self._active is not None:  # another request got in while we read the body
@@ -107,12 +109,18 @@ class ChallengeService:
         active = _Active(params=params, signer=request.get("signer"))
         self._active = active
         started = time.perf_counter()
+        work = asyncio.get_running_loop().run_in_executor(None, self.prover.commit, params)
         try:
-            commitment = await asyncio.to_thread(self.prover.commit, params)
+            # shield: if the validator hangs up, the handler is cancelled but the thread
+            # cannot be; the node stays busy until it ends, then frees everything.
+            commitment = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            work.add_done_callback(lambda _: self._active is active and self.release())
+            raise
         except MemoryError:
             self.release()
             return _error(507, "out_of_memory", "the node ran out of memory computing the challenge")
-        except Exception:  # noqa: BLE001 - a prover failure must not take the miner down
+        except Exception:  # a prover failure must not take the miner down
             log.exception("challenge %s failed", params.id)
             self.release()
             return _error(500, "prover_failed", "the node could not compute the challenge")
@@ -165,11 +173,9 @@ class ChallengeService:
         try:
             openings = await asyncio.to_thread(
                 lambda: [o.to_json() for o in self.prover.open(commitment, rows)])
-        except Exception:  # noqa: BLE001 - never let a prover bug crash the miner
+        except Exception:  # never let a prover bug crash the miner
             log.exception("opening challenge %s failed", ident)
             return _error(500, "prover_failed", "the node could not open the requested rows")
-        finally:
-            del commitment
         self.completed += 1
         return web.json_response({"id": ident, "rows": openings})
 

@@ -21,13 +21,13 @@ float32 the check is equality.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import numpy as np
 
 from prime.challenge import generator as gen
-from prime.challenge.merkle import row_leaf, verify_path
+from prime.challenge.merkle import row_leaf, verify_many, verify_path
 from prime.challenge.params import UNIT_ROUNDOFF, ChallengeParams
 from prime.challenge.prover import RowOpening
 
@@ -56,20 +56,36 @@ def rows_to_open(draws: Iterable[Draw]) -> list[int]:
     return sorted({d.row for d in draws})
 
 
+# Elements of A or B generated per step of the entry check: 256 KiB buffers, reused,
+# because fresh multi-megabyte arrays cost more in page faults than the hashing itself.
+ENTRY_CHUNK = 1 << 16
+
+
 def exact_entries(params: ChallengeParams, draws: list[Draw]) -> np.ndarray:
     """Exact C[row, col] for every draw, shape (len(draws), m), as float64."""
     k_inner, seed = params.inner, params.seed
-    inner = np.arange(k_inner)
-    rows = np.array([d.row for d in draws], dtype=np.int64)
-    cols = np.array([c for d in draws for c in d.cols], dtype=np.int64)
     m = len(draws[0].cols) if draws else 0
-    a = gen.matrix_nibbles(seed, gen.MATRIX_A, rows, inner)  # len(draws) × K
+    if any(len(d.cols) != m for d in draws):
+        raise ValueError("every draw must check the same number of columns")
+    inner = np.arange(k_inner)
+    a_cols = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_COL, inner)
+    b_rows = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_ROW, inner)
+    a_rows = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_ROW, [d.row for d in draws])
     # columns of B as rows of Bᵀ: Bᵀ[j, t] = nibble(colkey_B(j) ^ rowkey_B(t)), xor is symmetric
-    bt = gen.fill_nibbles(gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_COL, cols),
-                          gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_ROW, inner), threads=1)
-    # nibble products are integers ≤ 64 and |Σ| ≤ 64·K ≤ 2**23, so float32 sums are exact
-    bt = bt.reshape(len(draws), m, k_inner)
-    sums = np.einsum("dk,dmk->dm", a, bt, optimize=False)
+    b_cols = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_COL, [c for d in draws for c in d.cols])
+    step = max(1, ENTRY_CHUNK // k_inner)  # draws per step
+    a = np.empty((step, k_inner), np.float32)
+    bt = np.empty((step * m, k_inner), np.float32)
+    z = np.empty((step * max(m, 1), k_inner), np.uint32)
+    t = np.empty_like(z)
+    sums = np.empty((len(draws), m), np.float32)
+    for s in range(0, len(draws), step):
+        e = min(len(draws), s + step)
+        rows, cols = e - s, (e - s) * m
+        gen.nibbles_into(a_rows[s:e], a_cols, a[:rows], z[:rows], t[:rows])
+        gen.nibbles_into(b_cols[s * m:e * m], b_rows, bt[:cols], z[:cols], t[:cols])
+        # nibble products are integers ≤ 64 and |Σ| ≤ 64·K ≤ 2**23: float32 BLAS is exact
+        sums[s:e] = np.matmul(bt[:cols].reshape(rows, m, k_inner), a[:rows, :, None])[:, :, 0]
     return sums.astype(np.float64) * gen.PRODUCT_SCALE
 
 
@@ -86,13 +102,20 @@ def check_openings(root: bytes, n: int, requested: list[int],
     extra = sorted(set(openings) - set(requested))
     if extra:
         return f"the miner opened row {extra[0]} which was not requested"
+    if not requested:
+        return None
+    proofs = {}
     for r in requested:
         opening = openings[r]
         if opening.values.shape != (n,):
             return f"row {r} has {opening.values.size} values instead of {n}"
-        if not verify_path(row_leaf(opening.values), r, opening.path, root, n):
+        proofs[r] = (row_leaf(opening.values), opening.path)
+    if verify_many(root, n, proofs):
+        return None
+    for r, (leaf, path) in proofs.items():  # name the first row that fails on its own
+        if not verify_path(leaf, r, path, root, n):
             return f"row {r} does not match the committed Merkle root"
-    return None
+    return "the opened rows do not match the committed Merkle root"
 
 
 def check_entries(params: ChallengeParams, draws: list[Draw],

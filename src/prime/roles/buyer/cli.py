@@ -1,15 +1,427 @@
-"""`prime buyer` commands."""
+"""`prime buyer …`: put a run on chain, then create tasks and read their state, logs and files.
+
+Chain commands (create-run, add-master, remove-master, end-run, run show) talk to the registry
+with the owner's key; the others talk to a master of the run (``--master-url`` /
+``PRIME_MASTER_URL``) with requests signed by the same owner key. Read commands print rich
+tables, or JSON with ``--json``. Every failure is one sentence.
+"""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
 
-from prime.errors import NotBuiltYet
+import typer
+from rich.console import Console
+
+from prime.config import DEFAULT_PASSWORD_ENV, DEFAULT_RPC_URL, DeploymentPath, KeyFile, PasswordEnv, RpcUrl
+from prime.errors import ConfigError, PrimeError
 
 app = typer.Typer(no_args_is_help=True)
+run_app = typer.Typer(no_args_is_help=True, help="Read a run's record on chain.")
+task_app = typer.Typer(no_args_is_help=True, help="Create, show and stop tasks through the run's master.")
+app.add_typer(run_app, name="run")
+app.add_typer(task_app, name="task")
+
+MasterUrl = Annotated[
+    Optional[str],
+    typer.Option("--master-url", envvar="PRIME_MASTER_URL", help="URL of a master of the run, e.g. http://127.0.0.1:8092.", show_default=False),
+]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of tables.")]
+RunId = Annotated[int, typer.Argument(min=1, help="The run's id (printed by create-run).")]
+TaskId = Annotated[str, typer.Argument(help="The task's id (see `prime buyer tasks`).")]
 
 
-@app.command()
-def start() -> None:
-    """Start the buyer service (not built yet)."""
-    raise NotBuiltYet("The buyer role is not built yet; follow the project's issues for progress.")
+def _console() -> Console:
+    console = Console()
+    # Piped into a file or grep: no 80-column wrapping.
+    return console if console.is_terminal else Console(width=200)
+
+
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _account(key_file: Path | None, password_env: str):
+    from prime.keys import load_account
+
+    return load_account(key_file, password_env=password_env)
+
+
+# --- chain commands ---------------------------------------------------------------------------
+
+
+def _need_deployment(deployment: Path | None) -> Path:
+    if deployment is None:
+        raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
+    return deployment
+
+
+def _with_registry(rpc_url: str, deployment: Path | None, account: Any, action: Callable[[Any], Awaitable[Any]]) -> Any:
+    from prime.chain.client import RegistryClient
+
+    path = _need_deployment(deployment)
+
+    async def run() -> Any:
+        async with await RegistryClient.connect(rpc_url, path, account) as client:
+            return await action(client)
+
+    return asyncio.run(run())
+
+
+@app.command("create-run")
+def create_run(
+    discovery_uri: Annotated[str, typer.Option("--discovery-uri", envvar="PRIME_DISCOVERY_URI", help="URL of the discovery service nodes announce to.")],
+    master: Annotated[Optional[list[str]], typer.Option("--master", help="Address of a master node of the run (repeatable).")] = None,
+    min_gpus: Annotated[int, typer.Option("--min-gpus", min=0, help="GPUs each node needs at least.")] = 0,
+    gpu_model: Annotated[str, typer.Option("--gpu-model", help="Required GPU model (case-insensitive substring, e.g. H100); empty = any.")] = "",
+    min_gpu_memory_mib: Annotated[int, typer.Option("--min-gpu-memory-mib", min=0, help="Memory each GPU needs at least, in MiB.")] = 0,
+    min_cpu_cores: Annotated[int, typer.Option("--min-cpu-cores", min=0, help="CPU cores each node needs at least.")] = 0,
+    min_ram_mib: Annotated[int, typer.Option("--min-ram-mib", min=0, help="RAM each node needs at least, in MiB.")] = 0,
+    min_disk_gib: Annotated[int, typer.Option("--min-disk-gib", min=0, help="Free disk each node needs at least, in GiB.")] = 0,
+    max_nodes: Annotated[int, typer.Option("--max-nodes", min=0, help="Most nodes the run takes (0 = unlimited).")] = 0,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """Create a run on chain (your key becomes its owner) and print its id."""
+    from prime.chain.client import to_address
+    from prime.chain.types import Requirements
+    from prime.roles.buyer.render import run_to_json
+
+    if not discovery_uri.startswith(("http://", "https://")):
+        raise PrimeError(f"--discovery-uri {discovery_uri!r} is not an http(s) URL; write it like http://127.0.0.1:8090.")
+    try:
+        req = Requirements(min_gpus, gpu_model, min_gpu_memory_mib, min_cpu_cores, min_ram_mib, min_disk_gib, max_nodes)
+    except ValueError as exc:
+        raise PrimeError(f"The requirements are out of range: {exc}") from None
+    masters = [to_address(m) for m in master or []]
+    account = _account(key_file, password_env)
+
+    async def action(client: Any) -> tuple[Any, Any]:
+        result = await client.create_run_tx(req, discovery_uri, masters)
+        run_id = int(result.event("RunCreated").args["runId"])
+        return result, await client.get_run(run_id)
+
+    result, run = _with_registry(rpc_url, deployment, account, action)
+    if json_output:
+        _echo_json({"run_id": run.run_id, "tx_hash": result.tx_hash, "block": result.block, "run": run_to_json(run)})
+        return
+    typer.echo(run.run_id)
+    err = Console(stderr=True)
+    err.print(f"Run {run.run_id} created by {account.address} (transaction {result.tx_hash}).", highlight=False)
+    if not masters:
+        err.print(f"It has no master yet: `prime buyer add-master {run.run_id} ADDRESS`.", highlight=False)
+
+
+def _master_change(run_id: int, address: str, *, add: bool, rpc_url: str, deployment: Path | None, key_file: Path | None, password_env: str, json_output: bool) -> None:
+    from prime.chain.client import to_address
+
+    target = to_address(address)
+    account = _account(key_file, password_env)
+
+    async def action(client: Any) -> tuple[Any, Any]:
+        result = await (client.add_master(run_id, target) if add else client.remove_master(run_id, target))
+        return result, await client.get_run(run_id)
+
+    result, run = _with_registry(rpc_url, deployment, account, action)
+    if json_output:
+        _echo_json({"run_id": run_id, "master": target, "tx_hash": result.tx_hash, "block": result.block, "masters": run.masters})
+        return
+    verb = "is now a master of" if add else "is no longer a master of"
+    typer.echo(f"{target} {verb} run {run_id} (transaction {result.tx_hash}); masters: {', '.join(run.masters) or 'none'}.")
+
+
+@app.command("add-master")
+def add_master(
+    run_id: RunId,
+    address: Annotated[str, typer.Argument(help="The master's address.")],
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """Make ADDRESS a master of the run (owner only)."""
+    _master_change(run_id, address, add=True, rpc_url=rpc_url, deployment=deployment, key_file=key_file, password_env=password_env, json_output=json_output)
+
+
+@app.command("remove-master")
+def remove_master(
+    run_id: RunId,
+    address: Annotated[str, typer.Argument(help="The master's address.")],
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """Take the master role of the run away from ADDRESS (owner only)."""
+    _master_change(run_id, address, add=False, rpc_url=rpc_url, deployment=deployment, key_file=key_file, password_env=password_env, json_output=json_output)
+
+
+@app.command("end-run")
+def end_run(
+    run_id: RunId,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """End the run for good: no more registrations or joins (owner only)."""
+    account = _account(key_file, password_env)
+
+    async def action(client: Any) -> tuple[Any, Any]:
+        result = await client.end_run(run_id)
+        return result, await client.get_run(run_id)
+
+    result, run = _with_registry(rpc_url, deployment, account, action)
+    if json_output:
+        _echo_json({"run_id": run_id, "ended": run.ended, "tx_hash": result.tx_hash, "block": result.block})
+        return
+    typer.echo(f"Run {run_id} has ended (transaction {result.tx_hash}).")
+
+
+@run_app.command("show")
+def run_show(
+    run_id: RunId,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Show a run's owner, requirements, masters and node count as the chain has them."""
+    from prime.roles.buyer.render import run_table, run_to_json
+
+    run = _with_registry(rpc_url, deployment, None, lambda client: client.get_run(run_id))
+    if json_output:
+        _echo_json(run_to_json(run))
+    else:
+        _console().print(run_table(run))
+
+
+# --- master commands --------------------------------------------------------------------------
+
+
+def _with_master(master_url: str | None, key_file: Path | None, password_env: str, action: Callable[[Any], Awaitable[Any]], *, timeout_s: float = 10.0) -> Any:
+    from prime.roles.buyer.master_client import MasterClient, normalize_master_url
+
+    url = normalize_master_url(master_url)  # checked before asking for a password
+    account = _account(key_file, password_env)
+
+    async def run() -> Any:
+        async with MasterClient.open(account, url, timeout_s=timeout_s) as master:
+            return await action(master)
+
+    return asyncio.run(run())
+
+
+@task_app.command("create")
+def task_create(
+    image: Annotated[str, typer.Option("--image", help="Container image, e.g. ghcr.io/org/trainer:1.2.")],
+    args: Annotated[Optional[list[str]], typer.Argument(help="The command, after -- (or use --cmd).", show_default=False)] = None,
+    cmd: Annotated[Optional[str], typer.Option("--cmd", help='The command as one string, split like a shell: --cmd "python train.py --lr 0.1".')] = None,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Environment variable NAME=VALUE (repeatable).")] = None,
+    gpus: Annotated[str, typer.Option("--gpus", help="GPUs per replica: a number, or 'all' (every GPU of one node).")] = "0",
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="How many copies to run (each on its own GPUs).")] = 1,
+    persistent: Annotated[bool, typer.Option("--persistent/--no-persistent", help="Keep /data and let the master sync it (see `prime buyer files`).")] = False,
+    cpu_limit: Annotated[Optional[float], typer.Option("--cpu-limit", help="CPUs per replica (e.g. 2.5); default no limit.")] = None,
+    memory_limit_mib: Annotated[Optional[int], typer.Option("--memory-limit-mib", help="Memory per replica in MiB; default no limit.")] = None,
+    restart: Annotated[str, typer.Option("--restart", help="never | on-failure (restarted with backoff).")] = "never",
+    master_url: MasterUrl = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """Create a task: e.g. `prime buyer task create --image busybox --persistent -- sh -c 'echo hi > /data/out'`."""
+    from prime.roles.buyer.render import replica_summary
+    from prime.roles.buyer.spec import build_task_spec, parse_command, parse_env, parse_gpus
+
+    spec = build_task_spec(
+        image=image,
+        command=parse_command(cmd, args),
+        env=parse_env(env or []),
+        gpus=parse_gpus(gpus),
+        replicas=replicas,
+        persistent=persistent,
+        cpu_limit=cpu_limit,
+        memory_limit_mib=memory_limit_mib,
+        restart=restart,
+    )
+    task = _with_master(master_url, key_file, password_env, lambda master: master.create_task(spec))
+    if json_output:
+        _echo_json(task)
+        return
+    typer.echo(task["id"])
+    Console(stderr=True).print(
+        f"Task {task['id']} created ({task.get('state', '?')}: {replica_summary(task)}); "
+        f"follow it with `prime buyer logs {task['id']} -f`.",
+        highlight=False,
+    )
+
+
+@task_app.command("show")
+def task_show(
+    task_id: TaskId,
+    master_url: MasterUrl = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """Show one task: its spec and each replica's node, state and exit code."""
+    from prime.roles.buyer.render import task_detail
+
+    task = _with_master(master_url, key_file, password_env, lambda master: master.get_task(task_id))
+    if json_output:
+        _echo_json(task)
+    else:
+        _console().print(task_detail(task))
+
+
+@task_app.command("stop")
+def task_stop(
+    task_id: TaskId,
+    master_url: MasterUrl = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """Stop every replica of a task (its synced files stay readable)."""
+    answer = _with_master(master_url, key_file, password_env, lambda master: master.stop_task(task_id))
+    if json_output:
+        _echo_json(answer if answer is not None else {"id": task_id, "stop_requested": True})
+        return
+    typer.echo(f"Stop requested for task {task_id}; its replicas stop at their nodes' next heartbeat.")
+
+
+@app.command("tasks")
+def tasks(
+    master_url: MasterUrl = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """List the run's tasks and their states."""
+    from prime.roles.buyer.render import tasks_table
+
+    items = _with_master(master_url, key_file, password_env, lambda master: master.list_tasks())
+    if json_output:
+        _echo_json({"tasks": items})
+    else:
+        console = _console()
+        console.print(tasks_table(items, width=console.width))
+
+
+@app.command("nodes")
+def nodes(
+    master_url: MasterUrl = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """List the nodes the master knows: state, GPUs, last heartbeat."""
+    from prime.roles.buyer.render import nodes_table
+
+    async def action(master: Any) -> tuple[list, list]:
+        return await asyncio.gather(master.nodes(), master.list_tasks())
+
+    items, task_items = _with_master(master_url, key_file, password_env, action)
+    if json_output:
+        _echo_json({"nodes": items})
+    else:
+        console = _console()
+        console.print(nodes_table(items, task_items, width=console.width))
+
+
+@app.command("logs")
+def logs(
+    task_id: TaskId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the task ends (Ctrl-C to stop).")] = False,
+    tail: Annotated[Optional[int], typer.Option("--tail", min=0, help="Only the last N lines of each replica first.")] = None,
+    master_url: MasterUrl = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """Print a task's logs, every replica merged, each line prefixed with its replica ([r0] …)."""
+    from prime.roles.buyer.render import log_line_text
+
+    console = Console(highlight=False, soft_wrap=True)
+
+    async def action(master: Any) -> int:
+        count = 0
+        async for entry in master.logs(task_id, follow=follow, tail=tail):
+            count += 1
+            if json_output:
+                typer.echo(json.dumps(entry, separators=(",", ":")))
+            elif "line" not in entry and "error" in entry:
+                Console(stderr=True).print(f"master: {entry.get('error')}: {entry.get('detail', '')}", highlight=False)
+            else:
+                console.print(log_line_text(entry))
+        return count
+
+    try:
+        count = _with_master(master_url, key_file, password_env, action)
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None  # Ctrl-C is how one stops following
+    if count == 0 and not json_output:
+        Console(stderr=True).print(f"Task {task_id} has no log lines yet.", highlight=False)
+
+
+@app.command("files")
+def files(
+    task_id: TaskId,
+    download: Annotated[Optional[Path], typer.Option("--download", help="Download every synced file into this directory (sha256 checked).")] = None,
+    master_url: MasterUrl = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """List the files the master synced from a persistent task's /data; --download DIR fetches them."""
+    from prime.roles.buyer.master_client import download_target
+    from prime.roles.buyer.render import files_table
+
+    async def action(master: Any) -> tuple[list, list]:
+        entries = await master.files(task_id)
+        saved: list[dict[str, Any]] = []
+        if download is not None:
+            per_replica = len({e.get("replica", 0) for e in entries}) > 1
+            for entry in entries:
+                target = download_target(download, entry, per_replica=per_replica)
+                fetched = await master.download(task_id, entry, target)
+                saved.append({**entry, "saved_to": str(target), "downloaded": fetched})
+        return entries, saved
+
+    entries, saved = _with_master(master_url, key_file, password_env, action, timeout_s=60.0)
+    if json_output:
+        _echo_json({"task_id": task_id, "files": saved if download is not None else entries})
+        return
+    _console().print(files_table(task_id, entries))
+    if download is not None:
+        fresh = sum(1 for s in saved if s["downloaded"])
+        typer.echo(f"Downloaded {fresh} file(s) to {download} ({len(saved) - fresh} already there), sha256 verified.")
+
+
+@app.command("watch")
+def watch(
+    interval: Annotated[float, typer.Option("--interval", min=0.2, help="Seconds between refreshes.")] = 2.0,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    master_url: MasterUrl = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+) -> None:
+    """Live view of the run's nodes (state, GPUs, last heartbeat) and tasks, refreshed in place."""
+    from prime.roles.buyer.master_client import normalize_master_url
+    from prime.roles.buyer.watch import watch as watch_view
+
+    url = normalize_master_url(master_url)
+    account = _account(key_file, password_env)
+    try:
+        asyncio.run(watch_view(account, url, interval_s=interval, once=once))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None

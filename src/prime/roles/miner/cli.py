@@ -2,18 +2,65 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from prime.config import DataDir, prime_home
-from prime.errors import NotBuiltYet
+from prime.config import DEFAULT_HOST, DEFAULT_RPC_URL, DataDir, DeploymentPath, Host, KeyFile, Port, RpcUrl, prime_home
+from prime.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True)
 
 DEFAULT_DATA_DIR = prime_home() / "miner"
+DEFAULT_PORT = 8070
+PROVIDER_PASSWORD_ENV = "PRIME_PROVIDER_KEY_PASSWORD"
+NODE_PASSWORD_ENV = "PRIME_KEY_PASSWORD"
+
+# A prover injected by a Python caller (tests/support/cheating_miner.py), never by a flag.
+_PROVER: contextvars.ContextVar[Any] = contextvars.ContextVar("prime_miner_prover", default=None)
+
+RunId = Annotated[int, typer.Option("--run-id", envvar="PRIME_RUN_ID", min=0, help="The run (on chain) this node serves.")]
+GpuSelection = Annotated[str, typer.Option("--gpu", envvar="PRIME_GPU", help="GPUs to offer: all, none, or NVML indices such as 0,1.")]
+PublicIp = Annotated[
+    str | None,
+    typer.Option("--public-ip", envvar="PRIME_PUBLIC_IP", help="Address to announce (default: --host when specific, else the outbound interface's)."),
+]
+ProviderKeyFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--provider-key-file", envvar="PRIME_PROVIDER_KEY_FILE",
+        help="Key file of the provider that pays the stake and sends registerNode/joinRun (default: the node key).",
+    ),
+]
+Stake = Annotated[
+    str | None,
+    typer.Option("--stake", envvar="PRIME_STAKE", help="Stake in wei, or with a unit (0.01eth); default: the registry's minimum."),
+]
+TaskNetwork = Annotated[
+    str, typer.Option("--task-network", envvar="PRIME_TASK_NETWORK", help="Docker network mode of task containers (bridge, host, none).")
+]
+AnnounceInterval = Annotated[
+    float, typer.Option("--announce-interval", envvar="PRIME_ANNOUNCE_INTERVAL", min=1.0, help="Seconds between re-announcements to discovery.")
+]
+ChainPollInterval = Annotated[
+    float, typer.Option("--chain-poll-interval", envvar="PRIME_CHAIN_POLL_INTERVAL", min=0.1, help="Seconds between checks of the node's status on chain.")
+]
+FinishedRetention = Annotated[
+    float,
+    typer.Option(
+        "--finished-retention", envvar="PRIME_FINISHED_RETENTION", min=0.0,
+        help="Seconds a finished task's container (and its logs) is kept after the master stops listing it.",
+    ),
+]
 
 
 @app.command()
@@ -59,12 +106,87 @@ def probe(
 
 
 @app.command()
-def start() -> None:
-    """Start the miner service (not built yet)."""
-    raise NotBuiltYet("The miner role is not built yet; follow the project's issues for progress.")
+def start(
+    run_id: RunId,
+    gpu: GpuSelection = "all",
+    host: Host = DEFAULT_HOST,
+    port: Port = DEFAULT_PORT,
+    public_ip: PublicIp = None,
+    key_file: KeyFile = None,
+    provider_key_file: ProviderKeyFile = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    stake: Stake = None,
+    task_network: TaskNetwork = "bridge",
+    announce_interval: AnnounceInterval = 60.0,
+    chain_poll_interval: ChainPollInterval = 5.0,
+    finished_retention: FinishedRetention = 3600.0,
+) -> None:
+    """Start the miner: register the node for a run, get validated, join, and run the master's tasks."""
+    from prime.keys import load_account
+    from prime.roles.miner.node import MinerOptions, run_miner
+    from prime.roles.miner.registration import parse_stake
+
+    if deployment is None:
+        raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
+    if task_network not in ("bridge", "host", "none") and not task_network.replace("-", "").replace("_", "").isalnum():
+        raise ConfigError(f"--task-network {task_network!r} is not a Docker network name; use bridge, host, none or a network you created.")
+    stake_wei = parse_stake(stake)
+    node_account = load_account(key_file, password_env=NODE_PASSWORD_ENV)
+    provider_account = node_account
+    if provider_key_file is not None:
+        password_env = PROVIDER_PASSWORD_ENV if os.environ.get(PROVIDER_PASSWORD_ENV) else NODE_PASSWORD_ENV
+        provider_account = load_account(provider_key_file, password_env=password_env)
+    _configure_logging()
+    options = MinerOptions(
+        run_id=run_id, rpc_url=rpc_url, deployment=Path(deployment), data_dir=Path(data_dir), host=host, port=port,
+        gpu=gpu, public_ip=public_ip, stake_wei=stake_wei, task_network=task_network,
+        announce_interval_s=announce_interval, chain_poll_interval_s=chain_poll_interval,
+        finished_retention_s=finished_retention,
+    )
+    asyncio.run(run_miner(options, node_account, provider_account, prover=_PROVER.get()))
 
 
 @app.command()
-def status() -> None:
-    """Show the miner's node and tasks (not built yet)."""
-    raise NotBuiltYet("`prime miner status` is not built yet; follow the project's issues for progress.")
+def status(
+    json_output: bool = typer.Option(False, "--json", help="Print JSON (for scripts) instead of tables."),
+    key_file: KeyFile = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Show the node's status on chain, what it announced to discovery, its master, heartbeats and tasks."""
+    from prime.roles.miner.status import gather_status, render
+
+    result = asyncio.run(gather_status(data_dir=Path(data_dir), key_file=key_file, rpc_url=rpc_url, deployment=deployment))
+    if json_output:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    render(result, Console(highlight=False, soft_wrap=True))
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        level = logging.DEBUG if os.environ.get("PRIME_DEBUG") else logging.INFO
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("PRIME_DEBUG"):
+        # Connection chatter of web3 and one access line per /health poll drown what matters.
+        logging.getLogger("web3").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def main_with_prover(argv: list[str], prover: Any) -> None:
+    """``prime miner start <argv>`` with ``prover`` answering the validators' challenges.
+
+    The Python entry point for tests that need a real miner with a cheating prover; errors
+    are printed and turned into the exit code exactly as by ``prime``.
+    """
+    from prime.cli import main
+
+    token = _PROVER.set(prover)
+    try:
+        sys.argv = ["prime", "miner", "start", *argv]
+        main()
+    finally:
+        _PROVER.reset(token)

@@ -1,15 +1,158 @@
-"""`prime validator` commands."""
+"""`prime validator start|reports`."""
 
 from __future__ import annotations
 
-import typer
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
 
-from prime.errors import NotBuiltYet
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from prime.config import (
+    DEFAULT_HOST,
+    DEFAULT_PASSWORD_ENV,
+    DEFAULT_RPC_URL,
+    DataDir,
+    DeploymentPath,
+    Host,
+    KeyFile,
+    PasswordEnv,
+    Port,
+    RpcUrl,
+    prime_home,
+)
+from prime.errors import ConfigError, PrimeError
 
 app = typer.Typer(no_args_is_help=True)
 
+DEFAULT_PORT = 8091
+DEFAULT_DATA_DIR = prime_home() / "validator"
+
 
 @app.command()
-def start() -> None:
-    """Start the validator service (not built yet)."""
-    raise NotBuiltYet("The validator role is not built yet; follow the project's issues for progress.")
+def start(
+    deployment: DeploymentPath = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    host: Host = DEFAULT_HOST,
+    port: Port = DEFAULT_PORT,
+    poll_interval: Annotated[float, typer.Option(
+        "--poll-interval", envvar="PRIME_POLL_INTERVAL", min=0.05, help="Seconds between reads of new chain events.")] = 2.0,
+    challenge_n: Annotated[int | None, typer.Option(
+        "--challenge-n", envvar="PRIME_CHALLENGE_N", min=1, max=32768,
+        help="Matrix size of every challenge (default: sized from the node's claimed GPUs).")] = None,
+    challenge_timeout: Annotated[float | None, typer.Option(
+        "--challenge-timeout", envvar="PRIME_CHALLENGE_TIMEOUT", min=0.001,
+        help="Seconds a node may take to commit to its answer (default: the time its claimed hardware needs).")] = None,
+    concurrency: Annotated[int, typer.Option(
+        "--concurrency", envvar="PRIME_CONCURRENCY", min=1, max=1024, help="Nodes validated at the same time.")] = 8,
+    unreachable_after: Annotated[float, typer.Option(
+        "--unreachable-after", envvar="PRIME_UNREACHABLE_AFTER", min=1.0,
+        help="Seconds after a registration within which the node must become reachable; then it is rejected as unreachable.")] = 900.0,
+    from_block: Annotated[int | None, typer.Option(
+        "--from-block", envvar="PRIME_FROM_BLOCK", min=0,
+        help="First block to read when no cursor is saved yet (default: the registry's deployment block).")] = None,
+) -> None:
+    """Challenge every newly registered node with a proof of compute and approve or reject it on chain."""
+    from prime.keys import load_account
+    from prime.roles.validator.service import ValidatorSettings, serve
+
+    if deployment is None:
+        raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
+    account = load_account(key_file, password_env=password_env)
+    settings = ValidatorSettings(
+        poll_interval_s=poll_interval, concurrency=concurrency, unreachable_after_s=unreachable_after,
+        challenge_n=challenge_n, challenge_timeout_s=challenge_timeout, from_block=from_block,
+    )
+    _configure_logging()
+    asyncio.run(serve(rpc_url=rpc_url, deployment_path=Path(deployment), account=account, data_dir=Path(data_dir),
+                      host=host, port=port, settings=settings))
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        level = logging.DEBUG if os.environ.get("PRIME_DEBUG") else logging.INFO
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not os.environ.get("PRIME_DEBUG"):
+        # web3's connection chatter and one access line per /health poll drown the verdicts.
+        logging.getLogger("web3").setLevel(logging.WARNING)
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _short(text: str | None, keep: int = 10) -> str:
+    if not text:
+        return "-"
+    return text if len(text) <= 2 * keep else f"{text[:keep]}…{text[-4:]}"
+
+
+def _figures(report: dict | None) -> str:
+    if not report or "n" not in report:
+        return "-"
+    return f"n={report['n']} {report['dtype']} {report['elapsed_s']:.3f}s/{report['bound_s']:.3f}s"
+
+
+@app.command()
+def reports(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """List this validator's reports: one per node registration, with verdict, reason and transaction."""
+    from prime.roles.validator.store import DB_FILE, ValidatorStore
+    from prime.store import Database
+
+    path = Path(data_dir).expanduser() / DB_FILE
+    if not path.is_file():
+        raise PrimeError(f"There are no validator reports in {data_dir}; pass the --data-dir the validator runs with.")
+    try:
+        store = ValidatorStore(Database(path))
+    except PrimeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged file: one sentence, no traceback
+        raise PrimeError(f"Cannot read the validator database {path} ({exc}); check the file.") from None
+    try:
+        rows = store.all()
+    finally:
+        store.close()
+    if json_output:
+        typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
+        return
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped into a file or grep: keep each report on one line
+    if not rows:
+        console.print("No node registrations seen yet.")
+        return
+    table = Table(title=f"Validator reports ({len(rows)})")
+    table.add_column("Node", overflow="fold", min_width=21)  # a narrow terminal splits it in two halves
+    table.add_column("Run", no_wrap=True)
+    table.add_column("Result", no_wrap=True)
+    table.add_column("Reason", overflow="fold", ratio=3)  # starts with the failed check's name
+    wide = console.width >= 140  # figures and hashes only where they fit; --json has them all
+    extra = ("Figures", "Report hash", "Tx", "Time") if wide else ("Tx", "Time")
+    for column in extra:
+        table.add_column(column, overflow="fold", ratio=1)
+    colors = {"approved": "green", "rejected": "red", "pending": "yellow", "skipped": "dim", "superseded": "dim"}
+    for row in rows:
+        result = row.result
+        reason = row.reason or row.note or row.last_error or "-"
+        cells = [row.node, str(row.run_id), f"[{colors.get(result, 'white')}]{result}[/]", escape(reason)]
+        if wide:
+            cells += [_figures(row.report), _short(row.report_hash)]
+        cells += [_short(row.tx_hash, 6), _when(row.reported_at or row.decided_at or row.seen_at)]
+        table.add_row(*cells)
+    console.print(table)

@@ -1,0 +1,315 @@
+"""Rich tables and plain lines for what the buyer reads: runs, tasks, nodes, files, logs.
+
+Pure functions from JSON-shaped data (what the master and the chain return) to rich
+renderables, so the same view serves `prime buyer watch` and `prime devnet status --watch`
+and can be tested without a terminal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from prime.chain.types import RunInfo
+
+STATE_STYLES = {
+    "Healthy": "green", "Running": "green", "Completed": "cyan",
+    "Joined": "yellow", "Invited": "yellow", "Approved": "yellow", "Pending": "yellow", "Assigned": "yellow",
+    "Pulling": "yellow", "Unhealthy": "magenta", "Lost": "magenta",
+    "Dead": "red", "Failed": "red", "Left": "dim", "Stopped": "dim",
+    "alive": "green", "dead": "red", "skipped": "dim", "not started": "dim",
+}
+REPLICA_COLORS = ("cyan", "magenta", "green", "yellow", "blue", "red")
+
+
+def state_text(state: Any) -> Text:
+    label = str(state) if state is not None else "-"
+    return Text(label, style=STATE_STYLES.get(label, ""))
+
+
+def short_address(address: Any) -> str:
+    text = str(address or "-")
+    return f"{text[:6]}…{text[-4:]}" if text.startswith("0x") and len(text) == 42 else text
+
+
+def age(timestamp: Any, now: float | None = None) -> str:
+    """'12s ago', '5m ago', '3h ago', or '-' for none."""
+    if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool):
+        return "-"
+    seconds = max(0.0, (time.time() if now is None else now) - float(timestamp))
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+# --- runs ---------------------------------------------------------------------------------------
+
+
+def run_to_json(run: RunInfo) -> dict[str, Any]:
+    return {
+        "run_id": run.run_id,
+        "owner": run.owner,
+        "requirements": asdict(run.requirements),
+        "discovery_uri": run.discovery_uri,
+        "masters": list(run.masters),
+        "ended": run.ended,
+        "node_count": run.node_count,
+    }
+
+
+def run_table(run: RunInfo) -> Table:
+    req = run.requirements
+    table = Table(title=f"Run {run.run_id}", show_header=False)
+    table.add_column("What", style="bold")
+    table.add_column("Value")
+    table.add_row("Owner", run.owner)
+    table.add_row("State", Text("ended", style="red") if run.ended else Text("open", style="green"))
+    table.add_row("Discovery", run.discovery_uri or "-")
+    table.add_row("Masters", "\n".join(run.masters) or "none (add one with `prime buyer add-master`)")
+    table.add_row("Active nodes", str(run.node_count))
+    table.add_row("GPUs per node", f"≥ {req.min_gpus}" + (f" × {req.gpu_model!r}" if req.gpu_model else " (any model)"))
+    table.add_row("GPU memory", f"≥ {req.min_gpu_memory_mib} MiB")
+    table.add_row("CPU cores", f"≥ {req.min_cpu_cores}")
+    table.add_row("RAM", f"≥ {req.min_ram_mib} MiB")
+    table.add_row("Disk", f"≥ {req.min_disk_gib} GiB")
+    table.add_row("Max nodes", str(req.max_nodes) if req.max_nodes else "unlimited")
+    return table
+
+
+# --- tasks --------------------------------------------------------------------------------------
+
+
+def _command_text(spec: dict[str, Any]) -> str:
+    command = spec.get("command") or spec.get("cmd") or []
+    return " ".join(str(c) for c in command) if command else "(image default)"
+
+
+def replica_summary(task: dict[str, Any]) -> str:
+    """'2 Running, 1 Pending' from a task's replicas."""
+    counts: dict[str, int] = {}
+    for replica in task.get("replicas") or []:
+        state = str(replica.get("state", "?"))
+        counts[state] = counts.get(state, 0) + 1
+    return ", ".join(f"{n} {state}" for state, n in counts.items()) or "-"
+
+
+WIDE = 120  # terminal columns from which the nodes table shows every column
+WIDE_TASKS = 140
+
+
+def tasks_table(tasks: Sequence[dict[str, Any]], now: float | None = None, *, width: int | None = None) -> Table:
+    wide = width is None or width >= WIDE_TASKS
+    table = Table(title=f"Tasks ({len(tasks)})")
+    table.add_column("ID", no_wrap=True, min_width=12)  # ids are copied into other commands
+    table.add_column("State", no_wrap=True, min_width=9)
+    table.add_column("Image", overflow="ellipsis", no_wrap=True, max_width=32)
+    if wide:
+        table.add_column("Command", overflow="ellipsis", no_wrap=True, max_width=40)
+        table.add_column("GPUs", no_wrap=True)
+    table.add_column("Replicas", overflow="fold", min_width=9)
+    table.add_column("Created", no_wrap=True, min_width=7)
+    for task in tasks:
+        spec = task.get("spec") or {}
+        cells: list[Any] = [str(task.get("id", "?")), state_text(task.get("state")), str(spec.get("image", "-"))]
+        if wide:
+            cells += [_command_text(spec), str(spec.get("gpus", 0))]
+        cells += [replica_summary(task), age(task.get("created_at"), now)]
+        table.add_row(*cells)
+    if not tasks:
+        table.add_row("-", "", "no tasks yet", *([""] * (len(table.columns) - 3)))
+    return table
+
+
+def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
+    spec = task.get("spec") or {}
+    info = Table(title=f"Task {task.get('id')}", show_header=False)
+    info.add_column("What", style="bold")
+    info.add_column("Value", overflow="fold")
+    info.add_row("State", state_text(task.get("state")))
+    info.add_row("Image", str(spec.get("image", "-")))
+    info.add_row("Command", _command_text(spec))
+    env = spec.get("env") or {}
+    info.add_row("Env", "\n".join(f"{k}={v}" for k, v in env.items()) or "-")
+    info.add_row("GPUs per replica", str(spec.get("gpus", 0)))
+    info.add_row("Replicas", str(spec.get("replicas", 1)))
+    info.add_row("Persistent /data", "yes" if spec.get("persistent") else "no")
+    limits = []
+    if spec.get("cpu_limit") is not None:
+        limits.append(f"{spec['cpu_limit']} CPUs")
+    if spec.get("memory_limit_mib") is not None:
+        limits.append(f"{spec['memory_limit_mib']} MiB")
+    info.add_row("Limits", ", ".join(limits) or "none")
+    info.add_row("Restart", str(spec.get("restart", "never")))
+    info.add_row("Created", age(task.get("created_at"), now))
+    if task.get("stop_requested"):
+        info.add_row("Stop requested", "yes")
+    replicas = Table(title="Replicas")
+    for column in ("#", "State", "Node", "GPUs", "Attempt", "Exit", "Started", "Error"):
+        replicas.add_column(column, overflow="fold")
+    for replica in task.get("replicas") or []:
+        exit_code = replica.get("exit_code")
+        replicas.add_row(
+            str(replica.get("index", "?")),
+            state_text(replica.get("state")),
+            str(replica.get("node") or "-"),
+            ",".join(str(g) for g in replica.get("gpu_indices") or []) or "-",
+            str(replica.get("attempt", 0)),
+            "-" if exit_code is None else str(exit_code),
+            age(replica.get("started_at"), now),
+            str(replica.get("error") or ""),
+        )
+    return Group(info, replicas)
+
+
+# --- nodes --------------------------------------------------------------------------------------
+
+
+def gpu_text(hardware: Any) -> str:
+    if not isinstance(hardware, dict):
+        return "-"
+    count = hardware.get("gpu_count") or 0
+    if not count:
+        return "0"
+    model = hardware.get("gpu_model") or "GPU"
+    memory = hardware.get("gpu_memory_mib")
+    return f"{count}× {model}" + (f" ({memory // 1024} GiB)" if isinstance(memory, int) and memory else "")
+
+
+def _gpu_load(node: dict[str, Any]) -> str:
+    sample = node.get("last_sample") or {}
+    gpus = sample.get("gpus") or []
+    parts = [f"{g['util']:.0f}%" for g in gpus if isinstance(g, dict) and isinstance(g.get("util"), (int, float))]
+    return " ".join(parts) or "-"
+
+
+def replicas_by_node(tasks: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Live (not finished) replicas per node address (lowercase)."""
+    counts: dict[str, int] = {}
+    for task in tasks:
+        for replica in task.get("replicas") or []:
+            node = replica.get("node")
+            if node and replica.get("state") not in ("Completed", "Failed", "Stopped"):
+                counts[str(node).lower()] = counts.get(str(node).lower(), 0) + 1
+    return counts
+
+
+def nodes_table(nodes: Sequence[dict[str, Any]], tasks: Sequence[dict[str, Any]] = (), now: float | None = None, *, width: int | None = None) -> Table:
+    wide = width is None or width >= WIDE
+    table = Table(title=f"Nodes ({len(nodes)})")
+    # Addresses are copied into other commands: never wrapped.
+    table.add_column("Node", no_wrap=True)
+    table.add_column("State", no_wrap=True)
+    table.add_column("GPUs", overflow="fold", min_width=4)
+    if wide:
+        table.add_column("GPU util", overflow="fold")
+        table.add_column("CPU/RAM", overflow="fold")
+    table.add_column("Heartbeat", no_wrap=True)
+    if wide:  # a narrow terminal keeps what fits next to a whole address
+        table.add_column("Replicas", no_wrap=True)
+        table.add_column("URL", overflow="fold")
+        table.add_column("Note", overflow="fold")
+    on_node = replicas_by_node(tasks)
+    for node in nodes:
+        hardware = node.get("hardware") or {}
+        cells: list[Any] = [str(node.get("address", "?")), state_text(node.get("state")), gpu_text(hardware)]
+        if wide:
+            cpu_ram = f"{hardware.get('cpu_cores', '?')} cores / {hardware.get('ram_mib', '?')} MiB" if hardware else "-"
+            cells += [_gpu_load(node), cpu_ram]
+        cells.append(age(node.get("last_heartbeat"), now))
+        if wide:
+            cells += [str(on_node.get(str(node.get("address", "")).lower(), 0)), str(node.get("url") or "-"), str(node.get("last_error") or "")]
+        table.add_row(*cells)
+    if not nodes:
+        table.add_row("-", "", "no nodes yet: a miner shows up once a validator approved it", *([""] * (len(table.columns) - 3)))
+    return table
+
+
+# --- files and logs -----------------------------------------------------------------------------
+
+
+def human_size(size: Any) -> str:
+    if not isinstance(size, int):
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} B"
+
+
+def files_table(task_id: str, files: Sequence[dict[str, Any]], now: float | None = None) -> Table:
+    table = Table(title=f"Files of task {task_id} ({len(files)})")
+    for column in ("Replica", "Path", "Size", "sha256", "Synced"):
+        table.add_column(column, overflow="fold")
+    for entry in files:
+        table.add_row(
+            str(entry.get("replica", 0)),
+            str(entry.get("path", "?")),
+            human_size(entry.get("size")),
+            str(entry.get("sha256", ""))[:16] + "…",
+            age(entry.get("synced_at"), now),
+        )
+    if not files:
+        table.add_row("-", "no synced files (only persistent tasks keep /data)", "", "", "")
+    return table
+
+
+def format_log_line(entry: dict[str, Any]) -> str:
+    """``[r0] text`` (the replica prefix, stderr marked ``[r0 err]``); plain text when no replica."""
+    line = str(entry.get("line", ""))
+    replica = entry.get("replica")
+    if replica is None:
+        return line
+    marker = " err" if entry.get("stream") == "stderr" else ""
+    return f"[r{replica}{marker}] {line}"
+
+
+def log_line_text(entry: dict[str, Any]) -> Text:
+    """The same line, coloured per replica (content is never parsed as markup)."""
+    replica = entry.get("replica")
+    line = str(entry.get("line", ""))
+    if replica is None:
+        return Text(line)
+    color = REPLICA_COLORS[int(replica) % len(REPLICA_COLORS)] if isinstance(replica, int) else ""
+    marker = " err" if entry.get("stream") == "stderr" else ""
+    text = Text(f"[r{replica}{marker}] ", style=color)
+    text.append(line, style="red" if marker else "")
+    return text
+
+
+# --- the live dashboard -------------------------------------------------------------------------
+
+
+def dashboard(
+    nodes: Sequence[dict[str, Any]],
+    tasks: Sequence[dict[str, Any]],
+    *,
+    master_url: str,
+    error: str | None = None,
+    header: RenderableType | None = None,
+    now: float | None = None,
+    width: int | None = None,
+) -> Group:
+    """Nodes and tasks of one master (plus an optional header, e.g. the devnet's processes)."""
+    now = time.time() if now is None else now
+    title = Text(f"master {master_url}  ·  {time.strftime('%H:%M:%S', time.localtime(now))}  ·  Ctrl-C to quit", style="bold")
+    parts: list[RenderableType] = []
+    if header is not None:
+        parts.append(header)
+    parts.append(title)
+    if error:
+        parts.append(Text(f"! {error}", style="bold red"))
+    parts.append(nodes_table(nodes, tasks, now, width=width))
+    parts.append(tasks_table(tasks, now, width=width))
+    return Group(*parts)

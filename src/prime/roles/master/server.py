@@ -1,0 +1,198 @@
+"""Starting the master: check the key on chain, load the state, wire the parts, serve until stopped.
+
+Order matters: the master refuses to start unless its key is a master of the run; the state is
+loaded from SQLite and fed ``MasterStarted`` (its downtime is not counted as missed heartbeats
+and no invite goes out until the chain follower caught up); then the HTTP API and the loops
+(chain follower, health tick, storage sync) start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from prime.errors import ChainError, PrimeError
+
+log = logging.getLogger("prime.master")
+
+
+@dataclass
+class RunningMaster:
+    """Handles of a started master (for ``serve`` and in-process tests/benchmarks)."""
+
+    runner: web.AppRunner
+    service: Any
+    registry: Any
+    peer_client: Any
+    databases: list[Any]
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+        await self.service.close()
+        await self.peer_client.close()
+        await self.registry.close()
+        for db in self.databases:
+            db.close()
+
+
+def _check_data_dir(data_dir: Path, identity: dict[str, Any]) -> None:
+    """A data dir holds one run's state: refuse to mix runs, registries or chains."""
+    marker = data_dir / "run.json"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if marker.exists():
+            saved = json.loads(marker.read_text())
+            mismatched = [k for k in ("chain_id", "registry", "run_id") if saved.get(k) != identity[k]]
+            if mismatched:
+                raise PrimeError(
+                    f"The data directory {data_dir} holds the state of run {saved.get('run_id')} on registry "
+                    f"{saved.get('registry')} (chain {saved.get('chain_id')}); pass another --data-dir for this run."
+                )
+        else:
+            marker.write_text(json.dumps(identity, indent=2))
+    except OSError as exc:
+        raise PrimeError(f"Cannot use data directory {data_dir} ({exc.strerror or exc}); pass a writable --data-dir.") from None
+    except ValueError:
+        raise PrimeError(f"{marker} is not valid JSON; fix it or move the data directory aside.") from None
+
+
+async def start_master(
+    *,
+    settings: Any,
+    account: Any,
+    rpc_url: str,
+    deployment_path: Path,
+    host: str,
+    port: int,
+) -> RunningMaster:
+    """Check, load, wire and listen; the caller owns the returned handles (``close()``)."""
+    from prime.auth.client import SignedClient
+    from prime.auth.permissions import ChainPermissions
+    from prime.chain.client import RegistryClient
+    from prime.chain.deploy import Deployment
+    from prime.chain.events import EventFollower
+    from prime.roles.discovery.client import DiscoveryClient
+    from prime.roles.master.app import add_routes, new_app
+    from prime.roles.master.cas import BlobStore
+    from prime.roles.master.chainwatch import EVENT_NAMES, ChainWatcher
+    from prime.roles.master.dispatch import TaskPusher
+    from prime.roles.master.invites import InviteSender
+    from prime.roles.master.locator import NodeLocator
+    from prime.roles.master.logs import LogMerger
+    from prime.roles.master.metrics import MasterMetrics
+    from prime.roles.master.service import MasterService
+    from prime.roles.master.state import MasterStarted
+    from prime.roles.master.store import MasterStore, StateCursor
+    from prime.roles.master.sync import StorageSync, SyncMarks
+    from prime.store import Database
+    from prime.web import METRICS, add_loop
+    from prime.web import serve as listen
+
+    deployment = Deployment.load(deployment_path)
+    registry = await RegistryClient.connect(rpc_url, deployment)
+    opened: list[Any] = []
+    peer_client = None
+    try:
+        run = await _check_run(registry, settings.run_id, account.address)
+        data_dir = Path(settings.data_dir)
+        _check_data_dir(data_dir, {"chain_id": registry.chain_id, "registry": registry.address, "run_id": settings.run_id})
+        db = Database(data_dir / "master.sqlite")
+        opened.append(db)
+        store = MasterStore(db)
+        marks = SyncMarks(data_dir / "sync.sqlite")
+        opened.append(marks.db)
+        blobs = BlobStore(data_dir / "blobs")
+        state = store.load(settings.state)
+
+        app = new_app()
+        metrics = MasterMetrics(app[METRICS], lambda: state)
+        peer_client = SignedClient(account, timeout_s=settings.peer_timeout_s, retries=2)
+        permissions = ChainPermissions(registry)
+        service = MasterService(settings, state, store, metrics)
+        service.run_ended = run.ended
+        locator = NodeLocator(DiscoveryClient(peer_client, run.discovery_uri), settings.run_id,
+                              service.known_url, service.url_resolved)
+        service.invites = InviteSender(peer_client, account, chain_id=registry.chain_id, registry=registry.address,
+                                       run_id=settings.run_id, master_url=settings.public_url, locator=locator)
+        service.pusher = TaskPusher(peer_client, locator)
+
+        async def chain_member(node: str):  # type: ignore[no-untyped-def]
+            if not await permissions.is_active_node(settings.run_id, node):
+                return None
+            return (await registry.get_node(node)).specs
+
+        service.chain_member = chain_member
+        sync = StorageSync(peer_client, locator, store, blobs, marks, metrics, lambda: state,
+                           concurrency=max(1, settings.concurrency // 4), clock=service.clock)
+        service.final_sync = lambda node, task_id, replica: sync.run_one(node, task_id, replica, True)
+
+        def run_ended() -> None:
+            service.run_ended = True
+
+        follower = EventFollower(registry, EVENT_NAMES, cursor=StateCursor(state, store))
+        watcher = ChainWatcher(registry, follower, settings.run_id, lambda: state, service.apply,
+                               on_run_ended=run_ended, on_event=lambda name: metrics.chain_events.labels(name).inc(),
+                               clock=service.clock)
+
+        service.apply(MasterStarted(service.clock()))
+        logs = LogMerger(peer_client, locator, service.task)
+        add_routes(app, service, permissions, logs=logs, blobs=blobs)
+        add_loop(app, "chain", watcher.step, interval_s=settings.poll_interval_s)
+        add_loop(app, "tick", service.tick, interval_s=settings.tick_interval_s)
+        # A sync round may move a lot of data: it is not stale while it works.
+        add_loop(app, "sync", sync.sync_round, interval_s=settings.sync_interval_s,
+                 stale_after_s=max(3600.0, 3 * settings.sync_interval_s + 10))
+        runner = await listen(app, host=host, port=port)
+    except BaseException:
+        if peer_client is not None:
+            await peer_client.close()
+        await registry.close()
+        for db in opened:
+            db.close()
+        raise
+    log.info("master of run %d (%s) listening on http://%s:%d, public URL %s; %d nodes and %d tasks loaded from %s",
+             settings.run_id, account.address, host, port, settings.public_url, len(state.nodes), len(state.tasks),
+             data_dir)
+    return RunningMaster(runner, service, registry, peer_client, opened)
+
+
+async def _check_run(registry: Any, run_id: int, address: str) -> Any:
+    try:
+        run = await registry.get_run(run_id)
+    except ChainError as exc:
+        if getattr(exc, "error_name", None) == "RunNotFound":
+            raise PrimeError(f"Run {run_id} does not exist on this registry; check --run-id.") from None
+        raise
+    if not await registry.is_master(run_id, address):
+        raise PrimeError(
+            f"Key {address} is not a master of run {run_id} on chain; ask the run's owner to add it "
+            "(addMaster) or start with a master's --key-file."
+        )
+    if run.ended:
+        log.warning("run %d has ended on chain: this master serves status, logs and files but invites nobody", run_id)
+    return run
+
+
+async def serve(**kwargs: Any) -> None:
+    """Run the master until SIGTERM/SIGINT."""
+    master = await start_master(**kwargs)
+    try:
+        await _until_stopped()
+        log.info("master stopping")
+    finally:
+        await master.close()
+
+
+async def _until_stopped() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,287 @@
+"""The master service: drives the pure state machine and carries out what it says.
+
+Every change goes through ``MasterService.apply(event)``: ``handle`` updates the state, the
+changes are flushed to SQLite at once (so kill -9 loses nothing; see ``apply``), then the instructions are
+carried out. Transitions are logged and counted; network work (invites, task pushes, final
+storage syncs) runs as background tasks under one concurrency limit, so no peer can stall the
+loop or a heartbeat. ``apply`` never awaits: handlers and loops on the one event loop cannot
+interleave inside it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prime.chain.types import Specs
+from prime.errors import PeerError, PrimeError
+from prime.roles.master.dispatch import TaskPusher
+from prime.roles.master.invites import InviteSender
+from prime.roles.master.metrics import MasterMetrics
+from prime.roles.master.models import PLACED_REPLICA_STATES, DesiredReplica, HeartbeatRequest, NodeState, Task
+from prime.roles.master.state import (
+    Event,
+    HeartbeatReceived,
+    HeartbeatRefused,
+    Instruction,
+    InviteFailed,
+    InviteSent,
+    MasterState,
+    NodeJoinedOnChain,
+    NodeUrlResolved,
+    RecordReplicaTransition,
+    RecordTransition,
+    SendInvite,
+    StartReplica,
+    StateConfig,
+    StopReplica,
+    SyncStorage,
+    TaskCreated,
+    TaskStopRequested,
+    Tick,
+    handle,
+    heartbeat_refusal,
+    heartbeat_response,
+)
+from prime.roles.master.store import MasterStore
+
+log = logging.getLogger("prime.master")
+
+# Heartbeats that change nothing but recency are written together, at most this long after.
+HEARTBEAT_FLUSH_S = 0.2
+
+
+@dataclass(frozen=True)
+class MasterSettings:
+    run_id: int
+    public_url: str
+    data_dir: Path
+    state: StateConfig = StateConfig()
+    sync_interval_s: float = 10.0
+    poll_interval_s: float = 2.0
+    peer_timeout_s: float = 10.0
+    concurrency: int = 32
+
+    @property
+    def tick_interval_s(self) -> float:
+        """How often node health is re-judged: a fraction of the heartbeat interval."""
+        return max(0.2, min(5.0, self.state.heartbeat_interval_s / 2))
+
+
+class HeartbeatDenied(PrimeError):
+    """The signer may not heartbeat to this master (not a member of the run)."""
+
+
+# (node) -> the node's specs when the chain says it is an active member of this run, else None.
+ChainMemberCheck = Callable[[str], Awaitable[Specs | None]]
+
+
+class MasterService:
+    def __init__(
+        self,
+        settings: MasterSettings,
+        state: MasterState,
+        store: MasterStore,
+        metrics: MasterMetrics,
+        *,
+        invites: InviteSender | None = None,
+        pusher: TaskPusher | None = None,
+        chain_member: ChainMemberCheck | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.store = store
+        self.metrics = metrics
+        self.invites = invites
+        self.pusher = pusher
+        self.chain_member = chain_member
+        self.final_sync: Callable[[str, str, int], Coroutine[Any, Any, Any]] | None = None
+        self.clock = clock
+        self.run_ended = False
+        self._limit = asyncio.Semaphore(settings.concurrency)
+        self._background: set[asyncio.Task[Any]] = set()
+        self._flush_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def run_id(self) -> int:
+        return self.settings.run_id
+
+    # --- the one way state changes ------------------------------------------------------------
+
+    def apply(self, event: Event) -> list[Instruction]:
+        """Apply ``event``, store the result, carry out the instructions (network work in the background).
+
+        Every change is written at once, with one exception: a heartbeat that changed nothing but
+        the node's last-heartbeat time and sample is written within ``HEARTBEAT_FLUSH_S`` together
+        with the others of that moment (one SQLite commit for many heartbeats). A crash loses at most
+        that much heartbeat recency, which decides nothing: a restarted master judges health from its
+        own start (MasterStarted) and the next heartbeat.
+        """
+        instructions = handle(self.state, event)
+        if instructions or not isinstance(event, HeartbeatReceived):
+            self.flush()
+        else:
+            self._flush_soon()
+        stops: set[tuple[str, str]] = set()
+        for ins in instructions:
+            if isinstance(ins, StopReplica):  # one DELETE per task and node stops all its replicas there
+                if (ins.node, ins.task_id) in stops:
+                    continue
+                stops.add((ins.node, ins.task_id))
+            self._carry_out(ins)
+        return instructions
+
+    def flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self.store.flush(self.state)
+
+    def _flush_soon(self) -> None:
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(HEARTBEAT_FLUSH_S, self.flush)
+
+    def _carry_out(self, ins: Instruction) -> None:
+        if isinstance(ins, RecordTransition):
+            log.info("node %s: %s -> %s (%s)", ins.node, ins.old.value if ins.old else "new", ins.new.value, ins.reason)
+            self.metrics.node_transition(ins.old, ins.new)
+        elif isinstance(ins, RecordReplicaTransition):
+            log.info("task %s replica %d on %s: %s -> %s (%s)", ins.task_id, ins.replica, ins.node or "-",
+                     ins.old.value, ins.new.value, ins.reason)
+            self.metrics.replica_transition(ins.old, ins.new)
+        elif isinstance(ins, SendInvite):
+            self.spawn(f"invite {ins.node}", self._invite(ins))
+        elif isinstance(ins, StartReplica):
+            self.spawn(f"start {ins.task_id}/{ins.replica}", self._push_start(ins))
+        elif isinstance(ins, StopReplica):
+            self.spawn(f"stop {ins.task_id}/{ins.replica}", self._push_stop(ins))
+        elif isinstance(ins, SyncStorage):
+            if self.final_sync is not None:
+                self.spawn(f"sync {ins.task_id}/{ins.replica}", self.final_sync(ins.node, ins.task_id, ins.replica))
+        elif isinstance(ins, HeartbeatRefused):
+            pass  # the HTTP layer answers it
+
+    # --- background work ----------------------------------------------------------------------
+
+    def spawn(self, name: str, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` in the background under the shared concurrency limit; errors are logged."""
+
+        async def limited() -> None:
+            async with self._limit:
+                await work
+
+        task = asyncio.get_running_loop().create_task(limited(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background %s failed", task.get_name(), exc_info=task.exception())
+
+    @property
+    def background_count(self) -> int:
+        return len(self._background)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self.flush()
+
+    async def _invite(self, ins: SendInvite) -> None:
+        rec = self.state.nodes.get(ins.node)
+        if rec is None or rec.state != NodeState.INVITED or rec.invite_expiry != ins.expiry:
+            return  # overtaken while it waited for its turn (joined, left, or re-invited)
+        if self.run_ended or self.invites is None:
+            self.metrics.invites.labels("skipped").inc()
+            return
+        try:
+            ack = await self.invites.send(ins.node, ins.expiry)
+        except PrimeError as exc:
+            self.metrics.invites.labels("failed").inc()
+            log.warning("invite to %s failed: %s", ins.node, exc)
+            self.apply(InviteFailed(ins.node, self.clock(), str(exc)))
+            return
+        self.metrics.invites.labels("sent").inc()
+        log.info("invite to %s accepted at %s (join tx %s)", ins.node, ack.url, ack.tx_hash or "none: already a member")
+        self.apply(InviteSent(ins.node, ins.expiry, self.clock(), ack.url))
+
+    def desired_entry(self, task_id: str, replica: int, node: str) -> DesiredReplica | None:
+        task = self.state.tasks.get(task_id)
+        r = task.replica(replica) if task is not None else None
+        if task is None or r is None or task.stop_requested or r.node != node or r.state not in PLACED_REPLICA_STATES:
+            return None
+        return DesiredReplica(task.id, r.index, r.attempt, r.gpu_indices, task.spec)
+
+    async def _push_start(self, ins: StartReplica) -> None:
+        desired = self.desired_entry(ins.task_id, ins.replica, ins.node)
+        if desired is None or self.pusher is None:
+            return
+        try:
+            await self.pusher.start(ins.node, desired)
+        except PeerError as exc:
+            self.metrics.pushes.labels("start", "failed").inc()
+            log.info("push of task %s replica %d to %s failed (its next heartbeat brings it): %s",
+                     ins.task_id, ins.replica, ins.node, exc)
+            return
+        self.metrics.pushes.labels("start", "ok").inc()
+
+    async def _push_stop(self, ins: StopReplica) -> None:
+        if self.pusher is None:
+            return
+        try:
+            await self.pusher.stop(ins.node, ins.task_id)
+        except PeerError as exc:
+            self.metrics.pushes.labels("stop", "failed").inc()
+            log.info("stop of task %s on %s failed (its next heartbeat stops it): %s", ins.task_id, ins.node, exc)
+            return
+        self.metrics.pushes.labels("stop", "ok").inc()
+
+    # --- requests -------------------------------------------------------------------------------
+
+    async def heartbeat(self, node: str, payload: HeartbeatRequest) -> dict[str, Any]:
+        """Apply a member's heartbeat and return the answer (HeartbeatResponse JSON).
+
+        A node the master does not know as a member is looked up on chain (it may have joined a
+        moment ago, or while the master was down) and adopted if active; otherwise HeartbeatDenied
+        and nothing changes.
+        """
+        if heartbeat_refusal(self.state, node) is not None and self.chain_member is not None:
+            specs = await self.chain_member(node)
+            if specs is not None and heartbeat_refusal(self.state, node) is not None:
+                self.apply(NodeJoinedOnChain(node, self.clock(), specs=specs))
+        reason = heartbeat_refusal(self.state, node)
+        if reason is not None:
+            raise HeartbeatDenied(reason)
+        started = time.perf_counter()
+        for ins in self.apply(HeartbeatReceived(node, self.clock(), payload)):
+            if isinstance(ins, HeartbeatRefused):
+                raise HeartbeatDenied(ins.reason)
+        self.metrics.heartbeat_seconds.observe(time.perf_counter() - started)
+        return heartbeat_response(self.state, node).to_json()
+
+    def url_resolved(self, node: str, url: str) -> None:
+        self.apply(NodeUrlResolved(node, url, self.clock()))
+
+    def known_url(self, node: str) -> str | None:
+        rec = self.state.nodes.get(node)
+        return rec.url if rec is not None else None
+
+    def create_task(self, task: Task) -> None:
+        self.apply(TaskCreated(task))
+
+    def stop_task(self, task_id: str) -> None:
+        self.apply(TaskStopRequested(task_id, self.clock()))
+
+    def task(self, task_id: str) -> Task | None:
+        return self.state.tasks.get(task_id)
+
+    async def tick(self) -> None:
+        self.apply(Tick(self.clock()))

@@ -1,0 +1,89 @@
+"""The miner's HTTP surface, and who may call what.
+
+- ``GET /health``, ``/metrics``, ``/openapi.json``: public (prime.web).
+- ``POST /challenge``, ``POST /challenge/{id}/open``, ``POST /challenge/{id}/verdict``:
+  validators on chain (prime.challenge.service; the verdict lets the miner show why it
+  was rejected).
+- ``POST /invite``: any signed caller; the handler checks the invite against the chain.
+- ``/tasks…``: masters of the node's run on chain (prime.roles.miner.tasks_api).
+
+Every request except the public ones must be signed (401 otherwise).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from prime.auth.middleware import SIGNER, require, signed_request_middleware
+from prime.challenge.service import ChallengeService, add_challenge_routes
+from prime.roles.miner.invite import InviteHandler
+from prime.roles.miner.state import Verdict
+from prime.roles.miner.tasks_api import TasksApi, add_task_routes
+from prime.web import json_error, make_app, read_json
+
+log = logging.getLogger(__name__)
+
+MAX_REASON_LENGTH = 4096
+# Task specs (command and env up to 64 KiB each) must fit in one POST /tasks.
+CLIENT_MAX_SIZE = 512 * 1024
+_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_CHALLENGE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+@dataclass
+class VerdictBody:
+    """Body of POST /challenge/{id}/verdict."""
+
+    approved: bool
+    reason: str
+    report_hash: str
+
+
+def build_miner_app(
+    *,
+    permissions: Any,  # ChainPermissions: is_validator(addr), is_master(run_id, addr)
+    run_id: int,
+    challenge: ChallengeService,
+    invite: InviteHandler,
+    tasks: TasksApi,
+    on_verdict: Callable[[Verdict], None],
+) -> web.Application:
+    """The miner's aiohttp application (background loops are added by the caller)."""
+    app = make_app(name="miner", middlewares=[signed_request_middleware()], client_max_size=CLIENT_MAX_SIZE)
+
+    async def validator(request: web.Request, signer: str) -> bool:
+        return await permissions.is_validator(signer)
+
+    async def master_of_run(request: web.Request, signer: str) -> bool:
+        return await permissions.is_master(run_id, signer)
+
+    add_challenge_routes(app, challenge, require(validator))
+
+    async def verdict(request: web.Request) -> web.Response:
+        """A validator's verdict on this node: {approved, reason, report_hash}.
+
+        Best effort from the validator after it wrote the result on chain; the miner shows
+        the reason when it stops for a rejection. Answers {ok: true}.
+        """
+        challenge_id = request.match_info["id"]
+        if not _CHALLENGE_ID.match(challenge_id):
+            return json_error(400, "invalid_verdict", "the challenge id must be 1-64 letters, digits, '_' or '-'")
+        body = await read_json(request, VerdictBody)
+        if len(body.reason) > MAX_REASON_LENGTH:
+            return json_error(400, "invalid_verdict", f"reason must be at most {MAX_REASON_LENGTH} characters")
+        if not _HASH.match(body.report_hash):
+            return json_error(400, "invalid_verdict", "report_hash must be 0x followed by 64 hex digits")
+        on_verdict(Verdict(body.approved, body.reason, body.report_hash.lower(), request[SIGNER], challenge_id, time.time()))
+        return web.json_response({"ok": True})
+
+    app.router.add_post("/challenge/{id}/verdict", require(validator)(verdict))
+    app.router.add_post("/invite", invite.handle)
+    add_task_routes(app, tasks, master_of_run)
+    return app

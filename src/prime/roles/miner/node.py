@@ -1,0 +1,406 @@
+"""The miner's start-up sequence and its life until SIGTERM (or a rejection).
+
+``prepare()`` does everything that can fail before money moves: probe the hardware and
+select GPUs, preflight (Docker, NVIDIA runtime, data dir, port), read the run from chain
+and refuse when the node does not meet its requirements; then registers the node (stake
+from the provider key) only if it is not registered yet.
+
+``start()`` adopts the node's existing task containers (never killing or duplicating
+them), serves the HTTP API and starts the loops: announce to discovery, follow the
+node's status on chain, heartbeat to the master, supervise restart policies.
+``wait()`` returns on stop and raises the ``PrimeError`` that ended the miner otherwise.
+
+``run_miner(options, node_account, provider_account, prover=...)`` is the whole thing;
+the prover parameter lets tests start a real miner with a cheating prover.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from rich.console import Console
+
+from prime import hardware
+from prime.chain.types import NodeInfo, NodeStatus, RunInfo, Specs
+from prime.errors import PrimeError
+from prime.roles.miner.state import Announcement, MinerState, StateFile, Verdict
+
+log = logging.getLogger("prime.miner")
+
+DEFAULT_PORT = 8070
+
+
+@dataclass
+class MinerOptions:
+    """Everything ``prime miner start`` takes (keys are loaded by the caller)."""
+
+    run_id: int
+    rpc_url: str
+    deployment: Path | Any  # a path or a Deployment
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    gpu: str = "all"
+    public_ip: str | None = None
+    stake_wei: int | None = None  # None: the registry's minimum
+    task_network: str = "bridge"
+    announce_interval_s: float = 60.0
+    chain_poll_interval_s: float = 5.0
+    finished_retention_s: float = 3600.0
+    docker_base_url: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PullPrinter:
+    """Image pull progress as rich lines: one per layer step, at most one per second per image."""
+
+    def __init__(self, console: Console, min_gap_s: float = 1.0) -> None:
+        self.console = console
+        self.min_gap_s = min_gap_s
+        self._last: dict[str, float] = {}
+
+    def __call__(self, progress: Any) -> None:
+        now = time.monotonic()
+        final = progress.status.lower().startswith(("pull complete", "download complete", "status:", "digest:", "already exists"))
+        if not final and now - self._last.get(progress.image, 0.0) < self.min_gap_s:
+            return
+        self._last[progress.image] = now
+        amount = ""
+        if progress.current is not None and progress.total:
+            amount = f" {progress.current / 1e6:.1f}/{progress.total / 1e6:.1f} MB"
+        layer = f" [dim]{progress.layer}[/]" if progress.layer else ""
+        self.console.print(f"[cyan]Pulling[/] {progress.image}{layer}: {progress.status}{amount}", highlight=False)
+
+
+class MinerNode:
+    """One node of one run. Use ``prepare``, ``start``, ``wait``, ``close`` (or ``run_miner``)."""
+
+    def __init__(
+        self,
+        options: MinerOptions,
+        node_account: Any,
+        provider_account: Any | None = None,
+        *,
+        prover: Any | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.options = options
+        self.node_account = node_account
+        self.provider_account = provider_account or node_account
+        self.prover = prover
+        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.data_dir = Path(options.data_dir).expanduser()
+        self.state_file = StateFile(self.data_dir)
+        self.state = MinerState()
+        self.registry: Any = None
+        self.provider_registry: Any = None
+        self.run: RunInfo | None = None
+        self.specs: Specs | None = None
+        self.gpus: list[int] = []
+        self.hardware: hardware.HardwareInfo | None = None
+        self.registration_tx: str | None = None
+        self.executor: Any = None
+        self.converger: Any = None
+        self.heartbeat: Any = None
+        self.challenge: Any = None
+        self.app: web.Application | None = None
+        self.runner: web.AppRunner | None = None
+        self._clients: list[Any] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped = asyncio.Event()
+        self._failure: PrimeError | None = None
+        self._status_line: Any = None
+        self._announced_once = False
+
+    # -- what others read
+
+    @property
+    def address(self) -> str:
+        return self.node_account.address
+
+    @property
+    def url(self) -> str:
+        host = self.options.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+        return f"http://[{host}]:{self.options.port}" if ":" in host else f"http://{host}:{self.options.port}"
+
+    def say(self, text: str, style: str | None = None) -> None:
+        self.console.print(f"[{style}]{text}[/]" if style else text, highlight=False)
+        log.debug(text)
+
+    # -- before any transaction
+
+    async def prepare(self) -> None:
+        """Probe, select GPUs, preflight, read the run, check requirements, then register if needed."""
+        options = self.options
+        self.hardware = await asyncio.to_thread(hardware.probe, self.data_dir)
+        self.gpus = hardware.select_gpus(self.hardware, options.gpu)
+        self.specs = hardware.to_specs(self.hardware, self.gpus)
+        failures = await asyncio.to_thread(
+            _preflight, bool(self.gpus), self.data_dir, options.port, options.host, options.docker_base_url
+        )
+        if failures:
+            for extra in failures[1:]:
+                self.say(f"Error: {extra}", "bold red")
+            raise PrimeError(failures[0])
+        self.say(
+            f"Node {self.address} (provider {self.provider_account.address}): "
+            f"{_describe_specs(self.specs)}; GPUs offered: {', '.join(map(str, self.gpus)) or 'none'}."
+        )
+        await self._connect_chain()
+        run = await self.registry.get_run(options.run_id)
+        from prime.roles.miner.registration import check_run, ensure_registered
+
+        check_run(run, self.specs)
+        _check_discovery_uri(run)
+        self.run = run
+        self.state = self.state_file.load()
+        self.state.reset_for(self.address, options.run_id)
+        result = await ensure_registered(
+            self.registry, self.provider_registry, self.node_account, options.run_id, self.specs, stake_wei=options.stake_wei
+        )
+        self.registration_tx = result.tx_hash
+        if result.tx_hash is not None:
+            # A new membership: nothing of an earlier one (master, verdict) applies any more.
+            self.state = MinerState(node=self.address, run_id=options.run_id, registration_tx=result.tx_hash)
+            self.say(f"Registered for run {options.run_id} with a stake of {result.info.stake} wei (tx {result.tx_hash}).", "green")
+        else:
+            self.say(f"Already registered for run {options.run_id} (status {result.info.status.label}); no transaction sent.")
+        self.state_file.save(self.state)
+
+    async def _connect_chain(self) -> None:
+        from prime.chain.client import RegistryClient
+
+        self.registry = await RegistryClient.connect(self.options.rpc_url, self.options.deployment)
+        self.provider_registry = self.registry.with_account(self.provider_account)
+
+    # -- serving
+
+    async def start(self) -> None:
+        """Adopt containers, serve the API, start the loops."""
+        from prometheus_client import Counter
+
+        from prime.auth.client import SignedClient
+        from prime.auth.permissions import ChainPermissions
+        from prime.challenge.service import ChallengeService
+        from prime.roles.discovery.client import DiscoveryClient
+        from prime.roles.miner.announce import Announcer, choose_announce_ip
+        from prime.roles.miner.app import build_miner_app
+        from prime.roles.miner.executor import DockerExecutor
+        from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
+        from prime.roles.miner.invite import InviteHandler
+        from prime.roles.miner.tasks_api import TasksApi
+        from prime.roles.miner.watch import ChainWatch
+        from prime.web import HEALTH, METRICS, add_loop, serve
+
+        assert self.run is not None, "prepare() first"
+        options = self.options
+        self.executor = DockerExecutor(
+            None, self.data_dir, self.address, network_mode=options.task_network, node_gpus=self.gpus
+        )
+        adopted = await self.executor.adopt()
+        if adopted:
+            running = sum(1 for s in adopted if s.state.value == "Running")
+            self.say(f"Adopted {len(adopted)} task container(s) from before the restart ({running} running); none was restarted.")
+        self.converger = Converger(
+            self.executor, self.gpus, retention_s=options.finished_retention_s, on_progress=PullPrinter(self.console)
+        )
+        permissions = ChainPermissions(self.registry)
+        self.challenge = ChallengeService(self.prover)
+        invite = InviteHandler(
+            node_account=self.node_account,
+            registry=self.registry,
+            provider_registry=self.provider_registry,
+            run_id=options.run_id,
+            state=self.state,
+            state_file=self.state_file,
+            on_joined=self._joined,
+        )
+        self.app = build_miner_app(
+            permissions=permissions,
+            run_id=options.run_id,
+            challenge=self.challenge,
+            invite=invite,
+            tasks=TasksApi(self.executor, self.converger),
+            on_verdict=self._verdict,
+        )
+        health = self.app[HEALTH]
+        heartbeats = Counter("prime_miner_heartbeats", "Heartbeats sent to the master, by result.", ["result"], registry=self.app[METRICS])
+
+        discovery = DiscoveryClient(self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)), self.run.discovery_uri)
+        announcer = Announcer(
+            lambda ip, port: discovery.announce(ip, port, options.run_id),
+            lambda: choose_announce_ip(options.public_ip, options.host, self.run.discovery_uri),
+            options.port,
+            every_s=options.announce_interval_s,
+            on_announced=self._announced,
+        )
+        choose_announce_ip(options.public_ip, options.host, self.run.discovery_uri)  # a bad --public-ip fails now
+        watch = ChainWatch(
+            self.registry, self.address, options.run_id, self.state,
+            on_change=self._status_changed, on_outcome=self._fail,
+            verdict_grace_s=max(5.0, 2 * options.chain_poll_interval_s),
+        )
+        tick = min(10.0, options.announce_interval_s)
+        add_loop(self.app, "announce", announcer.step, interval_s=tick, max_backoff_s=60.0)
+        add_loop(self.app, "chain", watch.step, interval_s=options.chain_poll_interval_s, max_backoff_s=60.0)
+        add_loop(self.app, "supervise", self.executor.supervise, interval_s=5.0, max_backoff_s=60.0)
+        self.heartbeat = HeartbeatLoop(
+            client=self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)),
+            executor=self.executor,
+            converger=self.converger,
+            state=self.state,
+            state_file=self.state_file,
+            health=health,
+            counter=heartbeats,
+        )
+        self.runner = await serve(self.app, host=options.host, port=options.port)
+        self._tasks.append(asyncio.create_task(self.heartbeat.run(), name="miner:heartbeat"))
+        self.say(f"Serving the miner API on {options.host}:{options.port}; discovery is {self.run.discovery_uri}.")
+
+    def _client(self, client: Any) -> Any:
+        self._clients.append(client)
+        return client
+
+    # -- callbacks from the loops and handlers
+
+    def _announced(self, result: Any) -> None:
+        assert self.run is not None
+        previous = self.state.announced
+        self.state.announced = Announcement(result.ip, result.port, self.run.discovery_uri, result.at)
+        self.state_file.save(self.state)
+        if previous is None or (previous.ip, previous.port) != (result.ip, result.port) or not self._announced_once:
+            self.say(f"Announced {result.ip}:{result.port} to discovery.")
+        self._announced_once = True
+
+    def _joined(self, accepted: Any) -> None:
+        how = f"joined run {self.options.run_id} (tx {accepted.tx_hash})" if accepted.tx_hash else "already active in the run"
+        self.say(f"Invited by master {accepted.master} ({accepted.master_url}); {how}.", "green")
+        if self.heartbeat is not None:
+            self.heartbeat.active = True
+            self.heartbeat.wake()
+
+    def _verdict(self, verdict: Verdict) -> None:
+        self.state.verdict = verdict
+        self.state_file.save(self.state)
+        word = "approved" if verdict.approved else "rejected"
+        self.say(f"Validator {verdict.validator} {word} the node: {verdict.reason}", "green" if verdict.approved else "red")
+
+    def _status_changed(self, info: NodeInfo, line: str) -> None:
+        self._show_status(line)
+        if self.heartbeat is not None:
+            self.heartbeat.active = info.status == NodeStatus.ACTIVE and info.run_id == self.options.run_id
+            if self.heartbeat.active and self.state.master_url:
+                self.heartbeat.wake()
+
+    def _show_status(self, line: str) -> None:
+        # A live spinner line on a terminal; plain lines in logs and pipes.
+        if self.console.is_terminal:
+            if self._status_line is None:
+                self._status_line = self.console.status(line)
+                self._status_line.start()
+            else:
+                self._status_line.update(line)
+            self.console.log(line)
+        else:
+            self.say(line)
+
+    def _fail(self, error: PrimeError) -> None:
+        if self._failure is None:
+            self._failure = error
+        self._stopped.set()
+
+    # -- life and death
+
+    def stop(self) -> None:
+        """Ask the miner to stop (SIGTERM/SIGINT do this)."""
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        """Until stopped; raises the error that ended the miner (a rejection, an ejection)."""
+        await self._stopped.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def close(self) -> None:
+        """Stop serving and looping; task containers keep running (a restart adopts them)."""
+        if self._status_line is not None:
+            self._status_line.stop()
+            self._status_line = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.converger is not None:
+            await self.converger.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self.challenge is not None:
+            self.challenge.release()
+        for client in self._clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        self._clients.clear()
+        if self.registry is not None:
+            await self.registry.close()
+            self.registry = None
+
+
+def _preflight(gpus_requested: bool, data_dir: Path, port: int, host: str, docker_base_url: str | None) -> list[str]:
+    from prime.roles.miner.preflight import run_preflight
+
+    return run_preflight(gpus_requested=gpus_requested, data_dir=data_dir, port=port, host=host, docker_base_url=docker_base_url)
+
+
+def _describe_specs(specs: Specs) -> str:
+    gpus = f"{specs.gpu_count}× {specs.gpu_model} ({specs.gpu_memory_mib} MiB)" if specs.gpu_count else "no GPUs"
+    return f"{gpus}, {specs.cpu_cores} CPU cores, {specs.ram_mib} MiB RAM, {specs.disk_gib} GiB free disk"
+
+
+def _check_discovery_uri(run: RunInfo) -> None:
+    parts = urlsplit(run.discovery_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PrimeError(
+            f"Run {run.run_id} names the discovery service {run.discovery_uri!r}, which is not an http(s) URL; ask the run's owner to fix it."
+        )
+
+
+async def run_miner(
+    options: MinerOptions,
+    node_account: Any,
+    provider_account: Any | None = None,
+    *,
+    prover: Any | None = None,
+    console: Console | None = None,
+    handle_signals: bool = True,
+) -> None:
+    """Run a miner until SIGTERM/SIGINT; raises ``PrimeError`` (one sentence) when it cannot
+    start or when the node is rejected, ejected or leaves. ``prover`` replaces the honest
+    challenge prover (tests start cheating miners this way)."""
+    node = MinerNode(options, node_account, provider_account, prover=prover, console=console)
+    loop = asyncio.get_running_loop()
+    if handle_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, node.stop)
+    try:
+        await node.prepare()
+        await node.start()
+        await node.wait()
+        node.say("Stopping; task containers keep running and are adopted at the next start.")
+    finally:
+        await node.close()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,126 @@
+"""Getting the node onto the run's registry: check the run first, then register only if needed.
+
+The order matters to operators: everything that can be known without spending money is
+checked before the registration transaction (the run exists and has not ended, the node's
+hardware meets the run's requirements, the node is not tied to another run), and a node
+that is already registered for this run sends no transaction at all. The node key signs
+the registration digest; the provider key sends the transaction and the stake.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from prime.chain.types import NodeInfo, NodeStatus, RunInfo, Specs
+from prime.errors import PrimeError
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"wei": 1, "gwei": 10**9, "eth": 10**18, "ether": 10**18}
+
+
+def parse_stake(text: str | None) -> int | None:
+    """``--stake``: wei as a whole number, or with a unit ("0.05eth", "2 gwei"); None/"" = the minimum."""
+    if text is None or not str(text).strip():
+        return None
+    raw = str(text).strip().lower().replace(" ", "").replace("_", "")
+    unit = 1
+    for name, factor in sorted(_UNITS.items(), key=lambda item: -len(item[0])):
+        if raw.endswith(name):
+            raw, unit = raw[: -len(name)], factor
+            break
+    try:
+        amount = Decimal(raw) * unit
+    except InvalidOperation:
+        raise PrimeError(f"The stake {text!r} is not an amount; give wei as a whole number or use a unit, e.g. --stake 0.01eth.") from None
+    if amount < 0 or amount != amount.to_integral_value():
+        raise PrimeError(f"The stake {text!r} is not a whole, non-negative number of wei; e.g. --stake 10000000000000000 or --stake 0.01eth.")
+    return int(amount)
+
+
+def check_run(run: RunInfo, specs: Specs) -> None:
+    """Refuse (one sentence, before any transaction) a run this node cannot serve."""
+    if run.ended:
+        raise PrimeError(f"Run {run.run_id} has ended, so it takes no new nodes; pick an active run with --run-id.")
+    unmet = run.requirements.unmet_by(specs)
+    if unmet is not None:
+        raise PrimeError(f"{unmet.rstrip('.')}, so this node cannot register for run {run.run_id}; choose GPUs with --gpu or another run.")
+
+
+@dataclass(frozen=True)
+class RegistrationDecision:
+    """What to do about the node's on-chain record: register, nothing, or stop with a sentence."""
+
+    register: bool
+    refusal: str | None = None
+
+
+def decide_registration(info: NodeInfo, run_id: int) -> RegistrationDecision:
+    """Pure: whether the node must register for ``run_id`` given its current record."""
+    status = info.status
+    if status == NodeStatus.NONE:
+        return RegistrationDecision(register=True)
+    if status in (NodeStatus.REGISTERED, NodeStatus.APPROVED, NodeStatus.ACTIVE):
+        if info.run_id == run_id:
+            return RegistrationDecision(register=False)
+        return RegistrationDecision(
+            register=False,
+            refusal=(
+                f"Node {info.node} is already {status.label} in run {info.run_id}, not run {run_id}; "
+                f"start it with --run-id {info.run_id} or leave that run first."
+            ),
+        )
+    # Rejected, left or ejected: the contract allows a new registration once the stake is withdrawn.
+    if info.stake == 0:
+        return RegistrationDecision(register=True)
+    if status == NodeStatus.REJECTED and info.run_id == run_id:
+        return RegistrationDecision(
+            register=False,
+            refusal=(
+                f"Node {info.node} was rejected by a validator for run {run_id} (report 0x{info.report_hash.hex()}); "
+                "withdraw its stake and fix the node before registering again."
+            ),
+        )
+    return RegistrationDecision(
+        register=False,
+        refusal=(
+            f"Node {info.node} is {status.label} (run {info.run_id}) and its stake of {info.stake} wei is still "
+            "held by the registry; withdraw the stake with the provider key before registering again."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    info: NodeInfo
+    tx_hash: str | None  # None: it was registered already
+
+
+async def ensure_registered(
+    node_client: Any,
+    provider_client: Any,
+    node_account: Any,
+    run_id: int,
+    specs: Specs,
+    *,
+    stake_wei: int | None = None,
+) -> RegistrationResult:
+    """Register the node for ``run_id`` unless it already is; ``PrimeError`` when it cannot be.
+
+    ``node_client`` reads; ``provider_client`` (a RegistryClient with the provider account)
+    sends registerNode with the stake, signed over by ``node_account``.
+    """
+    info = await node_client.get_node(node_account)
+    decision = decide_registration(info, run_id)
+    if decision.refusal is not None:
+        raise PrimeError(decision.refusal)
+    if not decision.register:
+        return RegistrationResult(info, None)
+    if stake_wei is None:
+        stake_wei = await node_client.min_stake()
+    result = await provider_client.register_node(run_id, node_account, specs, stake_wei=stake_wei)
+    log.info("registered node %s for run %d (stake %d wei, tx %s)", node_account.address, run_id, stake_wei, result.tx_hash)
+    return RegistrationResult(await node_client.get_node(node_account), result.tx_hash)

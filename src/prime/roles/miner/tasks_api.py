@@ -1,0 +1,196 @@
+"""Master → miner routes: start and stop replicas now, read their state, logs and files.
+
+Only a master of the node's run (on chain, briefly cached) may call these. The heartbeat's
+desired list stays the authority on what runs; these routes let a master act at once and
+read what a heartbeat does not carry (logs, the persistent /data manifest and its blobs).
+
+- ``POST /tasks`` {id, replica, attempt, gpu_indices, spec} → 202 {id, replica, state}
+- ``DELETE /tasks/{id}`` → {id, stopped} (containers go; the task's /data stays for the last sync)
+- ``GET /tasks`` → {tasks: [TaskStatus]}
+- ``GET /tasks/{id}/logs?follow=0|1&tail=N&replica=R`` → NDJSON {"stream","line","ts"}
+- ``GET /tasks/{id}/manifest?replica=R`` → {task_id, replica, final, files: [{path,size,sha256}]}
+- ``GET /tasks/{id}/blobs/{sha256}?replica=R`` → the bytes of one file of that task's /data
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from prime.auth.middleware import require
+from prime.roles.master.models import DesiredReplica, ValidationError, is_task_id
+from prime.roles.miner import storage
+from prime.roles.miner.executor import InvalidTaskSpec, TaskNotFound, TaskState
+from prime.roles.miner.heartbeat import Converger
+from prime.web import json_error
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[web.Request, str], Awaitable[bool]]
+MAX_TAIL = 100_000
+CHUNK = 256 * 1024
+
+
+def _task_id(request: web.Request) -> str:
+    task_id = request.match_info["id"]
+    if not is_task_id(task_id):
+        raise web.HTTPBadRequest(text="the task id must be 1-64 letters, digits, '-' or '_'")
+    return task_id
+
+
+def _int_param(request: web.Request, name: str, default: int | None, *, minimum: int = 0, maximum: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 12 or not minimum <= int(raw) <= maximum:
+        raise web.HTTPBadRequest(text=f"{name} must be a whole number from {minimum} to {maximum}")
+    return int(raw)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "0").lower()
+    if raw in ("1", "true", "yes"):
+        return True
+    if raw in ("0", "false", "no", ""):
+        return False
+    raise web.HTTPBadRequest(text=f"{name} must be 0 or 1")
+
+
+class TasksApi:
+    def __init__(self, executor: Any, converger: Converger) -> None:
+        self.executor = executor
+        self.converger = converger
+
+    async def start_task(self, request: web.Request) -> web.Response:
+        """Start one replica now (the master's push; the next heartbeat's desired list agrees).
+
+        Body: a desired entry {id, replica, attempt, gpu_indices, spec}. Answers 202
+        {id, replica, state} at once; the image pull and start go on in the background.
+        """
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return json_error(400, "invalid_json", "the body must be a JSON object")
+        try:
+            desired = DesiredReplica.from_json(body, "body")
+            spec = self.converger.push(desired)
+        except ValidationError as exc:
+            return json_error(400, "invalid_request", exc.detail)
+        except (InvalidTaskSpec, ValueError) as exc:
+            return json_error(400, "invalid_request", str(exc))
+        await asyncio.sleep(0)  # let the start begin before we read the state
+        status = await self.executor.status(spec.task_id, spec.replica)
+        state = status.state.value if status is not None else TaskState.PULLING.value
+        return web.json_response({"id": spec.task_id, "replica": spec.replica, "state": state}, status=202)
+
+    async def stop_task(self, request: web.Request) -> web.Response:
+        """Stop and remove every container of a task (its /data directory is kept).
+
+        Answers {id, stopped}: stopped is false when the node had nothing of that task.
+        """
+        task_id = _task_id(request)
+        self.converger.forget_push(task_id)
+        stopped = await self.executor.stop(task_id)
+        return web.json_response({"id": task_id, "stopped": stopped})
+
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        """The state of every replica on this node: {tasks: [{task_id, replica, state, exit_code, reason, ...}]}."""
+        statuses = await self.executor.list_states()
+        return web.json_response({"tasks": [s.to_dict() for s in statuses]})
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        """A replica's output as NDJSON lines {"stream","line","ts"}; follow=1 streams until it exits.
+
+        Query: follow=0|1, tail=N (last N lines), replica=R (default 0). 404 when the
+        replica has no container on this node.
+        """
+        task_id = _task_id(request)
+        follow = _flag(request, "follow")
+        tail = _int_param(request, "tail", None, maximum=MAX_TAIL)
+        replica = _int_param(request, "replica", 0, maximum=255) or 0
+        status = await self.executor.status(task_id, replica)
+        if status is None or status.container_id is None:
+            return json_error(404, "unknown_task", f"task {task_id} replica {replica} has no container on this node")
+        # Headers go out at once, so a follower of a quiet task is not left waiting for them.
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        lines = self.executor.logs(task_id, replica=replica, follow=follow, tail=tail)
+        async with contextlib.aclosing(lines):
+            try:
+                async for line in lines:
+                    await response.write(_line(line))
+            except TaskNotFound:
+                pass  # removed between the check and the read: the stream just ends
+        await response.write_eof()
+        return response
+
+    async def manifest(self, request: web.Request) -> web.Response:
+        """The files of a task's persistent /data: {task_id, replica, final, files: [{path, size, sha256}]}.
+
+        final is true once the replica's container has finished (or is gone). Unchanged files
+        are not re-hashed. 404 when the node knows nothing of the task.
+        """
+        task_id = _task_id(request)
+        replica = _int_param(request, "replica", 0, maximum=255) or 0
+        status = await self.executor.status(task_id, replica)
+        data_dir = self.executor.task_data_dir(task_id)
+        if status is None and not data_dir.is_dir():
+            return json_error(404, "unknown_task", f"task {task_id} replica {replica} is not on this node")
+        entries = await asyncio.to_thread(storage.manifest, data_dir)
+        final = status is None or status.state not in (TaskState.RUNNING, TaskState.PULLING)
+        return web.json_response({
+            "task_id": task_id,
+            "replica": replica,
+            "final": final,
+            "files": [entry.to_dict() for entry in entries],
+        })
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        """The bytes of the file with this sha256 in the task's /data (only that task's files)."""
+        task_id = _task_id(request)
+        _int_param(request, "replica", 0, maximum=255)
+        data_dir = self.executor.task_data_dir(task_id)
+        try:
+            handle, size = await asyncio.to_thread(storage.open_blob, data_dir, request.match_info["sha256"])
+        except storage.UnsafePath as exc:
+            return json_error(400, "invalid_blob_id", str(exc))
+        except storage.BlobNotFound as exc:
+            return json_error(404, "unknown_blob", str(exc))
+        except OSError:
+            return json_error(404, "unknown_blob", f"task {task_id} has no data on this node")
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = size
+        try:
+            await response.prepare(request)
+            remaining = size
+            while remaining > 0:
+                chunk = await asyncio.to_thread(handle.read, min(CHUNK, remaining))
+                if not chunk:
+                    break
+                remaining -= len(chunk)
+                await response.write(chunk)
+        finally:
+            handle.close()
+        await response.write_eof()
+        return response
+
+
+def _line(line: Any) -> bytes:
+    return (json.dumps({"stream": line.stream, "line": line.text, "ts": line.timestamp}) + "\n").encode()
+
+
+def add_task_routes(app: web.Application, api: TasksApi, is_master: Check) -> None:
+    """Mount the master → miner routes, each guarded by ``is_master`` (403 otherwise)."""
+    guard = require(is_master)
+    app.router.add_post("/tasks", guard(api.start_task))
+    app.router.add_get("/tasks", guard(api.list_tasks))
+    app.router.add_delete("/tasks/{id}", guard(api.stop_task))
+    app.router.add_get("/tasks/{id}/logs", guard(api.logs))
+    app.router.add_get("/tasks/{id}/manifest", guard(api.manifest))
+    app.router.add_get("/tasks/{id}/blobs/{sha256}", guard(api.blob))

@@ -1,0 +1,284 @@
+"""The validator's memory: the chain cursor and one row per node registration, in SQLite.
+
+A registration (one NodeRegistered event) goes through::
+
+    pending ──challenge decided──▶ decided ──reportValidation mined──▶ reported
+       │                              └── another validator was first ──▶ superseded
+       └── not awaiting validation on chain any more ──▶ skipped
+
+Why this survives a crash at any point:
+- New registrations and the cursor past their block are written in ONE transaction, so a
+  restart never skips a node and never enqueues one twice (the row id is the event's
+  position; re-reading a batch is ``INSERT OR IGNORE``).
+- The verdict and its report are written before the transaction is sent; a restart finds
+  the row ``decided`` and sends the same verdict again, never a second challenge.
+- Only ``pending`` rows are ever challenged, so a node whose report exists is never
+  challenged again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prime.roles.validator.verdict import Verdict
+from prime.store import Database
+
+DB_FILE = "validator.sqlite"
+CURSOR_NAME = "node_registered"
+
+PENDING, DECIDED, REPORTED, SUPERSEDED, SKIPPED = "pending", "decided", "reported", "superseded", "skipped"
+OPEN_STATES = (PENDING, DECIDED)  # still work to do
+
+# Append-only: prime.store.Database.migrate applies each entry once, in order.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE cursor (
+        name       TEXT PRIMARY KEY,
+        next_block INTEGER NOT NULL
+    );
+    CREATE TABLE validations (
+        id              TEXT PRIMARY KEY,   -- "{registration tx}:{log index}": one NodeRegistered event
+        node            TEXT NOT NULL,
+        run_id          INTEGER NOT NULL,
+        block           INTEGER NOT NULL,
+        log_index       INTEGER NOT NULL,
+        state           TEXT NOT NULL,
+        seen_at         REAL NOT NULL,      -- unix s when this validator first saw it
+        deadline_at     REAL NOT NULL,      -- after this a failed attempt is a rejection
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error      TEXT,
+        last_kind       TEXT,
+        miner_url       TEXT,
+        challenge_id    TEXT,
+        approved        INTEGER,
+        failed_check    TEXT,
+        reason          TEXT,
+        report_hash     TEXT,               -- 0x + 64 hex: keccak of report_json
+        report_json     TEXT,               -- canonical JSON of the report (the figures)
+        decided_at      REAL,
+        tx_hash         TEXT,
+        reported_at     REAL,
+        note            TEXT
+    );
+    CREATE INDEX validations_due ON validations (state, next_attempt_at);
+    CREATE INDEX validations_node ON validations (node);
+    """,
+]
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One NodeRegistered event, as the follower hands it over."""
+
+    node: str
+    run_id: int
+    block: int
+    log_index: int
+    tx_hash: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.tx_hash}:{self.log_index}"
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One row of ``validations``."""
+
+    id: str
+    node: str
+    run_id: int
+    block: int
+    log_index: int
+    state: str
+    seen_at: float
+    deadline_at: float
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    last_kind: str | None
+    miner_url: str | None
+    challenge_id: str | None
+    approved: bool | None
+    failed_check: str | None
+    reason: str | None
+    report_hash: str | None
+    report: dict[str, Any] | None
+    decided_at: float | None
+    tx_hash: str | None
+    reported_at: float | None
+    note: str | None
+
+    @property
+    def result(self) -> str:
+        """approved | rejected | pending | skipped | superseded (for tables)."""
+        if self.state in (PENDING, SKIPPED, SUPERSEDED):
+            return self.state
+        return "approved" if self.approved else "rejected"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "node": self.node, "run_id": self.run_id, "block": self.block,
+            "log_index": self.log_index, "state": self.state, "result": self.result,
+            "approved": self.approved, "failed_check": self.failed_check, "reason": self.reason,
+            "report_hash": self.report_hash, "report": self.report, "tx_hash": self.tx_hash,
+            "miner_url": self.miner_url, "challenge_id": self.challenge_id, "attempts": self.attempts,
+            "last_error": self.last_error, "seen_at": self.seen_at, "decided_at": self.decided_at,
+            "reported_at": self.reported_at, "note": self.note,
+        }
+
+
+def _row(row: sqlite3.Row) -> Validation:
+    approved = row["approved"]
+    report = row["report_json"]
+    return Validation(
+        id=row["id"], node=row["node"], run_id=int(row["run_id"]), block=int(row["block"]),
+        log_index=int(row["log_index"]), state=row["state"], seen_at=float(row["seen_at"]),
+        deadline_at=float(row["deadline_at"]), attempts=int(row["attempts"]),
+        next_attempt_at=float(row["next_attempt_at"]), last_error=row["last_error"],
+        last_kind=row["last_kind"], miner_url=row["miner_url"], challenge_id=row["challenge_id"],
+        approved=None if approved is None else bool(approved), failed_check=row["failed_check"],
+        reason=row["reason"], report_hash=row["report_hash"],
+        report=json.loads(report) if report else None, decided_at=row["decided_at"],
+        tx_hash=row["tx_hash"], reported_at=row["reported_at"], note=row["note"],
+    )
+
+
+class ValidatorStore:
+    """Cursor + validations on one ``prime.store.Database``."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.db.migrate(MIGRATIONS)
+
+    @classmethod
+    def open(cls, data_dir: str | Path) -> ValidatorStore:
+        path = Path(data_dir).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        return cls(Database(path / DB_FILE))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- the chain cursor -------------------------------------------------------------------
+
+    def cursor(self) -> int | None:
+        row = self.db.query_one("SELECT next_block FROM cursor WHERE name = ?", (CURSOR_NAME,))
+        return int(row["next_block"]) if row else None
+
+    def enqueue(self, registrations: Iterable[Registration], next_block: int, *, now: float,
+                deadline_s: float) -> int:
+        """Add new registrations and move the cursor to ``next_block``, atomically.
+
+        Returns how many rows are new (a re-read batch adds none).
+        """
+        added = 0
+        with self.db.transaction():
+            for reg in registrations:
+                cur = self.db.execute(
+                    "INSERT OR IGNORE INTO validations (id, node, run_id, block, log_index, state, seen_at, "
+                    "deadline_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (reg.id, reg.node, reg.run_id, reg.block, reg.log_index, PENDING, now, now + deadline_s, now),
+                )
+                added += cur.rowcount
+            self.db.execute(
+                "INSERT INTO cursor (name, next_block) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET next_block = excluded.next_block",
+                (CURSOR_NAME, int(next_block)),
+            )
+        return added
+
+    # -- work --------------------------------------------------------------------------------
+
+    def due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Validation]:
+        """Open rows whose next attempt is due, oldest registration first."""
+        skip = list(exclude)
+        marks = ",".join("?" * len(skip))
+        extra = f" AND id NOT IN ({marks})" if skip else ""
+        rows = self.db.query(
+            f"SELECT * FROM validations WHERE state IN (?, ?) AND next_attempt_at <= ?{extra} "
+            "ORDER BY next_attempt_at, block, log_index LIMIT ?",
+            (*OPEN_STATES, now, *skip, int(limit)),
+        )
+        return [_row(r) for r in rows]
+
+    def retry_all_now(self, now: float) -> int:
+        """Make every open row due at once (after a restart nobody should wait out an old backoff)."""
+        cur = self.db.execute(
+            "UPDATE validations SET next_attempt_at = ? WHERE state IN (?, ?) AND next_attempt_at > ?",
+            (now, *OPEN_STATES, now),
+        )
+        return cur.rowcount
+
+    def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
+        """When the next open row (other than ``exclude``) is due; None when there is none."""
+        skip = list(exclude)
+        extra = f" AND id NOT IN ({','.join('?' * len(skip))})" if skip else ""
+        row = self.db.query_one(
+            f"SELECT MIN(next_attempt_at) AS t FROM validations WHERE state IN (?, ?){extra}", (*OPEN_STATES, *skip))
+        return None if row is None or row["t"] is None else float(row["t"])
+
+    def get(self, validation_id: str) -> Validation | None:
+        row = self.db.query_one("SELECT * FROM validations WHERE id = ?", (validation_id,))
+        return _row(row) if row else None
+
+    def failed_attempt(self, validation_id: str, *, kind: str, error: str, retry_at: float,
+                       miner_url: str | None = None) -> None:
+        """An attempt could not challenge the node; try again at ``retry_at``."""
+        self.db.execute(
+            "UPDATE validations SET attempts = attempts + 1, last_kind = ?, last_error = ?, next_attempt_at = ?, "
+            "miner_url = COALESCE(?, miner_url) WHERE id = ? AND state = ?",
+            (kind, error, retry_at, miner_url, validation_id, PENDING),
+        )
+
+    def defer(self, validation_id: str, *, error: str, retry_at: float) -> None:
+        """Our side failed (chain down): try again later without counting it against the node."""
+        self.db.execute(
+            "UPDATE validations SET last_error = ?, next_attempt_at = ? WHERE id = ?",
+            (error, retry_at, validation_id),
+        )
+
+    def decide(self, validation_id: str, verdict: Verdict, *, now: float, miner_url: str | None) -> bool:
+        """Record the verdict (once: only a pending row takes one). True if this call recorded it."""
+        cur = self.db.execute(
+            "UPDATE validations SET state = ?, approved = ?, failed_check = ?, reason = ?, report_hash = ?, "
+            "report_json = ?, challenge_id = ?, miner_url = COALESCE(?, miner_url), decided_at = ?, "
+            "attempts = attempts + 1, next_attempt_at = ? WHERE id = ? AND state = ?",
+            (DECIDED, int(verdict.approved), verdict.check, verdict.reason, "0x" + verdict.report_hash.hex(),
+             json.dumps(verdict.report, sort_keys=True, separators=(",", ":")), verdict.challenge_id,
+             miner_url, now, now, validation_id, PENDING),
+        )
+        return cur.rowcount == 1
+
+    def reported(self, validation_id: str, *, tx_hash: str | None, now: float, state: str = REPORTED,
+                 note: str | None = None) -> None:
+        self.db.execute(
+            "UPDATE validations SET state = ?, tx_hash = ?, reported_at = ?, note = COALESCE(?, note) "
+            "WHERE id = ? AND state = ?",
+            (state, tx_hash, now, note, validation_id, DECIDED),
+        )
+
+    def skip(self, validation_id: str, *, note: str, now: float) -> None:
+        self.db.execute(
+            "UPDATE validations SET state = ?, note = ?, reported_at = ? WHERE id = ? AND state = ?",
+            (SKIPPED, note, now, validation_id, PENDING),
+        )
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def all(self, *, node: str | None = None) -> list[Validation]:
+        if node is not None:
+            rows = self.db.query("SELECT * FROM validations WHERE lower(node) = lower(?) ORDER BY block, log_index", (node,))
+        else:
+            rows = self.db.query("SELECT * FROM validations ORDER BY block, log_index")
+        return [_row(r) for r in rows]
+
+    def count_open(self) -> int:
+        row = self.db.query_one("SELECT COUNT(*) AS n FROM validations WHERE state IN (?, ?)", OPEN_STATES)
+        return int(row["n"]) if row else 0

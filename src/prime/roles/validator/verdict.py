@@ -1,0 +1,123 @@
+"""What the validator decides about one node, and when it tries again: pure logic, no I/O.
+
+A ``Verdict`` is approve/reject plus the report whose keccak hash goes on chain. Its reason
+always names the check that failed (``"entries check failed: ..."``, ``"unreachable: ..."``)
+so an operator, the miner and a test can tell a cheater from a slow or absent node.
+
+A node that cannot be challenged yet (not announced, connection refused, busy, 5xx) is
+retried with exponential backoff; only when an attempt fails after its deadline is it
+rejected, with the kind of its last failure as the failed check.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from eth_utils import keccak
+
+from prime.challenge.params import ChallengePlan
+from prime.challenge.runner import ChallengeReport, build_report
+
+APPROVED_REASON = "all checks passed"
+UNREACHABLE = "unreachable"
+# Kinds of a failed attempt: the node could not be reached at all, or it answered but could
+# not take the challenge (busy with another one, a server error on its side).
+FAILURE_KINDS = (UNREACHABLE, "response")
+
+
+def canonical_json(data: Mapping[str, Any]) -> bytes:
+    """Sorted keys, no spaces: the bytes whose keccak is the on-chain report hash."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def report_hash(data: Mapping[str, Any]) -> bytes:
+    return keccak(canonical_json(data))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Approve or reject, the failed check (None when approved), one reason, the report."""
+
+    approved: bool
+    check: str | None
+    reason: str
+    report: dict[str, Any]
+    challenge_id: str | None = None
+
+    @property
+    def report_hash(self) -> bytes:
+        return report_hash(self.report)
+
+    @property
+    def result(self) -> str:
+        """approved | rejected | unreachable (the label of the challenges metric)."""
+        if self.approved:
+            return "approved"
+        return UNREACHABLE if self.check == UNREACHABLE else "rejected"
+
+
+def failed_check(report: ChallengeReport) -> str | None:
+    """The first check (in the runner's order) that failed, None if all passed."""
+    for name, problem in report.checks.items():
+        if problem is not None:
+            return name
+    return None
+
+
+def from_challenge(report: ChallengeReport) -> Verdict:
+    """The verdict of a challenge that ran: the runner's report, its reason prefixed by the check."""
+    check = failed_check(report)
+    if report.approved or check is None:
+        return Verdict(True, None, APPROVED_REASON, report.to_json(), report.id)
+    return Verdict(False, check, f"{check} check failed: {report.reason}", report.to_json(), report.id)
+
+
+def too_slow(plan: ChallengePlan, elapsed_s: float, detail: str) -> Verdict:
+    """The miner took the challenge but gave no commitment within the time limit."""
+    problem = (
+        f"the miner gave no commitment within {elapsed_s:.3f} s, more than the {plan.bound_s:.3f} s "
+        f"the claimed hardware needs ({detail})"
+    )
+    return from_challenge(build_report(plan, checks={"time": problem}, elapsed_s=elapsed_s))
+
+
+def gave_up(node: str, run_id: int, *, kind: str, detail: str, attempts: int, first_seen: float,
+            deadline: float) -> Verdict:
+    """Rejected after the deadline because no attempt could run a challenge."""
+    check = kind if kind in FAILURE_KINDS else UNREACHABLE
+    report = {
+        "approved": False,
+        "reason": check,
+        "detail": detail,
+        "node": node,
+        "run_id": run_id,
+        "attempts": attempts,
+        "first_seen": round(first_seen, 3),
+        "deadline": round(deadline, 3),
+    }
+    if check == UNREACHABLE:
+        reason = f"unreachable: {detail}"
+    else:
+        reason = f"{check} check failed: the node could not take a challenge before the deadline ({detail})"
+    return Verdict(False, check, reason, report)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An attempt that could not run a challenge; ``kind`` is one of FAILURE_KINDS."""
+
+    kind: str
+    detail: str
+
+
+def retry_delay(attempts: int, *, base_s: float, max_s: float) -> float:
+    """Seconds before attempt ``attempts + 1``: base, 2·base, 4·base, ... capped at max_s."""
+    return min(max_s, base_s * 2 ** max(0, min(attempts - 1, 30)))
+
+
+def give_up_now(now: float, deadline: float) -> bool:
+    """After a failed attempt: reject (True) or try again later (False)."""
+    return now >= deadline

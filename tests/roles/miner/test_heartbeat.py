@@ -1,0 +1,161 @@
+"""Heartbeats from a real miner to a test master, and the containers they make it run.
+
+The test master is a small aiohttp server behind the real signature middleware; it
+answers each heartbeat with the desired list the test sets (a busybox task), and the
+miner starts, reports and stops real Docker containers accordingly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tarfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from prime.auth.client import SignedClient
+from prime.roles.master.models import HeartbeatRequest
+from prime.roles.miner.state import StateFile
+from tests.fixtures.docker import remove_prime_containers
+from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+    MASTER_INDEX,
+    SLEEPER,
+    VALIDATOR_INDEX,
+    TestMaster,
+    create_run,
+    desired_entry,
+    discovery,
+    running_node,
+    sign_invite_body,
+    wait_until,
+)
+
+pytestmark = pytest.mark.docker
+
+
+def _containers(docker_client, node: str, task_id: str) -> list:
+    return docker_client.containers.list(all=True, filters={"label": [f"prime.node={node}", f"prime.task_id={task_id}"]})
+
+
+async def test_heartbeats_reach_the_master_and_run_its_desired_tasks(
+    discovery, anvil, deployment, chain_client, fresh_account, docker_client, busybox_image, tmp_path: Path
+) -> None:
+    run_id = await create_run(chain_client, anvil, discovery.url)
+    node = fresh_account()
+    master_account = anvil.accounts[MASTER_INDEX]
+    reader = await chain_client()
+    master = await TestMaster(interval_s=0.3).start()
+    try:
+        async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
+            await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x02" * 32)
+            async with SignedClient(master_account, retries=0) as client:
+                await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
+
+            await master.wait_for(lambda: len(master.heartbeats) >= 2)
+            signer, body = master.heartbeats[-1]
+            assert signer == node.address
+            parsed = HeartbeatRequest.from_json(body)  # the master's own strict parser accepts it
+            assert parsed.tasks == () and parsed.gpus == () and "cpu_pct" in parsed.load
+
+            # The master wants a long task: the miner starts its container and reports it Running.
+            master.desired = [desired_entry("sleeper", busybox_image, SLEEPER)]
+            await master.wait_for(lambda: any(r["state"] == "Running" for r in master.reports("sleeper")))
+            (container,) = _containers(docker_client, node.address, "sleeper")
+            container.reload()
+            assert container.status == "running" and container.name == "prime-task-sleeper"
+            assert container.attrs["HostConfig"]["NetworkMode"] == "none"
+
+            # A short task next to it: reported Completed with its exit code.
+            master.desired.append(desired_entry("hello", busybox_image, ["echo", "hello"]))
+            await master.wait_for(lambda: any(r["state"] == "Completed" and r["exit_code"] == 0 for r in master.reports("hello")))
+
+            # The master stops listing both: the running one is stopped, the finished one kept (its logs stay readable).
+            master.desired = []
+            await wait_until(lambda: not _containers(docker_client, node.address, "sleeper"), what="the undesired task to stop")
+            assert len(_containers(docker_client, node.address, "hello")) == 1
+
+            saved = StateFile(tmp_path / "data").load()
+            assert saved.last_heartbeat_at is not None and saved.heartbeat_interval_s == pytest.approx(0.3)
+            assert miner.heartbeat.beats >= 3
+    finally:
+        await master.stop()
+        remove_prime_containers(docker_client, node.address)
+
+
+async def test_heartbeat_failures_are_recorded_and_heartbeats_resume(
+    discovery, anvil, deployment, chain_client, fresh_account, docker_client, tmp_path: Path
+) -> None:
+    run_id = await create_run(chain_client, anvil, discovery.url)
+    node = fresh_account()
+    master_account = anvil.accounts[MASTER_INDEX]
+    reader = await chain_client()
+    master = await TestMaster(interval_s=0.3).start()
+    async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
+        await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x03" * 32)
+        async with SignedClient(master_account, retries=0) as client:
+            await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
+        await master.wait_for(lambda: len(master.heartbeats) >= 1)
+
+        await master.stop()  # the master goes away: heartbeats fail, the miner records it and stays up
+        await wait_until(lambda: miner.state.last_heartbeat_error is not None, what="a failed heartbeat")
+        async with SignedClient(node) as client:
+            health = await client.request("GET", f"{miner.url}/health")
+        assert health["loops"]["heartbeat"]["consecutive_failures"] >= 1
+        assert StateFile(tmp_path / "data").load().last_heartbeat_error
+
+        back = await TestMaster(interval_s=0.3).start(port=master.port)  # restarted on the same URL
+        try:
+            await back.wait_for(lambda: len(back.heartbeats) >= 1)
+            await wait_until(lambda: miner.state.last_heartbeat_error is None, what="the error to clear")
+            async with SignedClient(node) as client:
+                health = await client.request("GET", f"{miner.url}/health")
+            assert health["status"] == "ok" and health["loops"]["heartbeat"]["consecutive_failures"] == 0
+        finally:
+            await back.stop()
+
+
+def _image_only_in_registry(docker_client, busybox_image: str, local_registry: str) -> str:
+    """An image that exists only in the local registry (so the miner must really pull it)."""
+    payload = os.urandom(256 * 1024)
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tar:
+        for name, data in (("Dockerfile", f"FROM {busybox_image}\nCOPY payload /payload\n".encode()), ("payload", payload)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    context.seek(0)
+    repository, tag = f"{local_registry}/prime-miner-pull", uuid.uuid4().hex[:12]
+    built, _ = docker_client.images.build(fileobj=context, custom_context=True, tag=f"{repository}:{tag}", network_mode="none", rm=True)
+    for event in docker_client.images.push(repository, tag=tag, stream=True, decode=True):
+        assert "error" not in event, event
+    docker_client.images.remove(built.id, force=True)
+    return f"{repository}:{tag}"
+
+
+async def test_a_desired_task_with_a_missing_image_is_pulled_with_progress_shown(
+    discovery, anvil, deployment, chain_client, fresh_account, docker_client, busybox_image, local_registry, tmp_path: Path
+) -> None:
+    image = _image_only_in_registry(docker_client, busybox_image, local_registry)
+    run_id = await create_run(chain_client, anvil, discovery.url)
+    node = fresh_account()
+    master_account = anvil.accounts[MASTER_INDEX]
+    reader = await chain_client()
+    master = await TestMaster(interval_s=0.3).start()
+    master.desired = [desired_entry("pulled", image, ["sh", "-c", "test -f /payload"])]
+    try:
+        async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
+            await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x06" * 32)
+            async with SignedClient(master_account, retries=0) as client:
+                await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
+            await master.wait_for(lambda: any(r["state"] == "Completed" for r in master.reports("pulled")), timeout_s=60)
+            output = miner.console.file.getvalue()
+            assert f"Pulling {image}" in output, output
+            assert "Pull complete" in output or "Downloaded newer image" in output, output
+    finally:
+        await master.stop()
+        remove_prime_containers(docker_client, node.address)
+        with contextlib.suppress(Exception):
+            docker_client.images.remove(image, force=True)

@@ -1,0 +1,226 @@
+"""What the miner's tests (and end-to-end tests that need a miner) share.
+
+- ``discovery`` (session scope): a real discovery process on the session's anvil/deployment.
+- ``create_run(chain_client, anvil, discovery_url, **requirements)``: a run owned by
+  accounts[2] with accounts[3] as its master.
+- ``write_keystore(path, account)``: a cheap (pbkdf2) keystore with password "devnet".
+- ``miner_args(...)``: the argv of ``prime miner start`` for a node (short intervals).
+- ``TestMaster``: a small signed-request aiohttp server that answers heartbeats with a
+  desired list the test sets, and records what it got.
+- ``sign_invite_body(...)``: the JSON body of POST /invite as a master sends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from eth_account.signers.local import LocalAccount
+
+from prime.auth.middleware import SIGNER, signed_request_middleware
+from prime.chain.client import RegistryClient, sign_digest
+from prime.chain.types import Requirements
+from prime.keys import create_keystore
+from prime.web import bound_port, make_app, serve
+from tests.fixtures.processes import RoleProcess, RoleProcesses, free_port, prime_command
+
+PASSWORD = "devnet"
+# A long task that exits at once on SIGTERM (a bare `sleep` as PID 1 ignores it: docker stop would wait 10 s).
+SLEEPER = ["sh", "-c", "trap 'exit 0' TERM; sleep 300 & wait"]
+BUYER_INDEX = 2
+MASTER_INDEX = 3
+VALIDATOR_INDEX = 1
+
+
+@dataclass
+class Discovery:
+    process: RoleProcess
+
+    @property
+    def url(self) -> str:
+        return self.process.base_url
+
+
+@pytest.fixture(scope="session")
+def discovery(anvil: Any, deployment: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Discovery]:
+    """One discovery process for the session (its nodes are told apart by run)."""
+    port = free_port()
+    data_dir = tmp_path_factory.mktemp("discovery")
+    group = RoleProcesses(tmp_path_factory.mktemp("discovery-logs"))
+    process = group.start(
+        "discovery",
+        prime_command(
+            "discovery", "start", "--host", "127.0.0.1", "--port", str(port), "--rpc-url", anvil.rpc_url,
+            "--deployment", str(deployment.path), "--data-dir", str(data_dir),
+        ),
+        port=port,
+        env={"PRIME_HOME": str(data_dir / "home")},
+    )
+    try:
+        yield Discovery(process)
+    finally:
+        group.stop_all()
+
+
+async def create_run(chain_client: Any, anvil: Any, discovery_url: str, *, masters: list[str] | None = None, **requirements: Any) -> int:
+    buyer = await chain_client(anvil.accounts[BUYER_INDEX])
+    master = anvil.accounts[MASTER_INDEX].address
+    return await buyer.create_run(Requirements(**requirements), discovery_url, masters if masters is not None else [master])
+
+
+def write_keystore(path: Path, account: LocalAccount) -> Path:
+    create_keystore(path, PASSWORD, private_key=account.key.hex(), kdf="pbkdf2", iterations=16)
+    return path
+
+
+def miner_env(home: Path) -> dict[str, str]:
+    return {"PRIME_KEY_PASSWORD": PASSWORD, "PRIME_HOME": str(home)}
+
+
+def miner_args(
+    *,
+    run_id: int,
+    port: int,
+    key_file: Path,
+    data_dir: Path,
+    anvil: Any,
+    deployment: Any,
+    provider_key_file: Path | None = None,
+    extra: list[str] | None = None,
+) -> list[str]:
+    """Arguments of ``prime miner start`` (after "start") for a loopback test node."""
+    args = [
+        "--run-id", str(run_id), "--gpu", "none", "--host", "127.0.0.1", "--port", str(port),
+        "--public-ip", "127.0.0.1", "--key-file", str(key_file), "--rpc-url", anvil.rpc_url,
+        "--deployment", str(deployment.path), "--data-dir", str(data_dir), "--task-network", "none",
+        "--chain-poll-interval", "0.5", "--announce-interval", "5",
+    ]
+    if provider_key_file is not None:
+        args += ["--provider-key-file", str(provider_key_file)]
+    return args + (extra or [])
+
+
+def miner_command(**kwargs: Any) -> list[str]:
+    return prime_command("miner", "start", *miner_args(**kwargs))
+
+
+async def sign_invite_body(
+    registry: RegistryClient, master: LocalAccount, run_id: int, node: str, master_url: str, *, expiry: int | None = None
+) -> dict[str, Any]:
+    """The body a master POSTs to /invite (expiry: 10 minutes from now by default)."""
+    expiry = int(time.time()) + 600 if expiry is None else expiry
+    signature = sign_digest(master, registry.invite_digest(run_id, node, expiry))
+    return {"run_id": run_id, "master_url": master_url, "expiry": expiry, "signature": "0x" + signature.hex()}
+
+
+@dataclass
+class TestMaster:
+    """A stand-in master: verifies request signatures, records heartbeats, answers ``desired``."""
+
+    __test__ = False  # not a test class, despite the name
+
+    interval_s: float = 0.3
+    desired: list[dict[str, Any]] = field(default_factory=list)
+    heartbeats: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+    port: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, port: int = 0) -> TestMaster:
+        """Listen on ``port`` (0: any free one; a restarted master passes its old port)."""
+        app = make_app(name="test-master", middlewares=[signed_request_middleware()])
+
+        async def heartbeat(request: web.Request) -> web.Response:
+            self.heartbeats.append((request[SIGNER], await request.json()))
+            return web.json_response({"interval_s": self.interval_s, "desired": self.desired})
+
+        app.router.add_post("/heartbeat", heartbeat)
+        self.runner = await serve(app, host="127.0.0.1", port=port)
+        self.port = bound_port(self.runner)
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def reports(self, task_id: str) -> list[dict[str, Any]]:
+        """Every report about ``task_id`` in the heartbeats so far, oldest first."""
+        return [t for _, body in self.heartbeats for t in body.get("tasks", []) if t.get("id") == task_id]
+
+    async def wait_for(self, predicate: Any, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the test master did not see what it waited for; heartbeats: {self.heartbeats[-3:]}")
+            await asyncio.sleep(0.1)
+
+
+def desired_entry(task_id: str, image: str, command: list[str], *, replica: int = 0, attempt: int = 0, persistent: bool = False) -> dict[str, Any]:
+    """One entry of a heartbeat answer's desired list (the master's wire shape)."""
+    return {
+        "id": task_id, "replica": replica, "attempt": attempt, "gpu_indices": [],
+        "spec": {"image": image, "command": command, "env": {}, "gpus": 0, "replicas": 1, "persistent": persistent},
+    }
+
+
+async def wait_until(predicate: Any, timeout_s: float = 30.0, interval_s: float = 0.2, what: str = "condition") -> Any:
+    """Poll an async or sync predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval_s)
+
+
+def node_options(anvil: Any, deployment: Any, run_id: int, data_dir: Path, **overrides: Any) -> Any:
+    """MinerOptions of an in-process test node (loopback, no GPUs, no task network, fast polling)."""
+    from prime.roles.miner.node import MinerOptions
+
+    values: dict[str, Any] = {
+        "run_id": run_id, "rpc_url": anvil.rpc_url, "deployment": deployment.path, "data_dir": data_dir,
+        "host": "127.0.0.1", "port": free_port(), "gpu": "none", "public_ip": "127.0.0.1",
+        "task_network": "none", "chain_poll_interval_s": 0.5, "announce_interval_s": 5.0,
+    }
+    values.update(overrides)
+    return MinerOptions(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_node(
+    anvil: Any, deployment: Any, run_id: int, node: LocalAccount, data_dir: Path, *, provider: LocalAccount | None = None,
+    prover: Any = None, **overrides: Any,
+) -> AsyncIterator[Any]:
+    """A real miner (MinerNode) in this event loop: registered, serving, looping; closed afterwards.
+
+    Its console output is kept in ``node.console.file`` (a StringIO).
+    """
+    from rich.console import Console
+
+    from prime.roles.miner.node import MinerNode
+
+    miner = MinerNode(
+        node_options(anvil, deployment, run_id, data_dir, **overrides), node, provider,
+        prover=prover, console=Console(file=io.StringIO(), width=200, highlight=False),
+    )
+    try:
+        await miner.prepare()
+        await miner.start()
+        yield miner
+    finally:
+        await miner.close()
