@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -76,7 +77,7 @@ MIB = 1 << 20
 def prime_cli(*args: Any, env: dict[str, str] | None = None, timeout_s: float = 300) -> str:
     argv = [sys.executable, "-m", "prime.cli", *map(str, args)]
     base = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
-    done = subprocess.run(argv, capture_output=True, text=True, env={**base, **(env or {})}, timeout=timeout_s)
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, env={**base, **(env or {})}, timeout=timeout_s)
     if done.returncode != 0:
         raise SystemExit(f"`prime {' '.join(map(str, args))}` failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return done.stdout
@@ -244,11 +245,17 @@ def write_small(root: Path, count: int, size: int) -> int:
     return count * size
 
 
+def overwrite_start(path: Path, data: bytes) -> None:
+    with open(path, "r+b") as fh:
+        fh.write(data)
+
+
 class Syncer:
     """The master's StorageSync with its own store in ``work``, talking to the devnet's miner."""
 
     def __init__(self, net: Network, work: Path, client: SignedClient) -> None:
         self.client = client
+        self.work = work
         self.miner_url = net.url("miner")
         locator = NodeLocator(DiscoveryClient(client, net.url("discovery")), net.info["run_id"],
                               known_url=lambda node: self.miner_url, on_resolved=lambda node, url: None)
@@ -262,6 +269,22 @@ class Syncer:
         t0 = time.perf_counter()
         answer = await self.client.request("GET", f"{self.miner_url}/tasks/{task_id}/manifest", params={"replica": 0})
         return time.perf_counter() - t0, len(answer["files"]), len(json.dumps(answer))
+
+    async def fetch_only(self, task_id: str) -> tuple[float, int, int]:
+        """(seconds, blobs, bytes) to GET every blob of the manifest and hash it, storing nothing:
+        the HTTP + miner part of a sync without the master's disk."""
+        answer = await self.client.request("GET", f"{self.miner_url}/tasks/{task_id}/manifest", params={"replica": 0})
+        digests = {f["sha256"] for f in answer["files"]}
+        t0 = time.perf_counter()
+        total = 0
+        for digest in digests:
+            hasher = hashlib.sha256()
+            async with self.client.stream("GET", f"{self.miner_url}/tasks/{task_id}/blobs/{digest}", params={"replica": 0}) as resp:
+                async for chunk in resp.content.iter_chunked(256 * 1024):
+                    hasher.update(chunk)
+                    total += len(chunk)
+            assert hasher.hexdigest() == digest
+        return time.perf_counter() - t0, len(digests), total
 
     async def timed_sync(self, node: str, task_id: str) -> tuple[float, Any]:
         t0 = time.perf_counter()
@@ -277,10 +300,34 @@ def mb_s(nbytes: int, seconds: float) -> str:
     return f"{nbytes / 1e6 / seconds:8.1f} MB/s" if seconds > 0 else "n/a"
 
 
+def disk_baseline(directory: Path, files: int, nbytes: int) -> float:
+    """Seconds to write and fsync ``files`` files of ``nbytes`` in all in ``directory`` (what the
+    master's blob store must at least pay), then remove them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    per_file = nbytes // files
+    block = os.urandom(min(per_file, MIB)) or b"x"
+    t0 = time.perf_counter()
+    for i in range(files):
+        with open(directory / f"{i}.bin", "wb") as fh:
+            left = per_file
+            while left > 0:
+                fh.write(block[:left])
+                left -= len(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(directory, ignore_errors=True)
+    return seconds
+
+
 async def bench_one_sync(net: Network, syncer: Syncer, task_id: str, label: str, nbytes: int, goal_mb_s: float | None) -> None:
     hash_s, files, _ = await syncer.manifest_bytes(task_id)
     print(f"  {label}: {files} files, {nbytes / MIB:.0f} MiB")
     print(f"    first manifest (the miner hashes every file)          {hash_s:7.2f} s  {mb_s(nbytes, hash_s)}")
+    seconds, blobs, fetched = await syncer.fetch_only(task_id)
+    print(f"    for comparison: GET + sha256 of every blob, no store  {seconds:7.2f} s  {mb_s(fetched, seconds)}  {blobs / seconds:8.0f} files/s")
+    seconds = await asyncio.to_thread(disk_baseline, syncer.work / "disk-baseline", files, nbytes)
+    print(f"    for comparison: write + fsync as many files locally   {seconds:7.2f} s  {mb_s(nbytes, seconds)}  {files / seconds:8.0f} files/s")
     seconds, result = await syncer.timed_sync(net.node, task_id)
     line = f"    sync: manifest + {result.blobs_fetched} blobs fetched, verified, stored  {seconds:7.2f} s  {mb_s(result.bytes_fetched, seconds)}"
     line += f"  {result.blobs_fetched / seconds:8.0f} files/s"
@@ -305,8 +352,7 @@ async def bench_sync(net: Network, work: Path, args: argparse.Namespace) -> None
             await bench_one_sync(net, syncer, large_id, "large files", nbytes, 200.0)
             # One file changed: only its bytes move.
             changed = large_root / "shard-000.bin"
-            with open(changed, "r+b") as fh:
-                fh.write(b"changed!")
+            await asyncio.to_thread(overwrite_start, changed, b"changed!")
             await syncer.manifest_bytes(large_id)  # the miner re-hashes the changed file
             seconds, result = await syncer.timed_sync(net.node, large_id)
             print(f"    one file changed: {result.blobs_fetched} blob, {result.bytes_fetched / MIB:.0f} MiB moved "

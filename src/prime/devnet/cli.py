@@ -69,7 +69,7 @@ def up(
         skip=set(skip or []),
         heartbeat_interval_s=heartbeat_interval,
     )
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     with devnet_lock(paths, "run `prime devnet up`"):
         result = bring_up(paths, options, log=lambda text: err.print(text, style="dim"))
     if json_output:
@@ -262,7 +262,7 @@ def miner(
         typer.echo(f"The miner {'started' if started else 'was already running'} (pid {record.pid}, node {info.node_address}); "
                    f"its log: prime devnet logs miner -f")
         return
-    Console(stderr=True, highlight=False).print(
+    Console(stderr=True, highlight=False, soft_wrap=True).print(
         f"Starting the devnet's miner (node {info.node_address}, provider {info.address('provider')}, run {info.run_id}) "
         "in the foreground; Ctrl-C stops it (its containers keep running until `prime devnet down`).", style="dim"
     )
@@ -286,7 +286,7 @@ def demo(
 
     paths = DevnetPaths.at(state_dir)
     console = Console(highlight=False)
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     with devnet_lock(paths, "run `prime devnet demo`"):
         result = bring_up(paths, UpOptions(), log=lambda text: err.print(text, style="dim"))
         try:

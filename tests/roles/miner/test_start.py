@@ -112,3 +112,26 @@ async def test_rejected_node_exits_with_the_validators_reason(
     assert code != 0
     last = process.logs().strip().splitlines()[-1]
     assert "rejected" in last and "row 17 of the product is wrong" in last and validator.address in last
+
+
+async def test_start_with_an_unknown_run_or_bad_public_ip_is_one_sentence(
+    discovery, anvil, deployment, chain_client, fresh_account, docker_client, tmp_path: Path
+) -> None:
+    run_id = await create_run(chain_client, anvil, discovery.url)
+    node = fresh_account()
+    key_file = write_keystore(tmp_path / "node.json", node)
+    cases = (
+        (["--run-id", "999999"], "Run 999999 does not exist"),
+        (["--public-ip", "not-an-ip"], "--public-ip"),
+    )
+    for extra, expected in cases:
+        command = miner_command(
+            run_id=run_id, port=free_port(), key_file=key_file, data_dir=tmp_path / "data", anvil=anvil, deployment=deployment, extra=extra,
+        )
+        done = await asyncio.to_thread(
+            subprocess.run, command, env=_child_env(miner_env(tmp_path / "home")), capture_output=True, text=True, timeout=120
+        )
+        last = done.stderr.strip().splitlines()[-1]
+        assert done.returncode == 1 and last.startswith("Error:") and expected in last, done.stderr
+        assert "Traceback" not in done.stderr
+    assert await (await chain_client()).node_status(node.address) == NodeStatus.NONE

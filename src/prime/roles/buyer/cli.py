@@ -113,7 +113,7 @@ def create_run(
         _echo_json({"run_id": run.run_id, "tx_hash": result.tx_hash, "block": result.block, "run": run_to_json(run)})
         return
     typer.echo(run.run_id)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     err.print(f"Run {run.run_id} created by {account.address} (transaction {result.tx_hash}).", highlight=False)
     if not masters:
         err.print(f"It has no master yet: `prime buyer add-master {run.run_id} ADDRESS`.", highlight=False)
@@ -258,7 +258,7 @@ def task_create(
         _echo_json(task)
         return
     typer.echo(task["id"])
-    Console(stderr=True).print(
+    Console(stderr=True, soft_wrap=True).print(
         f"Task {task['id']} created ({task.get('state', '?')}: {replica_summary(task)}); "
         f"follow it with `prime buyer logs {task['id']} -f`.",
         highlight=False,
@@ -348,7 +348,7 @@ def logs(
     password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
     json_output: JsonOutput = False,
 ) -> None:
-    """Print a task's logs, every replica merged, each line prefixed with its replica ([r0] …)."""
+    """Print a task's logs, every replica merged, each line prefixed with its replica (r0, r1, …)."""
     from prime.roles.buyer.render import log_line_text
 
     console = Console(highlight=False, soft_wrap=True)
@@ -360,7 +360,7 @@ def logs(
             if json_output:
                 typer.echo(json.dumps(entry, separators=(",", ":")))
             elif "line" not in entry and "error" in entry:
-                Console(stderr=True).print(f"master: {entry.get('error')}: {entry.get('detail', '')}", highlight=False)
+                Console(stderr=True, soft_wrap=True).print(f"master: {entry.get('error')}: {entry.get('detail', '')}", highlight=False)
             else:
                 console.print(log_line_text(entry))
         return count
@@ -370,7 +370,7 @@ def logs(
     except KeyboardInterrupt:
         raise typer.Exit(0) from None  # Ctrl-C is how one stops following
     if count == 0 and not json_output:
-        Console(stderr=True).print(f"Task {task_id} has no log lines yet.", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"Task {task_id} has no log lines yet.", highlight=False)
 
 
 @app.command("files")

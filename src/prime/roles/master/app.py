@@ -203,13 +203,12 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
         async with contextlib.aclosing(merger.lines(task.id, follow=follow, tail=tail)) as lines:
             async for item in lines:
                 if request.transport is None or request.transport.is_closing():
-                    break  # the client went away
-                if item is None:
-                    continue
-                await response.write(json.dumps(item, separators=(",", ":")).encode() + b"\n")
-    except (ConnectionResetError, ConnectionError):
-        return response
-    await response.write_eof()
+                    return response  # the client went away: stop reading the miners
+                if item is not None:
+                    await response.write(json.dumps(item, separators=(",", ":")).encode() + b"\n")
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the client went away while we wrote
     return response
 
 

@@ -29,12 +29,14 @@ class RunningMaster:
 
     runner: web.AppRunner
     service: Any
+    sync: Any
     registry: Any
     peer_client: Any
     databases: list[Any]
 
     async def close(self) -> None:
         await self.runner.cleanup()
+        await self.sync.close()
         await self.service.close()
         await self.peer_client.close()
         await self.registry.close()
@@ -160,7 +162,7 @@ async def start_master(
     log.info("master of run %d (%s) listening on http://%s:%d, public URL %s; %d nodes and %d tasks loaded from %s",
              settings.run_id, account.address, host, port, settings.public_url, len(state.nodes), len(state.tasks),
              data_dir)
-    return RunningMaster(runner, service, registry, peer_client, opened)
+    return RunningMaster(runner, service, sync, registry, peer_client, opened)
 
 
 async def _check_run(registry: Any, run_id: int, address: str) -> Any:

@@ -131,6 +131,7 @@ class StorageSync:
         self._in_flight: set[tuple[str, int]] = set()
         self._retry: dict[tuple[str, int], _Retry] = {}
         self._final_attempts: dict[tuple[str, int], int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- one replica -----------------------------------------------------------------------
 
@@ -194,17 +195,34 @@ class StorageSync:
         return out
 
     async def sync_round(self) -> None:
-        """One pass over every due replica (bounded concurrency); failures are retried later."""
-        jobs = [self.run_one(*job) for job in self.due(self._clock())]
-        if jobs:
-            await asyncio.gather(*jobs)
+        """Start a sync of every due replica that is not syncing already, and return: a slow or hung
+        miner delays only its own replicas, never the round (the concurrency limit bounds the work)."""
+        for node, task_id, replica, final in self.due(self._clock()):
+            if self._claim(task_id, replica, final):
+                task = asyncio.get_running_loop().create_task(self._run(node, task_id, replica, final))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def run_one(self, node: str, task_id: str, replica: int, final: bool) -> SyncResult | None:
-        """Sync one replica unless a sync of it is already running; never raises."""
+        """Sync one replica now unless a sync of it is already running (or its final one is done); never raises."""
+        if not self._claim(task_id, replica, final):
+            return None
+        return await self._run(node, task_id, replica, final)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _claim(self, task_id: str, replica: int, final: bool) -> bool:
         key = (task_id, replica)
         if key in self._in_flight or (final and self.marks.is_final(task_id, replica)):
-            return None
+            return False
         self._in_flight.add(key)
+        return True
+
+    async def _run(self, node: str, task_id: str, replica: int, final: bool) -> SyncResult | None:
+        key = (task_id, replica)
         try:
             async with self._limit:
                 result = await self.sync_replica(node, task_id, replica)

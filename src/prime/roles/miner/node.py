@@ -27,12 +27,28 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from prometheus_client import Counter
 from rich.console import Console
 
 from prime import hardware
+from prime.auth.client import SignedClient
+from prime.auth.permissions import ChainPermissions
+from prime.chain.client import RegistryClient
 from prime.chain.types import NodeInfo, NodeStatus, RunInfo, Specs
+from prime.challenge.service import ChallengeService
 from prime.errors import PrimeError
+from prime.roles.discovery.client import DiscoveryClient
+from prime.roles.miner.announce import Announcer, choose_announce_ip
+from prime.roles.miner.app import build_miner_app
+from prime.roles.miner.executor import DockerExecutor
+from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
+from prime.roles.miner.invite import InviteHandler
+from prime.roles.miner.preflight import run_preflight
+from prime.roles.miner.registration import check_run, ensure_registered
 from prime.roles.miner.state import Announcement, MinerState, StateFile, Verdict
+from prime.roles.miner.tasks_api import TasksApi
+from prime.roles.miner.watch import ChainWatch
+from prime.web import HEALTH, METRICS, add_loop, serve
 
 log = logging.getLogger("prime.miner")
 
@@ -158,10 +174,9 @@ class MinerNode:
         )
         await self._connect_chain()
         run = await self.registry.get_run(options.run_id)
-        from prime.roles.miner.registration import check_run, ensure_registered
-
         check_run(run, self.specs)
         _check_discovery_uri(run)
+        choose_announce_ip(options.public_ip, options.host, run.discovery_uri)  # a bad --public-ip fails before any transaction
         self.run = run
         self.state = self.state_file.load()
         self.state.reset_for(self.address, options.run_id)
@@ -178,8 +193,6 @@ class MinerNode:
         self.state_file.save(self.state)
 
     async def _connect_chain(self) -> None:
-        from prime.chain.client import RegistryClient
-
         self.registry = await RegistryClient.connect(self.options.rpc_url, self.options.deployment)
         self.provider_registry = self.registry.with_account(self.provider_account)
 
@@ -187,21 +200,6 @@ class MinerNode:
 
     async def start(self) -> None:
         """Adopt containers, serve the API, start the loops."""
-        from prometheus_client import Counter
-
-        from prime.auth.client import SignedClient
-        from prime.auth.permissions import ChainPermissions
-        from prime.challenge.service import ChallengeService
-        from prime.roles.discovery.client import DiscoveryClient
-        from prime.roles.miner.announce import Announcer, choose_announce_ip
-        from prime.roles.miner.app import build_miner_app
-        from prime.roles.miner.executor import DockerExecutor
-        from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
-        from prime.roles.miner.invite import InviteHandler
-        from prime.roles.miner.tasks_api import TasksApi
-        from prime.roles.miner.watch import ChainWatch
-        from prime.web import HEALTH, METRICS, add_loop, serve
-
         assert self.run is not None, "prepare() first"
         options = self.options
         self.executor = DockerExecutor(
@@ -216,6 +214,10 @@ class MinerNode:
         )
         permissions = ChainPermissions(self.registry)
         self.challenge = ChallengeService(self.prover)
+        # Probe the compute backend (imports torch/cupy, looks for GPUs) now, in a thread:
+        # done lazily inside the first challenge it would count against the time bound.
+        backend = await asyncio.to_thread(lambda: getattr(self.challenge.prover, "name", "custom"))
+        self.say(f"Challenge backend: {backend}.")
         invite = InviteHandler(
             node_account=self.node_account,
             registry=self.registry,
@@ -244,7 +246,6 @@ class MinerNode:
             every_s=options.announce_interval_s,
             on_announced=self._announced,
         )
-        choose_announce_ip(options.public_ip, options.host, self.run.discovery_uri)  # a bad --public-ip fails now
         watch = ChainWatch(
             self.registry, self.address, options.run_id, self.state,
             on_change=self._status_changed, on_outcome=self._fail,
@@ -359,8 +360,6 @@ class MinerNode:
 
 
 def _preflight(gpus_requested: bool, data_dir: Path, port: int, host: str, docker_base_url: str | None) -> list[str]:
-    from prime.roles.miner.preflight import run_preflight
-
     return run_preflight(gpus_requested=gpus_requested, data_dir=data_dir, port=port, host=host, docker_base_url=docker_base_url)
 
 
