@@ -136,8 +136,8 @@ def check_entries(params: ChallengeParams, draws: list[Draw],
     if bad.any():
         di, ci = map(int, np.argwhere(bad)[0])
         d = draws[di]
-        return (f"C[{d.row}, {d.cols[ci]}] is {got[di, ci]!r} but the generator gives "
-                f"{expected[di, ci]!r} ({int(bad.sum())} of {bad.size} checked entries wrong)")
+        return (f"C[{d.row}, {d.cols[ci]}] is {float(got[di, ci])!r} but the generator gives "
+                f"{float(expected[di, ci])!r} ({int(bad.sum())} of {bad.size} checked entries wrong)")
     return None
 
 

@@ -9,6 +9,7 @@ Pure data and validation only: no I/O.
 from __future__ import annotations
 
 import math
+import sys
 import re
 import secrets
 from collections.abc import Mapping
@@ -487,6 +488,10 @@ class GpuSample:
 
     @classmethod
     def from_json(cls, data: Any, prefix: str) -> GpuSample:
+        fast = cls._from_plain_json(data)
+        if fast is not None:
+            return fast
+        # The slow path names the field that is wrong.
         data = _object(data, prefix)
         _no_unknown(data, {"index", "util", "mem_used_mib", "temp_c"}, prefix)
         return cls(
@@ -496,8 +501,29 @@ class GpuSample:
             _optional_number(data.get("temp_c"), _join(prefix, "temp_c"), minimum=-100, maximum=300),
         )
 
+    @classmethod
+    def _from_plain_json(cls, data: Any) -> GpuSample | None:
+        """The common, well-formed sample without building error names (every heartbeat has several)."""
+        if type(data) is not dict or not data.keys() <= _GPU_SAMPLE_KEYS:
+            return None
+        index = data.get("index")
+        util, mem, temp = data.get("util"), data.get("mem_used_mib"), data.get("temp_c")
+        if (type(index) is int and 0 <= index <= MAX_REPORTED_GPUS and _plain_number(util, 0, 100)
+                and _plain_number(mem, 0, sys.float_info.max) and _plain_number(temp, -100, 300)):
+            return cls(index, None if util is None else float(util), None if mem is None else float(mem),
+                       None if temp is None else float(temp))
+        return None
+
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "util": self.util, "mem_used_mib": self.mem_used_mib, "temp_c": self.temp_c}
+
+
+_GPU_SAMPLE_KEYS = frozenset({"index", "util", "mem_used_mib", "temp_c"})
+
+
+def _plain_number(value: Any, low: float, high: float) -> bool:
+    """None, or an int/float (not bool) that is finite and within [low, high]."""
+    return value is None or ((type(value) is int or type(value) is float) and low <= value <= high)
 
 
 def _parse_load(value: Any, field: str) -> dict[str, float]:

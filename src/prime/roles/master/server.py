@@ -9,6 +9,7 @@ and no invite goes out until the chain follower caught up); then the HTTP API an
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -185,6 +186,9 @@ async def _check_run(registry: Any, run_id: int, address: str) -> Any:
 async def serve(**kwargs: Any) -> None:
     """Run the master until SIGTERM/SIGINT."""
     master = await start_master(**kwargs)
+    # Everything loaded so far (libraries, the saved state) lives as long as the process: keep
+    # it out of the garbage collector's full passes, which otherwise walk it between heartbeats.
+    gc.freeze()
     try:
         await _until_stopped()
         log.info("master stopping")

@@ -53,7 +53,7 @@ from prime.roles.master.store import MasterStore
 log = logging.getLogger("prime.master")
 
 # Heartbeats that change nothing but recency are written together, at most this long after.
-HEARTBEAT_FLUSH_S = 0.2
+HEARTBEAT_FLUSH_S = 1.0
 
 
 @dataclass(frozen=True)

@@ -99,10 +99,13 @@ class MasterStore:
         self._write(state, sorted(state.dirty_nodes), sorted(state.dirty_tasks))
 
     def _write(self, state: MasterState, node_ids: list[str], task_ids: list[str], everything: bool = False) -> None:
+        # One executemany per table: at 10,000 nodes a flush writes thousands of rows, and a
+        # statement per row costs more than the rows themselves.
+        nodes = [state.nodes[address] for address in node_ids if address in state.nodes]
         with self.db.transaction():
-            for address in node_ids:
-                if address in state.nodes:
-                    self._write_node(state.nodes[address])
+            if nodes:
+                self.db.executemany(NODE_UPSERT, [_node_row(rec) for rec in nodes])
+                self.db.executemany(INVITE_UPSERT, [_invite_row(rec) for rec in nodes])
             for task_id in task_ids:
                 if task_id in state.tasks:
                     self._write_task(state.tasks[task_id])
@@ -128,26 +131,6 @@ class MasterStore:
             state.tasks[task.id] = task
         state.chain_cursor = self.get_cursor()
         return state
-
-    def _write_node(self, rec: NodeRecord) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO nodes (address, state, chain_status, chain_block, hardware, url, approved_at,"
-            " member_since, last_heartbeat, state_since, last_error, last_sample)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                rec.address, rec.state.value,
-                int(rec.chain_status) if rec.chain_status is not None else None, rec.chain_block,
-                json.dumps(specs_to_json(rec.hardware)), rec.url, rec.approved_at, rec.member_since,
-                rec.last_heartbeat, rec.state_since, rec.last_error,
-                json.dumps(rec.last_sample.to_json()) if rec.last_sample else None,
-            ),
-        )
-        self.db.execute(
-            "INSERT OR REPLACE INTO invites (node, invited_at, expiry, failures, next_attempt_at, sent)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (rec.address, rec.invited_at, rec.invite_expiry, rec.invite_failures, rec.next_invite_at,
-             rec.invites_sent),
-        )
 
     def _write_task(self, task: Task) -> None:
         self.db.execute(
@@ -302,3 +285,28 @@ def _spec_from_stored(data: dict[str, Any]) -> TaskSpec:
 
 def _synced_from_row(row: Any) -> SyncedFile:
     return SyncedFile(row["task_id"], row["replica"], row["path"], row["size"], row["sha256"], row["synced_at"])
+
+
+NODE_UPSERT = (
+    "INSERT OR REPLACE INTO nodes (address, state, chain_status, chain_block, hardware, url, approved_at,"
+    " member_since, last_heartbeat, state_since, last_error, last_sample)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+INVITE_UPSERT = (
+    "INSERT OR REPLACE INTO invites (node, invited_at, expiry, failures, next_attempt_at, sent)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+def _node_row(rec: NodeRecord) -> tuple[Any, ...]:
+    return (
+        rec.address, rec.state.value,
+        int(rec.chain_status) if rec.chain_status is not None else None, rec.chain_block,
+        json.dumps(specs_to_json(rec.hardware)), rec.url, rec.approved_at, rec.member_since,
+        rec.last_heartbeat, rec.state_since, rec.last_error,
+        json.dumps(rec.last_sample.to_json()) if rec.last_sample else None,
+    )
+
+
+def _invite_row(rec: NodeRecord) -> tuple[Any, ...]:
+    return (rec.address, rec.invited_at, rec.invite_expiry, rec.invite_failures, rec.next_invite_at, rec.invites_sent)
