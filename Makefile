@@ -31,7 +31,7 @@ test:
 
 bench:
 	$(PYTHON) bench/gas.py
-	$(PYTHON) bench/challenge.py --sizes 1024,2048,4096
+	$(PYTHON) bench/challenge.py
 	$(PYTHON) bench/heartbeats.py
 	$(PYTHON) bench/tasks.py
 

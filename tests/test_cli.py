@@ -1,0 +1,39 @@
+"""The top-level `prime` command: every role group is there, and errors are one sentence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+GROUPS = ("master", "miner", "validator", "discovery", "buyer", "keys", "chain", "devnet")
+
+
+def prime(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
+    env["COLUMNS"] = "200"  # rich wraps help at the terminal width
+    return subprocess.run([sys.executable, "-m", "prime.cli", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_help_lists_every_role_group() -> None:
+    result = prime("--help")
+    assert result.returncode == 0, result.stderr
+    listed = {line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 1}
+    assert set(GROUPS) <= listed, result.stdout
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_each_group_has_help(group: str) -> None:
+    result = prime(group, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout and "Commands" in result.stdout
+
+
+def test_a_failing_command_prints_one_sentence_and_no_traceback(tmp_path) -> None:
+    result = prime("keys", "show", str(tmp_path / "missing.json"))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    message = result.stderr.strip()
+    assert message.startswith("Error: ") and message.count("\n") == 0, message
