@@ -326,3 +326,53 @@ def test_bad_manifest_entries(body: dict, field: str) -> None:
     with pytest.raises(ValidationError) as err:
         ManifestEntry.from_json(body)
     assert err.value.field == field
+
+
+# --- the heartbeat fast path accepts exactly what the full validation accepts --------------------
+
+_GOOD_HEARTBEAT = {
+    "tasks": [{"id": "t-1", "replica": 0, "state": "Running", "exit_code": None, "error": None},
+              {"id": "t-2", "replica": 3, "state": "Failed", "exit_code": 7, "error": "boom"}],
+    "gpus": [{"index": 0, "util": 93, "mem_used_mib": 40000.5, "temp_c": 71}, {"index": 1}],
+    "load": {"cpu_pct": 12.5, "mem_used_mib": 8123},
+}
+
+
+def _variants() -> list:
+    """The good body, and each field bent in ways the validation must refuse or normalise."""
+    out: list = [_GOOD_HEARTBEAT, {}, {"load": None}, {"tasks": [], "gpus": []}, [], "x", None]
+    bad_values = [None, True, -1, 2**31 + 1, 1.5, float("nan"), float("inf"), "", "a\x00b", "x" * 5000, [], {}]
+    for section, key in (("tasks", "id"), ("tasks", "replica"), ("tasks", "state"), ("tasks", "exit_code"),
+                         ("tasks", "error"), ("gpus", "index"), ("gpus", "util"), ("gpus", "mem_used_mib"),
+                         ("gpus", "temp_c")):
+        for value in bad_values:
+            body = json.loads(json.dumps(_GOOD_HEARTBEAT))
+            body[section][0][key] = value
+            out.append(body)
+    for value in bad_values + ["x" * 65]:
+        out.append({**_GOOD_HEARTBEAT, "load": {"cpu_pct": value}})
+        out.append({**_GOOD_HEARTBEAT, "load": {str(value)[:70]: 1.0}})
+    out.append({**_GOOD_HEARTBEAT, "extra": 1})
+    out.append({**_GOOD_HEARTBEAT, "tasks": [{**_GOOD_HEARTBEAT["tasks"][0], "extra": 1}]})
+    out.append({**_GOOD_HEARTBEAT, "gpus": [{"index": 0, "extra": 1}]})
+    out.append({**_GOOD_HEARTBEAT, "gpus": [{"index": 0}] * 257})
+    out.append({**_GOOD_HEARTBEAT, "load": {f"k{i}": 1 for i in range(33)}})
+    return out
+
+
+@pytest.mark.parametrize("body", _variants())
+def test_heartbeat_fast_path_agrees_with_full_validation(body) -> None:
+    fast = HeartbeatRequest._from_plain_json(body)
+    try:
+        slow = HeartbeatRequest._from_json_checked(body)
+    except ValidationError:
+        assert fast is None, body  # the fast path must never accept what validation refuses
+        return
+    if fast is not None:
+        assert fast == slow
+
+
+def test_good_heartbeat_takes_the_fast_path() -> None:
+    fast = HeartbeatRequest._from_plain_json(_GOOD_HEARTBEAT)
+    assert fast is not None and fast.to_json()["tasks"][1]["exit_code"] == 7
+    assert fast.gpus[1].util is None and fast.load == {"cpu_pct": 12.5, "mem_used_mib": 8123.0}

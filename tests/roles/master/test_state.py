@@ -576,3 +576,32 @@ def test_master_down_and_back(tmp_path: Path) -> None:
     replica_a = st.tasks["t"].replicas[on[A]]
     assert (replica_a.node, replica_a.state, replica_a.attempt) == (A, ReplicaState.RUNNING, 0)  # never disturbed
     assert st.nodes[A].state == NodeState.HEALTHY
+
+
+# --- the periodic pass skips settled members -------------------------------------------------------
+
+
+def test_skipping_settled_members_is_exactly_the_no_op_case() -> None:
+    """``reconcile`` skips records it judges settled; that shortcut must agree with the full rule."""
+    import itertools
+    import random
+
+    from prime.roles.master.state import _reconcile_node, _settled_member
+
+    rng = random.Random(7)
+    states = list(NodeState)
+    statuses = [None, *NodeStatus]
+    checked = skipped = 0
+    for state, status, hb_age, since_age, watching in itertools.product(
+            states, statuses, (None, 0.0, 20.0, 26.0, 60.0), (None, 0.0, 30.0, 100.0), (None, 95.0, 99.0)):
+        rec = NodeRecord("0x" + "ab" * 20, state, chain_status=status, hardware=SPECS,
+                         last_heartbeat=None if hb_age is None else 100.0 - hb_age,
+                         member_since=None if since_age is None else 100.0 - since_age,
+                         invite_failures=rng.choice((0, 0, 1)), state_since=50.0)
+        after, out = _reconcile_node(rec.address, rec, None, None, 100.0, CFG, watching)
+        settled = _settled_member(rec, 100.0, CFG, watching)
+        if settled:
+            skipped += 1
+            assert after == rec and out == [], (rec, after, out)
+        checked += 1
+    assert skipped > 0 and skipped < checked  # both paths were exercised

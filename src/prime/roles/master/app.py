@@ -139,7 +139,7 @@ async def heartbeat(request: web.Request) -> web.Response:
         return json_error(403, "not_a_member", exc.message)
     except ChainError as exc:
         return json_error(503, "chain_unavailable", f"could not check membership on chain: {exc}")
-    service.metrics.heartbeats.labels("accepted").inc()
+    service.metrics.heartbeat_accepted.inc()
     return web.json_response(answer)
 
 

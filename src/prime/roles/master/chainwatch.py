@@ -10,9 +10,12 @@ feeds ``ChainSynced``: no invite goes out before the master's chain view caught 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from prime.chain.client import RegistryClient
@@ -33,6 +36,10 @@ log = logging.getLogger(__name__)
 
 EVENT_NAMES = ["NodeValidated", "NodeJoined", "NodeLeft", "NodeEjected", "RunEnded"]
 
+# Node specs are read from chain for every newly approved node; a master that starts on a run
+# with thousands of nodes reads them this many at a time instead of one after the other.
+SPEC_READS_IN_FLIGHT = 16
+
 
 class ChainWatcher:
     def __init__(
@@ -47,6 +54,7 @@ class ChainWatcher:
         on_event: Callable[[str], None] = lambda name: None,
         max_batches: int = 50,
         clock: Callable[[], float] = time.time,
+        batch: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
     ) -> None:
         self.registry = registry
         self.follower = follower
@@ -57,15 +65,18 @@ class ChainWatcher:
         self._on_event = on_event
         self.max_batches = max_batches
         self._clock = clock
+        self._batch = batch
 
     async def step(self) -> int:
         """Read and apply batches until caught up (at most ``max_batches``); returns events applied."""
         applied = 0
         for _ in range(self.max_batches):
             events = await self.follower.poll()
-            for event in events:
-                if await self._handle(event):
-                    applied += 1
+            specs = await self._prefetch_specs(events)
+            with self._batch():  # one write for the batch, together with the cursor (commit)
+                for event in events:
+                    if await self._handle(event, specs):
+                        applied += 1
             if events:
                 await self.follower.commit(events)
             if self.follower.caught_up:
@@ -75,7 +86,32 @@ class ChainWatcher:
             log.info("chain view caught up at block %s; invites may go out", await self.follower.cursor())
         return applied
 
-    async def _handle(self, event: ChainEvent) -> bool:
+    async def _prefetch_specs(self, events: list[ChainEvent]) -> dict[str, Specs]:
+        """The specs of every node of this run the batch approves or (unknown to us) joins, read concurrently."""
+        state = self._state()
+        wanted: set[str] = set()
+        for event in events:
+            args = event.args
+            if int(args.get("runId", -1)) != self.run_id:
+                continue
+            node = args.get("node")
+            if event.name == "NodeValidated" and args.get("approved"):
+                wanted.add(node)
+            elif event.name == "NodeJoined":
+                rec = state.nodes.get(node)
+                if rec is None or rec.hardware == NO_HARDWARE:
+                    wanted.add(node)
+        if len(wanted) < 2:
+            return {}  # nothing to gain; _handle reads a single one itself
+        limit = asyncio.Semaphore(SPEC_READS_IN_FLIGHT)
+
+        async def read(node: str) -> tuple[str, Specs]:
+            async with limit:
+                return node, await self._specs(node)
+
+        return dict(await asyncio.gather(*(read(node) for node in sorted(wanted))))
+
+    async def _handle(self, event: ChainEvent, prefetched: dict[str, Specs] | None = None) -> bool:
         args = event.args
         if int(args.get("runId", -1)) != self.run_id:
             return False
@@ -85,10 +121,13 @@ class ChainWatcher:
         if event.name == "NodeValidated":
             if not args.get("approved"):
                 return False
-            converted = NodeApprovedOnChain(node, await self._specs(node), now, block=event.block)
+            specs = (prefetched or {}).get(node) or await self._specs(node)
+            converted = NodeApprovedOnChain(node, specs, now, block=event.block)
         elif event.name == "NodeJoined":
             rec = self._state().nodes.get(node)
-            specs = await self._specs(node) if rec is None or rec.hardware == NO_HARDWARE else None
+            specs = None
+            if rec is None or rec.hardware == NO_HARDWARE:
+                specs = (prefetched or {}).get(node) or await self._specs(node)
             converted = NodeJoinedOnChain(node, now, specs=specs, block=event.block)
         elif event.name == "NodeLeft":
             converted = NodeLeftOnChain(node, now, block=event.block)

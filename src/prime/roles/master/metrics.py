@@ -48,6 +48,8 @@ class MasterMetrics:
         )
         # result: accepted | refused | invalid
         self.heartbeats = Counter("prime_master_heartbeats", "Heartbeats received, by outcome.", ["result"], registry=registry)
+        # Looked up once: every heartbeat counts itself, and labels() is not free.
+        self.heartbeat_accepted = self.heartbeats.labels("accepted")
         # result: sent | failed | skipped
         self.invites = Counter("prime_master_invites", "Invites to approved nodes, by outcome.", ["result"], registry=registry)
         # kind: start | stop; result: ok | failed

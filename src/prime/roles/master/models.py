@@ -474,9 +474,28 @@ class ReplicaReport:
         error = _optional_text(data.get("error"), _join(prefix, "error"), max_length=MAX_ERROR_LENGTH)
         return cls(task_id, replica, state, exit_code, error)
 
+    @classmethod
+    def _from_plain_json(cls, data: Any) -> ReplicaReport | None:
+        """The common, well-formed report without building error names (see HeartbeatRequest)."""
+        if type(data) is not dict or not data.keys() <= _REPLICA_REPORT_KEYS:
+            return None
+        task_id, replica, raw_state = data.get("id"), data.get("replica", 0), data.get("state")
+        exit_code, error = data.get("exit_code"), data.get("error")
+        state = _REPORTABLE_BY_VALUE.get(raw_state) if type(raw_state) is str else None
+        if (type(task_id) is not str or not 0 < len(task_id) <= 64 or not is_task_id(task_id) or state is None
+                or type(replica) is not int or not 0 <= replica <= MAX_REPLICAS - 1
+                or not (exit_code is None or (type(exit_code) is int and -(2**31) <= exit_code <= 2**31))
+                or not (error is None or (type(error) is str and len(error) <= MAX_ERROR_LENGTH and "\x00" not in error))):
+            return None
+        return cls(task_id, replica, state, exit_code, error)
+
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "replica": self.replica, "state": self.state.value,
                 "exit_code": self.exit_code, "error": self.error}
+
+
+_REPLICA_REPORT_KEYS = frozenset({"id", "replica", "state", "exit_code", "error"})
+_REPORTABLE_BY_VALUE = {s.value: s for s in REPORTABLE_REPLICA_STATES}
 
 
 @dataclass(frozen=True)
@@ -489,9 +508,11 @@ class GpuSample:
     @classmethod
     def from_json(cls, data: Any, prefix: str) -> GpuSample:
         fast = cls._from_plain_json(data)
-        if fast is not None:
-            return fast
-        # The slow path names the field that is wrong.
+        return fast if fast is not None else cls._from_json_checked(data, prefix)
+
+    @classmethod
+    def _from_json_checked(cls, data: Any, prefix: str) -> GpuSample:
+        """Field by field, naming the first one that is wrong."""
         data = _object(data, prefix)
         _no_unknown(data, {"index", "util", "mem_used_mib", "temp_c"}, prefix)
         return cls(
@@ -550,6 +571,12 @@ class HeartbeatRequest:
 
     @classmethod
     def from_json(cls, data: Any) -> HeartbeatRequest:
+        fast = cls._from_plain_json(data)
+        return fast if fast is not None else cls._from_json_checked(data)
+
+    @classmethod
+    def _from_json_checked(cls, data: Any) -> HeartbeatRequest:
+        """Field by field, naming the first one that is wrong."""
         data = _object(data, "body")
         _no_unknown(data, {"tasks", "gpus", "load"}, "")
         tasks = tuple(
@@ -557,14 +584,50 @@ class HeartbeatRequest:
             for i, item in enumerate(_list(data.get("tasks", []), "tasks", max_items=MAX_REPORTED_TASKS))
         )
         gpus = tuple(
-            GpuSample.from_json(item, f"gpus[{i}]")
+            GpuSample._from_json_checked(item, f"gpus[{i}]")
             for i, item in enumerate(_list(data.get("gpus", []), "gpus", max_items=MAX_REPORTED_GPUS))
         )
         return cls(tasks, gpus, _parse_load(data.get("load"), "load"))
 
+    @classmethod
+    def _from_plain_json(cls, data: Any) -> HeartbeatRequest | None:
+        """A well-formed heartbeat, checked without building error names; None sends it down the
+        slow path (which accepts exactly the same bodies, and says what is wrong with the others).
+        A master takes thousands of heartbeats a second: this is most of its own work on each."""
+        if type(data) is not dict or not data.keys() <= _HEARTBEAT_KEYS:
+            return None
+        raw_tasks, raw_gpus, raw_load = data.get("tasks", []), data.get("gpus", []), data.get("load")
+        if type(raw_tasks) is not list or len(raw_tasks) > MAX_REPORTED_TASKS \
+                or type(raw_gpus) is not list or len(raw_gpus) > MAX_REPORTED_GPUS:
+            return None
+        tasks = []
+        for item in raw_tasks:
+            report = ReplicaReport._from_plain_json(item)
+            if report is None:
+                return None
+            tasks.append(report)
+        gpus = []
+        for item in raw_gpus:
+            sample = GpuSample._from_plain_json(item)
+            if sample is None:
+                return None
+            gpus.append(sample)
+        load: dict[str, float] = {}
+        if raw_load is not None:
+            if type(raw_load) is not dict or len(raw_load) > MAX_LOAD_KEYS:
+                return None
+            for key, value in raw_load.items():
+                if len(key) > 64 or not _plain_number(value, -sys.float_info.max, sys.float_info.max) or value is None:
+                    return None
+                load[key] = float(value)
+        return cls(tuple(tasks), tuple(gpus), load)
+
     def to_json(self) -> dict[str, Any]:
         return {"tasks": [t.to_json() for t in self.tasks], "gpus": [g.to_json() for g in self.gpus],
                 "load": dict(self.load)}
+
+
+_HEARTBEAT_KEYS = frozenset({"tasks", "gpus", "load"})
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ async def start_master(
         follower = EventFollower(registry, EVENT_NAMES, cursor=StateCursor(state, store))
         watcher = ChainWatcher(registry, follower, settings.run_id, lambda: state, service.apply,
                                on_run_ended=run_ended, on_event=lambda name: metrics.chain_events.labels(name).inc(),
-                               clock=service.clock)
+                               clock=service.clock, batch=service.batch)
 
         service.apply(MasterStarted(service.clock()))
         logs = LogMerger(peer_client, locator, service.task)

@@ -11,9 +11,10 @@ interleave inside it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ class MasterService:
         self._limit = asyncio.Semaphore(settings.concurrency)
         self._background: set[asyncio.Task[Any]] = set()
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._batching = False
 
     @property
     def run_id(self) -> int:
@@ -124,7 +126,9 @@ class MasterService:
         own start (MasterStarted) and the next heartbeat.
         """
         instructions = handle(self.state, event)
-        if instructions or not isinstance(event, HeartbeatReceived):
+        if self._batching:
+            pass  # written by whoever opened the batch (the chain watcher, with its cursor)
+        elif instructions or not isinstance(event, HeartbeatReceived):
             self.flush()
         else:
             self._flush_soon()
@@ -136,6 +140,20 @@ class MasterService:
                 stops.add((ins.node, ins.task_id))
             self._carry_out(ins)
         return instructions
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Apply many events with no write of their own: the caller writes them all at once after.
+
+        The chain watcher catching up on thousands of events moves its cursor (which writes the
+        state in the same transaction) right after the batch; one commit per event would make a
+        new master on a large run spend a minute in SQLite.
+        """
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
 
     def flush(self) -> None:
         if self._flush_timer is not None:

@@ -373,6 +373,9 @@ def reconcile(
     instructions: list[Instruction] = []
     for address in sorted(set(own_nodes) | set(chain_members)):
         before = own_nodes.get(address)
+        if before is not None and address not in chain_members and address not in heartbeats \
+                and _settled_member(before, now, config, watching_since):
+            continue  # the periodic pass over 10,000 healthy nodes must not copy each of them
         after, out = _reconcile_node(
             address, before, chain_members.get(address), heartbeats.get(address), now, config, watching_since,
             may_invite,
@@ -443,6 +446,21 @@ def _reconcile_node(
         rec.state_since = now
         instructions.insert(0, RecordTransition(address, old_state, new_state, reason or "reconciled"))
     return rec, instructions
+
+
+def _settled_member(rec: NodeRecord, now: float, config: StateConfig, watching_since: float | None) -> bool:
+    """True when reconciling this record with no new chain or heartbeat news would change nothing.
+
+    Exactly the no-op case of ``_reconcile_node`` for an active member: no invite bookkeeping
+    left to clear and the health it would judge is the state it has.
+    """
+    if rec.chain_status != NodeStatus.ACTIVE or rec.invite_failures or rec.invite_expiry is not None \
+            or rec.next_invite_at is not None:
+        return False
+    if rec.state == NodeState.HEALTHY and rec.last_heartbeat is not None \
+            and now - rec.last_heartbeat <= config.unhealthy_after_s:
+        return True  # the common case, decided without building anything
+    return _member_health(rec, now, config, watching_since)[0] == rec.state
 
 
 def _member_health(
