@@ -10,6 +10,8 @@ the real Docker engine. Each phase's result is asserted both on chain and off ch
 3. onboarding    the node Active on chain (NodeJoined by the master) and Healthy at the master
 4. execution     a persistent task's status, logs and files (sha256 as the task printed them),
                  a failing task's exit code, and a stopped task's container gone
+then liveness:   the miner stopped → Unhealthy → Dead at the master, started again → Healthy with no
+                 second joinRun; the master killed and restarted keeps the node and invites nobody
 """
 
 from __future__ import annotations
@@ -259,6 +261,23 @@ async def test_five_phases_end_to_end(
             await wait_until(lambda: not task_containers(docker_client, sleeper["id"]), timeout_s=30,
                              what="the stopped task's container to be removed")
             await wait_until(lambda: _task_state(owner, sleeper["id"], "Stopped"), timeout_s=30, what="the long task Stopped")
+
+            # --- liveness: a stopped miner goes Unhealthy, then Dead; started again it is Healthy with
+            # no second joinRun; a killed and restarted master keeps it as it was and invites nobody.
+            miner_proc.stop()
+            await wait_until(lambda: _node_state(owner, node.address, "Unhealthy"), timeout_s=30, what="the stopped node Unhealthy")
+            await wait_until(lambda: _node_state(owner, node.address, "Dead"), timeout_s=60, what="the stopped node Dead")
+            await miner_proc.start_async(timeout_s=90)
+            await wait_until(lambda: _node_state(owner, node.address, "Healthy"), timeout_s=30, what="the restarted node Healthy")
+            before = only([n for n in await owner.nodes() if n["address"] == node.address], "node record")
+            master_proc.kill()
+            await master_proc.start_async(timeout_s=60)
+            after = only([n for n in await owner.nodes() if n["address"] == node.address], "node record after restart")
+            assert after["state"] == "Healthy" and after["invites_sent"] == before["invites_sent"] == 1, after
+            await wait_until(lambda: _node_state(owner, node.address, "Healthy"), timeout_s=30,
+                             what="the node Healthy at the restarted master")
+            assert len(await events_for(reader, start_block, "NodeJoined", node.address)) == 1  # joinRun once, ever
+            assert await reader.node_status(node.address) == NodeStatus.ACTIVE
 
         assert miner_proc.running and master_proc.running and validator_proc.running and discovery.running
     finally:
