@@ -259,6 +259,10 @@ def make_web3(rpc_url: str, *, timeout_s: float = 30.0) -> AsyncWeb3:
         exception_retry_configuration=ExceptionRetryConfiguration(
             errors=(aiohttp.ClientError, asyncio.TimeoutError), retries=2, backoff_factor=0.1
         ),
+        # web3's validation middleware asks for the chain id before every eth_call; an endpoint's
+        # chain id never changes, so only that (and net_version) is cached, never state reads.
+        cache_allowed_requests=True,
+        cacheable_requests={"eth_chainId", "net_version"},
     )
     return AsyncWeb3(provider)
 
