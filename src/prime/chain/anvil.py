@@ -73,7 +73,11 @@ def find_anvil() -> Path:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now. SO_REUSEADDR like the servers themselves
+    (aiohttp, anvil): connections of a service that just stopped linger in TIME_WAIT for a minute
+    and must not make a restart refuse the port; a live listener still makes the bind fail."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

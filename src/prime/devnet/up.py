@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from prime.chain.anvil import DEFAULT_CHAIN_ID, DEV_MNEMONIC, find_anvil
+from prime.chain.anvil import DEFAULT_CHAIN_ID, DEV_MNEMONIC, find_anvil, port_is_free
 from prime.chain.types import Requirements
 from prime.devnet.keys import DevKey, ensure_dev_keys
 from prime.devnet.processes import (
@@ -82,19 +81,6 @@ def expected_services(info: DevnetInfo) -> list[str]:
 
 
 # --- ports --------------------------------------------------------------------------------------
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could listen on host:port now. SO_REUSEADDR like the servers themselves
-    (aiohttp, anvil): connections of a devnet that just went down linger in TIME_WAIT for a minute
-    and must not make `up` refuse the port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 def choose_ports(requested: dict[str, int | None], names: Iterable[str]) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:

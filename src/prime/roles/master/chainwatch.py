@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -87,20 +87,8 @@ class ChainWatcher:
         return applied
 
     async def _prefetch_specs(self, events: list[ChainEvent]) -> dict[str, Specs]:
-        """The specs of every node of this run the batch approves or (unknown to us) joins, read concurrently."""
-        state = self._state()
-        wanted: set[str] = set()
-        for event in events:
-            args = event.args
-            if int(args.get("runId", -1)) != self.run_id:
-                continue
-            node = args.get("node")
-            if event.name == "NodeValidated" and args.get("approved"):
-                wanted.add(node)
-            elif event.name == "NodeJoined":
-                rec = state.nodes.get(node)
-                if rec is None or rec.hardware == NO_HARDWARE:
-                    wanted.add(node)
+        """The specs every event of the batch will need (see ``_node_needing_specs``), read concurrently."""
+        wanted = {node for node in map(self._node_needing_specs, events) if node is not None}
         if len(wanted) < 2:
             return {}  # nothing to gain; _handle reads a single one itself
         limit = asyncio.Semaphore(SPEC_READS_IN_FLIGHT)
@@ -111,7 +99,25 @@ class ChainWatcher:
 
         return dict(await asyncio.gather(*(read(node) for node in sorted(wanted))))
 
-    async def _handle(self, event: ChainEvent, prefetched: dict[str, Specs] | None = None) -> bool:
+    def _node_needing_specs(self, event: ChainEvent) -> str | None:
+        """The node whose specs handling ``event`` needs: one of this run approved, or joined
+        without the master knowing its hardware yet; None for every other event."""
+        args = event.args
+        if int(args.get("runId", -1)) != self.run_id:
+            return None
+        node = args.get("node")
+        if event.name == "NodeValidated" and args.get("approved"):
+            return node
+        if event.name == "NodeJoined":
+            rec = self._state().nodes.get(node)
+            if rec is None or rec.hardware == NO_HARDWARE:
+                return node
+        return None
+
+    async def _read_specs(self, node: str, prefetched: Mapping[str, Specs] | None) -> Specs:
+        return (prefetched or {}).get(node) or await self._specs(node)
+
+    async def _handle(self, event: ChainEvent, prefetched: Mapping[str, Specs] | None = None) -> bool:
         args = event.args
         if int(args.get("runId", -1)) != self.run_id:
             return False
@@ -121,13 +127,9 @@ class ChainWatcher:
         if event.name == "NodeValidated":
             if not args.get("approved"):
                 return False
-            specs = (prefetched or {}).get(node) or await self._specs(node)
-            converted = NodeApprovedOnChain(node, specs, now, block=event.block)
+            converted = NodeApprovedOnChain(node, await self._read_specs(node, prefetched), now, block=event.block)
         elif event.name == "NodeJoined":
-            rec = self._state().nodes.get(node)
-            specs = None
-            if rec is None or rec.hardware == NO_HARDWARE:
-                specs = (prefetched or {}).get(node) or await self._specs(node)
+            specs = await self._read_specs(node, prefetched) if self._node_needing_specs(event) else None
             converted = NodeJoinedOnChain(node, now, specs=specs, block=event.block)
         elif event.name == "NodeLeft":
             converted = NodeLeftOnChain(node, now, block=event.block)

@@ -9,13 +9,13 @@ Pure data and validation only: no I/O.
 from __future__ import annotations
 
 import math
-import sys
 import re
 import secrets
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from prime.chain.types import NodeStatus, Specs
 from prime.errors import PrimeError
@@ -457,7 +457,7 @@ class ReplicaReport:
     @classmethod
     def from_json(cls, data: Any, prefix: str) -> ReplicaReport:
         data = _object(data, prefix)
-        _no_unknown(data, {"id", "replica", "state", "exit_code", "error"}, prefix)
+        _no_unknown(data, _REPLICA_REPORT_KEYS, prefix)
         task_id = _text(_required(data, "id", prefix), _join(prefix, "id"), max_length=64, allow_empty=False)
         if not is_task_id(task_id):
             raise ValidationError(_join(prefix, "id"), "Is not a valid task id.")
@@ -514,7 +514,7 @@ class GpuSample:
     def _from_json_checked(cls, data: Any, prefix: str) -> GpuSample:
         """Field by field, naming the first one that is wrong."""
         data = _object(data, prefix)
-        _no_unknown(data, {"index", "util", "mem_used_mib", "temp_c"}, prefix)
+        _no_unknown(data, _GPU_SAMPLE_KEYS, prefix)
         return cls(
             _int(_required(data, "index", prefix), _join(prefix, "index"), minimum=0, maximum=MAX_REPORTED_GPUS),
             _optional_number(data.get("util"), _join(prefix, "util"), minimum=0, maximum=100),
@@ -578,7 +578,7 @@ class HeartbeatRequest:
     def _from_json_checked(cls, data: Any) -> HeartbeatRequest:
         """Field by field, naming the first one that is wrong."""
         data = _object(data, "body")
-        _no_unknown(data, {"tasks", "gpus", "load"}, "")
+        _no_unknown(data, _HEARTBEAT_KEYS, "")
         tasks = tuple(
             ReplicaReport.from_json(item, f"tasks[{i}]")
             for i, item in enumerate(_list(data.get("tasks", []), "tasks", max_items=MAX_REPORTED_TASKS))
@@ -600,27 +600,19 @@ class HeartbeatRequest:
         if type(raw_tasks) is not list or len(raw_tasks) > MAX_REPORTED_TASKS \
                 or type(raw_gpus) is not list or len(raw_gpus) > MAX_REPORTED_GPUS:
             return None
-        tasks = []
-        for item in raw_tasks:
-            report = ReplicaReport._from_plain_json(item)
-            if report is None:
-                return None
-            tasks.append(report)
-        gpus = []
-        for item in raw_gpus:
-            sample = GpuSample._from_plain_json(item)
-            if sample is None:
-                return None
-            gpus.append(sample)
+        tasks = _all_plain(raw_tasks, ReplicaReport._from_plain_json)
+        gpus = _all_plain(raw_gpus, GpuSample._from_plain_json)
+        if tasks is None or gpus is None:
+            return None
         load: dict[str, float] = {}
         if raw_load is not None:
             if type(raw_load) is not dict or len(raw_load) > MAX_LOAD_KEYS:
                 return None
             for key, value in raw_load.items():
-                if len(key) > 64 or not _plain_number(value, -sys.float_info.max, sys.float_info.max) or value is None:
+                if len(key) > 64 or value is None or not _plain_number(value, -sys.float_info.max, sys.float_info.max):
                     return None
                 load[key] = float(value)
-        return cls(tuple(tasks), tuple(gpus), load)
+        return cls(tasks, gpus, load)
 
     def to_json(self) -> dict[str, Any]:
         return {"tasks": [t.to_json() for t in self.tasks], "gpus": [g.to_json() for g in self.gpus],
@@ -628,6 +620,20 @@ class HeartbeatRequest:
 
 
 _HEARTBEAT_KEYS = frozenset({"tasks", "gpus", "load"})
+
+
+T = TypeVar("T")
+
+
+def _all_plain(items: list[Any], parse: Callable[[Any], T | None]) -> tuple[T, ...] | None:
+    """Every item through a ``_from_plain_json``; None as soon as one needs the checked path."""
+    out = []
+    for item in items:
+        parsed = parse(item)
+        if parsed is None:
+            return None
+        out.append(parsed)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
