@@ -35,7 +35,7 @@ from prime.chain.deploy import deploy_registry
 from prime.chain.types import NodeStatus, Requirements
 from prime.keys import create_keystore
 from prime.roles.buyer.master_client import MasterClient
-from prime.roles.discovery.client import DiscoveryClient
+from prime.clients.discovery import DiscoveryClient
 from tests.e2e.support import (
     SLEEPER_SCRIPT,
     Prime,

@@ -18,16 +18,10 @@ from aiohttp import web
 
 from prime.auth.middleware import require, signed_request_middleware, signer_of
 from prime.chain.types import Specs
-from prime.roles.master.models import (
-    NodeRecord,
-    NodeState,
-    ReplicaState,
-    Task,
-    TaskSpec,
-    ValidationError,
-    is_task_id,
-    validate_relative_path,
-)
+from prime.protocol.errors import ValidationError
+from prime.protocol.nodes import NodeRecord, NodeState
+from prime.protocol.storage import validate_relative_path
+from prime.protocol.tasks import ReplicaState, Task, TaskSpec, is_task_id
 from prime.web import ApiError, bound_port, json_error, make_app, serve
 
 

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from eth_account import Account
 
-from prime.roles.master.models import NodeState
+from prime.protocol.nodes import NodeState
 from tests.fixtures.processes import free_port
 from tests.roles.buyer.conftest import KEY_PASSWORD, arun_prime, assert_one_sentence_error
 from tests.roles.buyer.fake_master import FakeMaster, sample_node

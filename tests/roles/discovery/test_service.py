@@ -20,7 +20,8 @@ from prime.auth.signing import HEADER_ADDRESS, sign_headers
 from prime.chain.client import RegistryClient
 from prime.chain.types import Requirements, Specs
 from prime.errors import PeerError
-from prime.roles.discovery.client import DiscoveryClient, NodeAddress
+from prime.clients.discovery import DiscoveryClient
+from prime.protocol.discovery import NodeAddress
 from tests.fixtures.processes import RoleProcess, RoleProcesses, free_port, prime_command
 
 SPECS = Specs(gpu_count=1, gpu_model="Test GPU", gpu_memory_mib=16_000, cpu_cores=4, ram_mib=16_000, disk_gib=100)

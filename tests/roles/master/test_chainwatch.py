@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 from prime.chain.types import ChainEvent, Specs
 from prime.roles.master.chainwatch import SPEC_READS_IN_FLIGHT, ChainWatcher
-from prime.roles.master.models import NodeState
+from prime.protocol.nodes import NodeState
 from prime.roles.master.state import ChainSynced, MasterStarted, MasterState, StateConfig, handle
 
 RUN = 3

@@ -8,28 +8,11 @@ import pytest
 
 from prime.chain.types import NodeStatus, Specs
 from prime.errors import PrimeError
-from prime.roles.master.models import (
-    MAX_REPLICAS,
-    DesiredReplica,
-    GpuSample,
-    HeartbeatRequest,
-    HeartbeatResponse,
-    ManifestEntry,
-    NodeRecord,
-    NodeSample,
-    NodeState,
-    Replica,
-    ReplicaState,
-    RestartPolicy,
-    Task,
-    TaskSpec,
-    TaskState,
-    ValidationError,
-    is_task_id,
-    new_task_id,
-    normalize_address,
-    validate_image,
-)
+from prime.protocol.errors import ValidationError
+from prime.protocol.heartbeat import DesiredReplica, GpuSample, HeartbeatRequest, HeartbeatResponse
+from prime.protocol.nodes import NodeRecord, NodeSample, NodeState, normalize_address
+from prime.protocol.storage import ManifestEntry
+from prime.protocol.tasks import MAX_REPLICAS, Replica, ReplicaState, RestartPolicy, Task, TaskSpec, TaskState, is_task_id, new_task_id, validate_image
 
 # --- TaskSpec ---------------------------------------------------------------------------------
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 
 from prime.chain.types import NodeStatus, Specs
-from prime.roles.master.models import (
-    NodeRecord,
-    NodeState,
-    ReplicaReport,
-    ReplicaState,
-    Task,
-    TaskSpec,
-    ValidationError,
-)
+from prime.protocol.errors import ValidationError
+from prime.protocol.heartbeat import ReplicaReport
+from prime.protocol.nodes import NodeRecord, NodeState
+from prime.protocol.tasks import ReplicaState, Task, TaskSpec
 from prime.roles.master.scheduler import (
     Placement,
     apply_node_report,

@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 
 from prime.chain.types import NodeStatus, Specs
-from prime.roles.master.models import (
-    HeartbeatRequest,
-    NodeRecord,
-    NodeState,
-    ReplicaReport,
-    ReplicaState,
-    Task,
-    TaskSpec,
-    TaskState,
-)
+from prime.protocol.heartbeat import HeartbeatRequest, ReplicaReport
+from prime.protocol.nodes import NodeRecord, NodeState
+from prime.protocol.tasks import ReplicaState, Task, TaskSpec, TaskState
 from prime.roles.master.scheduler import RecordReplicaTransition
 from prime.roles.master.state import (
     ChainMember,

@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 
 from prime.chain.types import NodeStatus, Specs
-from prime.roles.master.models import (
-    HeartbeatRequest,
-    GpuSample,
-    ManifestEntry,
-    NodeState,
-    ReplicaReport,
-    ReplicaState,
-    Task,
-    TaskSpec,
-)
+from prime.protocol.heartbeat import HeartbeatRequest, GpuSample, ReplicaReport
+from prime.protocol.nodes import NodeState
+from prime.protocol.storage import ManifestEntry
+from prime.protocol.tasks import ReplicaState, Task, TaskSpec
 from prime.roles.master.state import (
     ChainSynced,
     HeartbeatReceived,

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from prime.auth.client import SignedClient
-from prime.roles.master.models import HeartbeatRequest
+from prime.protocol.heartbeat import HeartbeatRequest
 from prime.roles.miner.state import StateFile
 from tests.fixtures.docker import remove_prime_containers
 from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)

@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from prime.roles.master.models import DesiredReplica, HeartbeatRequest, ReplicaState, TaskSpec
+from prime.protocol.heartbeat import DesiredReplica, HeartbeatRequest
+from prime.protocol.tasks import ReplicaState, TaskSpec
 from prime.roles.miner.executor import InvalidTaskSpec, TaskState, TaskStatus
 from prime.roles.miner.executor import TaskSpec as ExecutorSpec
 from prime.roles.miner.heartbeat import Converger, executor_spec, load_sample, physical_gpus, replica_reports, report_state

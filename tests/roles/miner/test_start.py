@@ -13,7 +13,7 @@ import pytest
 
 from prime.auth.client import SignedClient
 from prime.chain.types import NodeStatus
-from prime.roles.discovery.client import DiscoveryClient
+from prime.clients.discovery import DiscoveryClient
 from tests.fixtures.chain import MIN_STAKE_WEI
 from tests.fixtures.processes import _child_env, free_port
 from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)

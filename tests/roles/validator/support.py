@@ -29,7 +29,7 @@ from prime.chain.types import NodeInfo, NodeStatus, Specs
 from prime.challenge.params import ChallengeParams
 from prime.challenge.prover import Commitment, MatmulProver, NumpyBackend, Prover
 from prime.challenge.service import ChallengeService, add_challenge_routes
-from prime.roles.discovery.client import DiscoveryClient
+from prime.clients.discovery import DiscoveryClient
 from prime.web import bound_port, make_app, read_json, serve
 
 # A CPU-only node: float32 challenges, sized by --challenge-n in the tests.

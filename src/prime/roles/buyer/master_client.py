@@ -20,7 +20,9 @@ from yarl import URL
 
 from prime.auth.client import SignedClient
 from prime.errors import PeerError, PrimeError
-from prime.roles.master.models import ValidationError, is_task_id, validate_relative_path
+from prime.protocol.errors import ValidationError
+from prime.protocol.storage import validate_relative_path
+from prime.protocol.tasks import is_task_id
 
 CHUNK = 256 * 1024
 

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from prime.errors import PrimeError
-from prime.roles.master.models import ENV_NAME_RE, TaskSpec, ValidationError
+from prime.protocol.errors import ValidationError
+from prime.protocol.tasks import ENV_NAME_RE, TaskSpec
 
 
 def parse_env(items: Sequence[str]) -> dict[str, str]:

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from prime.auth.middleware import SIGNER, signed_request_middleware
 from prime.errors import ChainError
-from prime.roles.discovery.client import UNKNOWN_NODE, NodeAddress
+from prime.protocol.discovery import UNKNOWN_NODE, NodeAddress
 from prime.roles.discovery.store import DiscoveryStore
 from prime.web import METRICS, ApiError, json_error, make_app, read_json
 

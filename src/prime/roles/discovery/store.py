@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prime.roles.discovery.client import NodeAddress
+from prime.protocol.discovery import NodeAddress
 from prime.store import Database
 
 DB_FILE = "discovery.sqlite"

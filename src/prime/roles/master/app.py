@@ -21,14 +21,10 @@ from prime.auth.permissions import ChainPermissions
 from prime.errors import ChainError
 from prime.roles.master.cas import BlobStore
 from prime.roles.master.logs import LogMerger
-from prime.roles.master.models import (
-    HeartbeatRequest,
-    Task,
-    TaskSpec,
-    ValidationError,
-    is_task_id,
-    validate_relative_path,
-)
+from prime.protocol.errors import ValidationError
+from prime.protocol.heartbeat import HeartbeatRequest
+from prime.protocol.storage import validate_relative_path
+from prime.protocol.tasks import Task, TaskSpec, is_task_id
 from prime.roles.master.scheduler import check_placeable
 from prime.roles.master.service import HeartbeatDenied, MasterService
 from prime.web import ApiError, json_error, make_app, read_json

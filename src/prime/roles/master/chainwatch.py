@@ -21,7 +21,7 @@ from typing import Any
 from prime.chain.client import RegistryClient
 from prime.chain.events import EventFollower
 from prime.chain.types import ChainEvent, Specs
-from prime.roles.master.models import NO_HARDWARE
+from prime.protocol.nodes import NO_HARDWARE
 from prime.roles.master.state import (
     ChainSynced,
     Event,

@@ -12,7 +12,7 @@ from urllib.parse import quote
 from prime.auth.client import SignedClient
 from prime.errors import PeerError
 from prime.roles.master.locator import NodeLocator
-from prime.roles.master.models import DesiredReplica
+from prime.protocol.heartbeat import DesiredReplica
 
 log = logging.getLogger(__name__)
 

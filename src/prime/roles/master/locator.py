@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from prime.auth.permissions import TTLCache
 from prime.errors import PeerError
-from prime.roles.discovery.client import DiscoveryClient
+from prime.clients.discovery import DiscoveryClient
 
 
 class NodeUnreachable(PeerError):

@@ -25,7 +25,7 @@ from urllib.parse import quote
 from prime.auth.client import SignedClient
 from prime.errors import PeerError
 from prime.roles.master.locator import NodeLocator
-from prime.roles.master.models import Task
+from prime.protocol.tasks import Task
 
 log = logging.getLogger(__name__)
 

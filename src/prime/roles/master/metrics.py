@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from prime.roles.master.models import NodeState, ReplicaState
+from prime.protocol.nodes import NodeState
+from prime.protocol.tasks import ReplicaState
 from prime.roles.master.state import MasterState
 
 

@@ -22,19 +22,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prime.chain.types import Specs
-from prime.roles.master.models import (
-    FINAL_REPLICA_STATES,
-    NO_HARDWARE,
-    PLACED_REPLICA_STATES,
-    DesiredReplica,
-    NodeRecord,
-    NodeState,
-    ReplicaReport,
-    ReplicaState,
-    Task,
-    TaskSpec,
-    ValidationError,
-)
+from prime.protocol.errors import ValidationError
+from prime.protocol.heartbeat import DesiredReplica, ReplicaReport
+from prime.protocol.nodes import NO_HARDWARE, NodeRecord, NodeState
+from prime.protocol.tasks import FINAL_REPLICA_STATES, PLACED_REPLICA_STATES, ReplicaState, Task, TaskSpec
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ async def start_master(
     from prime.chain.client import RegistryClient
     from prime.chain.deploy import Deployment
     from prime.chain.events import EventFollower
-    from prime.roles.discovery.client import DiscoveryClient
+    from prime.clients.discovery import DiscoveryClient
     from prime.roles.master.app import add_routes, new_app
     from prime.roles.master.cas import BlobStore
     from prime.roles.master.chainwatch import EVENT_NAMES, ChainWatcher

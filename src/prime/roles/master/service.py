@@ -24,7 +24,9 @@ from prime.errors import PeerError, PrimeError
 from prime.roles.master.dispatch import TaskPusher
 from prime.roles.master.invites import InviteSender
 from prime.roles.master.metrics import MasterMetrics
-from prime.roles.master.models import PLACED_REPLICA_STATES, DesiredReplica, HeartbeatRequest, NodeState, Task
+from prime.protocol.heartbeat import DesiredReplica, HeartbeatRequest
+from prime.protocol.nodes import NodeState
+from prime.protocol.tasks import PLACED_REPLICA_STATES, Task
 from prime.roles.master.state import (
     Event,
     HeartbeatReceived,

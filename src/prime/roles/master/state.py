@@ -39,17 +39,9 @@ from typing import Any, Union
 
 from prime.chain.types import NodeStatus, Specs
 from prime.roles.master import scheduler
-from prime.roles.master.models import (
-    HOSTING_STATES,
-    FINAL_REPLICA_STATES,
-    HeartbeatRequest,
-    HeartbeatResponse,
-    NodeRecord,
-    NodeSample,
-    NodeState,
-    ReplicaState,
-    Task,
-)
+from prime.protocol.heartbeat import HeartbeatRequest, HeartbeatResponse
+from prime.protocol.nodes import HOSTING_STATES, NodeRecord, NodeSample, NodeState
+from prime.protocol.tasks import FINAL_REPLICA_STATES, ReplicaState, Task
 from prime.roles.master.scheduler import RecordReplicaTransition
 
 # --- configuration ------------------------------------------------------------------------------

@@ -16,20 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from prime.chain.types import NodeStatus
-from prime.roles.master.models import (
-    NO_HARDWARE,
-    ManifestEntry,
-    NodeRecord,
-    NodeSample,
-    NodeState,
-    Replica,
-    ReplicaState,
-    RestartPolicy,
-    Task,
-    TaskSpec,
-    specs_from_json,
-    specs_to_json,
-)
+from prime.protocol.nodes import NO_HARDWARE, NodeRecord, NodeSample, NodeState, specs_from_json, specs_to_json
+from prime.protocol.storage import ManifestEntry
+from prime.protocol.tasks import Replica, ReplicaState, RestartPolicy, Task, TaskSpec
 from prime.roles.master.state import MasterState, StateConfig
 from prime.store import Database
 

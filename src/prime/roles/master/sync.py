@@ -24,7 +24,10 @@ from prime.errors import PeerError, PrimeError
 from prime.roles.master.cas import BlobStore
 from prime.roles.master.locator import NodeLocator
 from prime.roles.master.metrics import MasterMetrics
-from prime.roles.master.models import ManifestEntry, NodeState, ReplicaState, ValidationError
+from prime.protocol.errors import ValidationError
+from prime.protocol.nodes import NodeState
+from prime.protocol.storage import ManifestEntry
+from prime.protocol.tasks import ReplicaState
 from prime.roles.master.state import MasterState
 from prime.roles.master.store import MasterStore
 from prime.store import Database

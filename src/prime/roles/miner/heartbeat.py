@@ -24,19 +24,9 @@ import psutil
 
 from prime import hardware
 from prime.errors import PeerError
-from prime.roles.master.models import (
-    MAX_ERROR_LENGTH,
-    MAX_REPLICAS,
-    MAX_REPORTED_TASKS,
-    DesiredReplica,
-    GpuSample,
-    HeartbeatRequest,
-    HeartbeatResponse,
-    ReplicaReport,
-    ReplicaState,
-    ValidationError,
-    is_task_id,
-)
+from prime.protocol.errors import ValidationError
+from prime.protocol.heartbeat import DesiredReplica, GpuSample, HeartbeatRequest, HeartbeatResponse, ReplicaReport
+from prime.protocol.tasks import MAX_ERROR_LENGTH, MAX_REPLICAS, MAX_REPORTED_TASKS, ReplicaState, is_task_id
 from prime.roles.miner.executor import InvalidTaskSpec, ProgressCallback, TaskState, TaskStatus
 from prime.roles.miner.executor import TaskSpec as ExecutorSpec
 from prime.roles.miner.state import MinerState, StateFile

@@ -37,7 +37,7 @@ from prime.chain.client import RegistryClient
 from prime.chain.types import NodeInfo, NodeStatus, RunInfo, Specs
 from prime.challenge.service import ChallengeService
 from prime.errors import PrimeError
-from prime.roles.discovery.client import DiscoveryClient
+from prime.clients.discovery import DiscoveryClient
 from prime.roles.miner.announce import Announcer, choose_announce_ip
 from prime.roles.miner.app import build_miner_app
 from prime.roles.miner.executor import DockerExecutor

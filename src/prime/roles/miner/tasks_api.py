@@ -24,7 +24,9 @@ from typing import Any
 from aiohttp import web
 
 from prime.auth.middleware import require
-from prime.roles.master.models import DesiredReplica, ValidationError, is_task_id
+from prime.protocol.errors import ValidationError
+from prime.protocol.heartbeat import DesiredReplica
+from prime.protocol.tasks import is_task_id
 from prime.roles.miner import storage
 from prime.roles.miner.executor import InvalidTaskSpec, TaskNotFound, TaskState
 from prime.roles.miner.heartbeat import Converger

@@ -38,7 +38,7 @@ from prime.chain.types import ChainEvent, NodeInfo, NodeStatus, RunInfo
 from prime.challenge.params import ChallengePlan, plan_challenge
 from prime.challenge.runner import run_challenge
 from prime.errors import ChainError, PeerError, PrimeError
-from prime.roles.discovery.client import DiscoveryClient
+from prime.clients.discovery import DiscoveryClient
 from prime.roles.validator.store import (
     DECIDED,
     SUPERSEDED,

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from prime.errors import PeerError
-from prime.roles.discovery.client import UNKNOWN_NODE, DiscoveryClient, NodeAddress
+from prime.clients.discovery import UNKNOWN_NODE, DiscoveryClient
+from prime.protocol.discovery import NodeAddress
 
 ADDRESS = "0x" + "ab" * 20
 RECORD = {"address": ADDRESS, "ip": "10.0.0.7", "port": 8091, "run_id": 3, "updated_at": 1700000000.5}

@@ -1,0 +1,1 @@
+"""Clients of one role's HTTP API that several other roles use."""

@@ -1,0 +1,1 @@
+"""The wire protocol: every message between roles, declared once. Imports no role."""
