@@ -32,7 +32,7 @@ from prime.chain.client import RegistryClient, invite_digest, recover_digest_sig
 from prime.chain.types import NodeStatus, Requirements, Specs
 from prime.keys import create_keystore
 from prime.clients.discovery import DiscoveryClient
-from prime.roles.master.invites import invite_ack_text
+from prime.protocol.invite import ack_text
 from prime.web import bound_port, json_error
 from tests.fixtures.chain import DEFAULT_SPECS
 from tests.fixtures.processes import RoleProcess, RoleProcesses, free_port, prime_command
@@ -209,8 +209,7 @@ class FakeMiner:
             tx_hash = result.tx_hash
         self.master_url = body["master_url"]
         self.received.invites.append(body)
-        ack = sign_message(self.node, invite_ack_text(self._chain.chain_id, self._chain.address, self.run_id,
-                                                      self.address, expiry))
+        ack = sign_message(self.node, ack_text(self._chain.chain_id, self._chain.address, self.run_id, self.address, expiry))
         return web.json_response({"node": self.address, "run_id": self.run_id, "master_url": self.master_url,
                                   "tx_hash": tx_hash, "ack": ack})
 

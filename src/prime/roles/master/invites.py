@@ -2,8 +2,9 @@
 
 The invite signature is the one the registry checks in ``joinRun``: the master's EIP-191
 signature over ``invite_digest(chain_id, registry, run_id, node, expiry)``. The miner answers
-with its own signature over the text ``invite_ack_text(...)`` once it joined (or had already
+with its own signature over the text ``ack_text(...)`` once it joined (or had already
 joined), which proves the invite reached the node's key and not something else at that URL.
+Body, answer, digest and text are declared once, in ``prime.protocol.invite``.
 """
 
 from __future__ import annotations
@@ -15,20 +16,15 @@ from eth_utils import to_checksum_address
 
 from prime.auth.client import SignedClient
 from prime.auth.signing import AuthError, recover_message
-from prime.chain.client import invite_digest, sign_digest
+from prime.chain.client import sign_digest
 from prime.errors import PeerError, PrimeError
+from prime.protocol.errors import ValidationError
+from prime.protocol.invite import InviteAnswer, InviteBody, ack_text, invite_digest
 from prime.roles.master.locator import NodeLocator
-
-ACK_PROTOCOL = "prime-invite-ack-v1"
 
 
 class InviteError(PrimeError):
     """The invite did not reach the node or the node's answer does not check out."""
-
-
-def invite_ack_text(chain_id: int, registry: str, run_id: int, node: str, expiry: int) -> str:
-    """What the node signs to acknowledge an invite (addresses in checksum form)."""
-    return f"{ACK_PROTOCOL}\n{chain_id}\n{to_checksum_address(registry)}\n{run_id}\n{to_checksum_address(node)}\n{expiry}"
 
 
 @dataclass(frozen=True)
@@ -61,8 +57,7 @@ class InviteSender:
 
     def invite_body(self, node: str, expiry: int) -> dict[str, Any]:
         signature = sign_digest(self.account, invite_digest(self.chain_id, self.registry, self.run_id, node, expiry))
-        return {"run_id": self.run_id, "master_url": self.master_url, "expiry": int(expiry),
-                "signature": "0x" + signature.hex()}
+        return InviteBody(self.run_id, self.master_url, int(expiry), "0x" + signature.hex()).to_json()
 
     async def send(self, node: str, expiry: int) -> InviteAck:
         """Invite ``node`` (its URL freshly from discovery); InviteError says why it failed."""
@@ -79,22 +74,24 @@ class InviteSender:
     def check_ack(self, node: str, expiry: int, url: str, answer: Any) -> InviteAck:
         if not isinstance(answer, dict):
             raise InviteError(f"Node {node} at {url} answered the invite without a JSON object.")
-        claimed, run_id, ack = answer.get("node"), answer.get("run_id"), answer.get("ack")
-        if not isinstance(claimed, str) or claimed.lower() != node.lower():
-            raise InviteError(f"The miner at {url} answered for node {claimed!r}, not {node}; discovery may be stale.")
-        if run_id != self.run_id:
-            raise InviteError(f"Node {node} acknowledged run {run_id!r} instead of run {self.run_id}.")
-        if not isinstance(ack, str):
-            raise InviteError(f"Node {node} answered the invite without a signed acknowledgement.")
-        text = invite_ack_text(self.chain_id, self.registry, self.run_id, node, expiry)
         try:
-            signer = recover_message(text, ack)
+            parsed = InviteAnswer.from_json(answer)
+        except ValidationError as exc:
+            if exc.field == "ack":
+                raise InviteError(f"Node {node} answered the invite without a signed acknowledgement.") from None
+            raise InviteError(f"Node {node} at {url} answered the invite with a malformed body ({exc}).") from None
+        if parsed.node.lower() != node.lower():
+            raise InviteError(f"The miner at {url} answered for node {parsed.node!r}, not {node}; discovery may be stale.")
+        if parsed.run_id != self.run_id:
+            raise InviteError(f"Node {node} acknowledged run {parsed.run_id!r} instead of run {self.run_id}.")
+        text = ack_text(self.chain_id, self.registry, self.run_id, node, expiry)
+        try:
+            signer = recover_message(text, parsed.ack)
             if signer.lower() != node.lower():
                 # Tolerate a miner that wrote the addresses in lower case (the text's only free choice).
-                signer = recover_message(text.lower(), ack)
+                signer = recover_message(text.lower(), parsed.ack)
         except AuthError as exc:
             raise InviteError(f"Node {node}'s invite acknowledgement is not a valid signature ({exc.reason}).") from None
         if signer.lower() != node.lower():
             raise InviteError(f"Node {node}'s invite acknowledgement is not signed by the node's key.")
-        tx_hash = answer.get("tx_hash")
-        return InviteAck(node, self.run_id, url, tx_hash if isinstance(tx_hash, str) else None)
+        return InviteAck(node, self.run_id, url, parsed.tx_hash)

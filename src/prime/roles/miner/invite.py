@@ -28,33 +28,19 @@ from eth_utils import to_checksum_address
 
 from prime.auth.middleware import SIGNER
 from prime.auth.signing import sign_message
-from prime.chain.client import RevertError, invite_digest, recover_digest_signer
+from prime.chain.client import RevertError, recover_digest_signer
 from prime.chain.types import NodeStatus
 from prime.errors import ChainError
 from prime.roles.miner.state import MinerState, StateFile
-from prime.web import json_error, read_json
+from prime.protocol.errors import ValidationError
+from prime.protocol.invite import InviteAnswer, InviteBody, ack_text, invite_digest
+from prime.web import ApiError, json_error, read_json
 
 log = logging.getLogger(__name__)
 
-ACK_PREFIX = "prime-invite-ack-v1"
 MAX_URL_LENGTH = 2048
 UINT64_MAX = 2**64 - 1
 _SIGNATURE = re.compile(r"^0x[0-9a-fA-F]{130}$")
-
-
-def ack_text(chain_id: int, registry: str, run_id: int, node: str, expiry: int) -> str:
-    """The text the node signs to acknowledge an invite."""
-    return f"{ACK_PREFIX}\n{chain_id}\n{to_checksum_address(registry)}\n{run_id}\n{to_checksum_address(node)}\n{expiry}"
-
-
-@dataclass
-class InviteBody:
-    """Body of POST /invite."""
-
-    run_id: int
-    master_url: str
-    expiry: int
-    signature: str
 
 
 class InviteRefused(Exception):
@@ -199,16 +185,15 @@ class InviteHandler:
         Answers {node, run_id, master_url, tx_hash | null, ack}.
         """
         signer: str = request[SIGNER]
-        body = await read_json(request, InviteBody)
+        try:
+            body = InviteBody.from_json(await read_json(request, dict))
+        except ValidationError as exc:
+            raise ApiError(400, "invalid_body", str(exc)) from None
         try:
             accepted = await self.accept(body, signer)
         except InviteRefused as refused:
             log.warning("refused an invite from %s: %s", signer, refused.detail)
             return refused.response()
-        return web.json_response({
-            "node": self.node_account.address,
-            "run_id": body.run_id,
-            "master_url": accepted.master_url,
-            "tx_hash": accepted.tx_hash,
-            "ack": accepted.ack,
-        })
+        return web.json_response(InviteAnswer(
+            self.node_account.address, body.run_id, accepted.master_url, accepted.tx_hash, accepted.ack,
+        ).to_json())
