@@ -1,13 +1,24 @@
 """The client side of signed requests: ``SignedClient``.
 
-Each attempt is signed afresh (new timestamp and nonce) over the request target exactly as
-aiohttp will put it on the wire: the URL (with ``params`` merged) is built once as a
-``yarl.URL`` and that same object is sent, so its ``raw_path_qs`` is what the server sees
-in ``request.raw_path``. Redirects are not followed (a signature covers one path).
+Each attempt is signed afresh (new timestamp and nonce) over the request target exactly as it
+will be put on the wire: the URL (with ``params`` merged) is built once as a ``yarl.URL`` and
+that same object is sent, so its ``raw_path_qs`` is what the server sees in
+``request.raw_path``. Redirects are not followed (a signature covers one path).
+
+The wire itself is a transport (``prime.auth.transport``): ``AiohttpTransport`` by default,
+``InProcessTransport(app)`` in tests to reach an aiohttp app's real routes. Signing, retries,
+reply limits and error mapping are here, the same for every transport. A transport passed in
+is the caller's to close; the default one is closed with the client.
 
 Connection errors, timeouts and 5xx answers are retried with exponential backoff and
 jitter; 4xx answers are final. Failures are ``PeerError`` carrying the status and the
 peer's JSON error.
+
+Every body the client reads itself is bounded: ``request()`` reads at most
+``max_response_bytes`` (a client setting, ``DEFAULT_MAX_RESPONSE_BYTES`` unless given, and a
+per-call override); a longer answer is a ``PeerError`` naming the peer, refused from its
+Content-Length before any of it is read, or as soon as the limit is passed. Error answers are
+read up to ``ERROR_BODY_BYTES``. ``stream()`` leaves the body to the caller.
 """
 
 from __future__ import annotations
@@ -23,10 +34,13 @@ import aiohttp
 from yarl import URL
 
 from prime.auth.signing import sign_headers
+from prime.auth.transport import AiohttpTransport, Response, Timeout, Transport, TransportError
 from prime.errors import PeerError
 
 _UNSET: Any = object()
-_RETRYABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
+ERROR_BODY_BYTES = 64 * 1024
+_READ_ERRORS = (TimeoutError, aiohttp.ClientError, OSError, TransportError)
 
 
 def build_url(url: str | URL, params: Mapping[str, Any] | None = None) -> URL:
@@ -55,6 +69,35 @@ def _describe_error(body: bytes) -> tuple[Any, str]:
     return parsed, jsonlib.dumps(parsed)[:300]
 
 
+class ReplyTooLarge(Exception):
+    def __init__(self, limit: int, declared: int | None = None) -> None:
+        super().__init__(limit)
+        self.limit = limit
+        self.declared = declared
+
+
+async def read_bounded(response: Response, limit: int) -> bytes:
+    """The whole body of ``response``, or ``ReplyTooLarge`` once it is longer than ``limit`` bytes."""
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ReplyTooLarge(limit, int(declared))
+    content = response.content
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        chunk = await content.read(min(256 * 1024, limit + 1 - received))
+        if not chunk:
+            return b"".join(chunks)
+        received += len(chunk)
+        if received > limit:
+            raise ReplyTooLarge(limit)
+        chunks.append(chunk)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
 class SignedClient:
     """Signed, retried HTTP calls to other prime services. Use as ``async with SignedClient(acct) as c``."""
 
@@ -66,30 +109,28 @@ class SignedClient:
         retries: int = 3,
         backoff_s: float = 0.25,
         max_backoff_s: float = 5.0,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        transport: Transport | None = None,
     ) -> None:
         self.account = account
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
-        self._session: aiohttp.ClientSession | None = None
+        self.max_response_bytes = max_response_bytes
+        self._owns_transport = transport is None
+        self.transport: Transport = transport if transport is not None else AiohttpTransport()
 
     async def __aenter__(self) -> SignedClient:
-        self._ensure_session()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    def _ensure_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        return self._session
+        """Close the default transport (one passed in stays open: its owner closes it)."""
+        if self._owns_transport:
+            await self.transport.close()
 
     def _delay(self, attempt: int, retry_after: str | None = None) -> float:
         delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
@@ -97,11 +138,8 @@ class SignedClient:
             delay = min(self.max_backoff_s, max(delay, float(retry_after)))
         return delay * random.uniform(0.5, 1.0)  # jitter: callers that failed together do not retry together
 
-    async def _send(
-        self, method: str, u: URL, body: bytes, content_type: str | None, timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.ClientResponse:
+    async def _send(self, method: str, u: URL, body: bytes, content_type: str | None, timeout: Timeout) -> Response:
         """The response of the first attempt that is not a connection error or a 5xx (or the last one)."""
-        session = self._ensure_session()
         method = method.upper()
         attempts = self.retries + 1
         for attempt in range(attempts):
@@ -109,22 +147,20 @@ class SignedClient:
             if content_type:
                 headers["Content-Type"] = content_type
             try:
-                response = await session.request(
-                    method, u, data=body or None, headers=headers, timeout=timeout, allow_redirects=False
-                )
-            except _RETRYABLE as exc:
+                response = await self.transport.send(method, u, headers, body, timeout)
+            except TransportError as exc:
+                if not exc.retryable:
+                    raise PeerError(f"Cannot request {u}: {exc.reason}.") from None
                 if attempt + 1 >= attempts:
-                    reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else (str(exc) or type(exc).__name__)
                     raise PeerError(
-                        f"Could not reach {_peer_name(u)} for {method} {u.path} after {attempts} attempts ({reason}); check that it is running and reachable."
+                        f"Could not reach {_peer_name(u)} for {method} {u.path} after {attempts} attempts ({exc.reason}); check that it is running and reachable."
                     ) from None
                 await asyncio.sleep(self._delay(attempt))
                 continue
-            except (aiohttp.InvalidURL, ValueError) as exc:
-                raise PeerError(f"Cannot request {u}: the URL is invalid ({exc}).") from None
             if response.status >= 500 and attempt + 1 < attempts:
                 retry_after = response.headers.get("Retry-After")
-                await response.read()
+                with contextlib.suppress(*_READ_ERRORS, ReplyTooLarge):
+                    await read_bounded(response, ERROR_BODY_BYTES)
                 response.release()
                 await asyncio.sleep(self._delay(attempt, retry_after))
                 continue
@@ -139,12 +175,14 @@ class SignedClient:
             return jsonlib.dumps(json, separators=(",", ":")).encode(), "application/json"
         return (data or b""), ("application/octet-stream" if data else None)
 
-    async def _raise_for(self, method: str, u: URL, response: aiohttp.ClientResponse) -> None:
+    async def _raise_for(self, method: str, u: URL, response: Response) -> None:
         if 200 <= response.status < 300:
             return
         try:
-            body = await response.read()
-        except aiohttp.ClientError:
+            body = await read_bounded(response, ERROR_BODY_BYTES)
+        except ReplyTooLarge:
+            body = b""  # an error answer that long describes nothing useful
+        except _READ_ERRORS:
             body = b""
         parsed, text = _describe_error(body)
         raise PeerError(
@@ -161,22 +199,33 @@ class SignedClient:
         json: Any = None,
         params: Mapping[str, Any] | None = None,
         data: bytes | None = None,
+        max_response_bytes: int | None = None,
     ) -> Any:
         """Send one signed request; the parsed JSON answer (None for an empty body).
 
         Raises PeerError (with ``status`` and the peer's JSON error as ``body``) on a non-2xx
-        answer, an answer that is not JSON, or when the peer stays unreachable.
+        answer, an answer that is not JSON or longer than ``max_response_bytes`` (default: the
+        client's setting), or when the peer stays unreachable.
         """
         u = build_url(url, params)
         body, content_type = self._encode(json, data)
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        response = await self._send(method, u, body, content_type, timeout)
-        async with response:
+        limit = self.max_response_bytes if max_response_bytes is None else max_response_bytes
+        response = await self._send(method, u, body, content_type, Timeout(total=self.timeout_s))
+        try:
             await self._raise_for(method, u, response)
             try:
-                raw = await response.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
+                raw = await read_bounded(response, limit)
+            except ReplyTooLarge as exc:
+                size = f" ({_size(exc.declared)})" if exc.declared is not None else ""
+                raise PeerError(
+                    f"{_peer_name(u)} answered {method.upper()} {u.path} with more than {_size(exc.limit)}{size}; "
+                    "it was not read (a peer that is not a prime service, or a reply limit too low for it).",
+                    status=response.status,
+                ) from None
+            except _READ_ERRORS as exc:
                 raise PeerError(f"{_peer_name(u)} broke off its answer to {method.upper()} {u.path} ({type(exc).__name__}).", status=response.status) from None
+        finally:
+            response.release()
         if not raw.strip():
             return None
         try:
@@ -195,17 +244,17 @@ class SignedClient:
         params: Mapping[str, Any] | None = None,
         json: Any = None,
         read_timeout_s: float | None = _UNSET,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[Response]:
         """The raw response of a signed request, for large or open-ended bodies (logs, blobs).
 
-        Connecting is retried like ``request``; the body is the caller's to read
-        (``resp.content``). ``read_timeout_s`` bounds each read (default ``timeout_s``;
+        Connecting is retried like ``request``; the body is the caller's to read (and bound):
+        ``resp.content``. ``read_timeout_s`` bounds each read (default ``timeout_s``;
         None waits forever, e.g. for ``follow=1`` logs). Non-2xx answers raise PeerError.
         """
         u = build_url(url, params)
         body, content_type = self._encode(json, None)
         sock_read = self.timeout_s if read_timeout_s is _UNSET else read_timeout_s
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=sock_read)
+        timeout = Timeout(total=None, connect=self.timeout_s, read=sock_read)
         response = await self._send(method, u, body, content_type, timeout)
         try:
             await self._raise_for(method, u, response)
