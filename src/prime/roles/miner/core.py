@@ -1,0 +1,401 @@
+"""The miner's decisions, and nothing else: no I/O, no asyncio, no Docker.
+
+From the master's desired replicas, what Docker shows (a snapshot of ``ReplicaStatus``
+the executor reports), the miner's bookkeeping (``Book``) and the clock, ``plan`` returns
+the actions to carry out (start, stop, keep, resume, restart with backoff), the book to
+keep, and what to report to the master::
+
+    plan = core.plan(desired, snapshot, book, now, policy, node_gpus)
+    book = plan.book
+    # carry out plan.actions; a start that raised is fed back:
+    book = core.start_failed(book, key, reason)
+
+``desired=None`` is a supervise tick (no new list from the master): nothing is started or
+stopped, only created-but-not-started containers are started and failed ones restarted per
+their restart policy. This module is the only place that knows the restart policy.
+
+Times are the caller's clock (monotonic in production). A remembered time that lies in the
+future (the clock went backwards) is taken as now: a wait is never longer than its length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from prime.protocol.heartbeat import MAX_REPORTED_TASKS, DesiredReplica, ReplicaReport
+from prime.protocol.tasks import MAX_ERROR_LENGTH, MAX_REPLICAS, ReplicaState, RestartPolicy, TaskSpec, is_task_id
+
+Key = tuple[str, int]
+
+ATTEMPT_ENV = "PRIME_ATTEMPT"
+MIN_MEMORY_MIB = 6  # Docker refuses less
+FINISHED = frozenset({ReplicaState.COMPLETED, ReplicaState.FAILED})
+
+
+class Unplaceable(ValueError):
+    """A desired replica this node cannot run as given (one sentence, for the master)."""
+
+
+# --- what the node runs ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """One desired replica as this node runs it: the master's entry plus the node's GPU indices."""
+
+    desired: DesiredReplica
+    gpus: tuple[int, ...]  # NVML indices of the cards (the master's positions, mapped)
+
+    @property
+    def key(self) -> Key:
+        return (self.desired.id, self.desired.replica)
+
+    @property
+    def task_id(self) -> str:
+        return self.desired.id
+
+    @property
+    def replica(self) -> int:
+        return self.desired.replica
+
+    @property
+    def spec(self) -> TaskSpec:
+        return self.desired.spec
+
+    @property
+    def restart(self) -> RestartPolicy:
+        return RestartPolicy(self.desired.spec.restart)
+
+    def environment(self) -> dict[str, str]:
+        """The task's env plus its attempt: a replica placed here again is a new container."""
+        env = dict(self.desired.spec.env)
+        env[ATTEMPT_ENV] = str(self.desired.attempt)
+        return env
+
+    def record(self) -> dict[str, Any]:
+        """Everything that shapes the container, as stored in its ``prime.spec`` label.
+
+        The shape is the label format of every miner so far (``max_restarts`` is always
+        null): containers started before an upgrade keep their hash and are adopted.
+        """
+        spec = self.desired.spec
+        return {
+            "task_id": self.task_id,
+            "image": spec.image,
+            "command": list(spec.command),
+            "env": self.environment(),
+            "gpus": list(self.gpus),
+            "replica": self.replica,
+            "persistent": bool(spec.persistent),
+            "cpu_limit": None if spec.cpu_limit is None else float(spec.cpu_limit),
+            "memory_limit_mib": None if spec.memory_limit_mib is None else int(spec.memory_limit_mib),
+            "restart": self.restart.value,
+            "max_restarts": None,
+        }
+
+    def spec_hash(self) -> str:
+        """A stable hash of ``record()``: a change means the container is replaced."""
+        canonical = json.dumps(self.record(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def physical_gpus(positions: Sequence[int], node_gpus: Sequence[int]) -> tuple[int, ...]:
+    """The NVML indices for the master's GPU positions; ``Unplaceable`` if one is not offered."""
+    out = []
+    for position in positions:
+        if not 0 <= position < len(node_gpus):
+            raise Unplaceable(f"The master assigned GPU {position} but this node offers only {len(node_gpus)} GPU(s).")
+        out.append(node_gpus[position])
+    if len(set(out)) != len(out):
+        raise Unplaceable("The master assigned the same GPU twice to one replica.")
+    return tuple(out)
+
+
+def place(desired: DesiredReplica, node_gpus: Sequence[int]) -> Placement:
+    """This node's placement of one desired replica; ``Unplaceable`` when it cannot run here."""
+    memory = desired.spec.memory_limit_mib
+    if memory is not None and memory < MIN_MEMORY_MIB:
+        raise Unplaceable(f"The task's memory_limit_mib must be an integer of at least {MIN_MEMORY_MIB} (MiB).")
+    return Placement(desired, physical_gpus(desired.gpu_indices, node_gpus))
+
+
+# --- what Docker shows -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReplicaStatus:
+    """One replica as the executor sees it: a container, or its record of one being started
+    (``container_id`` None: pulling, or failed before a container existed)."""
+
+    task_id: str
+    replica: int
+    state: ReplicaState  # Pulling, Running, Completed, Failed or Stopped
+    exit_code: int | None = None
+    reason: str | None = None  # why it failed, in words
+    container_id: str | None = None
+    spec_hash: str | None = None
+    gpus: str | None = None  # the GPU indices it was given ("0,2", "")
+    restart: RestartPolicy | None = None  # from its spec label; None: not readable
+
+    @property
+    def key(self) -> Key:
+        return (self.task_id, self.replica)
+
+    def to_dict(self, restarts: int = 0) -> dict[str, Any]:
+        """The shape of ``GET /tasks`` entries."""
+        return {
+            "task_id": self.task_id, "replica": self.replica, "state": ReplicaState(self.state).value,
+            "exit_code": self.exit_code, "reason": self.reason, "container_id": self.container_id,
+            "spec_hash": self.spec_hash, "restarts": restarts, "gpus": self.gpus,
+        }
+
+
+# --- bookkeeping -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    retention_s: float = 3600.0  # an undesired finished replica's container (and logs) is kept this long
+    push_grace_s: float = 30.0  # a pushed replica is not stopped by a list computed before the push
+    backoff_s: float = 1.0  # first restart delay; doubles per restart
+    backoff_max_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class Restarts:
+    count: int = 0  # restarts so far of this replica's container
+    failed_at: float | None = None  # when its current failure was first seen
+
+
+@dataclass(frozen=True)
+class Book:
+    """What the miner remembers between decisions (in memory; Docker is the record of the rest)."""
+
+    restarts: Mapping[Key, Restarts] = field(default_factory=dict)
+    finished_since: Mapping[Key, float] = field(default_factory=dict)  # undesired and finished, since
+    pushed_at: Mapping[Key, float] = field(default_factory=dict)  # POST /tasks, when
+    invalid: Mapping[Key, str] = field(default_factory=dict)  # desired replicas that cannot run here, why
+
+    def restart_count(self, key: Key) -> int:
+        track = self.restarts.get(key)
+        return track.count if track else 0
+
+
+# --- actions -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Start:
+    """Create and start the replica's container (pulling its image if missing); ``replace``:
+    remove the replica's other container (or abandon its start) first."""
+
+    placement: Placement
+    replace: bool = False
+
+    @property
+    def key(self) -> Key:
+        return self.placement.key
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Start a container that was created but never started (the miner stopped in between)."""
+
+    key: Key
+    container_id: str
+
+
+@dataclass(frozen=True)
+class Restart:
+    """Start a failed container again: restart number ``count``."""
+
+    key: Key
+    container_id: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Stop and remove the replica's container (or abandon its start)."""
+
+    key: Key
+    why: str
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Nothing to do now (``until``: when something may be due, e.g. the next restart)."""
+
+    key: Key
+    why: str
+    until: float | None = None
+
+
+Action = Start | Resume | Restart | Stop | Keep
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...]
+    book: Book
+    reports: tuple[ReplicaReport, ...]  # the snapshot as the master should hear it
+
+    def of(self, kind: type) -> list[Any]:
+        return [a for a in self.actions if isinstance(a, kind)]
+
+
+# --- the rules ---------------------------------------------------------------------------------
+
+
+def backoff_delay(restarts: int, base_s: float, max_s: float) -> float:
+    """Seconds to wait before restart number ``restarts + 1``: base, 2·base, 4·base … capped."""
+    return min(max_s, base_s * (2 ** min(max(restarts, 0), 32)))
+
+
+def will_restart(status: ReplicaStatus) -> bool:
+    """A failed replica that its policy restarts: not final yet (the master hears Pulling)."""
+    return status.state is ReplicaState.FAILED and status.restart is RestartPolicy.ON_FAILURE
+
+
+def _since(at: float | None, now: float) -> float:
+    return now if at is None or at > now else at
+
+
+def plan(
+    desired: Sequence[DesiredReplica] | None,
+    snapshot: Iterable[ReplicaStatus],
+    book: Book,
+    now: float,
+    policy: Policy = Policy(),
+    node_gpus: Sequence[int] = (),
+) -> Plan:
+    """The actions that bring the node to ``desired`` (None: a supervise tick), and the new book."""
+    seen: dict[Key, ReplicaStatus] = {s.key: s for s in snapshot}
+    restarts = dict(book.restarts)
+    finished = dict(book.finished_since)
+    pushed = dict(book.pushed_at)
+    invalid = dict(book.invalid)
+    actions: list[Action] = []
+
+    if desired is None:
+        for key, status in seen.items():
+            if status.container_id is None or status.restart is None:
+                actions.append(Keep(key, "no container to supervise" if status.container_id is None else "its spec is not readable"))
+            else:
+                actions.append(_supervise(status, status.restart, restarts, now, policy))
+        new = Book(restarts, finished, pushed, invalid)
+        return Plan(tuple(actions), new, tuple(reports(seen.values(), new)))
+
+    placements: dict[Key, Placement] = {}
+    invalid = {}
+    for entry in desired:  # a key listed twice: the last entry wins
+        key = (entry.id, entry.replica)
+        try:
+            placements[key] = place(entry, node_gpus)
+            invalid.pop(key, None)
+        except Unplaceable as exc:
+            placements.pop(key, None)
+            invalid[key] = str(exc)
+
+    for key, placement in placements.items():
+        finished.pop(key, None)
+        status = seen.get(key)
+        if status is None:
+            restarts.pop(key, None)
+            actions.append(Start(placement))
+        elif status.spec_hash != placement.spec_hash():
+            restarts.pop(key, None)
+            actions.append(Start(placement, replace=True))
+        elif status.container_id is None:
+            if status.state is ReplicaState.PULLING:
+                actions.append(Keep(key, "being started"))
+            else:  # failed before it had a container: try again (image pulls back off in the executor)
+                actions.append(Start(placement))
+        else:
+            actions.append(_supervise(status, placement.restart, restarts, now, policy))
+
+    for key, status in seen.items():
+        if key in placements:
+            continue
+        at = pushed.get(key)
+        if at is not None:
+            at = pushed[key] = _since(at, now)
+            if now - at < policy.push_grace_s:
+                actions.append(Keep(key, "pushed moments ago", until=at + policy.push_grace_s))
+                continue
+            del pushed[key]
+        if status.state in FINISHED and status.restart is not RestartPolicy.ON_FAILURE:
+            since = finished[key] = _since(finished.get(key), now)
+            if now - since < policy.retention_s:
+                actions.append(Keep(key, "finished; kept while its logs may be read", until=since + policy.retention_s))
+                continue
+        actions.append(Stop(key, "the master no longer lists it"))
+        restarts.pop(key, None)
+        finished.pop(key, None)
+        pushed.pop(key, None)
+
+    # Forget what belongs to replicas that are neither seen nor desired any more.
+    live = set(seen) | set(placements)
+    restarts = {k: v for k, v in restarts.items() if k in live}
+    finished = {k: v for k, v in finished.items() if k in seen}
+    pushed = {k: v for k, v in pushed.items() if now - _since(v, now) < policy.push_grace_s}
+    new = Book(restarts, finished, pushed, invalid)
+    return Plan(tuple(actions), new, tuple(reports(seen.values(), new)))
+
+
+def _supervise(status: ReplicaStatus, restart: RestartPolicy, restarts: dict[Key, Restarts], now: float, policy: Policy) -> Action:
+    """A container of a desired (or adopted) replica: resume it, restart it, or keep it. Updates ``restarts``."""
+    key = status.key
+    assert status.container_id is not None
+    if status.state is ReplicaState.PULLING:
+        return Resume(key, status.container_id)
+    if status.state is not ReplicaState.FAILED or restart is not RestartPolicy.ON_FAILURE:
+        return Keep(key, status.state.value if isinstance(status.state, ReplicaState) else str(status.state))
+    track = restarts.get(key, Restarts())
+    failed_at = _since(track.failed_at, now)
+    due = failed_at + backoff_delay(track.count, policy.backoff_s, policy.backoff_max_s)
+    if now < due:
+        restarts[key] = replace(track, failed_at=failed_at)
+        return Keep(key, "failed; restarting after a backoff", until=due)
+    restarts[key] = Restarts(count=track.count + 1, failed_at=None)
+    return Restart(key, status.container_id, track.count + 1)
+
+
+def pushed(book: Book, placement: Placement, now: float) -> Book:
+    """The master pushed this replica (POST /tasks): not stopped for the push grace."""
+    invalid = {k: v for k, v in book.invalid.items() if k != placement.key}
+    return replace(book, pushed_at={**book.pushed_at, placement.key: now}, invalid=invalid)
+
+
+def forget_task(book: Book, task_id: str) -> Book:
+    """The master stopped the whole task (DELETE /tasks/{id}): nothing of it is remembered."""
+    def keep(mapping: Mapping[Key, Any]) -> dict[Key, Any]:
+        return {k: v for k, v in mapping.items() if k[0] != task_id}
+
+    return Book(keep(book.restarts), keep(book.finished_since), keep(book.pushed_at), keep(book.invalid))
+
+
+def start_failed(book: Book, key: Key, reason: str) -> Book:
+    """A start that raised (not a task's own failure, which the executor reports as Failed)."""
+    return replace(book, invalid={**book.invalid, key: reason})
+
+
+def reports(snapshot: Iterable[ReplicaStatus], book: Book) -> list[ReplicaReport]:
+    """Heartbeat entries for the node's replicas (only those the master's wire can name)."""
+    out: dict[Key, ReplicaReport] = {}
+    for status in snapshot:
+        if not is_task_id(status.task_id) or not 0 <= status.replica < MAX_REPLICAS:
+            continue  # not a task of the master's (its id could not be named on the wire)
+        state = ReplicaState.PULLING if will_restart(status) else ReplicaState(status.state)
+        error = status.reason[:MAX_ERROR_LENGTH] if status.reason else None
+        out[status.key] = ReplicaReport(id=status.task_id, replica=status.replica, state=state, exit_code=status.exit_code, error=error)
+    for (task_id, replica), reason in book.invalid.items():
+        if (task_id, replica) not in out and is_task_id(task_id) and 0 <= replica < MAX_REPLICAS:
+            out[(task_id, replica)] = ReplicaReport(
+                id=task_id, replica=replica, state=ReplicaState.FAILED, exit_code=None, error=reason[:MAX_ERROR_LENGTH]
+            )
+    return sorted(out.values(), key=lambda r: (r.id, r.replica))[:MAX_REPORTED_TASKS]
