@@ -67,11 +67,11 @@ class ContainerList(msgspec.Struct, frozen=True):
 
 
 class ContainerLogLine(msgspec.Struct, frozen=True):
-    """One NDJSON line of ``GET /tasks/{id}/logs`` on a miner."""
+    """One NDJSON line of ``GET /tasks/{id}/logs`` on a miner (``ts``: Docker's RFC 3339 time)."""
 
     stream: LogStream
     line: str
-    ts: float | None = None
+    ts: str | None = None
 
 
 class DataManifest(msgspec.Struct, frozen=True):
@@ -93,7 +93,7 @@ class TaskLogLine(msgspec.Struct, frozen=True):
     node: str | None
     stream: LogStream
     line: str
-    ts: float | None = None
+    ts: str | float | None = None  # the miner's RFC 3339 time; unix seconds on the master's own "error" lines
 
 
 class SyncedFile(msgspec.Struct, frozen=True):
