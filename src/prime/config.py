@@ -40,6 +40,14 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PASSWORD_ENV = "PRIME_KEY_PASSWORD"
 DEFAULTS_TABLE = "defaults"
 
+# One default port per role, so every role can run on one machine without flags (the devnet uses
+# the same ones). The buyer only makes calls and has none.
+DISCOVERY_PORT = 8090
+VALIDATOR_PORT = 8091
+MASTER_PORT = 8092
+MINER_PORT = 8093
+DEFAULT_PORTS = {"discovery": DISCOVERY_PORT, "validator": VALIDATOR_PORT, "master": MASTER_PORT, "miner": MINER_PORT}
+
 
 def prime_home() -> Path:
     """Where prime keeps its own files: ``$PRIME_HOME`` or ``~/.config/prime``."""

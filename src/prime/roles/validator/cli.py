@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -19,6 +17,7 @@ from prime.config import (
     DEFAULT_HOST,
     DEFAULT_PASSWORD_ENV,
     DEFAULT_RPC_URL,
+    VALIDATOR_PORT,
     DataDir,
     DeploymentPath,
     Host,
@@ -32,7 +31,7 @@ from prime.errors import ConfigError, PrimeError
 
 app = typer.Typer(no_args_is_help=True)
 
-DEFAULT_PORT = 8091
+DEFAULT_PORT = VALIDATOR_PORT
 DEFAULT_DATA_DIR = prime_home() / "validator"
 
 
@@ -64,6 +63,7 @@ def start(
 ) -> None:
     """Challenge every newly registered node with a proof of compute and approve or reject it on chain."""
     from prime.keys import load_account
+    from prime.roles.process import configure_logging
     from prime.roles.validator.service import ValidatorSettings, serve
 
     if deployment is None:
@@ -73,19 +73,9 @@ def start(
         poll_interval_s=poll_interval, concurrency=concurrency, unreachable_after_s=unreachable_after,
         challenge_n=challenge_n, challenge_timeout_s=challenge_timeout, from_block=from_block,
     )
-    _configure_logging()
+    configure_logging()
     asyncio.run(serve(rpc_url=rpc_url, deployment_path=Path(deployment), account=account, data_dir=Path(data_dir),
                       host=host, port=port, settings=settings))
-
-
-def _configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        level = logging.DEBUG if os.environ.get("PRIME_DEBUG") else logging.INFO
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not os.environ.get("PRIME_DEBUG"):
-        # web3's connection chatter and one access line per /health poll drown the verdicts.
-        logging.getLogger("web3").setLevel(logging.WARNING)
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def _when(ts: float | None) -> str:

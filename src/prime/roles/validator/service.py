@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,8 +29,10 @@ import aiohttp
 from aiohttp import web
 from eth_account.signers.local import LocalAccount
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from yarl import URL
 
-from prime.auth.client import SignedClient
+from prime.auth.client import DEFAULT_MAX_RESPONSE_BYTES, ReplyTooLarge, SignedClient, read_bounded
+from prime.auth.transport import AiohttpTransport, Timeout, Transport, TransportError
 from prime.chain.client import RegistryClient, RevertError
 from prime.chain.events import EventFollower
 from prime.chain.types import ChainEvent, NodeInfo, NodeStatus, RunInfo
@@ -106,6 +107,13 @@ def fixed_overrides(plan: ChallengePlan) -> dict[str, Any]:
             "m": plan.m, "bound_s": plan.bound_s}
 
 
+def opened_rows_limit(plan: ChallengePlan) -> int:
+    """The most bytes a miner's answer to this challenge may have: its ``k`` opened rows of ``n``
+    numbers (32 bytes each is more than any encoding of one needs) with their Merkle paths."""
+    n = plan.params.n
+    return DEFAULT_MAX_RESPONSE_BYTES + plan.k * (32 * n + 128 * max(1, n.bit_length()))
+
+
 class ValidatorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.challenges = Counter("prime_validator_challenges", "Verdicts decided, by result.", ["result"], registry=registry)
@@ -123,12 +131,13 @@ class ValidatorService:
     """The validator's loops and their state; ``build_app()`` gives the aiohttp app that runs them."""
 
     def __init__(self, registry: RegistryClient, account: LocalAccount, store: ValidatorStore,
-                 settings: ValidatorSettings | None = None, *, clock=time.time) -> None:
+                 settings: ValidatorSettings | None = None, *, clock=time.time, transport: Transport | None = None) -> None:
         self.registry = registry
         self.account = account
         self.store = store
         self.settings = settings or ValidatorSettings()
         self.clock = clock
+        self.transport = transport  # None: real sockets; tests may pass an InProcessTransport (theirs to close)
         self.follower = EventFollower(registry, [EVENT], cursor_get=store.cursor, cursor_set=self._save_batch,
                                       start_block=self.settings.from_block)
         self.metrics: ValidatorMetrics | None = None
@@ -138,7 +147,7 @@ class ValidatorService:
         self._wake: asyncio.Event | None = None
         self._runs: dict[int, tuple[float, RunInfo]] = {}
         self._peers: SignedClient | None = None
-        self._probe_session: aiohttp.ClientSession | None = None
+        self._probe: AiohttpTransport | None = None  # unsigned GET /health, when no transport is given
 
     # -- the app -----------------------------------------------------------------------------
 
@@ -154,12 +163,13 @@ class ValidatorService:
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         self._wake = asyncio.Event()
         self.store.retry_all_now(self.clock())
-        self._peers = SignedClient(self.account, timeout_s=self.settings.peer_timeout_s, retries=2)
-        self._probe_session = aiohttp.ClientSession()
+        self._peers = SignedClient(self.account, timeout_s=self.settings.peer_timeout_s, retries=2, transport=self.transport)
+        self._probe = AiohttpTransport() if self.transport is None else None
         yield
         await self.stop_running()
         await self._peers.close()
-        await self._probe_session.close()
+        if self._probe is not None:
+            await self._probe.close()
 
     async def stop_running(self) -> None:
         """Cancel validations in flight; their rows stay open and resume after a restart."""
@@ -303,13 +313,20 @@ class ValidatorService:
         self._runs[run_id] = (now, run)
         return run
 
-    async def _probe(self, url: str) -> str | None:
+    async def _reachable(self, url: str) -> str | None:
         """None when anything answers HTTP at ``url`` (any status), else why not."""
-        assert self._probe_session is not None
-        timeout = aiohttp.ClientTimeout(total=self.settings.probe_timeout_s)
+        transport = self.transport or self._probe
+        assert transport is not None
         try:
-            async with self._probe_session.get(f"{url}/health", timeout=timeout, allow_redirects=False) as answer:
-                await answer.read()
+            answer = await transport.send("GET", URL(f"{url}/health"), {}, b"", Timeout(total=self.settings.probe_timeout_s))
+            try:
+                await read_bounded(answer, 64 * 1024)
+            finally:
+                answer.release()
+        except ReplyTooLarge:
+            return None  # it answered
+        except TransportError as exc:
+            return f"no answer from {url} ({exc.reason})"
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return f"no answer from {url} ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})"
         return None
@@ -324,7 +341,7 @@ class ValidatorService:
         if address is None:
             return Failure(UNREACHABLE, f"the node has not announced its address to discovery at {run.discovery_uri}"), None
         url = address.url
-        problem = await self._probe(url)
+        problem = await self._reachable(url)
         if problem is not None:
             return Failure(UNREACHABLE, problem), url
         plan = plan_challenge(node.specs, self.settings.challenge_overrides())
@@ -332,7 +349,8 @@ class ValidatorService:
         started = time.monotonic()
         try:
             # No client-side retries: a resent POST /challenge would only meet the first one (409).
-            async with SignedClient(self.account, timeout_s=commit_limit_s, retries=0) as client:
+            async with SignedClient(self.account, timeout_s=commit_limit_s, retries=0,
+                                    max_response_bytes=opened_rows_limit(plan), transport=self.transport) as client:
                 report = await asyncio.wait_for(
                     run_challenge(client, url, specs=node.specs, params_overrides=fixed_overrides(plan)),
                     timeout=2 * commit_limit_s + self.settings.open_timeout_s,
@@ -390,39 +408,38 @@ class ValidatorService:
 
 # -- running it ----------------------------------------------------------------------------------
 
+ROLE = "validator"
+
 
 async def serve(*, rpc_url: str, deployment_path: Path, account: LocalAccount, data_dir: Path, host: str,
-                port: int, settings: ValidatorSettings) -> None:
-    """Run the validator until SIGTERM/SIGINT; refuses to start without VALIDATOR_ROLE."""
+                port: int, settings: ValidatorSettings, stop: asyncio.Event | None = None) -> None:
+    """Run the validator until SIGTERM/SIGINT (or ``stop``); refuses to start without VALIDATOR_ROLE."""
     from prime.chain.deploy import Deployment
-    from prime.web import serve as listen
+    from prime.roles.process import open_data_dir, serve_until_stopped
 
     deployment = Deployment.load(deployment_path)
     registry = await RegistryClient.connect(rpc_url, deployment, account)
-    store: ValidatorStore | None = None
-    runner: web.AppRunner | None = None
-    lock = None
     try:
         if not await registry.is_validator(account.address):
             raise PrimeError(
                 f"The key {account.address} does not have the validator role on the registry {registry.address}; "
                 "ask the registry admin to run `prime chain grant-validator` for it, or use a validator key."
             )
-        lock = _lock_data_dir(data_dir)
-        store = _open_store(data_dir)
-        service = ValidatorService(registry, account, store, settings)
-        runner = await listen(service.build_app(), host=host, port=port)
-        log.info("validator %s listening on http://%s:%d (data in %s, %d open validation(s))",
-                 account.address, host, port, data_dir, store.count_open())
-        await _until_stopped()
-        log.info("validator stopping")
+        # One validator per data directory: two would challenge the same nodes twice.
+        with open_data_dir(data_dir, ROLE) as data:
+            store = _open_store(data.path)
+            try:
+                service = ValidatorService(registry, account, store, settings)
+
+                def listening(bound: int) -> None:
+                    log.info("validator %s listening on http://%s:%d (data in %s, %d open validation(s))",
+                             account.address, host, bound, data.path, store.count_open())
+
+                await serve_until_stopped(service.build_app(), host=host, port=port, on_listening=listening, stop=stop)
+                log.info("validator stopped")
+            finally:
+                store.close()
     finally:
-        if runner is not None:
-            await runner.cleanup()
-        if store is not None:
-            store.close()
-        if lock is not None:
-            lock.close()
         await registry.close()
 
 
@@ -431,28 +448,3 @@ def _open_store(data_dir: Path) -> ValidatorStore:
         return ValidatorStore.open(data_dir)
     except OSError as exc:
         raise PrimeError(f"Cannot use data directory {data_dir} ({exc.strerror or exc}); pass a writable --data-dir.") from None
-
-
-def _lock_data_dir(data_dir: Path):
-    """One validator per data directory: two would challenge the same nodes twice."""
-    import fcntl
-
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(data_dir / "validator.lock", "a+")  # noqa: SIM115 - held for the process's life
-    except OSError as exc:
-        raise PrimeError(f"Cannot use data directory {data_dir} ({exc.strerror or exc}); pass a writable --data-dir.") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise PrimeError(f"Another validator is already running with data directory {data_dir}; stop it or pass another --data-dir.") from None
-    return handle
-
-
-async def _until_stopped() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
