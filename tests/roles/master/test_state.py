@@ -579,7 +579,7 @@ def test_skipping_settled_members_is_exactly_the_no_op_case() -> None:
     import itertools
     import random
 
-    from prime.roles.master.state import _reconcile_node, _settled_member
+    from prime.roles.master.lifecycle import _reconcile_node, _settled_member
 
     rng = random.Random(7)
     states = list(NodeState)

@@ -25,7 +25,6 @@ from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import HeartbeatRequest
 from prime.protocol.storage import validate_relative_path
 from prime.protocol.tasks import Task, TaskSpec, is_task_id
-from prime.roles.master.scheduler import check_placeable
 from prime.roles.master.service import HeartbeatDenied, MasterService
 from prime.web import ApiError, json_error, make_app, read_json
 
@@ -155,13 +154,12 @@ async def create_task(request: web.Request) -> web.Response:
     body = await read_json(request, dict)
     try:
         spec = TaskSpec.from_json(body)
-        check_placeable(spec, service.state.nodes.values())
     except ValidationError as err:
         return _invalid(err)
-    if service.run_ended:
-        return json_error(409, "run_ended", f"Run {service.run_id} has ended on chain; it takes no new tasks.")
     task = Task.new(spec, service.clock())
-    service.create_task(task)
+    refused = service.create_task(task)  # admission is the core's decision
+    if refused is not None:
+        return json_error(refused.status, refused.error, refused.detail)
     return web.json_response(task.to_json(), status=201)
 
 

@@ -2,7 +2,7 @@
 
 NodeValidated(approved) / NodeJoined / NodeLeft / NodeEjected of this run become
 NodeApprovedOnChain / NodeJoinedOnChain / NodeLeftOnChain / NodeEjectedOnChain (with the block,
-so stale facts never undo newer ones); RunEnded of this run is reported to ``on_run_ended``.
+so stale facts never undo newer ones); RunEnded of this run becomes ``RunEnded``.
 The cursor moves only after a batch went through the state (``StateCursor`` stores it in the
 same transaction as the changes). The first poll that finds nothing left to read after a start
 feeds ``ChainSynced``: no invite goes out before the master's chain view caught up.
@@ -30,6 +30,7 @@ from prime.roles.master.state import (
     NodeEjectedOnChain,
     NodeJoinedOnChain,
     NodeLeftOnChain,
+    RunEnded,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ class ChainWatcher:
         state: Callable[[], MasterState],
         apply: Callable[[Event], Any],
         *,
-        on_run_ended: Callable[[], None] = lambda: None,
         on_event: Callable[[str], None] = lambda name: None,
         max_batches: int = 50,
         clock: Callable[[], float] = time.time,
@@ -61,7 +61,6 @@ class ChainWatcher:
         self.run_id = run_id
         self._state = state
         self._apply = apply
-        self._on_run_ended = on_run_ended
         self._on_event = on_event
         self.max_batches = max_batches
         self._clock = clock
@@ -137,9 +136,7 @@ class ChainWatcher:
             converted = NodeEjectedOnChain(node, now, block=event.block)
         elif event.name == "RunEnded":
             log.warning("run %d ended on chain (block %d): no more invites", self.run_id, event.block)
-            self._on_run_ended()
-            self._on_event(event.name)
-            return True
+            converted = RunEnded(now)
         if converted is None:
             return False
         self._on_event(event.name)

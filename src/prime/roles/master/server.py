@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +31,12 @@ class RunningMaster:
 
     runner: web.AppRunner
     service: Any
-    sync: Any
     registry: Any
     peer_client: Any
     databases: list[Any]
 
     async def close(self) -> None:
         await self.runner.cleanup()
-        await self.sync.close()
         await self.service.close()
         await self.peer_client.close()
         await self.registry.close()
@@ -86,14 +85,15 @@ async def start_master(
     from prime.roles.master.cas import BlobStore
     from prime.roles.master.chainwatch import EVENT_NAMES, ChainWatcher
     from prime.roles.master.dispatch import TaskPusher
+    from prime.roles.master.effects import NetworkEffects
     from prime.roles.master.invites import InviteSender
     from prime.roles.master.locator import NodeLocator
     from prime.roles.master.logs import LogMerger
     from prime.roles.master.metrics import MasterMetrics
     from prime.roles.master.service import MasterService
-    from prime.roles.master.state import MasterStarted
+    from prime.roles.master.state import MasterStarted, RunEnded
     from prime.roles.master.store import MasterStore, StateCursor
-    from prime.roles.master.sync import StorageSync, SyncMarks
+    from prime.roles.master.sync import StorageSync
     from prime.store import Database
     from prime.web import METRICS, add_loop
     from prime.web import serve as listen
@@ -109,8 +109,9 @@ async def start_master(
         db = Database(data_dir / "master.sqlite")
         opened.append(db)
         store = MasterStore(db)
-        marks = SyncMarks(data_dir / "sync.sqlite")
-        opened.append(marks.db)
+        adopted = store.adopt_legacy_sync_marks(data_dir)  # marks of an older master's sync.sqlite
+        if adopted:
+            log.info("adopted %d final-sync marks from %s into master.sqlite", adopted, data_dir / "sync.sqlite")
         blobs = BlobStore(data_dir / "blobs")
         state = store.load(settings.state)
 
@@ -118,39 +119,40 @@ async def start_master(
         metrics = MasterMetrics(app[METRICS], lambda: state)
         peer_client = SignedClient(account, timeout_s=settings.peer_timeout_s, retries=2)
         permissions = ChainPermissions(registry)
-        service = MasterService(settings, state, store, metrics)
-        service.run_ended = run.ended
-        locator = NodeLocator(DiscoveryClient(peer_client, run.discovery_uri), settings.run_id,
-                              service.known_url, service.url_resolved)
-        service.invites = InviteSender(peer_client, account, chain_id=registry.chain_id, registry=registry.address,
-                                       run_id=settings.run_id, master_url=settings.public_url, locator=locator)
-        service.pusher = TaskPusher(peer_client, locator)
+        clock = time.time
 
-        async def chain_member(node: str):  # type: ignore[no-untyped-def]
+        def known_url(node: str) -> str | None:
+            rec = state.nodes.get(node)
+            return rec.url if rec is not None else None
+
+        locator = NodeLocator(DiscoveryClient(peer_client, run.discovery_uri), settings.run_id,
+                              known_url, lambda node, url: service.url_resolved(node, url))
+        invites = InviteSender(peer_client, account, chain_id=registry.chain_id, registry=registry.address,
+                               run_id=settings.run_id, master_url=settings.public_url, locator=locator)
+        sync = StorageSync(peer_client, locator, store, blobs, metrics,
+                           concurrency=max(1, settings.concurrency // 4), clock=clock)
+
+        async def chain_member(node: str) -> Any:
             if not await permissions.is_active_node(settings.run_id, node):
                 return None
             return (await registry.get_node(node)).specs
 
-        service.chain_member = chain_member
-        sync = StorageSync(peer_client, locator, store, blobs, marks, metrics, lambda: state,
-                           concurrency=max(1, settings.concurrency // 4), clock=service.clock)
-        service.final_sync = lambda node, task_id, replica: sync.run_one(node, task_id, replica, True)
-
-        def run_ended() -> None:
-            service.run_ended = True
-
+        effects = NetworkEffects(invites, TaskPusher(peer_client, locator), sync, chain_member, clock=clock)
+        service = MasterService(settings, state, store, metrics, effects, clock=clock)
         follower = EventFollower(registry, EVENT_NAMES, cursor=StateCursor(state, store))
         watcher = ChainWatcher(registry, follower, settings.run_id, lambda: state, service.apply,
-                               on_run_ended=run_ended, on_event=lambda name: metrics.chain_events.labels(name).inc(),
-                               clock=service.clock, batch=service.batch)
+                               on_event=lambda name: metrics.chain_events.labels(name).inc(),
+                               clock=clock, batch=service.batch)
 
-        service.apply(MasterStarted(service.clock()))
+        service.apply(MasterStarted(clock()))
+        if run.ended:
+            service.apply(RunEnded(clock()))
         logs = LogMerger(peer_client, locator, service.task)
         add_routes(app, service, permissions, logs=logs, blobs=blobs)
         add_loop(app, "chain", watcher.step, interval_s=settings.poll_interval_s)
         add_loop(app, "tick", service.tick, interval_s=settings.tick_interval_s)
         # A sync round may move a lot of data: it is not stale while it works.
-        add_loop(app, "sync", sync.sync_round, interval_s=settings.sync_interval_s,
+        add_loop(app, "sync", service.sync_round, interval_s=settings.sync_interval_s,
                  stale_after_s=max(3600.0, 3 * settings.sync_interval_s + 10))
         runner = await listen(app, host=host, port=port)
     except BaseException:
@@ -163,7 +165,7 @@ async def start_master(
     log.info("master of run %d (%s) listening on http://%s:%d, public URL %s; %d nodes and %d tasks loaded from %s",
              settings.run_id, account.address, host, port, settings.public_url, len(state.nodes), len(state.tasks),
              data_dir)
-    return RunningMaster(runner, service, sync, registry, peer_client, opened)
+    return RunningMaster(runner, service, registry, peer_client, opened)
 
 
 async def _check_run(registry: Any, run_id: int, address: str) -> Any:

@@ -1,11 +1,16 @@
-"""The master service: drives the pure state machine and carries out what it says.
+"""The master service: drives the pure core (``state.handle``) and carries out what it says.
 
 Every change goes through ``MasterService.apply(event)``: ``handle`` updates the state, the
-changes are flushed to SQLite at once (so kill -9 loses nothing; see ``apply``), then the instructions are
-carried out. Transitions are logged and counted; network work (invites, task pushes, final
-storage syncs) runs as background tasks under one concurrency limit, so no peer can stall the
-loop or a heartbeat. ``apply`` never awaits: handlers and loops on the one event loop cannot
+changes are flushed to SQLite at once (so kill -9 loses nothing; see ``apply``), then the
+instructions are carried out. Transitions are logged and counted; network work (invites, task
+pushes, storage syncs) runs as background tasks under one concurrency limit, so no peer can
+stall the loop or a heartbeat, and the event an effect produced (InviteSent, SyncFailed ...) is
+applied in turn. ``apply`` never awaits: handlers and loops on the one event loop cannot
 interleave inside it.
+
+The effects come in at construction (``MasterEffects``): ``server.py`` wires the real ones
+(signed HTTP to miners, the blob store, the chain); a test passes in-memory ones and runs the
+whole service, HTTP API included, in one process.
 """
 
 from __future__ import annotations
@@ -14,19 +19,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prime.chain.types import Specs
 from prime.errors import PeerError, PrimeError
-from prime.roles.master.dispatch import TaskPusher
-from prime.roles.master.invites import InviteSender
-from prime.roles.master.metrics import MasterMetrics
 from prime.protocol.heartbeat import DesiredReplica, HeartbeatRequest
-from prime.protocol.nodes import NodeState
-from prime.protocol.tasks import PLACED_REPLICA_STATES, Task
+from prime.protocol.tasks import Task
+from prime.roles.master.metrics import MasterMetrics
 from prime.roles.master.state import (
     Event,
     HeartbeatReceived,
@@ -39,17 +41,24 @@ from prime.roles.master.state import (
     NodeUrlResolved,
     RecordReplicaTransition,
     RecordTransition,
+    RunEnded,
     SendInvite,
     StartReplica,
     StateConfig,
     StopReplica,
+    SyncFailed,
+    SyncRound,
     SyncStorage,
+    SyncSucceeded,
     TaskCreated,
+    TaskRefused,
     TaskStopRequested,
     Tick,
+    desired_entry,
     handle,
     heartbeat_refusal,
     heartbeat_response,
+    invite_is_current,
 )
 from prime.roles.master.store import MasterStore
 
@@ -80,8 +89,30 @@ class HeartbeatDenied(PrimeError):
     """The signer may not heartbeat to this master (not a member of the run)."""
 
 
-# (node) -> the node's specs when the chain says it is an active member of this run, else None.
-ChainMemberCheck = Callable[[str], Awaitable[Specs | None]]
+class MasterEffects(Protocol):
+    """What the service does to the world. Each effect that the core waits for returns the event
+    it produced; pushes are best effort (PeerError on failure: the next heartbeat brings it)."""
+
+    async def send_invite(self, ins: SendInvite) -> InviteSent | InviteFailed:
+        """Sign the invite, find the node, POST it, check the signed ack."""
+        ...
+
+    async def push_start(self, node: str, desired: DesiredReplica) -> None:
+        """POST {miner}/tasks with the replica's desired entry."""
+        ...
+
+    async def push_stop(self, node: str, task_id: str) -> None:
+        """DELETE {miner}/tasks/{id} (every replica of the task on that node)."""
+        ...
+
+    async def sync_storage(self, ins: SyncStorage) -> SyncSucceeded | SyncFailed:
+        """Copy the replica's manifest and missing blobs into the blob store."""
+        ...
+
+    async def chain_member(self, node: str) -> Specs | None:
+        """The node's specs when the chain says it is an active member of this run, else None
+        (ChainError when the chain cannot be read)."""
+        ...
 
 
 class MasterService:
@@ -91,22 +122,16 @@ class MasterService:
         state: MasterState,
         store: MasterStore,
         metrics: MasterMetrics,
+        effects: MasterEffects,
         *,
-        invites: InviteSender | None = None,
-        pusher: TaskPusher | None = None,
-        chain_member: ChainMemberCheck | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.state = state
         self.store = store
         self.metrics = metrics
-        self.invites = invites
-        self.pusher = pusher
-        self.chain_member = chain_member
-        self.final_sync: Callable[[str, str, int], Coroutine[Any, Any, Any]] | None = None
+        self.effects = effects
         self.clock = clock
-        self.run_ended = False
         self._limit = asyncio.Semaphore(settings.concurrency)
         self._background: set[asyncio.Task[Any]] = set()
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -134,12 +159,7 @@ class MasterService:
             self.flush()
         else:
             self._flush_soon()
-        stops: set[tuple[str, str]] = set()
         for ins in instructions:
-            if isinstance(ins, StopReplica):  # one DELETE per task and node stops all its replicas there
-                if (ins.node, ins.task_id) in stops:
-                    continue
-                stops.add((ins.node, ins.task_id))
             self._carry_out(ins)
         return instructions
 
@@ -182,9 +202,8 @@ class MasterService:
         elif isinstance(ins, StopReplica):
             self.spawn(f"stop {ins.task_id}/{ins.replica}", self._push_stop(ins))
         elif isinstance(ins, SyncStorage):
-            if self.final_sync is not None:
-                self.spawn(f"sync {ins.task_id}/{ins.replica}", self.final_sync(ins.node, ins.task_id, ins.replica))
-        elif isinstance(ins, HeartbeatRefused):
+            self.spawn(f"sync {ins.task_id}/{ins.replica}", self._sync(ins))
+        elif isinstance(ins, (HeartbeatRefused, TaskRefused)):
             pass  # the HTTP layer answers it
 
     # --- background work ----------------------------------------------------------------------
@@ -216,36 +235,35 @@ class MasterService:
         self.flush()
 
     async def _invite(self, ins: SendInvite) -> None:
-        rec = self.state.nodes.get(ins.node)
-        if rec is None or rec.state != NodeState.INVITED or rec.invite_expiry != ins.expiry:
-            return  # overtaken while it waited for its turn (joined, left, or re-invited)
-        if self.run_ended or self.invites is None:
+        if not invite_is_current(self.state, ins):
+            # overtaken while it waited for its turn (joined, left, re-invited, or the run ended)
             self.metrics.invites.labels("skipped").inc()
             return
-        try:
-            ack = await self.invites.send(ins.node, ins.expiry)
-        except PrimeError as exc:
+        result = await self.effects.send_invite(ins)
+        if isinstance(result, InviteFailed):
             self.metrics.invites.labels("failed").inc()
-            log.warning("invite to %s failed: %s", ins.node, exc)
-            self.apply(InviteFailed(ins.node, self.clock(), str(exc)))
-            return
-        self.metrics.invites.labels("sent").inc()
-        log.info("invite to %s accepted at %s (join tx %s)", ins.node, ack.url, ack.tx_hash or "none: already a member")
-        self.apply(InviteSent(ins.node, ins.expiry, self.clock(), ack.url))
+            log.warning("invite to %s failed: %s", ins.node, result.error)
+        else:
+            self.metrics.invites.labels("sent").inc()
+        self.apply(result)
+
+    async def _sync(self, ins: SyncStorage) -> None:
+        try:
+            result = await self.effects.sync_storage(ins)
+        except Exception as exc:  # the core must hear of it, or the replica is never synced again
+            self.apply(SyncFailed(ins.node, ins.task_id, ins.replica, ins.final, self.clock(), repr(exc)))
+            raise
+        self.apply(result)
 
     def desired_entry(self, task_id: str, replica: int, node: str) -> DesiredReplica | None:
-        task = self.state.tasks.get(task_id)
-        r = task.replica(replica) if task is not None else None
-        if task is None or r is None or task.stop_requested or r.node != node or r.state not in PLACED_REPLICA_STATES:
-            return None
-        return DesiredReplica(task.id, r.index, r.attempt, r.gpu_indices, task.spec)
+        return desired_entry(self.state, task_id, replica, node)
 
     async def _push_start(self, ins: StartReplica) -> None:
-        desired = self.desired_entry(ins.task_id, ins.replica, ins.node)
-        if desired is None or self.pusher is None:
+        desired = desired_entry(self.state, ins.task_id, ins.replica, ins.node)
+        if desired is None:
             return
         try:
-            await self.pusher.start(ins.node, desired)
+            await self.effects.push_start(ins.node, desired)
         except PeerError as exc:
             self.metrics.pushes.labels("start", "failed").inc()
             log.info("push of task %s replica %d to %s failed (its next heartbeat brings it): %s",
@@ -254,10 +272,8 @@ class MasterService:
         self.metrics.pushes.labels("start", "ok").inc()
 
     async def _push_stop(self, ins: StopReplica) -> None:
-        if self.pusher is None:
-            return
         try:
-            await self.pusher.stop(ins.node, ins.task_id)
+            await self.effects.push_stop(ins.node, ins.task_id)
         except PeerError as exc:
             self.metrics.pushes.labels("stop", "failed").inc()
             log.info("stop of task %s on %s failed (its next heartbeat stops it): %s", ins.task_id, ins.node, exc)
@@ -273,8 +289,8 @@ class MasterService:
         moment ago, or while the master was down) and adopted if active; otherwise HeartbeatDenied
         and nothing changes.
         """
-        if heartbeat_refusal(self.state, node) is not None and self.chain_member is not None:
-            specs = await self.chain_member(node)
+        if heartbeat_refusal(self.state, node) is not None:
+            specs = await self.effects.chain_member(node)
             if specs is not None and heartbeat_refusal(self.state, node) is not None:
                 self.apply(NodeJoinedOnChain(node, self.clock(), specs=specs))
         reason = heartbeat_refusal(self.state, node)
@@ -294,8 +310,20 @@ class MasterService:
         rec = self.state.nodes.get(node)
         return rec.url if rec is not None else None
 
-    def create_task(self, task: Task) -> None:
-        self.apply(TaskCreated(task))
+    @property
+    def run_ended(self) -> bool:
+        return self.state.run_ended
+
+    def end_run(self) -> None:
+        """The run ended on chain (read at start-up, or its RunEnded event)."""
+        self.apply(RunEnded(self.clock()))
+
+    def create_task(self, task: Task) -> TaskRefused | None:
+        """Admit ``task`` (scheduled at once) or say why not (the core decides)."""
+        for ins in self.apply(TaskCreated(task)):
+            if isinstance(ins, TaskRefused):
+                return ins
+        return None
 
     def stop_task(self, task_id: str) -> None:
         self.apply(TaskStopRequested(task_id, self.clock()))
@@ -305,3 +333,8 @@ class MasterService:
 
     async def tick(self) -> None:
         self.apply(Tick(self.clock()))
+
+    async def sync_round(self) -> None:
+        """Start every storage sync that is due (each runs in the background, so a slow or hung
+        miner delays only its own replicas, never the round)."""
+        self.apply(SyncRound(self.clock()))

@@ -1,274 +1,70 @@
-"""The master's state machine: events in, instructions out, no I/O.
+"""The master's core: events in, instructions out, no I/O.
 
 Modelled on dask/distributed's worker_state_machine: the service loops and HTTP handlers turn
-what happens (a chain event, a heartbeat, a buyer request, the clock) into an *event*, call
-``handle(state, event)``, carry out the returned *instructions* (send an invite, push a stop,
-log a transition) and persist ``state`` (``MasterStore.flush``). ``handle`` mutates ``state`` in
-place and is deterministic: the same state and events give the same result.
+what happens (a chain event, a heartbeat, a buyer request, the clock, an effect's result) into
+an *event* (``events.py``), call ``handle(state, event)``, carry out the returned *instructions*
+(send an invite, push a start or stop, sync storage, log a transition) and persist ``state``
+(``MasterStore.flush``). ``handle`` mutates ``state`` in place and is deterministic: the same
+state and events give the same result. The decisions live in three places:
 
-Node lifecycle (``NodeState``)::
+- node lifecycle (``lifecycle.reconcile``: chain view + heartbeats -> node state, invites);
+- placement and replica states (``scheduler``), task admission and stops (here);
+- storage sync (``syncplan``: which replica when, retries, when the final sync is done).
 
-    Approved --SendInvite--> Invited --joined on chain--> Joined --first heartbeat--> Healthy
-       ^                       |                            |                          |   ^
-       +-- InviteFailed -------+                            |  missed heartbeats       v   | heartbeat
-           (retry after backoff; an expired invite          +-----------------> Unhealthy  |
-            is re-sent at once)                                                    v       |
-                                                                                  Dead ----+
-    any state --left / ejected / rejected on chain--> Left (never invited again)
-
-A Dead or Left node's unfinished replicas are rescheduled; an Unhealthy one keeps them.
-
-All node-level decisions go through one pure function, ``reconcile``, which merges the three
-views (the master's own records, on-chain membership, heartbeat recency). Chain events and
-heartbeats update a record's view and then reconcile that node; ``Tick`` reconciles them all.
-
-Driving it (the service): ``state = store.load(config)``; ``handle(state, MasterStarted(now))``;
-follow the chain with ``EventFollower(cursor=StateCursor(state, store))`` feeding each event as
-NodeApprovedOnChain / NodeJoinedOnChain / NodeLeftOnChain / NodeEjectedOnChain, and
-``ChainSynced(now)`` once a poll finds nothing left (no invites go out before that); a Tick every
-few seconds; HTTP handlers feed HeartbeatReceived / TaskCreated / TaskStopRequested. After each
-``handle``: run the instructions (none block the caller's state), then ``store.flush(state)``.
+Driving it (the service): ``state = store.load(config)``; ``handle(state, MasterStarted(now))``
+(and ``RunEnded`` if the run ended on chain); follow the chain feeding NodeApprovedOnChain /
+NodeJoinedOnChain / NodeLeftOnChain / NodeEjectedOnChain / RunEnded, and ``ChainSynced(now)`` once
+a poll finds nothing left (no invites go out before that); a Tick every few seconds and a
+SyncRound every sync interval; HTTP handlers feed HeartbeatReceived / TaskCreated /
+TaskStopRequested; effects feed InviteSent / InviteFailed / SyncSucceeded / SyncFailed. Before
+carrying out a ``SendInvite`` that waited for its turn, ask ``invite_is_current``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Union
-
-from prime.chain.types import NodeStatus, Specs
-from prime.roles.master import scheduler
-from prime.protocol.heartbeat import HeartbeatRequest, HeartbeatResponse
-from prime.protocol.nodes import HOSTING_STATES, NodeRecord, NodeSample, NodeState
-from prime.protocol.tasks import FINAL_REPLICA_STATES, ReplicaState, Task
-from prime.roles.master.scheduler import RecordReplicaTransition
-
-# --- configuration ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StateConfig:
-    """Timing of the node lifecycle. A node is Unhealthy after missing ``unhealthy_after_missed``
-    heartbeats (plus ``grace_s`` for network jitter) and Dead after ``dead_after_missed``."""
-
-    heartbeat_interval_s: float = 30.0
-    unhealthy_after_missed: int = 2
-    dead_after_missed: int = 10
-    grace_s: float = 5.0
-    invite_ttl_s: int = 600
-    invite_backoff_base_s: float = 5.0
-    invite_backoff_max_s: float = 600.0
-
-    def __post_init__(self) -> None:
-        if self.heartbeat_interval_s <= 0:
-            raise ValueError("heartbeat_interval_s must be more than 0.")
-        if not 1 <= self.unhealthy_after_missed < self.dead_after_missed:
-            raise ValueError("Need 1 <= unhealthy_after_missed < dead_after_missed.")
-        if self.invite_ttl_s <= 0 or self.invite_backoff_base_s <= 0:
-            raise ValueError("invite_ttl_s and invite_backoff_base_s must be more than 0.")
-
-    @property
-    def unhealthy_after_s(self) -> float:
-        return self.heartbeat_interval_s * self.unhealthy_after_missed + self.grace_s
-
-    @property
-    def dead_after_s(self) -> float:
-        return self.heartbeat_interval_s * self.dead_after_missed + self.grace_s
-
-    def invite_backoff_s(self, failures: int) -> float:
-        """Wait before the next invite after ``failures`` failed ones in a row: base * 2^(failures-1), capped."""
-        if failures <= 0:
-            return 0.0
-        return min(self.invite_backoff_max_s, self.invite_backoff_base_s * 2 ** min(failures - 1, 60))
-
-
-# --- events (what happened) ---------------------------------------------------------------------
-# ``block`` on chain events: the block the fact was read at; a record ignores chain facts older
-# than the last one it applied, so a stale snapshot cannot undo a newer event. None = always apply.
-
-
-@dataclass(frozen=True)
-class MasterStarted:
-    """The master (re)started at ``at``: its own downtime must not count as missed heartbeats, and
-    it sends no invites until ``ChainSynced`` says its chain view caught up (a node may have joined
-    while it was down; re-inviting it from a stale view is wrong)."""
-
-    at: float
-
-
-@dataclass(frozen=True)
-class ChainSynced:
-    """The event follower has handled every chain event up to the chain head (after a restart:
-    its first poll that came back with nothing left to read). Invites may go out again."""
-
-    at: float
-
-
-@dataclass(frozen=True)
-class NodeApprovedOnChain:
-    node: str
-    specs: Specs
-    at: float
-    block: int | None = None
-
-
-@dataclass(frozen=True)
-class NodeJoinedOnChain:
-    node: str
-    at: float
-    specs: Specs | None = None  # needed when the master has no record of the node (adoption)
-    block: int | None = None
-
-
-@dataclass(frozen=True)
-class NodeLeftOnChain:
-    node: str
-    at: float
-    block: int | None = None
-
-
-@dataclass(frozen=True)
-class NodeEjectedOnChain:
-    node: str
-    at: float
-    block: int | None = None
-
-
-@dataclass(frozen=True)
-class ChainMember:
-    """One node as the chain shows it now (for ``ChainMembershipObserved`` / ``reconcile``)."""
-
-    status: NodeStatus
-    specs: Specs | None = None
-    block: int | None = None
-
-
-@dataclass(frozen=True)
-class ChainMembershipObserved:
-    """A snapshot of on-chain status for some nodes (at startup, or a periodic cross-check).
-    Nodes missing from ``members`` keep what the master knew."""
-
-    members: Mapping[str, ChainMember]
-    at: float
-
-
-@dataclass(frozen=True)
-class InviteSent:
-    """The miner accepted the invite (expiry as signed; url where it was reached)."""
-
-    node: str
-    expiry: int
-    at: float
-    url: str | None = None
-
-
-@dataclass(frozen=True)
-class InviteFailed:
-    node: str
-    at: float
-    error: str
-
-
-@dataclass(frozen=True)
-class NodeUrlResolved:
-    """Discovery gave (a new) address for the node."""
-
-    node: str
-    url: str
-    at: float
-
-
-@dataclass(frozen=True)
-class HeartbeatReceived:
-    node: str
-    at: float
-    payload: HeartbeatRequest
-
-
-@dataclass(frozen=True)
-class Tick:
-    now: float
-
-
-@dataclass(frozen=True)
-class TaskCreated:
-    task: Task
-
-
-@dataclass(frozen=True)
-class TaskStopRequested:
-    task_id: str
-    at: float
-
-
-Event = Union[
-    MasterStarted, ChainSynced, NodeApprovedOnChain, NodeJoinedOnChain, NodeLeftOnChain, NodeEjectedOnChain,
-    ChainMembershipObserved, InviteSent, InviteFailed, NodeUrlResolved, HeartbeatReceived, Tick,
-    TaskCreated, TaskStopRequested,
-]
-
-# --- instructions (what the caller should do) -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SendInvite:
-    """Sign an invite for ``node`` with this ``expiry``, look its URL up in discovery (``url`` is the
-    last known one), POST it; then feed InviteSent or InviteFailed."""
-
-    node: str
-    expiry: int
-    url: str | None = None
-
-
-@dataclass(frozen=True)
-class RecordTransition:
-    """A node changed state (log it, count it). ``old`` None: the master just learned of the node."""
-
-    node: str
-    old: NodeState | None
-    new: NodeState
-    reason: str
-
-
-@dataclass(frozen=True)
-class StartReplica:
-    """Optional push so the node starts without waiting for its next heartbeat (POST {miner}/tasks)."""
-
-    node: str
-    task_id: str
-    replica: int
-
-
-@dataclass(frozen=True)
-class StopReplica:
-    """Push a stop (DELETE {miner}/tasks/{id}); the heartbeat's desired list stops it anyway."""
-
-    node: str
-    task_id: str
-    replica: int
-
-
-@dataclass(frozen=True)
-class SyncStorage:
-    """A persistent replica finished on ``node``: pull its manifest and missing blobs one last time."""
-
-    node: str
-    task_id: str
-    replica: int
-
-
-@dataclass(frozen=True)
-class HeartbeatRefused:
-    """The node may not heartbeat (not a member on chain); the HTTP layer answers 403 with ``reason``."""
-
-    node: str
-    reason: str
-
-
-Instruction = Union[
-    SendInvite, RecordTransition, RecordReplicaTransition, StartReplica, StopReplica, SyncStorage, HeartbeatRefused
-]
+from dataclasses import dataclass, field
+from typing import Any
+
+from prime.chain.types import NodeStatus
+from prime.protocol.errors import ValidationError
+from prime.protocol.heartbeat import DesiredReplica, HeartbeatResponse
+from prime.protocol.nodes import HOSTING_STATES, NodeSample, NodeState, NodeRecord
+from prime.protocol.tasks import FINAL_REPLICA_STATES, PLACED_REPLICA_STATES, ReplicaState, Task, TaskSpec
+from prime.roles.master import scheduler, syncplan
+from prime.roles.master.events import (  # noqa: F401  (re-exported: the core's vocabulary)
+    ChainMember,
+    ChainMembershipObserved,
+    ChainSynced,
+    Event,
+    HeartbeatReceived,
+    HeartbeatRefused,
+    Instruction,
+    InviteFailed,
+    InviteSent,
+    MasterStarted,
+    NodeApprovedOnChain,
+    NodeEjectedOnChain,
+    NodeJoinedOnChain,
+    NodeLeftOnChain,
+    NodeUrlResolved,
+    RecordReplicaTransition,
+    RecordTransition,
+    RunEnded,
+    SendInvite,
+    StartReplica,
+    StopReplica,
+    SyncFailed,
+    SyncRound,
+    SyncStorage,
+    SyncSucceeded,
+    TaskCreated,
+    TaskRefused,
+    TaskStopRequested,
+    Tick,
+)
+from prime.roles.master.lifecycle import Reconciliation, StateConfig, reconcile  # noqa: F401
+from prime.roles.master.syncplan import SyncKey, SyncMark
 
 # --- state ----------------------------------------------------------------------------------------
 
@@ -281,12 +77,20 @@ class MasterState:
     nodes: dict[str, NodeRecord] = field(default_factory=dict)
     tasks: dict[str, Task] = field(default_factory=dict)
     chain_cursor: int | None = None      # the event follower's cursor (opaque here), stored with the state
+    sync_marks: dict[SyncKey, SyncMark] = field(default_factory=dict)  # storage sync bookkeeping (syncplan)
     # Runtime only (not stored):
     watching_since: float | None = None  # when this master process started watching heartbeats
     chain_synced: bool = True            # False from MasterStarted until ChainSynced: no invites meanwhile
+    run_ended: bool = False              # RunEnded (fed from the chain at every start): no invites, no new tasks
+    syncing: set[SyncKey] = field(default_factory=set, repr=False, compare=False)  # SyncStorage in flight
     dirty_nodes: set[str] = field(default_factory=set, repr=False, compare=False)
     dirty_tasks: set[str] = field(default_factory=set, repr=False, compare=False)
+    dirty_sync: set[SyncKey] = field(default_factory=set, repr=False, compare=False)
     dirty_cursor: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def may_invite(self) -> bool:
+        return self.chain_synced and not self.run_ended
 
     def set_cursor(self, block: int) -> None:
         """Advance the chain cursor; it is stored by the next flush, in the same transaction as
@@ -316,182 +120,33 @@ def heartbeat_response(state: MasterState, node: str) -> HeartbeatResponse:
     return HeartbeatResponse(state.config.heartbeat_interval_s, tuple(desired))
 
 
-# --- reconciliation (the one place node states are decided) ------------------------------------
+def invite_is_current(state: MasterState, ins: SendInvite) -> bool:
+    """Whether a ``SendInvite`` that waited for its turn should still go out: the node is still
+    Invited with this very invite, and the run has not ended meanwhile."""
+    rec = state.nodes.get(ins.node)
+    return not state.run_ended and rec is not None and rec.state == NodeState.INVITED \
+        and rec.invite_expiry == ins.expiry
 
 
-@dataclass
-class Reconciliation:
-    nodes: dict[str, NodeRecord]   # every record after reconciliation (new objects where changed)
-    changed: set[str]              # addresses whose record changed
-    instructions: list[Instruction]
+def desired_entry(state: MasterState, task_id: str, replica: int, node: str) -> DesiredReplica | None:
+    """What to push for a ``StartReplica`` now (None: the replica moved, stopped or is gone meanwhile)."""
+    task = state.tasks.get(task_id)
+    r = task.replica(replica) if task is not None else None
+    if task is None or r is None or task.stop_requested or r.node != node or r.state not in PLACED_REPLICA_STATES:
+        return None
+    return DesiredReplica(task.id, r.index, r.attempt, r.gpu_indices, task.spec)
 
 
-_HEALTH_RANK = {NodeState.JOINED: 0, NodeState.HEALTHY: 0, NodeState.UNHEALTHY: 1, NodeState.DEAD: 2}
-
-
-def _health_rank(age: float, config: StateConfig) -> int:
-    if age <= config.unhealthy_after_s:
-        return 0
-    return 1 if age <= config.dead_after_s else 2
-
-
-def reconcile(
-    own_nodes: Mapping[str, NodeRecord],
-    chain_members: Mapping[str, ChainMember],
-    heartbeats: Mapping[str, float],
-    now: float,
-    config: StateConfig,
-    *,
-    watching_since: float | None = None,
-    may_invite: bool = True,
-) -> Reconciliation:
-    """Merge the master's records, on-chain membership and heartbeat recency into node states.
-
-    Pure: the inputs are not modified. ``chain_members`` and ``heartbeats`` may cover only some
-    nodes; a record keeps its stored chain view / last heartbeat where they say nothing.
-    ``watching_since`` (when this master started) keeps the master's own downtime from counting
-    as missed heartbeats: it can keep a node's health as it was, never improve it. With
-    ``may_invite`` False (chain view not caught up yet) invite bookkeeping is left as it is.
-
-    - Active on chain: a member. No record (the master was down while it joined) -> adopted as
-      Joined, awaiting its first heartbeat, never invited. Health follows heartbeat recency
-      (Joined/Healthy -> Unhealthy -> Dead), and any fresh heartbeat brings it back to Healthy.
-    - Approved on chain: invite it unless an invite is live; an expired invite is re-sent at once,
-      a failed one after backoff (``next_invite_at``). A node that was Left stays Left.
-    - Left / Ejected / Rejected / deregistered: Left, never invited again.
-    """
-    nodes = dict(own_nodes)
-    changed: set[str] = set()
-    instructions: list[Instruction] = []
-    for address in sorted(set(own_nodes) | set(chain_members)):
-        before = own_nodes.get(address)
-        if before is not None and address not in chain_members and address not in heartbeats \
-                and _settled_member(before, now, config, watching_since):
-            continue  # the periodic pass over 10,000 healthy nodes must not copy each of them
-        after, out = _reconcile_node(
-            address, before, chain_members.get(address), heartbeats.get(address), now, config, watching_since,
-            may_invite,
-        )
-        if after is None:
-            continue
-        if after != before:
-            nodes[address] = after
-            changed.add(address)
-        instructions.extend(out)
-    return Reconciliation(nodes, changed, instructions)
-
-
-def _reconcile_node(
-    address: str,
-    before: NodeRecord | None,
-    chain: ChainMember | None,
-    heartbeat: float | None,
-    now: float,
-    config: StateConfig,
-    watching_since: float | None,
-    may_invite: bool = True,
-) -> tuple[NodeRecord | None, list[Instruction]]:
-    if before is None:
-        if chain is None or chain.status not in (NodeStatus.APPROVED, NodeStatus.ACTIVE):
-            return None, []  # nothing of ours
-        rec = NodeRecord(address, NodeState.APPROVED, approved_at=now, state_since=now)
-    else:
-        rec = replace(before)
-    old_state = before.state if before else None
-    reason = ""
-
-    # 1. chain view (newest wins)
-    if chain is not None and (chain.block is None or rec.chain_block is None or chain.block >= rec.chain_block):
-        if chain.status == NodeStatus.ACTIVE and rec.chain_status != NodeStatus.ACTIVE:
-            rec.member_since = now
-        rec.chain_status = chain.status
-        if chain.block is not None:
-            rec.chain_block = chain.block
-        if chain.specs is not None:
-            rec.hardware = chain.specs
-    # 2. heartbeat view
-    if heartbeat is not None and (rec.last_heartbeat is None or heartbeat > rec.last_heartbeat):
-        rec.last_heartbeat = heartbeat
-
-    instructions: list[Instruction] = []
-    status = rec.chain_status
-    if status == NodeStatus.ACTIVE:
-        rec.invite_expiry = rec.next_invite_at = None
-        rec.invite_failures = 0
-        new_state, reason = _member_health(rec, now, config, watching_since)
-    elif status == NodeStatus.APPROVED and rec.state != NodeState.LEFT and not may_invite:
-        new_state = rec.state if before is not None else NodeState.APPROVED
-        reason = "approved on chain; invite after the chain view caught up"
-    elif status == NodeStatus.APPROVED and rec.state != NodeState.LEFT:
-        new_state, reason, invite = _invite_step(rec, now, config)
-        if invite is not None:
-            instructions.append(invite)
-    elif status is None:
-        new_state = rec.state  # never seen on chain: nothing to decide
-    else:
-        new_state = NodeState.LEFT
-        rec.invite_expiry = rec.next_invite_at = None
-        reason = f"{status.label} on chain"
-
-    if new_state != old_state:
-        rec.state = new_state
-        rec.state_since = now
-        instructions.insert(0, RecordTransition(address, old_state, new_state, reason or "reconciled"))
-    return rec, instructions
-
-
-def _settled_member(rec: NodeRecord, now: float, config: StateConfig, watching_since: float | None) -> bool:
-    """True when reconciling this record with no new chain or heartbeat news would change nothing.
-
-    Exactly the no-op case of ``_reconcile_node`` for an active member: no invite bookkeeping
-    left to clear and the health it would judge is the state it has.
-    """
-    if rec.chain_status != NodeStatus.ACTIVE or rec.invite_failures or rec.invite_expiry is not None \
-            or rec.next_invite_at is not None:
-        return False
-    if rec.state == NodeState.HEALTHY and rec.last_heartbeat is not None \
-            and now - rec.last_heartbeat <= config.unhealthy_after_s:
-        return True  # the common case, decided without building anything
-    return _member_health(rec, now, config, watching_since)[0] == rec.state
-
-
-def _member_health(
-    rec: NodeRecord, now: float, config: StateConfig, watching_since: float | None
-) -> tuple[NodeState, str]:
-    seen = [t for t in (rec.last_heartbeat, rec.member_since) if t is not None]
-    last_seen = max(seen) if seen else now
-    rank = _health_rank(now - last_seen, config)
-    current = _HEALTH_RANK.get(rec.state)
-    if watching_since is not None and current is not None:
-        # The master was down before watching_since: judge no worse than its current health until
-        # the node has had a full window since the restart.
-        rank = min(rank, max(current, _health_rank(now - watching_since, config)))
-    if rank == 2:
-        return NodeState.DEAD, f"no heartbeat for {now - last_seen:.0f} s"
-    if rank == 1:
-        return NodeState.UNHEALTHY, f"no heartbeat for {now - last_seen:.0f} s"
-    heartbeat_fresh = rec.last_heartbeat is not None and now - rec.last_heartbeat <= config.unhealthy_after_s
-    if heartbeat_fresh or rec.state == NodeState.HEALTHY:
-        return NodeState.HEALTHY, "heartbeat received" if heartbeat_fresh else "kept while the master restarted"
-    return NodeState.JOINED, "joined on chain; waiting for its first heartbeat"
-
-
-def _invite_step(rec: NodeRecord, now: float, config: StateConfig) -> tuple[NodeState, str, SendInvite | None]:
-    if rec.invite_expiry is not None and now < rec.invite_expiry:
-        return NodeState.INVITED, "invite live", None
-    reason = "approved on chain"
-    if rec.invite_expiry is not None:  # expired without a join: re-invite now
-        rec.invite_expiry = None
-        rec.next_invite_at = now
-        reason = "invite expired without a join"
-    if rec.next_invite_at is not None and now < rec.next_invite_at:
-        return NodeState.APPROVED, f"next invite in {rec.next_invite_at - now:.0f} s", None
-    expiry = int(math.ceil(now + config.invite_ttl_s))
-    rec.invited_at = now
-    rec.invite_expiry = expiry
-    rec.next_invite_at = None
-    rec.invites_sent += 1
-    return NodeState.INVITED, f"invite sent ({reason})", SendInvite(rec.address, expiry, rec.url)
+def admission_refusal(state: MasterState, spec: TaskSpec, task_id: str = "") -> TaskRefused | None:
+    """Why a new task with a valid ``spec`` is not admitted, or None: 400 when no node of the run
+    could ever hold it (judged on the nodes known now), 409 once the run ended."""
+    try:
+        scheduler.check_placeable(spec, state.nodes.values())
+    except ValidationError as err:
+        return TaskRefused(task_id, 400, "invalid_request", err.detail)
+    if state.run_ended:
+        return TaskRefused(task_id, 409, "run_ended", "This run has ended on chain; it takes no new tasks.")
+    return None
 
 
 # --- handle ---------------------------------------------------------------------------------------
@@ -532,7 +187,7 @@ def _reconcile_one(
     own = {node: state.nodes[node]} if node in state.nodes else {}
     result = reconcile(
         own, {node: chain} if chain else {}, {node: heartbeat} if heartbeat is not None else {},
-        at, state.config, watching_since=state.watching_since, may_invite=state.chain_synced,
+        at, state.config, watching_since=state.watching_since, may_invite=state.may_invite,
     )
     return _apply(state, result, at)
 
@@ -544,7 +199,7 @@ def _note_replicas(state: MasterState, changes: list[RecordReplicaTransition]) -
         out.append(c)
         task = state.tasks[c.task_id]
         if task.spec.persistent and c.new in FINAL_REPLICA_STATES and c.node is not None:
-            out.append(SyncStorage(c.node, c.task_id, c.replica))
+            out.extend(syncplan.final_sync(state, c.node, c.task_id, c.replica))
     return out
 
 
@@ -563,7 +218,7 @@ def _reconcile_all(
     state: MasterState, at: float, chain: Mapping[str, ChainMember] | None = None, *, schedule: bool = False
 ) -> list[Instruction]:
     result = reconcile(state.nodes, chain or {}, {}, at, state.config,
-                       watching_since=state.watching_since, may_invite=state.chain_synced)
+                       watching_since=state.watching_since, may_invite=state.may_invite)
     return _apply(state, result, at, schedule=schedule)
 
 
@@ -602,10 +257,25 @@ def _on_membership(state: MasterState, event: ChainMembershipObserved) -> list[I
     return _reconcile_all(state, event.at, event.members)
 
 
+def _on_run_ended(state: MasterState, event: RunEnded) -> list[Instruction]:
+    if state.run_ended:
+        return []
+    state.run_ended = True
+    return _reconcile_all(state, event.at)
+
+
+def _stale_invite_result(rec: NodeRecord | None, expiry: int | None) -> bool:
+    """A result that is not about the node's live invite (it joined, left or was re-invited meanwhile)."""
+    if rec is None or rec.state != NodeState.INVITED:
+        return True
+    return expiry is not None and rec.invite_expiry is not None and rec.invite_expiry != expiry
+
+
 def _on_invite_sent(state: MasterState, event: InviteSent) -> list[Instruction]:
     rec = state.nodes.get(event.node)
-    if rec is None or rec.state != NodeState.INVITED:
+    if _stale_invite_result(rec, event.expiry):
         return []
+    assert rec is not None
     rec.invite_expiry = event.expiry
     rec.invited_at = event.at
     if event.url:
@@ -617,8 +287,9 @@ def _on_invite_sent(state: MasterState, event: InviteSent) -> list[Instruction]:
 
 def _on_invite_failed(state: MasterState, event: InviteFailed) -> list[Instruction]:
     rec = state.nodes.get(event.node)
-    if rec is None or rec.state != NodeState.INVITED:
+    if _stale_invite_result(rec, event.expiry):
         return []  # e.g. it joined meanwhile
+    assert rec is not None
     rec.invite_expiry = None
     rec.invite_failures += 1
     rec.next_invite_at = event.at + state.config.invite_backoff_s(rec.invite_failures)
@@ -658,6 +329,9 @@ def _on_task_created(state: MasterState, event: TaskCreated) -> list[Instruction
     task = event.task
     if task.id in state.tasks:
         return []  # idempotent
+    refusal = admission_refusal(state, task.spec, task.id)
+    if refusal is not None:
+        return [refusal]
     state.tasks[task.id] = task
     state.dirty_tasks.add(task.id)
     return _schedule(state, task.created_at)
@@ -665,12 +339,15 @@ def _on_task_created(state: MasterState, event: TaskCreated) -> list[Instruction
 
 def _on_stop(state: MasterState, event: TaskStopRequested) -> list[Instruction]:
     task = state.tasks.get(event.task_id)
-    if task is None or task.is_final:
-        return []
+    if task is None or task.is_final or task.stop_requested:
+        return []  # unknown, finished, or asked before: each stop goes out once
     state.dirty_tasks.add(task.id)
     changes, to_stop = scheduler.stop_task(task, event.at)
     out = _note_replicas(state, changes)
-    out.extend(StopReplica(node, task.id, index) for node, index in to_stop)
+    first: dict[str, int] = {}
+    for node, index in to_stop:  # one DELETE per task and node stops all its replicas there
+        first[node] = min(index, first.get(node, index))
+    out.extend(StopReplica(node, task.id, index) for node, index in first.items())
     return out
 
 
@@ -684,9 +361,13 @@ _HANDLERS: dict[type, Any] = {
     ChainMembershipObserved: _on_membership,
     InviteSent: _on_invite_sent,
     InviteFailed: _on_invite_failed,
+    RunEnded: _on_run_ended,
     NodeUrlResolved: _on_url,
     HeartbeatReceived: _on_heartbeat,
     Tick: _on_tick,
     TaskCreated: _on_task_created,
     TaskStopRequested: _on_stop,
+    SyncRound: syncplan.on_round,
+    SyncSucceeded: syncplan.on_succeeded,
+    SyncFailed: syncplan.on_failed,
 }

@@ -1,7 +1,7 @@
 """The master's persistent state in SQLite (on top of ``prime.store.Database``).
 
-Nodes (with their invite bookkeeping), tasks and replicas, the chain cursor, synced storage
-manifests and the index of content-addressed blobs. ``save``/``flush`` write a ``MasterState``
+Nodes (with their invite bookkeeping), tasks and replicas, the chain cursor, storage sync marks
+(retries, final syncs done), synced storage manifests and the index of content-addressed blobs. ``save``/``flush`` write a ``MasterState``
 in one transaction, ``load`` rebuilds it, so a restarted master resumes where it stopped
 (then feed it ``MasterStarted(now)`` so its own downtime is not counted as missed heartbeats).
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from prime.chain.types import NodeStatus
@@ -20,6 +21,7 @@ from prime.protocol.nodes import NO_HARDWARE, NodeRecord, NodeSample, NodeState,
 from prime.protocol.storage import ManifestEntry
 from prime.protocol.tasks import Replica, ReplicaState, RestartPolicy, Task, TaskSpec
 from prime.roles.master.state import MasterState, StateConfig
+from prime.roles.master.syncplan import SyncMark
 from prime.store import Database
 
 MIGRATIONS: list[str] = [
@@ -42,7 +44,14 @@ MIGRATIONS: list[str] = [
         task_id TEXT NOT NULL, replica INTEGER NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
         sha256 TEXT NOT NULL, synced_at REAL NOT NULL, PRIMARY KEY (task_id, replica, path))""",
     "CREATE TABLE blobs (sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, stored_at REAL NOT NULL)",
+    # Storage sync marks, until then in a second file (<data>/sync.sqlite, table final_syncs):
+    # ``adopt_legacy_sync_marks`` copies that one in once.
+    """CREATE TABLE sync_marks (
+        task_id TEXT NOT NULL, replica INTEGER NOT NULL, failures INTEGER NOT NULL, next_at REAL,
+        final_attempts INTEGER NOT NULL, final_at REAL, files INTEGER, PRIMARY KEY (task_id, replica))""",
 ]
+
+LEGACY_SYNC_FILE = "sync.sqlite"
 
 CURSOR_KEY = "chain_cursor"
 
@@ -81,13 +90,14 @@ class MasterStore:
 
     def save(self, state: MasterState) -> None:
         """Write every node and task (and the cursor) in one transaction."""
-        self._write(state, list(state.nodes), list(state.tasks), everything=True)
+        self._write(state, list(state.nodes), list(state.tasks), list(state.sync_marks), everything=True)
 
     def flush(self, state: MasterState) -> None:
         """Write what changed since the last save/flush (``state.dirty_*``) and the cursor."""
-        self._write(state, sorted(state.dirty_nodes), sorted(state.dirty_tasks))
+        self._write(state, sorted(state.dirty_nodes), sorted(state.dirty_tasks), sorted(state.dirty_sync))
 
-    def _write(self, state: MasterState, node_ids: list[str], task_ids: list[str], everything: bool = False) -> None:
+    def _write(self, state: MasterState, node_ids: list[str], task_ids: list[str],
+               sync_keys: list[tuple[str, int]] | None = None, everything: bool = False) -> None:
         # One executemany per table: at 10,000 nodes a flush writes thousands of rows, and a
         # statement per row costs more than the rows themselves.
         nodes = [state.nodes[address] for address in node_ids if address in state.nodes]
@@ -98,10 +108,14 @@ class MasterStore:
             for task_id in task_ids:
                 if task_id in state.tasks:
                     self._write_task(state.tasks[task_id])
+            marks = [(key, state.sync_marks[key]) for key in sync_keys or () if key in state.sync_marks]
+            if marks:
+                self.db.executemany(SYNC_MARK_UPSERT, [_sync_mark_row(key, mark) for key, mark in marks])
             if state.chain_cursor is not None and (state.dirty_cursor or everything):
                 self._set_meta(CURSOR_KEY, str(state.chain_cursor))
         state.dirty_nodes.clear()
         state.dirty_tasks.clear()
+        state.dirty_sync.clear()
         state.dirty_cursor = False
 
     def load(self, config: StateConfig | None = None) -> MasterState:
@@ -118,8 +132,33 @@ class MasterStore:
             task = Task(row["id"], _spec_from_stored(json.loads(row["spec"])), row["created_at"],
                         replicas.get(row["id"], []), bool(row["stop_requested"]))
             state.tasks[task.id] = task
+        for row in self.db.query("SELECT * FROM sync_marks ORDER BY task_id, replica", ()):
+            state.sync_marks[(row["task_id"], row["replica"])] = SyncMark(
+                row["failures"], row["next_at"], row["final_attempts"], row["final_at"], row["files"])
         state.chain_cursor = self.get_cursor()
         return state
+
+    def adopt_legacy_sync_marks(self, data_dir: Path) -> int:
+        """Copy the final-sync marks of an older master (``<data>/sync.sqlite``) into this store, once:
+        the file is renamed ``sync.sqlite.adopted`` after. Returns how many marks were copied."""
+        legacy = Path(data_dir) / LEGACY_SYNC_FILE
+        if not legacy.is_file():
+            return 0
+        old = Database(legacy)
+        try:
+            tables = old.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'final_syncs'", ())
+            rows = old.query("SELECT task_id, replica, synced_at, files FROM final_syncs", ()) if tables else []
+        finally:
+            old.close()
+        with self.db.transaction():
+            for r in rows:  # a mark already here (written by this version) wins
+                self.db.execute(
+                    "INSERT OR IGNORE INTO sync_marks (task_id, replica, failures, next_at, final_attempts, final_at,"
+                    " files) VALUES (?, ?, 0, NULL, 0, ?, ?)", (r["task_id"], r["replica"], r["synced_at"], r["files"]))
+        for suffix in ("-wal", "-shm"):
+            Path(str(legacy) + suffix).unlink(missing_ok=True)
+        legacy.rename(legacy.with_name(LEGACY_SYNC_FILE + ".adopted"))
+        return len(rows)
 
     def _write_task(self, task: Task) -> None:
         self.db.execute(
@@ -281,6 +320,10 @@ NODE_UPSERT = (
     " member_since, last_heartbeat, state_since, last_error, last_sample)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+SYNC_MARK_UPSERT = (
+    "INSERT OR REPLACE INTO sync_marks (task_id, replica, failures, next_at, final_attempts, final_at, files)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 INVITE_UPSERT = (
     "INSERT OR REPLACE INTO invites (node, invited_at, expiry, failures, next_attempt_at, sent)"
     " VALUES (?, ?, ?, ?, ?, ?)"
@@ -295,6 +338,10 @@ def _node_row(rec: NodeRecord) -> tuple[Any, ...]:
         rec.last_heartbeat, rec.state_since, rec.last_error,
         json.dumps(rec.last_sample.to_json()) if rec.last_sample else None,
     )
+
+
+def _sync_mark_row(key: tuple[str, int], mark: SyncMark) -> tuple[Any, ...]:
+    return (key[0], key[1], mark.failures, mark.next_at, mark.final_attempts, mark.final_at, mark.files)
 
 
 def _invite_row(rec: NodeRecord) -> tuple[Any, ...]:
