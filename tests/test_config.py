@@ -185,3 +185,14 @@ def test_real_cli_reads_the_config_file(clean, tmp_path, monkeypatch) -> None:
     assert exited.value.code == 1
     assert message.startswith(f"Error: Config file {bad} is not valid TOML") and "line 1" in message
     assert len(message.splitlines()) == 1
+
+
+def test_each_role_has_its_own_default_port():
+    from prime.config import DEFAULT_PORTS, DISCOVERY_PORT, MASTER_PORT, MINER_PORT, VALIDATOR_PORT
+    from prime.roles.discovery.cli import DEFAULT_PORT as discovery_default
+    from prime.roles.validator.cli import DEFAULT_PORT as validator_default
+
+    assert DEFAULT_PORTS == {"discovery": DISCOVERY_PORT, "validator": VALIDATOR_PORT, "master": MASTER_PORT,
+                             "miner": MINER_PORT}
+    assert len(set(DEFAULT_PORTS.values())) == len(DEFAULT_PORTS)
+    assert (discovery_default, validator_default) == (DISCOVERY_PORT, VALIDATOR_PORT)
