@@ -67,6 +67,7 @@ def validate_answer(doc: dict[str, Any], method: str, path: str, status: int, bo
 def validate_request(doc: dict[str, Any], method: str, path: str, body: Any) -> None:
     """What a client sends fits the declared request schema (so the test's requests are themselves checked)."""
     op = operation(doc, method, path)
+    assert "requestBody" in op, f"{method} {path} declares no request body"
     schema = op["requestBody"]["content"][JSON]["schema"]
     errors = list(_validator(doc, schema).iter_errors(body))
     assert not errors, f"{method} {path}: request does not fit its schema: {errors[0].message}"

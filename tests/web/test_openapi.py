@@ -75,7 +75,7 @@ async def paint(request: web.Request) -> web.Response:
     return web.json_response(await request.json(), status=201)
 
 
-@api(response=NDJSON(Line), query={"follow": FLAG, "tail": Param(Annotated[int, msgspec.Meta(ge=0)], "last N lines")},
+@api(response=NDJSON(Line), query={"follow": FLAG, "tail": Param(int, "last N lines", ge=0)},
      path={"task_id": Param(Annotated[str, msgspec.Meta(pattern="^[a-z0-9]{1,8}$")], "the task")}, errors=(404,))
 async def logs(request: web.Request) -> web.StreamResponse:
     """A task's log lines."""

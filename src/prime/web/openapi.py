@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -77,11 +77,20 @@ def Text(media_type: str = "text/plain", description: str = "") -> Content:  # n
 
 @dataclass(frozen=True)
 class Param:
-    """A query or path parameter: its type (as it reads once parsed), a description, required or not."""
+    """A query or path parameter: its type (as it reads once parsed), a description, required or
+    not, and for numbers the bounds ``ge``/``le`` (``Annotated[int, Meta(...)]`` works as well)."""
 
     type: Any = str
     description: str = ""
     required: bool = False
+    ge: float | None = None
+    le: float | None = None
+
+    @property
+    def schema_type(self) -> Any:
+        if self.ge is None and self.le is None:
+            return self.type
+        return Annotated[self.type, msgspec.Meta(ge=self.ge, le=self.le)]
 
 
 # A 0/1 switch in a query string (the handlers also accept true/false/yes/no).
@@ -372,7 +381,7 @@ def openapi_document(app: web.Application) -> dict[str, Any]:
         for body in ep.responses.values():
             _collect(schemas, body, index)
         for declared in (*ep.query.values(), *ep.path.values()):
-            index[id(declared)] = schemas.add(declared.type)
+            index[id(declared)] = schemas.add(declared.schema_type)
     schemas.generate()
 
     paths: dict[str, dict[str, Any]] = {}
