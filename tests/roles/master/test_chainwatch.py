@@ -116,3 +116,23 @@ async def test_a_join_of_a_known_node_reads_nothing() -> None:
     await watcher.step()
     assert registry.reads == [node(1)]  # its join needs no second read
     assert state.nodes[node(1)].state == NodeState.JOINED
+
+
+async def test_run_ended_of_this_run_is_an_event_of_the_core() -> None:
+
+    state = MasterState(StateConfig())
+    handle(state, MasterStarted(0.0))
+    seen: list[object] = []
+
+    def apply(ev) -> list:
+        seen.append(ev)
+        return handle(state, ev)
+
+    ended = ChainEvent("RunEnded", {"runId": RUN}, 7, "0x" + "07" * 32, 0)
+    elsewhere = ChainEvent("RunEnded", {"runId": RUN + 1}, 7, "0x" + "08" * 32, 1)
+    follower = ListFollower([[elsewhere, ended], [event("NodeValidated", 1, 8, approved=True)]])
+    watcher = ChainWatcher(SlowRegistry(), follower, RUN, lambda: state, apply, clock=lambda: 5.0)
+    await watcher.step()
+    assert [type(e).__name__ for e in seen] == ["RunEnded", "NodeApprovedOnChain", "ChainSynced"]
+    assert state.run_ended
+    assert state.nodes[node(1)].state == NodeState.APPROVED  # approved after the end: never invited
