@@ -224,3 +224,114 @@ async def running_node(
         yield miner
     finally:
         await miner.close()
+
+
+class MemoryExecutor:
+    """An executor without Docker: containers are ``ReplicaStatus`` entries in a dict.
+
+    It answers what the converger, the heartbeat and the tasks routes ask of an executor
+    (snapshot, status, start, resume, restart, stop, logs, task_data_dir); a test moves a
+    container on with ``finish`` and reads what was asked in ``calls``.
+    """
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or Path("/nonexistent")
+        self.containers: dict[tuple[str, int], Any] = {}
+        self.calls: list[tuple[str, tuple[str, int]]] = []
+        self._ids = 0
+
+    def _new_id(self) -> str:
+        self._ids += 1
+        return f"mem-{self._ids:04d}"
+
+    async def snapshot(self) -> list[Any]:
+        return sorted(self.containers.values(), key=lambda s: s.key)
+
+    async def status(self, task_id: str, replica: int = 0) -> Any:
+        return self.containers.get((task_id, replica))
+
+    async def start(self, placement: Any, on_progress: Any = None, *, replace: bool = False) -> Any:
+        from prime.protocol.tasks import ReplicaState
+        from prime.roles.miner.containers import gpus_label
+        from prime.roles.miner.core import ReplicaStatus
+
+        self.calls.append(("start", placement.key))
+        status = ReplicaStatus(
+            placement.task_id, placement.replica, ReplicaState.RUNNING, container_id=self._new_id(),
+            spec_hash=placement.spec_hash(), gpus=gpus_label(placement.gpus), restart=placement.restart,
+        )
+        self.containers[placement.key] = status
+        return status
+
+    async def _start_existing(self, verb: str, key: tuple[str, int], container_id: str) -> Any:
+        from dataclasses import replace
+
+        from prime.protocol.tasks import ReplicaState
+
+        self.calls.append((verb, key))
+        status = self.containers.get(key)
+        if status is None or status.container_id != container_id:
+            return status
+        status = self.containers[key] = replace(status, state=ReplicaState.RUNNING, exit_code=None, reason=None)
+        return status
+
+    async def resume(self, key: tuple[str, int], container_id: str) -> Any:
+        return await self._start_existing("resume", key, container_id)
+
+    async def restart(self, key: tuple[str, int], container_id: str) -> Any:
+        return await self._start_existing("restart", key, container_id)
+
+    async def stop(self, task_id: str, replica: int | None = None) -> bool:
+        keys = [k for k in self.containers if k[0] == task_id and (replica is None or k[1] == replica)]
+        for key in keys:
+            self.calls.append(("stop", key))
+            del self.containers[key]
+        return bool(keys)
+
+    def finish(self, task_id: str, exit_code: int, replica: int = 0) -> None:
+        """The container exits (0: Completed, else Failed with Docker's reason)."""
+        from dataclasses import replace
+
+        from prime.protocol.tasks import ReplicaState
+
+        key = (task_id, replica)
+        state = ReplicaState.COMPLETED if exit_code == 0 else ReplicaState.FAILED
+        reason = None if exit_code == 0 else f"exited with code {exit_code}"
+        self.containers[key] = replace(self.containers[key], state=state, exit_code=exit_code, reason=reason)
+
+    def started(self, task_id: str) -> int:
+        return sum(1 for verb, key in self.calls if verb == "start" and key[0] == task_id)
+
+    def task_data_dir(self, task_id: str) -> Path:
+        return self.root / "tasks" / task_id / "data"
+
+    async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None) -> AsyncIterator[Any]:
+        if False:  # an async generator with no lines
+            yield None
+
+
+class MemoryMaster:
+    """A master as the heartbeat loop's client sees it (``request``), in memory: records each
+    heartbeat body and answers the desired list the test sets."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.desired: list[dict[str, Any]] = []
+        self.heartbeats: list[dict[str, Any]] = []
+        self.down = False
+
+    async def request(self, method: str, url: str, json: Any = None, **_: Any) -> Any:
+        assert (method, url.rsplit("/", 1)[-1]) == ("POST", "heartbeat"), (method, url)
+        if self.down:
+            raise ConnectionError("the master is down")
+        self.heartbeats.append(json)
+        return {"interval_s": self.interval_s, "desired": list(self.desired)}
+
+    def reports(self, task_id: str) -> list[dict[str, Any]]:
+        return [t for body in self.heartbeats for t in body.get("tasks", []) if t.get("id") == task_id]
+
+    def now(self, task_id: str) -> dict[str, Any] | None:
+        """``task_id``'s report in the latest heartbeat (None: not reported there)."""
+        if not self.heartbeats:
+            return None
+        return next((t for t in self.heartbeats[-1].get("tasks", []) if t.get("id") == task_id), None)

@@ -75,8 +75,9 @@ def test_placement_maps_gpu_positions_and_keeps_the_label_format() -> None:
         "gpus": [6], "replica": 2, "persistent": True, "cpu_limit": 1.5, "memory_limit_mib": 512,
         "restart": "on-failure", "max_restarts": None,
     }
-    # The hash earlier miners wrote for this same container (label format v1): adoption survives an upgrade.
-    assert core.place(desired("x1"), []).spec_hash() == core.place(desired("x1"), []).spec_hash()
+    # The hashes earlier miners wrote for these same containers (label format v1): adoption survives an upgrade.
+    assert placement.spec_hash() == "c82a2304bede169b65ded931f634563b7d4fe7be735f45e1c23842f486b430a9"
+    assert core.place(desired("x1"), []).spec_hash() == "1f926a1f15b27bae4593a97da9b7d55e0ebd75206afcec30419292d7ab2771d3"
     assert core.place(desired("x1", attempt=1), []).spec_hash() != core.place(desired("x1"), []).spec_hash()
 
 

@@ -1,4 +1,5 @@
-"""The Docker executor against the real engine (busybox image, network none), plus its pure parts."""
+"""The Docker executor against the real engine (busybox image, network none), the converger driving
+it (restart policy), and the Docker translation's pure parts."""
 
 from __future__ import annotations
 
@@ -18,23 +19,23 @@ import docker
 import docker.errors
 import pytest
 
-from prime.roles.miner.executor import (
+from prime.protocol.heartbeat import DesiredReplica
+from prime.protocol.tasks import ReplicaState as TaskState
+from prime.roles.miner import core
+from prime.roles.miner.containers import (
     LABEL_HASH,
     LABEL_NODE,
     LABEL_TASK,
-    DockerExecutor,
-    InvalidTaskSpec,
-    LogLine,
-    PullProgress,
-    TaskNotFound,
-    TaskSpec,
-    TaskState,
-    backoff_delay,
     build_container_kwargs,
     container_name,
-    gpu_assignment,
+    parse_log_frame,
+    restart_policy,
     state_from_inspect,
+    status_of,
 )
+from prime.roles.miner.core import Placement
+from prime.roles.miner.executor import DockerExecutor, LogLine, PullProgress, TaskNotFound
+from prime.roles.miner.heartbeat import Converger
 from prime.roles.miner.preflight import nvidia_runtime_available
 from prime.roles.miner.storage import ManifestCache, manifest
 
@@ -47,11 +48,31 @@ def _task_id() -> str:
 
 @pytest.fixture
 def executor(docker_client: docker.DockerClient, busybox_image: str, docker_node_address: str, tmp_path: Path) -> DockerExecutor:
-    return DockerExecutor(docker_client, tmp_path / "miner", docker_node_address, network_mode="none", restart_backoff_s=0.05, stop_timeout_s=0)
+    return DockerExecutor(docker_client, tmp_path / "miner", docker_node_address, network_mode="none", pull_backoff_s=0.05, stop_timeout_s=0)
 
 
-def _spec(busybox_image: str, script: str, **kwargs) -> TaskSpec:
-    return TaskSpec(task_id=kwargs.pop("task_id", _task_id()), image=busybox_image, command=["sh", "-c", script], **kwargs)
+def _placement(image: str, command: list[str] | None = None, *, task_id: str | None = None, replica: int = 0, attempt: int = 0,
+               gpus: tuple[int, ...] = (), **spec) -> Placement:
+    """A placement as the converger makes it from the master's desired entry (GPU indices given as is)."""
+    entry = {"id": task_id or _task_id(), "replica": replica, "attempt": attempt, "gpu_indices": list(range(len(gpus))),
+             "spec": {"image": image, "command": command or [], **spec}}
+    return core.place(DesiredReplica.from_json(entry), gpus)
+
+
+def _spec(busybox_image: str, script: str, **kwargs) -> Placement:
+    return _placement(busybox_image, ["sh", "-c", script], **kwargs)
+
+
+def _desired(placement: Placement) -> DesiredReplica:
+    return placement.desired
+
+
+async def _wait(executor: DockerExecutor, task_id: str, replica: int = 0, timeout_s: float = 60):
+    """The replica's state once its container has exited."""
+    async def final():
+        status = await executor.status(task_id, replica)
+        return status if status and status.state in (TaskState.COMPLETED, TaskState.FAILED) else None
+    return await _until(final, timeout_s=timeout_s)
 
 
 def _containers(client: docker.DockerClient, node: str, task_id: str | None = None) -> list:
@@ -82,9 +103,9 @@ async def _until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05):
 async def test_task_writes_logs_and_files_then_completes(executor: DockerExecutor, busybox_image: str, docker_client: docker.DockerClient) -> None:
     script = "echo line1; echo err1 >&2; echo line2; echo hello > /data/out.txt; mkdir -p /data/sub; seq 1 100 > /data/sub/numbers; id -u; printf no-newline"
     spec = _spec(busybox_image, script, persistent=True, env={"GREETING": "hi"})
-    started = await executor.ensure_running(spec)
+    started = await executor.start(spec)
     assert started.state in (TaskState.RUNNING, TaskState.COMPLETED)
-    done = await executor.wait(spec.task_id, timeout_s=60)
+    done = await _wait(executor, spec.task_id)
     assert (done.state, done.exit_code, done.reason) == (TaskState.COMPLETED, 0, None)
     assert done.spec_hash == spec.spec_hash()
 
@@ -105,105 +126,108 @@ async def test_task_writes_logs_and_files_then_completes(executor: DockerExecuto
     assert container.labels[LABEL_TASK] == spec.task_id and container.labels[LABEL_HASH] == spec.spec_hash()
     assert host["Privileged"] is False and host["CapDrop"] == ["ALL"] and "no-new-privileges" in host["SecurityOpt"]
     assert host["NetworkMode"] == "none" and host["RestartPolicy"]["Name"] == "no"
-    assert "GREETING=hi" in container.attrs["Config"]["Env"] and f"PRIME_TASK_ID={spec.task_id}" in container.attrs["Config"]["Env"]
+    env = container.attrs["Config"]["Env"]
+    assert "GREETING=hi" in env and f"PRIME_TASK_ID={spec.task_id}" in env and "PRIME_ATTEMPT=0" in env
 
 
 async def test_failing_command_is_failed_with_its_exit_code_and_not_restarted(executor: DockerExecutor, busybox_image: str) -> None:
     spec = _spec(busybox_image, "echo run >> /data/runs; echo broken >&2; exit 7", persistent=True)
-    await executor.ensure_running(spec)
-    done = await executor.wait(spec.task_id, timeout_s=60)
+    converger = Converger(executor, [], policy=core.Policy(backoff_s=0.05))
+    await converger.converge([_desired(spec)])
+    done = await _wait(executor, spec.task_id)
     assert (done.state, done.exit_code) == (TaskState.FAILED, 7)
     assert "7" in (done.reason or "")
     # Default policy is "never": looking at it again (well past the backoff) does not restart it.
     for _ in range(3):
-        await executor.ensure_running(spec)
-        await executor.supervise()
+        await converger.converge([_desired(spec)])
+        await converger.supervise()
         await asyncio.sleep(0.1)
     status = await executor.status(spec.task_id)
-    assert (status.state, status.exit_code, status.restarts) == (TaskState.FAILED, 7, 0)
+    assert (status.state, status.exit_code, converger.restarts(status.key)) == (TaskState.FAILED, 7, 0)
     assert (executor.task_data_dir(spec.task_id) / "runs").read_text() == "run\n"
 
 
-async def test_restart_on_failure_backs_off_and_stops_at_max_restarts(executor: DockerExecutor, busybox_image: str) -> None:
-    spec = _spec(busybox_image, "echo run >> /data/runs; exit 3", persistent=True, restart="on-failure", max_restarts=2)
-    await executor.ensure_running(spec)
+async def test_restart_on_failure_restarts_the_same_container_with_backoff(executor: DockerExecutor, busybox_image: str) -> None:
+    spec = _spec(busybox_image, "echo run >> /data/runs; exit 3", persistent=True, restart="on-failure")
+    converger = Converger(executor, [], policy=core.Policy(backoff_s=0.05, backoff_max_s=0.2))
+    await converger.converge([_desired(spec)])
+    first = await executor.status(spec.task_id)
     runs = executor.task_data_dir(spec.task_id) / "runs"
 
-    async def restarted_twice_and_failed():
-        statuses = {s.task_id: s for s in await executor.supervise()}
-        status = statuses.get(spec.task_id)
-        return status if status and status.restarts == 2 and status.state is TaskState.FAILED else None
+    async def restarted_twice():
+        await converger.supervise()
+        return converger.restarts(spec.key) >= 2 and runs.read_text().count("run") >= 3
 
-    final = await _until(restarted_twice_and_failed)
-    assert final.exit_code == 3
-    await _until(lambda: asyncio.sleep(0, result=runs.read_text().count("run") == 3))
-    for _ in range(3):  # the limit holds
-        await executor.supervise()
-        await asyncio.sleep(0.1)
-    assert runs.read_text() == "run\n" * 3
-    assert (await executor.status(spec.task_id)).restarts == 2
-
-
-def test_backoff_doubles_up_to_a_cap() -> None:
-    assert [backoff_delay(n, 1.0, 60.0) for n in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
-    assert backoff_delay(10_000, 1.0, 300.0) == 300
+    await _until(restarted_twice)
+    status = await executor.status(spec.task_id)
+    assert status.container_id == first.container_id and status.restart == "on-failure"
+    # While it waits for its next restart, the master hears that it is not final.
+    failed = await _wait(executor, spec.task_id)
+    assert failed.exit_code == 3 and core.reports([failed], converger.book)[0].state == TaskState.PULLING
+    # The master stops listing it: stopped at once (a restartable replica is not kept).
+    await converger.converge([])
+    assert await executor.status(spec.task_id) == core.ReplicaStatus(spec.task_id, 0, TaskState.STOPPED)
 
 
 async def test_stop_removes_the_container(executor: DockerExecutor, busybox_image: str, docker_client: docker.DockerClient) -> None:
     spec = _spec(busybox_image, "sleep 600")
-    assert (await executor.ensure_running(spec)).state is TaskState.RUNNING
+    assert (await executor.start(spec)).state is TaskState.RUNNING
     assert len(_containers(docker_client, executor.node_address, spec.task_id)) == 1
     assert await executor.stop(spec.task_id) is True
     assert _containers(docker_client, executor.node_address, spec.task_id) == []
     assert (await executor.status(spec.task_id)).state is TaskState.STOPPED
     assert await executor.stop(spec.task_id) is False
-    assert spec.task_id not in {s.task_id for s in await executor.list_states()}
+    assert spec.task_id not in {s.task_id for s in await executor.snapshot()}
 
 
 async def test_restarted_miner_adopts_instead_of_duplicating(
     executor: DockerExecutor, busybox_image: str, docker_client: docker.DockerClient
 ) -> None:
     spec = _spec(busybox_image, "sleep 600", persistent=True, restart="on-failure")
-    first = await executor.ensure_running(spec)
+    first = await executor.start(spec)
     assert first.state is TaskState.RUNNING
 
     restarted = DockerExecutor(docker_client, executor.data_dir, executor.node_address, network_mode="none")
-    adopted = await restarted.adopt()
-    assert [(s.task_id, s.state, s.container_id) for s in adopted] == [(spec.task_id, TaskState.RUNNING, first.container_id)]
-    assert restarted.known_specs() == [spec]  # the spec came back from the container's label
-
-    statuses = await restarted.reconcile([spec])
-    assert [(s.task_id, s.container_id) for s in statuses] == [(spec.task_id, first.container_id)]
-    assert (await restarted.ensure_running(spec)).container_id == first.container_id
+    adopted = await restarted.snapshot()
+    assert [(s.task_id, s.state, s.container_id, s.restart) for s in adopted] == [
+        (spec.task_id, TaskState.RUNNING, first.container_id, "on-failure")  # the policy came back from the label
+    ]
+    converger = Converger(restarted, [])
+    plan = await converger.converge([_desired(spec)])
+    assert [type(a) for a in plan.actions] == [core.Keep]
     assert len(_containers(docker_client, executor.node_address, spec.task_id)) == 1
-    assert (await restarted.status(spec.task_id)).state is TaskState.RUNNING
+    assert (await restarted.status(spec.task_id)).container_id == first.container_id
 
 
-async def test_reconcile_converges_on_the_desired_set(executor: DockerExecutor, busybox_image: str, docker_client: docker.DockerClient) -> None:
+async def test_converging_on_the_desired_set(executor: DockerExecutor, busybox_image: str, docker_client: docker.DockerClient) -> None:
     a, b, c = (_spec(busybox_image, "sleep 600") for _ in range(3))
-    started = {s.task_id: s.container_id for s in await executor.reconcile([a, b])}
-    assert {s.state for s in await executor.list_states()} == {TaskState.RUNNING}
+    converger = Converger(executor, [])
+    await converger.converge([_desired(a), _desired(b)])
+    started = {s.task_id: s.container_id for s in await executor.snapshot()}
+    assert {s.state for s in await executor.snapshot()} == {TaskState.RUNNING}
 
-    statuses = await executor.reconcile([a, c])
-    assert {s.task_id: s.state for s in statuses} == {a.task_id: TaskState.RUNNING, c.task_id: TaskState.RUNNING}
-    assert statuses[0].container_id == started[a.task_id]  # left alone
+    await converger.converge([_desired(a), _desired(c)])
+    states = {s.task_id: s for s in await executor.snapshot()}
+    assert {k: s.state for k, s in states.items()} == {a.task_id: TaskState.RUNNING, c.task_id: TaskState.RUNNING}
+    assert states[a.task_id].container_id == started[a.task_id]  # left alone
     assert _containers(docker_client, executor.node_address, b.task_id) == []  # undesired: stopped
     assert (await executor.status(b.task_id)).state is TaskState.STOPPED
 
-    changed = TaskSpec(**{**a.to_dict(), "env": {"NEW": "1"}})  # same task, new spec: replaced
-    statuses = await executor.reconcile([changed])
-    assert statuses[0].container_id != started[a.task_id]
-    assert statuses[0].spec_hash == changed.spec_hash()
+    changed = _placement(busybox_image, ["sh", "-c", "sleep 600"], task_id=a.task_id, attempt=1)  # same replica, new attempt: replaced
+    plan = await converger.converge([_desired(changed)])
+    assert [type(x) for x in plan.of(core.Start)] == [core.Start] and plan.of(core.Start)[0].replace
+    now = await executor.status(a.task_id)
+    assert now.container_id != started[a.task_id] and now.spec_hash == changed.spec_hash()
     remaining = _containers(docker_client, executor.node_address)
     assert [ct.labels[LABEL_TASK] for ct in remaining] == [a.task_id]
-    assert await executor.reconcile([]) == []
+    await converger.converge([])
     assert _containers(docker_client, executor.node_address) == []
 
 
 async def test_replicas_get_their_own_containers(executor: DockerExecutor, busybox_image: str, docker_client: docker.DockerClient) -> None:
     task_id = _task_id()
     replicas = [_spec(busybox_image, "sleep 600", task_id=task_id, replica=r) for r in (0, 1)]
-    await executor.reconcile(replicas)
+    await Converger(executor, []).converge([_desired(r) for r in replicas])
     names = sorted(ct.name for ct in _containers(docker_client, executor.node_address, task_id))
     assert names == [f"prime-task-{task_id}", f"prime-task-{task_id}-r1"]
     await executor.stop(task_id, replica=1)
@@ -212,18 +236,18 @@ async def test_replicas_get_their_own_containers(executor: DockerExecutor, busyb
 
 async def test_unpullable_image_fails_with_a_reason(executor: DockerExecutor, docker_client: docker.DockerClient) -> None:
     # Port 1 on loopback: refused at once, with or without internet.
-    spec = TaskSpec(task_id=_task_id(), image="127.0.0.1:1/prime-missing:v1", command=["true"])
+    spec = _placement("127.0.0.1:1/prime-missing:v1", ["true"])
     events: list[PullProgress] = []
-    status = await executor.ensure_running(spec, on_progress=events.append)
+    status = await executor.start(spec, on_progress=events.append)
     assert status.state is TaskState.FAILED and status.container_id is None
     assert "127.0.0.1:1/prime-missing:v1" in status.reason and "could not be pulled" in status.reason
     assert _containers(docker_client, executor.node_address, spec.task_id) == []
     assert (await executor.status(spec.task_id)).state is TaskState.FAILED
-    assert spec.task_id in {s.task_id for s in await executor.list_states()}
-    again = await executor.ensure_running(spec)  # retried later with backoff; never a crash
+    assert spec.task_id in {s.task_id for s in await executor.snapshot()}
+    again = await executor.start(spec)  # retried later with backoff; never a crash
     assert again.state is TaskState.FAILED
     assert await executor.stop(spec.task_id) is True
-    assert spec.task_id not in {s.task_id for s in await executor.list_states()}
+    assert spec.task_id not in {s.task_id for s in await executor.snapshot()}
 
 
 async def test_missing_image_is_pulled_with_per_layer_progress(
@@ -246,9 +270,9 @@ async def test_missing_image_is_pulled_with_per_layer_progress(
     docker_client.images.remove(built.id, force=True)
     try:
         events: list[PullProgress] = []
-        spec = TaskSpec(task_id=_task_id(), image=image, command=["sh", "-c", "sha256sum /payload"])
-        await executor.ensure_running(spec, on_progress=events.append)
-        done = await executor.wait(spec.task_id, timeout_s=60)
+        spec = _placement(image, ["sh", "-c", "sha256sum /payload"])
+        await executor.start(spec, on_progress=events.append)
+        done = await _wait(executor, spec.task_id)
         assert done.state is TaskState.COMPLETED
         assert (await _lines(executor, spec.task_id))[0].text.startswith(hashlib.sha256(payload).hexdigest())
         layers = {e.layer for e in events if e.layer and e.status == "Pull complete"}
@@ -257,25 +281,25 @@ async def test_missing_image_is_pulled_with_per_layer_progress(
 
         # Present now: a second task with the same image does not pull.
         events.clear()
-        other = TaskSpec(task_id=_task_id(), image=image, command=["true"])
-        await executor.ensure_running(other, on_progress=events.append)
+        other = _placement(image, ["true"])
+        await executor.start(other, on_progress=events.append)
         assert events == []
     finally:
         with contextlib.suppress(docker.errors.APIError):
-            await executor.reconcile([])
+            await Converger(executor, []).converge([])
             docker_client.images.remove(image, force=True)
 
 
 async def test_follow_logs_until_exit(executor: DockerExecutor, busybox_image: str) -> None:
     spec = _spec(busybox_image, "echo a; sleep 1; echo b >&2; sleep 1; echo c")
-    await executor.ensure_running(spec)
+    await executor.start(spec)
     lines = await _lines(executor, spec.task_id, follow=True)
     assert [(line.stream, line.text) for line in lines] == [("stdout", "a"), ("stderr", "b"), ("stdout", "c")]
 
 
 async def test_leaving_a_followed_log_early_ends_its_reader(executor: DockerExecutor, busybox_image: str) -> None:
     spec = _spec(busybox_image, "echo first; sleep 600")
-    await executor.ensure_running(spec)
+    await executor.start(spec)
 
     def readers() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name == f"prime-logs-{spec.task_id}"]
@@ -296,8 +320,8 @@ async def test_logs_of_an_unknown_task(executor: DockerExecutor) -> None:
 
 
 async def test_gpu_request_on_this_engine(executor: DockerExecutor, busybox_image: str, docker_client: docker.DockerClient) -> None:
-    spec = _spec(busybox_image, "true", gpus=[0])
-    status = await executor.ensure_running(spec)
+    spec = _spec(busybox_image, "true", gpus=(0,))
+    status = await executor.start(spec)
     if nvidia_runtime_available(docker_client.info()):
         assert status.state in (TaskState.RUNNING, TaskState.COMPLETED)
     else:  # no NVIDIA runtime: a Failed task that says why, not a crash
@@ -305,28 +329,13 @@ async def test_gpu_request_on_this_engine(executor: DockerExecutor, busybox_imag
     assert status.gpus == "0"
 
 
-async def test_gpu_counts_take_free_gpus_by_the_labels_of_running_tasks(
-    docker_client: docker.DockerClient, busybox_image: str, docker_node_address: str, tmp_path: Path
-) -> None:
-    executor = DockerExecutor(docker_client, tmp_path, docker_node_address, network_mode="none", node_gpus=[0, 1, 2, 3])
-    # A running task of this node that holds GPUs 0 and 1 (by its label; this engine may have no GPUs).
-    docker_client.containers.run(
-        busybox_image, ["sleep", "600"], detach=True, network_mode="none", name=f"prime-task-{_task_id()}",
-        labels={LABEL_TASK: "holder", LABEL_NODE: docker_node_address, "prime.replica": "0", "prime.gpus": "0,1"},
-    )
-    status = await executor.ensure_running(_spec(busybox_image, "true", gpus=2))
-    assert status.gpus == "2,3"
-    too_many = await executor.ensure_running(_spec(busybox_image, "true", gpus=3))
-    assert too_many.state is TaskState.FAILED and "only" in too_many.reason and too_many.container_id is None
-
-
 # ---------------------------------------------------------------- pure parts
 
 
-def test_gpu_device_requests_by_index_and_all(tmp_path: Path) -> None:
-    spec = TaskSpec(task_id="job1", image="trainer:1", command=["python", "train.py"], env={"A": "1"}, gpus=[2, 0],
-                    persistent=True, cpu_limit=1.5, memory_limit_mib=2048)
-    kwargs = build_container_kwargs(spec, node_address="0xabc", gpus=[0, 2], data_mount=tmp_path, network_mode="host")
+def test_gpu_device_requests_by_index(tmp_path: Path) -> None:
+    spec = _placement("trainer:1", ["python", "train.py"], task_id="job1", env={"A": "1"}, gpus=(2, 0), persistent=True,
+                      cpu_limit=1.5, memory_limit_mib=2048)
+    kwargs = build_container_kwargs(spec, node_address="0xabc", data_mount=tmp_path, network_mode="host")
     (request,) = kwargs["device_requests"]
     assert request["Driver"] == "nvidia" and request["DeviceIDs"] == ["0", "2"] and request["Capabilities"] == [["gpu"]]
     assert "Count" not in request or request["Count"] in (None, 0)
@@ -340,30 +349,30 @@ def test_gpu_device_requests_by_index_and_all(tmp_path: Path) -> None:
     labels = kwargs["labels"]
     assert labels["prime.task_id"] == "job1" and labels["prime.node"] == "0xabc" and labels["prime.replica"] == "0"
     assert labels["prime.spec_hash"] == spec.spec_hash() and labels["prime.gpus"] == "0,2"
-    assert TaskSpec.from_dict(json.loads(labels["prime.spec"])) == spec
-    assert kwargs["environment"]["A"] == "1"
+    assert json.loads(labels["prime.spec"]) == spec.record() and restart_policy(labels["prime.spec"]) == "never"
+    assert kwargs["environment"]["A"] == "1" and kwargs["environment"]["PRIME_ATTEMPT"] == "0"
 
-    every = build_container_kwargs(spec, node_address="0xabc", gpus="all", data_mount=None, network_mode="none")
-    (request,) = every["device_requests"]
-    assert request["Driver"] == "nvidia" and request["Count"] == -1 and not request.get("DeviceIDs")
-    assert "mounts" not in every
-
-    none = build_container_kwargs(TaskSpec(task_id="cpu", image="x"), node_address="0xabc", gpus=[], data_mount=None, network_mode="none")
+    none = build_container_kwargs(_placement("x", task_id="cpu"), node_address="0xabc", data_mount=None, network_mode="none")
     assert "device_requests" not in none and "command" not in none and "nano_cpus" not in none and "mem_limit" not in none
+    assert "mounts" not in none
 
 
-def test_gpu_assignment() -> None:
-    assert gpu_assignment([3, 1], None, set()) == [1, 3]
-    assert gpu_assignment("all", None, set()) == "all"
-    assert gpu_assignment("all", [1, 3], set()) == [1, 3]  # the node's GPUs, not the host's
-    assert gpu_assignment(2, [0, 1, 2, 3], {0, 2}) == [1, 3]
-    assert gpu_assignment(0, [0], set()) == []
-    with pytest.raises(InvalidTaskSpec, match="only 1"):
-        gpu_assignment(2, [0, 1], {1})
-    with pytest.raises(InvalidTaskSpec, match="does not offer"):
-        gpu_assignment([5], [0, 1], set())
-    with pytest.raises(InvalidTaskSpec, match="not known"):
-        gpu_assignment(1, None, set())
+def test_a_container_read_back_as_the_core_sees_it() -> None:
+    spec = _placement("x", ["true"], task_id="back", replica=2, restart="on-failure")
+    labels = build_container_kwargs(spec, node_address="0xabc", data_mount=None, network_mode="none")["labels"]
+
+    class Container:
+        id = "c1"
+
+    container = Container()
+    container.labels = labels
+    container.attrs = {"State": {"Status": "exited", "ExitCode": 4}}
+    assert status_of(container) == core.ReplicaStatus(
+        "back", 2, TaskState.FAILED, exit_code=4, reason="exited with code 4", container_id="c1",
+        spec_hash=spec.spec_hash(), gpus="", restart="on-failure",
+    )
+    container.labels = {**labels, "prime.spec": "not json"}
+    assert status_of(container).restart is None  # reported, but never restarted: its policy is unknown
 
 
 @pytest.mark.parametrize(
@@ -386,44 +395,6 @@ def test_state_from_inspect(state: dict, expected: tuple) -> None:
         assert "memory" in reason
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [
-        {"task_id": "../etc"},
-        {"task_id": ""},
-        {"task_id": "a" * 65},
-        {"image": ""},
-        {"image": "bad image"},
-        {"command": "sh -c true"},
-        {"command": ["ok", 3]},
-        {"env": {"BAD-NAME": "x"}},
-        {"env": {"A": 1}},
-        {"gpus": True},
-        {"gpus": [0, 0]},
-        {"gpus": [-1]},
-        {"gpus": "some"},
-        {"replica": -1},
-        {"persistent": "yes"},
-        {"cpu_limit": 0},
-        {"memory_limit_mib": 1},
-        {"restart": "always"},
-        {"max_restarts": -1},
-    ],
-)
-def test_bad_specs_are_refused_in_one_sentence(fields: dict) -> None:
-    with pytest.raises(InvalidTaskSpec) as excinfo:
-        TaskSpec(**{"task_id": "ok", "image": "busybox", **fields})
-    assert excinfo.value.message.endswith(".")
-
-
-def test_spec_from_dict_and_hash() -> None:
-    spec = TaskSpec.from_dict({"task_id": "x1", "image": "busybox", "command": ["true"], "gpus": "all"})
-    assert spec.key == ("x1", 0) and spec.container_name == "prime-task-x1"
-    assert spec.spec_hash() == TaskSpec.from_dict(spec.to_dict()).spec_hash()
-    assert spec.spec_hash() != TaskSpec.from_dict({**spec.to_dict(), "command": ["false"]}).spec_hash()
-    with pytest.raises(InvalidTaskSpec, match="unknown field"):
-        TaskSpec.from_dict({"task_id": "x1", "image": "busybox", "privileged": True})
-    with pytest.raises(InvalidTaskSpec, match="incomplete"):
-        TaskSpec.from_dict({"task_id": "x1"})
-    with pytest.raises(InvalidTaskSpec):
-        TaskSpec.from_dict(["not", "a", "dict"])
+def test_log_frame_timestamps() -> None:
+    assert parse_log_frame(b"2026-01-01T00:00:00.000000000Z hello\n") == ("2026-01-01T00:00:00.000000000Z", "hello\n")
+    assert parse_log_frame(b"no timestamp here") == (None, "no timestamp here")

@@ -8,6 +8,7 @@ the interface this machine would use to reach the discovery service, found by
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import socket
@@ -103,7 +104,7 @@ class Announcer:
         *,
         every_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
-        on_announced: Callable[[AnnounceResult], None] | None = None,
+        on_announced: Callable[[AnnounceResult], Awaitable[None] | None] | None = None,
     ) -> None:
         self._announce = announce
         self._resolve_ip = resolve_ip
@@ -130,5 +131,7 @@ class Announcer:
         self.last_ip = ip
         self._last_at = self._clock()
         if self._on_announced is not None:
-            self._on_announced(AnnounceResult(ip, self.port, time.time()))
+            done = self._on_announced(AnnounceResult(ip, self.port, time.time()))
+            if inspect.isawaitable(done):
+                await done
         return True

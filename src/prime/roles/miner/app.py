@@ -12,10 +12,11 @@ Every request except the public ones must be signed (401 otherwise).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ def build_miner_app(
     challenge: ChallengeService,
     invite: InviteHandler,
     tasks: TasksApi,
-    on_verdict: Callable[[Verdict], None],
+    on_verdict: Callable[[Verdict], Awaitable[None] | None],
 ) -> web.Application:
     """The miner's aiohttp application (background loops are added by the caller)."""
     app = make_app(name="miner", middlewares=[signed_request_middleware()], client_max_size=CLIENT_MAX_SIZE)
@@ -80,7 +81,9 @@ def build_miner_app(
             return json_error(400, "invalid_verdict", f"reason must be at most {MAX_REASON_LENGTH} characters")
         if not _HASH.match(body.report_hash):
             return json_error(400, "invalid_verdict", "report_hash must be 0x followed by 64 hex digits")
-        on_verdict(Verdict(body.approved, body.reason, body.report_hash.lower(), request[SIGNER], challenge_id, time.time()))
+        done = on_verdict(Verdict(body.approved, body.reason, body.report_hash.lower(), request[SIGNER], challenge_id, time.time()))
+        if inspect.isawaitable(done):
+            await done  # saved before the answer
         return web.json_response({"ok": True})
 
     app.router.add_post("/challenge/{id}/verdict", require(validator)(verdict))

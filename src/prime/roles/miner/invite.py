@@ -31,7 +31,7 @@ from prime.auth.signing import sign_message
 from prime.chain.client import RevertError, recover_digest_signer
 from prime.chain.types import NodeStatus
 from prime.errors import ChainError
-from prime.roles.miner.state import MinerState, StateFile
+from prime.roles.miner.state import MinerStore
 from prime.protocol.errors import ValidationError
 from prime.protocol.invite import InviteAnswer, InviteBody, ack_text, invite_digest
 from prime.web import ApiError, json_error, read_json
@@ -110,8 +110,7 @@ class InviteHandler:
         registry: Any,
         provider_registry: Any,
         run_id: int,
-        state: MinerState,
-        state_file: StateFile,
+        store: MinerStore,
         on_joined: Callable[[InviteAccepted], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -119,8 +118,7 @@ class InviteHandler:
         self.registry = registry
         self.provider_registry = provider_registry
         self.run_id = run_id
-        self.state = state
-        self.state_file = state_file
+        self.store = store
         self.on_joined = on_joined
         self.clock = clock
         self._lock = asyncio.Lock()
@@ -140,14 +138,9 @@ class InviteHandler:
             raise InviteRefused(403, "not_master", f"{signer} is not a master of run {body.run_id} on chain")
         async with self._lock:
             tx_hash = await self._join(body)
-            self.state.master_url = body.master_url.rstrip("/")
-            self.state.master = to_checksum_address(signer)
-            if tx_hash is not None or self.state.joined_at is None:
-                self.state.join_tx = tx_hash or self.state.join_tx
-                self.state.joined_at = self.clock()
-            self.state_file.save(self.state)
+            await self.store.joined(body.master_url.rstrip("/"), to_checksum_address(signer), tx_hash, self.clock())
         ack = sign_message(self.node_account, ack_text(self.registry.chain_id, self.registry.address, body.run_id, node, body.expiry))
-        accepted = InviteAccepted(to_checksum_address(signer), self.state.master_url, tx_hash, ack, body.expiry)
+        accepted = InviteAccepted(to_checksum_address(signer), self.store.state.master_url, tx_hash, ack, body.expiry)
         log.info("accepted the invite of master %s (%s) for run %d%s", signer, accepted.master_url, body.run_id,
                  f"; joined in tx {tx_hash}" if tx_hash else "; already active, no transaction")
         if self.on_joined is not None:

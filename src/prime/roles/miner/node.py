@@ -11,7 +11,11 @@ node's status on chain, heartbeat to the master, supervise restart policies.
 ``wait()`` returns on stop and raises the ``PrimeError`` that ended the miner otherwise.
 
 ``run_miner(options, node_account, provider_account, prover=...)`` is the whole thing;
-the prover parameter lets tests start a real miner with a cheating prover.
+the prover parameter lets tests start a real miner with a cheating prover. The executor is
+a dependency (``executor=``; a ``DockerExecutor`` by default, built lazily so nothing here
+needs Docker), and ``build_task_runtime`` wires the part that runs tasks (converger and
+heartbeats) on its own, so a test can run it with an in-memory executor. What the operator
+sees is in ``console.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,16 +43,18 @@ from prime.challenge.service import ChallengeService
 from prime.errors import PrimeError
 from prime.clients.discovery import DiscoveryClient
 from prime.roles.miner.announce import Announcer, choose_announce_ip
+from prime.roles.miner import core
 from prime.roles.miner.app import build_miner_app
+from prime.roles.miner.console import MinerConsole, PullPrinter  # noqa: F401  (PullPrinter: re-exported)
 from prime.roles.miner.executor import DockerExecutor
 from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
 from prime.roles.miner.invite import InviteHandler
 from prime.roles.miner.preflight import run_preflight
 from prime.roles.miner.registration import check_run, ensure_registered
-from prime.roles.miner.state import Announcement, MinerState, StateFile, Verdict
+from prime.roles.miner.state import Announcement, MinerState, MinerStore, StateFile, Verdict
 from prime.roles.miner.tasks_api import TasksApi
 from prime.roles.miner.watch import ChainWatch
-from prime.web import HEALTH, METRICS, add_loop, serve
+from prime.web import HEALTH, METRICS, LoopHealth, add_loop, serve
 
 log = logging.getLogger("prime.miner")
 
@@ -76,25 +82,37 @@ class MinerOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class PullPrinter:
-    """Image pull progress as rich lines: one per layer step, at most one per second per image."""
+@dataclass
+class TaskRuntime:
+    """The part of a miner that runs tasks: converging on the master's list, supervising, heartbeats."""
 
-    def __init__(self, console: Console, min_gap_s: float = 1.0) -> None:
-        self.console = console
-        self.min_gap_s = min_gap_s
-        self._last: dict[str, float] = {}
+    executor: Any
+    converger: Converger
+    heartbeat: HeartbeatLoop
 
-    def __call__(self, progress: Any) -> None:
-        now = time.monotonic()
-        final = progress.status.lower().startswith(("pull complete", "download complete", "status:", "digest:", "already exists"))
-        if not final and now - self._last.get(progress.image, 0.0) < self.min_gap_s:
-            return
-        self._last[progress.image] = now
-        amount = ""
-        if progress.current is not None and progress.total:
-            amount = f" {progress.current / 1e6:.1f}/{progress.total / 1e6:.1f} MB"
-        layer = f" [dim]{progress.layer}[/]" if progress.layer else ""
-        self.console.print(f"[cyan]Pulling[/] {progress.image}{layer}: {progress.status}{amount}", highlight=False)
+
+def build_task_runtime(
+    executor: Any,
+    store: MinerStore,
+    client: Any,
+    gpus: list[int],
+    health: LoopHealth,
+    *,
+    retention_s: float = 3600.0,
+    on_progress: Callable[[Any], None] | None = None,
+    counter: Any = None,
+    clock: Callable[[], float] | None = None,
+) -> TaskRuntime:
+    """Wire the executor, the converger and the heartbeat loop (no chain, no HTTP server)."""
+    policy = core.Policy(retention_s=retention_s)
+    converger = Converger(executor, gpus, policy=policy, on_progress=on_progress, **({"clock": clock} if clock else {}))
+    heartbeat = HeartbeatLoop(client=client, converger=converger, store=store, health=health, counter=counter)
+    return TaskRuntime(executor, converger, heartbeat)
+
+
+def docker_executor(options: MinerOptions, data_dir: Path, address: str) -> DockerExecutor:
+    """The production executor (its Docker client is made at first use)."""
+    return DockerExecutor(None, data_dir, address, network_mode=options.task_network)
 
 
 class MinerNode:
@@ -108,15 +126,15 @@ class MinerNode:
         *,
         prover: Any | None = None,
         console: Console | None = None,
+        executor: Any | None = None,
     ) -> None:
         self.options = options
         self.node_account = node_account
         self.provider_account = provider_account or node_account
         self.prover = prover
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.out = MinerConsole(console)
         self.data_dir = Path(options.data_dir).expanduser()
-        self.state_file = StateFile(self.data_dir)
-        self.state = MinerState()
+        self.store = MinerStore(StateFile(self.data_dir))
         self.registry: Any = None
         self.provider_registry: Any = None
         self.run: RunInfo | None = None
@@ -124,9 +142,9 @@ class MinerNode:
         self.gpus: list[int] = []
         self.hardware: hardware.HardwareInfo | None = None
         self.registration_tx: str | None = None
-        self.executor: Any = None
-        self.converger: Any = None
-        self.heartbeat: Any = None
+        self.executor: Any = executor if executor is not None else docker_executor(options, self.data_dir, node_account.address)
+        self.converger: Converger | None = None
+        self.heartbeat: HeartbeatLoop | None = None
         self.challenge: Any = None
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
@@ -134,10 +152,21 @@ class MinerNode:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
         self._failure: PrimeError | None = None
-        self._status_line: Any = None
-        self._announced_once = False
 
     # -- what others read
+
+    @property
+    def console(self) -> Console:
+        return self.out.console
+
+    @property
+    def state(self) -> MinerState:
+        """The miner's state (read it; changes go through ``store``)."""
+        return self.store.state
+
+    @property
+    def state_file(self) -> StateFile:
+        return self.store.file
 
     @property
     def address(self) -> str:
@@ -150,8 +179,7 @@ class MinerNode:
         return f"http://[{host}]:{self.options.port}" if ":" in host else f"http://{host}:{self.options.port}"
 
     def say(self, text: str, style: str | None = None) -> None:
-        self.console.print(f"[{style}]{text}[/]" if style else text, highlight=False)
-        log.debug(text)
+        self.out.say(text, style)
 
     # -- before any transaction
 
@@ -165,32 +193,25 @@ class MinerNode:
             _preflight, bool(self.gpus), self.data_dir, options.port, options.host, options.docker_base_url
         )
         if failures:
-            for extra in failures[1:]:
-                self.say(f"Error: {extra}", "bold red")
+            self.out.errors(failures[1:])
             raise PrimeError(failures[0])
-        self.say(
-            f"Node {self.address} (provider {self.provider_account.address}): "
-            f"{_describe_specs(self.specs)}; GPUs offered: {', '.join(map(str, self.gpus)) or 'none'}."
-        )
+        self.out.node(self.address, self.provider_account.address, self.specs, self.gpus)
         await self._connect_chain()
         run = await self.registry.get_run(options.run_id)
         check_run(run, self.specs)
         _check_discovery_uri(run)
         choose_announce_ip(options.public_ip, options.host, run.discovery_uri)  # a bad --public-ip fails before any transaction
         self.run = run
-        self.state = self.state_file.load()
-        self.state.reset_for(self.address, options.run_id)
+        await self.store.open_for(self.address, options.run_id)
         result = await ensure_registered(
             self.registry, self.provider_registry, self.node_account, options.run_id, self.specs, stake_wei=options.stake_wei
         )
         self.registration_tx = result.tx_hash
         if result.tx_hash is not None:
-            # A new membership: nothing of an earlier one (master, verdict) applies any more.
-            self.state = MinerState(node=self.address, run_id=options.run_id, registration_tx=result.tx_hash)
-            self.say(f"Registered for run {options.run_id} with a stake of {result.info.stake} wei (tx {result.tx_hash}).", "green")
+            await self.store.registered(self.address, options.run_id, result.tx_hash)
+            self.out.registered(options.run_id, result.info.stake, result.tx_hash)
         else:
-            self.say(f"Already registered for run {options.run_id} (status {result.info.status.label}); no transaction sent.")
-        self.state_file.save(self.state)
+            self.out.already_registered(options.run_id, result.info.status.label)
 
     async def _connect_chain(self) -> None:
         self.registry = await RegistryClient.connect(self.options.rpc_url, self.options.deployment)
@@ -202,31 +223,28 @@ class MinerNode:
         """Adopt containers, serve the API, start the loops."""
         assert self.run is not None, "prepare() first"
         options = self.options
-        self.executor = DockerExecutor(
-            None, self.data_dir, self.address, network_mode=options.task_network, node_gpus=self.gpus
-        )
-        adopted = await self.executor.adopt()
-        if adopted:
-            running = sum(1 for s in adopted if s.state.value == "Running")
-            self.say(f"Adopted {len(adopted)} task container(s) from before the restart ({running} running); none was restarted.")
-        self.converger = Converger(
-            self.executor, self.gpus, retention_s=options.finished_retention_s, on_progress=PullPrinter(self.console)
-        )
+        # Containers from before a restart are adopted: found by their labels, never restarted here.
+        self.out.adopted([s for s in await self.executor.snapshot() if s.container_id is not None])
         permissions = ChainPermissions(self.registry)
         self.challenge = ChallengeService(self.prover)
         # Probe the compute backend (imports torch/cupy, looks for GPUs) now, in a thread:
         # done lazily inside the first challenge it would count against the time bound.
         backend = await asyncio.to_thread(lambda: getattr(self.challenge.prover, "name", "custom"))
-        self.say(f"Challenge backend: {backend}.")
+        self.out.backend(backend)
         invite = InviteHandler(
             node_account=self.node_account,
             registry=self.registry,
             provider_registry=self.provider_registry,
             run_id=options.run_id,
-            state=self.state,
-            state_file=self.state_file,
+            store=self.store,
             on_joined=self._joined,
         )
+        health = LoopHealth()  # replaced by the app's own below
+        runtime = build_task_runtime(
+            self.executor, self.store, self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)), self.gpus, health,
+            retention_s=options.finished_retention_s, on_progress=self.out.pull_printer(),
+        )
+        self.converger, self.heartbeat = runtime.converger, runtime.heartbeat
         self.app = build_miner_app(
             permissions=permissions,
             run_id=options.run_id,
@@ -235,8 +253,10 @@ class MinerNode:
             tasks=TasksApi(self.executor, self.converger),
             on_verdict=self._verdict,
         )
-        health = self.app[HEALTH]
-        heartbeats = Counter("prime_miner_heartbeats", "Heartbeats sent to the master, by result.", ["result"], registry=self.app[METRICS])
+        self.heartbeat.health = self.app[HEALTH]
+        self.heartbeat.counter = Counter(
+            "prime_miner_heartbeats", "Heartbeats sent to the master, by result.", ["result"], registry=self.app[METRICS]
+        )
 
         discovery = DiscoveryClient(self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)), self.run.discovery_uri)
         announcer = Announcer(
@@ -254,19 +274,10 @@ class MinerNode:
         tick = min(10.0, options.announce_interval_s)
         add_loop(self.app, "announce", announcer.step, interval_s=tick, max_backoff_s=60.0)
         add_loop(self.app, "chain", watch.step, interval_s=options.chain_poll_interval_s, max_backoff_s=60.0)
-        add_loop(self.app, "supervise", self.executor.supervise, interval_s=5.0, max_backoff_s=60.0)
-        self.heartbeat = HeartbeatLoop(
-            client=self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)),
-            executor=self.executor,
-            converger=self.converger,
-            state=self.state,
-            state_file=self.state_file,
-            health=health,
-            counter=heartbeats,
-        )
+        add_loop(self.app, "supervise", self.converger.supervise, interval_s=5.0, max_backoff_s=60.0)
         self.runner = await serve(self.app, host=options.host, port=options.port)
         self._tasks.append(asyncio.create_task(self.heartbeat.run(), name="miner:heartbeat"))
-        self.say(f"Serving the miner API on {options.host}:{options.port}; discovery is {self.run.discovery_uri}.")
+        self.out.serving(options.host, options.port, self.run.discovery_uri)
 
     def _client(self, client: Any) -> Any:
         self._clients.append(client)
@@ -274,46 +285,27 @@ class MinerNode:
 
     # -- callbacks from the loops and handlers
 
-    def _announced(self, result: Any) -> None:
+    async def _announced(self, result: Any) -> None:
         assert self.run is not None
-        previous = self.state.announced
-        self.state.announced = Announcement(result.ip, result.port, self.run.discovery_uri, result.at)
-        self.state_file.save(self.state)
-        if previous is None or (previous.ip, previous.port) != (result.ip, result.port) or not self._announced_once:
-            self.say(f"Announced {result.ip}:{result.port} to discovery.")
-        self._announced_once = True
+        await self.store.announced(Announcement(result.ip, result.port, self.run.discovery_uri, result.at))
+        self.out.announced(result.ip, result.port)
 
     def _joined(self, accepted: Any) -> None:
-        how = f"joined run {self.options.run_id} (tx {accepted.tx_hash})" if accepted.tx_hash else "already active in the run"
-        self.say(f"Invited by master {accepted.master} ({accepted.master_url}); {how}.", "green")
+        self.out.invited(accepted.master, accepted.master_url, self.options.run_id, accepted.tx_hash)
         if self.heartbeat is not None:
             self.heartbeat.active = True
             self.heartbeat.wake()
 
-    def _verdict(self, verdict: Verdict) -> None:
-        self.state.verdict = verdict
-        self.state_file.save(self.state)
-        word = "approved" if verdict.approved else "rejected"
-        self.say(f"Validator {verdict.validator} {word} the node: {verdict.reason}", "green" if verdict.approved else "red")
+    async def _verdict(self, verdict: Verdict) -> None:
+        await self.store.verdict(verdict)
+        self.out.verdict(verdict.validator, verdict.approved, verdict.reason)
 
     def _status_changed(self, info: NodeInfo, line: str) -> None:
-        self._show_status(line)
+        self.out.status(line)
         if self.heartbeat is not None:
             self.heartbeat.active = info.status == NodeStatus.ACTIVE and info.run_id == self.options.run_id
             if self.heartbeat.active and self.state.master_url:
                 self.heartbeat.wake()
-
-    def _show_status(self, line: str) -> None:
-        # A live spinner line on a terminal; plain lines in logs and pipes.
-        if self.console.is_terminal:
-            if self._status_line is None:
-                self._status_line = self.console.status(line)
-                self._status_line.start()
-            else:
-                self._status_line.update(line)
-            self.console.log(line)
-        else:
-            self.say(line)
 
     def _fail(self, error: PrimeError) -> None:
         if self._failure is None:
@@ -334,9 +326,7 @@ class MinerNode:
 
     async def close(self) -> None:
         """Stop serving and looping; task containers keep running (a restart adopts them)."""
-        if self._status_line is not None:
-            self._status_line.stop()
-            self._status_line = None
+        self.out.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -361,11 +351,6 @@ class MinerNode:
 
 def _preflight(gpus_requested: bool, data_dir: Path, port: int, host: str, docker_base_url: str | None) -> list[str]:
     return run_preflight(gpus_requested=gpus_requested, data_dir=data_dir, port=port, host=host, docker_base_url=docker_base_url)
-
-
-def _describe_specs(specs: Specs) -> str:
-    gpus = f"{specs.gpu_count}× {specs.gpu_model} ({specs.gpu_memory_mib} MiB)" if specs.gpu_count else "no GPUs"
-    return f"{gpus}, {specs.cpu_cores} CPU cores, {specs.ram_mib} MiB RAM, {specs.disk_gib} GiB free disk"
 
 
 def _check_discovery_uri(run: RunInfo) -> None:
@@ -397,7 +382,7 @@ async def run_miner(
         await node.prepare()
         await node.start()
         await node.wait()
-        node.say("Stopping; task containers keep running and are adopted at the next start.")
+        node.out.stopping()
     finally:
         await node.close()
         if handle_signals:

@@ -6,10 +6,15 @@ resumes heartbeats without a new invite or joinRun), what it last announced to d
 the validator's verdict, and the last heartbeat with the task states it reported (for
 ``prime miner status``). Written atomically (temp file + rename), so a crash never leaves
 half a file.
+
+``MinerStore`` is the one writer while the miner runs: one method per change, each applied
+to the in-memory state at once and written in a worker thread (never on the event loop);
+writes are serialized and coalesced, and each method returns once its change is on disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -129,11 +134,15 @@ class StateFile:
             return MinerState()
 
     def save(self, state: MinerState) -> None:
+        self.write(state.to_json())
+
+    def write(self, data: dict[str, Any]) -> None:
+        """Write the JSON of a state atomically (blocking: call it from a worker thread)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(state.to_json(), fh, indent=2, sort_keys=True)
+                json.dump(data, fh, indent=2, sort_keys=True)
                 fh.write("\n")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -141,3 +150,80 @@ class StateFile:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+class MinerStore:
+    """The miner's state while it runs: read ``state`` freely, change it only through these methods.
+
+    The state object is changed in place (readers holding it see the change at once); the
+    file is written off the event loop, and each method returns when its change is saved
+    (raising ``OSError`` when it could not be).
+    """
+
+    def __init__(self, file: StateFile, state: MinerState | None = None) -> None:
+        self.file = file
+        self._state = state if state is not None else MinerState()
+        self._lock = asyncio.Lock()
+        self._changes = 0
+        self._written = 0
+
+    @property
+    def state(self) -> MinerState:
+        return self._state
+
+    async def _save(self) -> None:
+        self._changes += 1
+        wanted = self._changes
+        async with self._lock:
+            if self._written >= wanted:
+                return  # a later write already carried this change
+            upto = self._changes
+            data = self._state.to_json()  # a snapshot taken on the loop, written in a thread
+            await asyncio.to_thread(self.file.write, data)
+            self._written = upto
+
+    def _replace(self, fresh: MinerState) -> None:
+        self._state.__dict__.update(fresh.__dict__)
+
+    async def open_for(self, node: str, run_id: int) -> MinerState:
+        """Load the saved state, forgetting what belongs to another node or run."""
+        loaded = await asyncio.to_thread(self.file.load)
+        loaded.reset_for(node, run_id)
+        self._replace(loaded)
+        await self._save()
+        return self._state
+
+    async def registered(self, node: str, run_id: int, tx_hash: str) -> None:
+        """A new membership: nothing of an earlier one (master, verdict) applies any more."""
+        self._replace(MinerState(node=node, run_id=run_id, registration_tx=tx_hash))
+        await self._save()
+
+    async def joined(self, master_url: str, master: str, tx_hash: str | None, at: float) -> None:
+        """An accepted invite: heartbeats go to this master, also after a restart."""
+        state = self._state
+        state.master_url = master_url
+        state.master = master
+        if tx_hash is not None or state.joined_at is None:
+            state.join_tx = tx_hash or state.join_tx
+            state.joined_at = at
+        await self._save()
+
+    async def announced(self, announcement: Announcement) -> None:
+        self._state.announced = announcement
+        await self._save()
+
+    async def verdict(self, verdict: Verdict) -> None:
+        self._state.verdict = verdict
+        await self._save()
+
+    async def heartbeat_ok(self, at: float, interval_s: float, tasks: list[dict[str, Any]]) -> None:
+        state = self._state
+        state.last_heartbeat_at = at
+        state.last_heartbeat_error = None
+        state.heartbeat_interval_s = interval_s
+        state.tasks = tasks
+        await self._save()
+
+    async def heartbeat_failed(self, message: str) -> None:
+        self._state.last_heartbeat_error = message
+        await self._save()

@@ -26,9 +26,10 @@ from aiohttp import web
 from prime.auth.middleware import require
 from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import DesiredReplica
-from prime.protocol.tasks import is_task_id
+from prime.protocol.tasks import ReplicaState, is_task_id
 from prime.roles.miner import storage
-from prime.roles.miner.executor import InvalidTaskSpec, TaskNotFound, TaskState
+from prime.roles.miner.core import Unplaceable
+from prime.roles.miner.executor import TaskNotFound
 from prime.roles.miner.heartbeat import Converger
 from prime.web import json_error
 
@@ -81,15 +82,15 @@ class TasksApi:
             return json_error(400, "invalid_json", "the body must be a JSON object")
         try:
             desired = DesiredReplica.from_json(body, "body")
-            spec = self.converger.push(desired)
+            placement = self.converger.push(desired)
         except ValidationError as exc:
             return json_error(400, "invalid_request", exc.detail)
-        except (InvalidTaskSpec, ValueError) as exc:
+        except (Unplaceable, ValueError) as exc:
             return json_error(400, "invalid_request", str(exc))
         await asyncio.sleep(0)  # let the start begin before we read the state
-        status = await self.executor.status(spec.task_id, spec.replica)
-        state = status.state.value if status is not None else TaskState.PULLING.value
-        return web.json_response({"id": spec.task_id, "replica": spec.replica, "state": state}, status=202)
+        status = await self.executor.status(placement.task_id, placement.replica)
+        state = ReplicaState(status.state).value if status is not None else ReplicaState.PULLING.value
+        return web.json_response({"id": placement.task_id, "replica": placement.replica, "state": state}, status=202)
 
     async def stop_task(self, request: web.Request) -> web.Response:
         """Stop and remove every container of a task (its /data directory is kept).
@@ -97,14 +98,13 @@ class TasksApi:
         Answers {id, stopped}: stopped is false when the node had nothing of that task.
         """
         task_id = _task_id(request)
-        self.converger.forget_push(task_id)
-        stopped = await self.executor.stop(task_id)
+        stopped = await self.converger.stop_task(task_id)
         return web.json_response({"id": task_id, "stopped": stopped})
 
     async def list_tasks(self, request: web.Request) -> web.Response:
         """The state of every replica on this node: {tasks: [{task_id, replica, state, exit_code, reason, ...}]}."""
-        statuses = await self.executor.list_states()
-        return web.json_response({"tasks": [s.to_dict() for s in statuses]})
+        statuses = await self.executor.snapshot()
+        return web.json_response({"tasks": [s.to_dict(self.converger.restarts(s.key)) for s in statuses]})
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """A replica's output as NDJSON lines {"stream","line","ts"}; follow=1 streams until it exits.
@@ -145,7 +145,7 @@ class TasksApi:
         if status is None and not data_dir.is_dir():
             return json_error(404, "unknown_task", f"task {task_id} replica {replica} is not on this node")
         entries = await asyncio.to_thread(storage.manifest, data_dir)
-        final = status is None or status.state not in (TaskState.RUNNING, TaskState.PULLING)
+        final = status is None or status.state not in (ReplicaState.RUNNING, ReplicaState.PULLING)
         return web.json_response({
             "task_id": task_id,
             "replica": replica,

@@ -1,0 +1,205 @@
+"""Docker translation (pure): a placement as container arguments and labels, a container back
+as a ``ReplicaStatus``, and Docker's multiplexed log frames as lines.
+
+Docker itself is the record of what runs: every container carries labels (task id, replica,
+node, spec hash, GPU indices and the whole spec record), so a restarted miner finds its
+containers again and reads their restart policy from them. Docker never restarts a task
+container on its own (restart policy "no"): restarts are the core's decision.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from docker.types import DeviceRequest, LogConfig, Mount
+
+from prime.protocol.tasks import ReplicaState, RestartPolicy
+from prime.roles.miner.core import Key, Placement, ReplicaStatus
+
+LABEL_TASK = "prime.task_id"
+LABEL_NODE = "prime.node"
+LABEL_REPLICA = "prime.replica"
+LABEL_HASH = "prime.spec_hash"
+LABEL_SPEC = "prime.spec"
+LABEL_GPUS = "prime.gpus"
+
+
+def container_name(task_id: str, replica: int = 0) -> str:
+    """``prime-task-{id}``, with ``-r{n}`` for replicas after the first."""
+    return f"prime-task-{task_id}" if replica == 0 else f"prime-task-{task_id}-r{replica}"
+
+
+def gpus_label(gpus: tuple[int, ...] | list[int]) -> str:
+    return ",".join(map(str, sorted(gpus)))
+
+
+def device_requests(gpus: tuple[int, ...] | list[int]) -> list[DeviceRequest]:
+    """NVIDIA device requests by index: on hosts with mixed cards the task gets exactly these GPUs."""
+    if not gpus:
+        return []
+    return [DeviceRequest(driver="nvidia", device_ids=[str(i) for i in sorted(gpus)], capabilities=[["gpu"]])]
+
+
+def labels_for(placement: Placement, node_address: str) -> dict[str, str]:
+    return {
+        LABEL_TASK: placement.task_id,
+        LABEL_NODE: node_address,
+        LABEL_REPLICA: str(placement.replica),
+        LABEL_HASH: placement.spec_hash(),
+        # The whole record, so that a restarted miner knows what it found (restart policy, ...).
+        LABEL_SPEC: json.dumps(placement.record(), sort_keys=True, separators=(",", ":")),
+        LABEL_GPUS: gpus_label(placement.gpus),
+    }
+
+
+def build_container_kwargs(
+    placement: Placement,
+    *,
+    node_address: str,
+    data_mount: Path | None,
+    network_mode: str,
+    shm_size_mib: int | None = 1024,
+    pids_limit: int | None = 4096,
+) -> dict[str, Any]:
+    """Keyword arguments of ``client.containers.create`` for this placement."""
+    spec = placement.spec
+    env = placement.environment()
+    env["PRIME_TASK_ID"] = placement.task_id
+    env["PRIME_REPLICA"] = str(placement.replica)
+    kwargs: dict[str, Any] = {
+        "image": spec.image,
+        "name": container_name(placement.task_id, placement.replica),
+        "labels": labels_for(placement, node_address),
+        "environment": env,
+        "detach": True,
+        "tty": False,
+        "network_mode": network_mode,
+        "privileged": False,
+        "security_opt": ["no-new-privileges"],
+        "cap_drop": ["ALL"],
+        # Restarts are the core's decision (with backoff), never Docker's.
+        "restart_policy": {"Name": "no"},
+        # Bounded json-file logs: readable by `logs`, and a chatty task cannot fill the disk.
+        "log_config": LogConfig(type=LogConfig.types.JSON, config={"max-size": "50m", "max-file": "3"}),
+    }
+    if spec.command:
+        kwargs["command"] = list(spec.command)
+    requests = device_requests(placement.gpus)
+    if requests:
+        kwargs["device_requests"] = requests
+    if data_mount is not None:
+        kwargs["mounts"] = [Mount(target="/data", source=str(data_mount), type="bind", read_only=False)]
+    if spec.cpu_limit is not None:
+        kwargs["nano_cpus"] = int(spec.cpu_limit * 1e9)
+    if spec.memory_limit_mib is not None:
+        kwargs["mem_limit"] = f"{spec.memory_limit_mib}m"
+        kwargs["memswap_limit"] = f"{spec.memory_limit_mib}m"  # no swap beyond the limit
+    if shm_size_mib:
+        kwargs["shm_size"] = f"{shm_size_mib}m"  # data loaders need more than Docker's 64 MiB
+    if pids_limit:
+        kwargs["pids_limit"] = pids_limit
+    return kwargs
+
+
+# --- reading containers back -------------------------------------------------------------------
+
+
+def state_from_inspect(attrs: dict[str, Any]) -> tuple[ReplicaState, int | None, str | None]:
+    """(state, exit code, reason) from a container's ``docker inspect`` data."""
+    st = attrs.get("State") or {}
+    status = st.get("Status", "")
+    exit_code = st.get("ExitCode")
+    error = st.get("Error") or None
+    if status in ("running", "restarting", "paused"):
+        return ReplicaState.RUNNING, None, None
+    if status == "created":
+        if error:
+            return ReplicaState.FAILED, exit_code if exit_code else 128, f"the container could not start: {error}"
+        return ReplicaState.PULLING, None, None
+    if status == "removing":
+        return ReplicaState.STOPPED, exit_code, None
+    # exited / dead
+    if exit_code == 0 and not error:
+        return ReplicaState.COMPLETED, 0, None
+    if st.get("OOMKilled"):
+        return ReplicaState.FAILED, exit_code, "killed for using more memory than its limit"
+    if error:
+        return ReplicaState.FAILED, exit_code, error
+    return ReplicaState.FAILED, exit_code, f"exited with code {exit_code}"
+
+
+def key_of(labels: dict[str, str] | None) -> Key | None:
+    labels = labels or {}
+    try:
+        return labels[LABEL_TASK], int(labels.get(LABEL_REPLICA, "0"))
+    except (KeyError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def restart_policy(spec_label: str | None) -> RestartPolicy | None:
+    """The restart policy in a container's ``prime.spec`` label; None when it is not readable."""
+    try:
+        return RestartPolicy(json.loads(spec_label or "")["restart"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def status_of(container: Any) -> ReplicaStatus:
+    """A labelled container as the core sees it."""
+    labels = container.labels or {}
+    task_id, replica = key_of(labels) or ("?", 0)
+    state, exit_code, reason = state_from_inspect(container.attrs)
+    return ReplicaStatus(
+        task_id=task_id,
+        replica=replica,
+        state=state,
+        exit_code=exit_code,
+        reason=reason,
+        container_id=container.id,
+        spec_hash=labels.get(LABEL_HASH),
+        gpus=labels.get(LABEL_GPUS),
+        restart=restart_policy(labels.get(LABEL_SPEC)),
+    )
+
+
+# --- log frames --------------------------------------------------------------------------------
+
+
+def parse_log_frame(payload: bytes) -> tuple[str | None, str]:
+    """Split Docker's "<RFC3339 timestamp> <text>" (timestamps=1) into its parts."""
+    text = payload.decode("utf-8", errors="replace")
+    head, sep, rest = text.partition(" ")
+    if sep and len(head) >= 20 and head[4:5] == "-" and head[10:11] == "T":
+        return head, rest
+    return None, text
+
+
+def read_frames(response: Any) -> Iterator[tuple[int, bytes]]:
+    """Docker's multiplexed stream: 8-byte header (stream type, length), then the payload."""
+    while True:
+        header = _read_exact(response, 8)
+        if len(header) < 8:
+            return
+        stream_type, length = struct.unpack(">BxxxL", header)
+        if length == 0:
+            continue
+        payload = _read_exact(response, length)
+        if not payload:
+            return
+        yield stream_type, payload
+
+
+def _read_exact(response: Any, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = response.raw.read(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
