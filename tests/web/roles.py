@@ -11,7 +11,9 @@ LogLine records, no containers). The validator runs against the session's anvil.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,33 +115,41 @@ async def request(served: Served, account: Any, method: str, path_qs: str, body:
 
 
 class ContainerlessExecutor:
-    """The executor interface TasksApi and the Converger use; records are the executor's own types."""
+    """The executor as TasksApi and the Converger use it, without containers; its records are
+    the miner's own types (so their JSON is what a real executor's would be)."""
 
     def __init__(self, root: Path) -> None:
-        from prime.roles.miner.executor import TaskState, TaskStatus
-
-        self._status, self._state = TaskStatus, TaskState
         self.root = root
         self.running: dict[tuple[str, int], Any] = {}
 
     def add(self, task_id: str, replica: int = 0) -> None:
-        self.running[(task_id, replica)] = self._status(
-            task_id=task_id, replica=replica, state=self._state.RUNNING, container_id="c" * 12, spec_hash="0" * 16, gpus="")
+        try:
+            from prime.roles.miner.core import ReplicaStatus as Status
+        except ImportError:  # before the miner core
+            from prime.roles.miner.executor import TaskStatus as Status  # type: ignore[no-redef]
+        from prime.protocol.tasks import ReplicaState
 
-    async def ensure_running(self, spec: Any, on_progress: Any = None) -> None:
-        self.add(spec.task_id, spec.replica)
+        self.running[(task_id, replica)] = Status(
+            task_id=task_id, replica=replica, state=ReplicaState.RUNNING, container_id="c" * 12, spec_hash="0" * 16, gpus="")
+
+    async def start(self, placement: Any, on_progress: Any = None, *, replace: bool = False) -> None:
+        self.add(placement.task_id, placement.replica)
+
+    ensure_running = start
 
     async def status(self, task_id: str, replica: int = 0) -> Any:
         return self.running.get((task_id, replica))
 
-    async def list_states(self) -> list[Any]:
+    async def snapshot(self) -> list[Any]:
         return list(self.running.values())
 
-    async def stop(self, task_id: str) -> bool:
-        keys = [k for k in self.running if k[0] == task_id]
+    list_states = snapshot
+
+    async def stop(self, task_id: str, replica: int | None = None) -> int:
+        keys = [k for k in self.running if k[0] == task_id and replica in (None, k[1])]
         for key in keys:
             del self.running[key]
-        return bool(keys)
+        return len(keys)
 
     def task_data_dir(self, task_id: str) -> Path:
         return self.root / task_id
@@ -149,10 +159,6 @@ class ContainerlessExecutor:
 
         for i, stream in enumerate(("stdout", "stderr", "stdout")):
             yield LogLine(stream, f"line {i} of {task_id}", f"2026-01-01T00:00:0{i}.000000000Z")
-
-    # anything else the miner's parts ask of an executor: nothing is running beyond the above
-    async def list_tasks(self) -> list[Any]:
-        return list(self.running.values())
 
 
 def write_data(root: Path, task_id: str, name: str, payload: bytes) -> str:
@@ -196,8 +202,14 @@ def miner_app(tmp: Path) -> tuple[web.Application, ContainerlessExecutor, Any]:
     (tmp / "miner").mkdir(parents=True, exist_ok=True)
     executor = ContainerlessExecutor(tmp / "miner" / "tasks")
     converger = Converger(executor, [0, 1])
-    invite = InviteHandler(node_account=NODE, registry=Chain(), provider_registry=None, run_id=RUN,
-                           state=MinerState(node=NODE.address, run_id=RUN), state_file=StateFile(tmp / "miner"))
+    state, state_file = MinerState(node=NODE.address, run_id=RUN), StateFile(tmp / "miner")
+    if "store" in inspect.signature(InviteHandler).parameters:  # the miner's one state store
+        from prime.roles.miner.state import MinerStore
+
+        saving: dict[str, Any] = {"store": MinerStore(state_file, state)}
+    else:
+        saving = {"state": state, "state_file": state_file}
+    invite = InviteHandler(node_account=NODE, registry=Chain(), provider_registry=None, run_id=RUN, **saving)
     verdicts: list[Any] = []
     app = build_miner_app(permissions=StubPermissions(), run_id=RUN, challenge=ChallengeService(MatmulProver()),
                           invite=invite, tasks=TasksApi(executor, converger), on_verdict=verdicts.append)
@@ -224,9 +236,36 @@ class FixedLocator:
         return self.url
 
 
+class QuietEffects:
+    """The master's effects on the world, in memory: NODE is an active member on chain; pushes go nowhere."""
+
+    def __init__(self) -> None:
+        self.pushed: list[Any] = []
+
+    async def chain_member(self, node: str) -> Any:
+        from prime.chain.types import Specs
+
+        return Specs(2, "H100", 81920, 16, 65536, 100) if node == NODE.address else None
+
+    async def push_start(self, node: str, desired: Any) -> None:
+        self.pushed.append((node, desired))
+
+    async def push_stop(self, node: str, task_id: str) -> None:
+        self.pushed.append((node, task_id))
+
+    async def send_invite(self, ins: Any) -> Any:
+        from prime.roles.master.state import InviteFailed
+
+        return InviteFailed(ins.node, time.time(), "not in this test", ins.expiry)
+
+    async def sync_storage(self, ins: Any) -> Any:
+        from prime.roles.master.state import SyncFailed
+
+        return SyncFailed(ins.node, ins.task_id, ins.replica, ins.final, time.time(), "not in this test")
+
+
 def master_app(tmp: Path, miner_url: str) -> tuple[web.Application, Any, list[Any]]:
     from prime.auth.client import SignedClient
-    from prime.chain.types import Specs
     from prime.roles.master.app import add_routes, new_app
     from prime.roles.master.cas import BlobStore
     from prime.roles.master.logs import LogMerger
@@ -243,12 +282,8 @@ def master_app(tmp: Path, miner_url: str) -> tuple[web.Application, Any, list[An
     state = store.load()
     app = new_app()
     metrics = MasterMetrics(app[METRICS], lambda: state)
-    service = MasterService(MasterSettings(run_id=RUN, public_url="http://127.0.0.1:9", data_dir=data), state, store, metrics)
-
-    async def chain_member(node: str) -> Specs | None:
-        return Specs(2, "H100", 81920, 16, 65536, 100) if node == NODE.address else None
-
-    service.chain_member = chain_member
+    settings = MasterSettings(run_id=RUN, public_url="http://127.0.0.1:9", data_dir=data)
+    service = MasterService(settings, state, store, metrics, QuietEffects())
     peers = SignedClient(MASTER, retries=0)
     logs = LogMerger(peers, FixedLocator(miner_url), service.task)  # type: ignore[arg-type]
     add_routes(app, service, StubPermissions(), logs=logs, blobs=BlobStore(data / "blobs"))  # type: ignore[arg-type]

@@ -162,7 +162,7 @@ async def test_master(tmp_path: Path) -> None:
         await call(served, NODE, "POST", "/heartbeat", body={**beat, "gpus": "none"}, expect=400)
         await call(served, OWNER, "GET", "/nodes", expect=200)
         await call(served, STRANGER, "GET", "/nodes", expect=403)
-        spec = {"image": "busybox:latest", "command": ["sh", "-c", "echo hi"], "gpus": 0, "persistent": True}
+        spec = {"image": "busybox:latest", "command": ["sh", "-c", "echo hi"], "gpus": 0}
         task = await call(served, OWNER, "POST", "/tasks", body=spec, expect=201)
         await call(served, OWNER, "POST", "/tasks", body={"image": ""}, expect=400)
         await call(served, MASTER, "POST", "/tasks", body=spec, expect=403)
