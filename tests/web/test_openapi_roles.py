@@ -40,6 +40,7 @@ from tests.web.roles import (
 )
 
 SIGNED_ERRORS = {401, 403}
+PUBLIC = ("/health", "/metrics", "/openapi.json")
 
 
 async def call(served: Served, account: Any, method: str, template: str, path_qs: str | None = None,
@@ -214,6 +215,7 @@ async def test_validator(tmp_path: Path, anvil: Any, deployment: Any) -> None:
     served = await serve_app("validator", app)
     try:
         check_document(served.doc)
+        assert not declaration_problems(app)
         await shared_routes(served)
         assert_every_success_was_checked(served)
     finally:
@@ -235,9 +237,14 @@ def _apps(tmp: Path) -> dict[str, web.Application]:
 
 @pytest.mark.parametrize("role", ["discovery", "miner", "master"])
 def test_every_route_declares_its_request_and_response_schemas(role: str, tmp_path: Path) -> None:
+    problems = declaration_problems(_apps(tmp_path)[role])
+    assert not problems, "\n".join(problems)
+
+
+def declaration_problems(app: web.Application) -> list[str]:
+    """What is missing from the declarations of ``app``'s routes (nothing, when all is well)."""
     from prime.web import openapi_document
 
-    app = _apps(tmp_path)[role]
     doc = openapi_document(app)
     check_document(doc)
     problems: list[str] = []
@@ -249,21 +256,20 @@ def test_every_route_declares_its_request_and_response_schemas(role: str, tmp_pa
         if endpoint is None:
             problems.append(f"{name}: no @api declaration")
             continue
+        op = operation(doc, route.method, _template(route))
         if route.method in ("POST", "PUT", "PATCH") and endpoint.request is None:
             problems.append(f"{name}: takes a body but declares no request type")
+        if endpoint.request is not None and not op["requestBody"]["content"][JSON]["schema"]:
+            problems.append(f"{name}: the request type has no schema")
         if not endpoint.success:
             problems.append(f"{name}: declares no success answer")
         for status in endpoint.success:
-            content = (operation(doc, route.method, _template(route)).get("responses", {})
-                       .get(str(status), {}).get("content", {}))
+            content = op["responses"].get(str(status), {}).get("content", {})
             if not content or not all(c.get("schema") for c in content.values()):
                 problems.append(f"{name} {status}: no response schema")
-        op = operation(doc, route.method, _template(route))
-        if endpoint.request is not None and not op["requestBody"]["content"][JSON]["schema"]:
-            problems.append(f"{name}: the request type has no schema")
-        if route.resource.canonical not in ("/health", "/metrics", "/openapi.json") and not SIGNED_ERRORS <= set(endpoint.errors):
+        if route.resource.canonical not in PUBLIC and not SIGNED_ERRORS <= set(endpoint.errors):
             problems.append(f"{name}: a signed route that does not declare 401 and 403")
-    assert not problems, "\n".join(problems)
+    return problems
 
 
 def _template(route: web.AbstractRoute) -> str:
