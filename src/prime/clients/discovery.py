@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from prime.errors import PeerError
-from prime.protocol.discovery import UNKNOWN_NODE, NodeAddress
+from prime.protocol.discovery import UNKNOWN_NODE, NodeAddress, RunNodes
+from prime.protocol.errors import ValidationError
 
 if TYPE_CHECKING:  # only for hints: importing the client pulls in aiohttp and signing
     from prime.auth.client import SignedClient
@@ -47,18 +48,24 @@ class DiscoveryClient:
     async def run_nodes(self, run_id: int) -> list[NodeAddress]:
         """Every node that announced itself for ``run_id`` (callable by a master of that run)."""
         answer = await self._client.request("GET", f"{self.base_url}/runs/{int(run_id)}/nodes")
-        nodes = answer.get("nodes") if isinstance(answer, dict) else None
-        if not isinstance(nodes, list):
+        try:
+            return list(RunNodes.from_json(answer).nodes) if isinstance(answer, dict) else self._no_list(answer)
+        except ValidationError as exc:
             raise PeerError(
-                f"Discovery at {self.base_url} answered without a node list; check that the URL points at a prime discovery service.",
+                f"Discovery at {self.base_url} answered with a malformed node list ({exc}); check that the URL points at a prime discovery service.",
                 body=answer,
-            )
-        return [self._parse(item) for item in nodes]
+            ) from None
+
+    def _no_list(self, answer: Any) -> list[NodeAddress]:
+        raise PeerError(
+            f"Discovery at {self.base_url} answered without a node list; check that the URL points at a prime discovery service.",
+            body=answer,
+        )
 
     def _parse(self, answer: Any) -> NodeAddress:
         try:
             return NodeAddress.from_json(answer)
-        except ValueError as exc:
+        except ValidationError as exc:
             raise PeerError(
                 f"Discovery at {self.base_url} answered with a malformed node record ({exc}); check that the URL points at a prime discovery service.",
                 body=answer,

@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated
 
-# The "error" value of the service's 404 for a node that never announced (shared with app.py).
+import msgspec
+from msgspec import Meta
+
+from prime.protocol.codec import Answer, Message
+from prime.protocol.nodes import Address
+from prime.protocol.tasks import Time
+
+# The "error" value of the service's 404 for a node that never announced.
 UNKNOWN_NODE = "unknown_node"
 
+Port = Annotated[int, Meta(ge=1, le=65535)]
+RunId = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # inside SQLite's 64-bit INTEGER
+IpLiteral = Annotated[str, Meta(max_length=64, description="an IPv4 or IPv6 literal, never a host name")]
 
-@dataclass(frozen=True)
-class NodeAddress:
+
+class NodeAddress(Message, frozen=True):
     """Where one node can be reached, as its last signed announcement said."""
 
-    address: str  # the node's checksum address (its identity on chain)
-    ip: str  # an IPv4 or IPv6 literal, never a host name
-    port: int
-    run_id: int
-    updated_at: float  # unix seconds of the last announcement
+    address: Address  # the node's checksum address (its identity on chain)
+    ip: IpLiteral
+    port: Port
+    run_id: RunId
+    updated_at: Time  # unix seconds of the last announcement
+
+    def __post_init__(self) -> None:
+        try:
+            ipaddress.ip_address(self.ip)
+        except ValueError:
+            raise ValueError(f"{self.ip[:64]!r} is not an IPv4 or IPv6 address (at ip)") from None
 
     @property
     def url(self) -> str:
@@ -26,33 +41,9 @@ class NodeAddress:
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
         return f"http://{host}:{self.port}"
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: Any) -> NodeAddress:
-        """Parse a record from a peer; ``ValueError`` names the first bad field."""
-        if not isinstance(data, dict):
-            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-        missing = [name for name in ("address", "ip", "port", "run_id", "updated_at") if name not in data]
-        if missing:
-            raise ValueError(f"missing field(s) {', '.join(missing)}")
-        address, ip, port, run_id, updated_at = (data[k] for k in ("address", "ip", "port", "run_id", "updated_at"))
-        if not isinstance(address, str) or not address:
-            raise ValueError("address must be a non-empty string")
-        if not isinstance(ip, str):
-            raise ValueError("ip must be a string")
-        ipaddress.ip_address(ip)  # raises ValueError for anything but an IP literal
-        if not _is_int(port) or not 1 <= port <= 65535:
-            raise ValueError("port must be an integer in 1..65535")
-        if not _is_int(run_id) or run_id < 0:
-            raise ValueError("run_id must be a non-negative integer")
-        if isinstance(updated_at, bool) or not isinstance(updated_at, (int, float)):
-            raise ValueError("updated_at must be a number")
-        return cls(address=address, ip=ip, port=port, run_id=run_id, updated_at=float(updated_at))
+class RunNodes(Answer, frozen=True):
+    """``GET /runs/{run_id}/nodes``: every announced node of one run."""
 
-
-def _is_int(value: Any) -> bool:
-    # bool is an int subclass in Python; JSON true must not pass as port 1
-    return isinstance(value, int) and not isinstance(value, bool)
-
+    run_id: RunId
+    nodes: tuple[NodeAddress, ...]

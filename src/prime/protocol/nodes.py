@@ -1,23 +1,25 @@
-"""Node records as the master keeps and serves them."""
+"""Node records as the master keeps them, and the ``NodeView`` it serves (``GET /nodes``)."""
+
 from __future__ import annotations
 
-import math
 import re
-import secrets
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
 
 from prime.chain.types import NodeStatus, Specs
-from prime.errors import PrimeError
+from prime.protocol.codec import Answer, ValidationError, decode
+from prime.protocol.heartbeat import Finite, GpuSample
+from prime.protocol.tasks import ErrorText, Time
 
-from prime.protocol.errors import *  # noqa
-from prime.protocol.errors import _object, _no_unknown, _required, _join, _int, _optional_int, _number, _optional_number, _bool, _text, _optional_text, _list
-from prime.protocol.heartbeat import GpuSample, _parse_load
 ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
-# --- nodes ---------------------------------------------------------------------------------------
+Address = Annotated[str, Meta(pattern=ADDRESS_RE.pattern)]
+Uint32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+Uint64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # msgspec bounds are int64
 
 
 class NodeState(StrEnum):
@@ -40,13 +42,20 @@ def specs_to_json(specs: Specs) -> dict[str, Any]:
             "cpu_cores": specs.cpu_cores, "ram_mib": specs.ram_mib, "disk_gib": specs.disk_gib}
 
 
+class Hardware(Answer, frozen=True):
+    """A node's registered hardware (the chain's ``Specs``) as the master serves it."""
+
+    gpu_count: Uint32
+    gpu_model: Annotated[str, Meta(max_length=256)]
+    gpu_memory_mib: Uint64
+    cpu_cores: Uint32
+    ram_mib: Uint64
+    disk_gib: Uint64 = 0
+
+
 def specs_from_json(data: Any) -> Specs:
-    data = _object(data, "hardware")
-    try:
-        return Specs(int(data["gpu_count"]), str(data["gpu_model"]), int(data["gpu_memory_mib"]),
-                     int(data["cpu_cores"]), int(data["ram_mib"]), int(data.get("disk_gib", 0)))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValidationError("hardware", f"Is not a valid hardware record ({exc}).") from None
+    hw = decode(data, Hardware, "hardware")
+    return Specs(hw.gpu_count, hw.gpu_model, hw.gpu_memory_mib, hw.cpu_cores, hw.ram_mib, hw.disk_gib)
 
 
 NO_HARDWARE = Specs(0, "", 0, 0, 0, 0)
@@ -65,12 +74,8 @@ class NodeSample:
 
     @classmethod
     def from_json(cls, data: Any) -> NodeSample:
-        data = _object(data, "sample")
-        return cls(
-            float(data["at"]),
-            tuple(GpuSample.from_json(g, f"gpus[{i}]") for i, g in enumerate(data.get("gpus", []))),
-            _parse_load(data.get("load"), "load"),
-        )
+        view = decode(data, SampleView, "sample")
+        return cls(view.at, view.gpus, view.load or {})
 
 
 @dataclass
@@ -123,31 +128,65 @@ class NodeRecord:
 
     @classmethod
     def from_json(cls, data: Any) -> NodeRecord:
-        data = _object(data, "node")
-        try:
-            status = data.get("chain_status")
-            sample = data.get("last_sample")
-            return cls(
-                address=data["address"],
-                state=NodeState(data["state"]),
-                hardware=specs_from_json(data["hardware"]) if data.get("hardware") else NO_HARDWARE,
-                chain_status=NodeStatus[status.upper()] if status else None,
-                chain_block=data.get("chain_block"),
-                url=data.get("url"),
-                approved_at=data.get("approved_at"),
-                invited_at=data.get("invited_at"),
-                invite_expiry=data.get("invite_expiry"),
-                invite_failures=int(data.get("invite_failures", 0)),
-                next_invite_at=data.get("next_invite_at"),
-                invites_sent=int(data.get("invites_sent", 0)),
-                member_since=data.get("member_since"),
-                last_heartbeat=data.get("last_heartbeat"),
-                state_since=data.get("state_since"),
-                last_error=data.get("last_error"),
-                last_sample=NodeSample.from_json(sample) if sample else None,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ValidationError("node", f"Is not a valid node record ({exc}).") from None
+        view = decode(data, NodeView, "node")
+        return cls(
+            address=view.address,
+            state=view.state,
+            hardware=specs_from_json(msgspec.to_builtins(view.hardware)) if view.hardware else NO_HARDWARE,
+            chain_status=NodeStatus[view.chain_status.upper()] if view.chain_status else None,
+            chain_block=view.chain_block,
+            url=view.url,
+            approved_at=view.approved_at,
+            invited_at=view.invited_at,
+            invite_expiry=view.invite_expiry,
+            invite_failures=view.invite_failures,
+            next_invite_at=view.next_invite_at,
+            invites_sent=view.invites_sent,
+            member_since=view.member_since,
+            last_heartbeat=view.last_heartbeat,
+            state_since=view.state_since,
+            last_error=view.last_error,
+            last_sample=NodeSample(view.last_sample.at, view.last_sample.gpus, view.last_sample.load or {})
+            if view.last_sample else None,
+        )
+
+
+class SampleView(Answer, frozen=True):
+    at: Time
+    gpus: tuple[GpuSample, ...] = ()
+    load: dict[str, Finite] | None = None
+
+
+ChainStatusLabel = Literal["none", "registered", "approved", "rejected", "active", "left", "ejected"]
+
+
+class NodeView(Answer, frozen=True):
+    """A node as a master serves it (``GET /nodes``)."""
+
+    address: Address
+    state: NodeState
+    joined_on_chain: bool = False
+    chain_status: ChainStatusLabel | None = None
+    chain_block: Annotated[int, Meta(ge=0)] | None = None
+    hardware: Hardware | None = None
+    url: Annotated[str, Meta(max_length=2048)] | None = None
+    approved_at: Time | None = None
+    invited_at: Time | None = None
+    invite_expiry: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    invite_failures: Annotated[int, Meta(ge=0)] = 0
+    next_invite_at: Time | None = None
+    invites_sent: Annotated[int, Meta(ge=0)] = 0
+    member_since: Time | None = None
+    last_heartbeat: Time | None = None
+    state_since: Time | None = None
+    last_error: ErrorText | None = None
+    last_sample: SampleView | None = None
+
+
+class NodeList(Answer, frozen=True):
+    """``GET /nodes``."""
+
+    nodes: tuple[NodeView, ...]
 
 
 def normalize_address(address: str) -> str:

@@ -1,52 +1,58 @@
-"""Storage link: manifest entries and the one relative-path rule."""
+"""Storage link: a task's /data as manifest entries, and the one relative-path rule."""
+
 from __future__ import annotations
 
-import math
 import re
-import secrets
-import sys
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Annotated, Any
 
-from prime.chain.types import NodeStatus, Specs
-from prime.errors import PrimeError
+from msgspec import Meta
 
-from prime.protocol.errors import *  # noqa
-from prime.protocol.errors import _object, _no_unknown, _required, _join, _int, _optional_int, _number, _optional_number, _bool, _text, _optional_text, _list
+from prime.protocol.codec import NO_NUL, Message, ValidationError
+
 MAX_PATH_LENGTH = 4096
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-# --- storage sync -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One file of a task's persistent storage as the miner lists it (path relative to /data)."""
-
-    path: str
-    size: int
-    sha256: str
-
-    @classmethod
-    def from_json(cls, data: Any, prefix: str = "file") -> ManifestEntry:
-        data = _object(data, prefix)
-        _no_unknown(data, {"path", "size", "sha256"}, prefix)
-        path = validate_relative_path(_required(data, "path", prefix), _join(prefix, "path"))
-        size = _int(_required(data, "size", prefix), _join(prefix, "size"), minimum=0)
-        digest = _text(_required(data, "sha256", prefix), _join(prefix, "sha256"), max_length=64)
-        if not SHA256_RE.match(digest):
-            raise ValidationError(_join(prefix, "sha256"), "Must be 64 lowercase hex digits.")
-        return cls(path, size, digest)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "size": self.size, "sha256": self.sha256}
+def relative_path_problem(path: str) -> str | None:
+    """Why ``path`` is not a relative POSIX path that stays inside its directory (None: it is)."""
+    if not path:
+        return "must not be empty"
+    if len(path) > MAX_PATH_LENGTH:
+        return f"must be at most {MAX_PATH_LENGTH} characters long"
+    if "\x00" in path:
+        return "must not contain NUL characters"
+    parts = path.split("/")
+    if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
+        return f"{path[:200]!r} must be a relative path without '.', '..' or empty parts"
+    return None
 
 
 def validate_relative_path(value: Any, field: str = "path") -> str:
-    """A relative POSIX path that cannot climb out of its directory."""
-    path = _text(value, field, max_length=MAX_PATH_LENGTH, allow_empty=False)
-    parts = path.split("/")
-    if path.startswith("/") or "\\" in path or any(p in ("", ".", "..") for p in parts):
-        raise ValidationError(field, f"{path[:200]!r} must be a relative path without '.', '..' or empty parts.")
-    return path
+    """A relative POSIX path that cannot climb out of its directory; ValidationError otherwise."""
+    if not isinstance(value, str):
+        raise ValidationError(field, "Must be a string.")
+    problem = relative_path_problem(value)
+    if problem is not None:
+        raise ValidationError(field, problem[0].upper() + problem[1:] + ".")
+    return value
+
+
+RelativePath = Annotated[str, Meta(min_length=1, max_length=MAX_PATH_LENGTH, pattern=NO_NUL)]
+
+
+class ManifestEntry(Message, frozen=True):
+    """One file of a task's persistent storage as the miner lists it (path relative to /data)."""
+
+    path: RelativePath
+    size: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+    sha256: Annotated[str, Meta(pattern=SHA256_RE.pattern)]
+
+    def __post_init__(self) -> None:
+        problem = relative_path_problem(self.path)
+        if problem is not None:
+            raise ValueError(f"{problem} (at path)")
+
+    @classmethod
+    def from_json(cls, data: Any, prefix: str = "file") -> ManifestEntry:
+        entry: ManifestEntry = super().from_json(data, prefix)
+        return entry

@@ -1,20 +1,24 @@
-"""Tasks: the buyer's TaskSpec and its limits, task and replica records and states."""
+"""Tasks: the buyer's TaskSpec and its limits, task and replica records, their states and ids.
+
+``TaskSpec`` is what a buyer sends (``POST /tasks``) and what a master hands a miner inside a
+desired replica; ``Task`` and ``Replica`` are the master's records of it, served to the buyer
+in the shape of ``TaskView`` / ``ReplicaView``.
+"""
+
 from __future__ import annotations
 
-import math
 import re
 import secrets
-import sys
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal
 
-from prime.chain.types import NodeStatus, Specs
-from prime.errors import PrimeError
+import msgspec
+from msgspec import Meta
 
-from prime.protocol.errors import *  # noqa
-from prime.protocol.errors import _object, _no_unknown, _required, _join, _int, _optional_int, _number, _optional_number, _bool, _text, _optional_text, _list
+from prime.protocol.codec import NO_NUL, Answer, Message, ValidationError, decode, to_builtins
+
+# Bounds that keep one request from exhausting the master (the app's body limit applies too).
 MAX_REPLICAS = 256
 MAX_GPUS_PER_REPLICA = 256
 MAX_CPU_LIMIT = 4096.0
@@ -26,11 +30,9 @@ MAX_ENV_VARS = 256
 MAX_ENV_NAME_LENGTH = 256
 MAX_ENV_BYTES = 64 * 1024
 MAX_ERROR_LENGTH = 4096
-MAX_REPORTED_TASKS = 4096
-MAX_REPORTED_GPUS = 256
-MAX_LOAD_KEYS = 32
-MAX_PATH_LENGTH = 4096
-# --- docker image references ------------------------------------------------------------------
+MAX_TIME = 2.0**40  # unix seconds far past any real clock; keeps times finite and comparable
+
+# --- docker image references and ids ----------------------------------------------------------
 
 # The grammar of docker/distribution's reference package: [domain[:port]/]path[:tag][@digest].
 _ALNUM = r"[a-z0-9]+"
@@ -44,20 +46,34 @@ IMAGE_RE = re.compile(
     rf"^(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?$"
 )
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# The one task id rule (URL paths, container names, data dirs): no '.', so no '..' either.
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+TaskId = Annotated[str, Meta(pattern=TASK_ID_RE.pattern, max_length=64, description="1-64 letters, digits, '_' or '-'")]
+Text = Annotated[str, Meta(pattern=NO_NUL)]
+ErrorText = Annotated[str, Meta(max_length=MAX_ERROR_LENGTH, pattern=NO_NUL)]
+Time = Annotated[float, Meta(ge=0, le=MAX_TIME)]
+ReplicaIndex = Annotated[int, Meta(ge=0, le=MAX_REPLICAS - 1)]
+Attempt = Annotated[int, Meta(ge=0, le=2**31)]
+GpuIndex = Annotated[int, Meta(ge=0, le=MAX_GPUS_PER_REPLICA)]
+ExitCode = Annotated[int, Meta(ge=-(2**31), le=2**31)]
 
 
 def validate_image(value: Any, field: str = "image") -> str:
-    image = _text(value, field, max_length=MAX_IMAGE_LENGTH, allow_empty=False)
-    if any(c.isspace() for c in image):
+    """A docker image reference (``registry.example/name:tag``); ValidationError otherwise."""
+    if not isinstance(value, str):
+        raise ValidationError(field, "Must be a string.")
+    if not value:
+        raise ValidationError(field, "Must not be empty.")
+    if len(value) > MAX_IMAGE_LENGTH:
+        raise ValidationError(field, f"Must be at most {MAX_IMAGE_LENGTH} characters long.")
+    if any(c.isspace() for c in value) or "\x00" in value:
         raise ValidationError(field, "Must not contain whitespace.")
-    if not IMAGE_RE.match(image):
+    if not IMAGE_RE.match(value):
         raise ValidationError(
-            field, f"{image!r} is not a valid image reference like 'registry.example/name:tag' (lowercase name)."
+            field, f"{value!r} is not a valid image reference like 'registry.example/name:tag' (lowercase name)."
         )
-    return image
+    return value
 
 
 def new_task_id() -> str:
@@ -67,7 +83,7 @@ def new_task_id() -> str:
 
 def is_task_id(value: str) -> bool:
     """Whether ``value`` can be a task id (for URL paths: 404 vs 400)."""
-    return bool(TASK_ID_RE.match(value))
+    return isinstance(value, str) and bool(TASK_ID_RE.match(value))
 
 
 # --- task specs --------------------------------------------------------------------------------
@@ -80,106 +96,57 @@ class RestartPolicy(StrEnum):
 
 GpuRequest = int | str  # a count, or "all" (every GPU of one node)
 
-_SPEC_FIELDS = {
-    "image", "command", "cmd", "env", "gpus", "replicas", "persistent",
-    "cpu_limit", "memory_limit_mib", "restart",
-}
+EnvName = Annotated[str, Meta(max_length=MAX_ENV_NAME_LENGTH)]  # the name rule is checked in __post_init__
+EnvValue = Annotated[str, Meta(max_length=MAX_ENV_BYTES, pattern=NO_NUL)]
+Argument = Annotated[str, Meta(max_length=MAX_COMMAND_BYTES, pattern=NO_NUL)]
+Command = Annotated[tuple[Argument, ...], Meta(max_length=MAX_COMMAND_ARGS)]
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """What the buyer asks to run. ``command`` empty = the image's default command."""
+class TaskSpec(Message, frozen=True, omit_defaults=True):
+    """What the buyer asks to run. ``command`` empty = the image's default command.
 
-    image: str
-    command: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    gpus: GpuRequest = 0
-    replicas: int = 1
+    ``cmd`` is DESIGN.md's spelling of ``command`` (accepted, never sent). Encoded inside other
+    messages, fields at their defaults are left out; ``to_json`` spells every field out.
+    """
+
+    image: Annotated[str, Meta(min_length=1, max_length=MAX_IMAGE_LENGTH,
+                                extra_json_schema={"pattern": IMAGE_RE.pattern})]
+    command: Command = ()
+    env: Annotated[dict[EnvName, EnvValue], Meta(max_length=MAX_ENV_VARS,
+                                                  extra_json_schema={"propertyNames": {"pattern": ENV_NAME_RE.pattern}})] = {}
+    gpus: Annotated[int, Meta(ge=0, le=MAX_GPUS_PER_REPLICA)] | Literal["all"] = 0
+    replicas: Annotated[int, Meta(ge=1, le=MAX_REPLICAS)] = 1
     persistent: bool = False
-    cpu_limit: float | None = None
-    memory_limit_mib: int | None = None
+    cpu_limit: Annotated[float, Meta(gt=0, le=MAX_CPU_LIMIT)] | None = None
+    memory_limit_mib: Annotated[int, Meta(ge=1, le=MAX_MEMORY_LIMIT_MIB)] | None = None
     restart: RestartPolicy = RestartPolicy.NEVER
+    cmd: Command | None = None
+
+    def __post_init__(self) -> None:
+        # Raised ValueErrors become msgspec ValidationErrors naming this struct's path.
+        if self.cmd is not None:
+            if self.command:
+                raise ValueError("give either 'command' or 'cmd', not both (at cmd)")
+            msgspec.structs.force_setattr(self, "command", self.cmd)
+            msgspec.structs.force_setattr(self, "cmd", None)
+        try:
+            validate_image(self.image)
+        except ValidationError as exc:
+            raise ValueError(f"{exc.message.rstrip('.')} (at image)") from None
+        if sum(len(a.encode()) for a in self.command) > MAX_COMMAND_BYTES:
+            raise ValueError(f"the command must be at most {MAX_COMMAND_BYTES} bytes in all (at command)")
+        for name in self.env:
+            if not ENV_NAME_RE.match(name):
+                raise ValueError(f"variable names must match [A-Za-z_][A-Za-z0-9_]* (at env.{name[:64]})")
+        if sum(len(k.encode()) + len(v.encode()) for k, v in self.env.items()) > MAX_ENV_BYTES:
+            raise ValueError(f"env must be at most {MAX_ENV_BYTES} bytes in all (at env)")
 
     @property
     def wants_all_gpus(self) -> bool:
         return self.gpus == "all"
 
-    @classmethod
-    def from_json(cls, data: Any, prefix: str = "") -> TaskSpec:
-        """Parse and validate a buyer's task (also accepts DESIGN.md's ``cmd`` for ``command``)."""
-        data = _object(data, prefix or "body")
-        _no_unknown(data, _SPEC_FIELDS, prefix)
-        if "command" in data and "cmd" in data:
-            raise ValidationError(_join(prefix, "cmd"), "Give either 'command' or 'cmd', not both.")
-        image = validate_image(_required(data, "image", prefix), _join(prefix, "image"))
-        command_key = "cmd" if "cmd" in data else "command"
-        command = _parse_command(data.get(command_key), _join(prefix, command_key))
-        env = _parse_env(data.get("env"), _join(prefix, "env"))
-        gpus = _parse_gpus(data.get("gpus", 0), _join(prefix, "gpus"))
-        replicas = _int(data.get("replicas", 1), _join(prefix, "replicas"), minimum=1, maximum=MAX_REPLICAS)
-        persistent = _bool(data.get("persistent", False), _join(prefix, "persistent"))
-        cpu_limit = data.get("cpu_limit")
-        if cpu_limit is not None:
-            cpu_limit = _number(cpu_limit, _join(prefix, "cpu_limit"), maximum=MAX_CPU_LIMIT)
-            if cpu_limit <= 0:
-                raise ValidationError(_join(prefix, "cpu_limit"), "Must be more than 0 CPUs.")
-        memory = _optional_int(
-            data.get("memory_limit_mib"), _join(prefix, "memory_limit_mib"), minimum=1, maximum=MAX_MEMORY_LIMIT_MIB
-        )
-        restart_raw = data.get("restart", RestartPolicy.NEVER.value)
-        try:
-            restart = RestartPolicy(restart_raw)
-        except ValueError:
-            raise ValidationError(_join(prefix, "restart"), "Must be 'never' or 'on-failure'.") from None
-        return cls(image, command, env, gpus, replicas, persistent, cpu_limit, memory, restart)
-
     def to_json(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "command": list(self.command),
-            "env": dict(self.env),
-            "gpus": self.gpus,
-            "replicas": self.replicas,
-            "persistent": self.persistent,
-            "cpu_limit": self.cpu_limit,
-            "memory_limit_mib": self.memory_limit_mib,
-            "restart": self.restart.value,
-        }
-
-
-def _parse_command(value: Any, field: str) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    items = _list(value, field, max_items=MAX_COMMAND_ARGS)
-    args = tuple(_text(item, f"{field}[{i}]", max_length=MAX_COMMAND_BYTES) for i, item in enumerate(items))
-    if sum(len(a.encode()) for a in args) > MAX_COMMAND_BYTES:
-        raise ValidationError(field, f"Must be at most {MAX_COMMAND_BYTES} bytes in all.")
-    return args
-
-
-def _parse_env(value: Any, field: str) -> dict[str, str]:
-    if value is None:
-        return {}
-    env = _object(value, field)
-    if len(env) > MAX_ENV_VARS:
-        raise ValidationError(field, f"Must have at most {MAX_ENV_VARS} variables.")
-    total = 0
-    for name, val in env.items():
-        if len(name) > MAX_ENV_NAME_LENGTH or not ENV_NAME_RE.match(name):
-            raise ValidationError(f"{field}.{name[:64]}", "Variable names must match [A-Za-z_][A-Za-z0-9_]*.")
-        _text(val, f"{field}.{name}", max_length=MAX_ENV_BYTES)
-        total += len(name.encode()) + len(val.encode())
-    if total > MAX_ENV_BYTES:
-        raise ValidationError(field, f"Must be at most {MAX_ENV_BYTES} bytes in all.")
-    return dict(env)
-
-
-def _parse_gpus(value: Any, field: str) -> GpuRequest:
-    if value == "all" and isinstance(value, str):
-        return "all"
-    if isinstance(value, str):
-        raise ValidationError(field, "Must be a whole number of GPUs or 'all'.")
-    return _int(value, field, minimum=0, maximum=MAX_GPUS_PER_REPLICA)
+        return {name: to_builtins(getattr(self, name)) for name in self.__struct_fields__ if name != "cmd"}
 
 
 # --- tasks and replicas -----------------------------------------------------------------------
@@ -213,6 +180,40 @@ class TaskState(StrEnum):
     COMPLETED = "Completed"
     FAILED = "Failed"
     STOPPED = "Stopped"
+
+
+class ReplicaView(Answer, frozen=True):
+    """One replica as a master serves it (``GET /tasks/{id}``); unknown fields are ignored so
+    an older buyer can read a newer master."""
+
+    task_id: TaskId
+    index: ReplicaIndex
+    state: ReplicaState
+    node: str | None = None
+    gpu_indices: tuple[GpuIndex, ...] = ()
+    attempt: Attempt = 0
+    exit_code: ExitCode | None = None
+    assigned_at: Time | None = None
+    started_at: Time | None = None
+    finished_at: Time | None = None
+    error: ErrorText | None = None
+
+
+class TaskView(Answer, frozen=True):
+    """A task as a master serves it (``POST /tasks``, ``GET /tasks/{id}``)."""
+
+    id: TaskId
+    state: TaskState
+    spec: TaskSpec
+    created_at: Time
+    stop_requested: bool = False
+    replicas: Annotated[tuple[ReplicaView, ...], Meta(max_length=MAX_REPLICAS)] = ()
+
+
+class TaskList(Answer, frozen=True):
+    """``GET /tasks``."""
+
+    tasks: tuple[TaskView, ...]
 
 
 @dataclass
@@ -252,23 +253,8 @@ class Replica:
 
     @classmethod
     def from_json(cls, data: Any) -> Replica:
-        data = _object(data, "replica")
-        try:
-            return cls(
-                task_id=data["task_id"],
-                index=int(data["index"]),
-                node=data.get("node"),
-                state=ReplicaState(data["state"]),
-                gpu_indices=tuple(int(i) for i in data.get("gpu_indices", ())),
-                attempt=int(data.get("attempt", 0)),
-                exit_code=data.get("exit_code"),
-                assigned_at=data.get("assigned_at"),
-                started_at=data.get("started_at"),
-                finished_at=data.get("finished_at"),
-                error=data.get("error"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValidationError("replica", f"Is not a valid replica record ({exc}).") from None
+        view = decode(data, ReplicaView, "replica")
+        return cls(**{name: getattr(view, name) for name in view.__struct_fields__})
 
 
 @dataclass
@@ -309,6 +295,7 @@ class Task:
         return self.replicas[index] if 0 <= index < len(self.replicas) else None
 
     def to_json(self) -> dict[str, Any]:
+        """The ``TaskView`` of this task."""
         return {
             "id": self.id,
             "state": self.state.value,
@@ -320,11 +307,7 @@ class Task:
 
     @classmethod
     def from_json(cls, data: Any) -> Task:
-        data = _object(data, "task")
-        task_id = _text(_required(data, "id", ""), "id", max_length=64, allow_empty=False)
-        if not is_task_id(task_id):
-            raise ValidationError("id", "Must be 1-64 letters, digits, '-' or '_'.")
-        spec = TaskSpec.from_json(_required(data, "spec", ""), "spec")
-        created_at = _number(_required(data, "created_at", ""), "created_at")
-        replicas = [Replica.from_json(r) for r in _list(data.get("replicas", []), "replicas", max_items=MAX_REPLICAS)]
-        return cls(task_id, spec, created_at, replicas, _bool(data.get("stop_requested", False), "stop_requested"))
+        view = decode(data, TaskView)
+        replicas = [Replica(**{n: getattr(r, n) for n in r.__struct_fields__}) for r in view.replicas]
+        return cls(view.id, view.spec, view.created_at, replicas, view.stop_requested)
+
