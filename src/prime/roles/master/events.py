@@ -16,7 +16,7 @@ from prime.chain.types import NodeStatus, Specs
 from prime.protocol.heartbeat import HeartbeatRequest
 from prime.protocol.nodes import NodeState
 from prime.protocol.tasks import Task
-from prime.roles.master.scheduler import RecordReplicaTransition
+from prime.roles.master.scheduler import RecordReplicaTransition as RecordReplicaTransition  # an instruction too
 
 # --- events (what happened) ---------------------------------------------------------------------
 # ``block`` on chain events: the block the fact was read at; a record ignores chain facts older

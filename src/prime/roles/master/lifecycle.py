@@ -66,7 +66,7 @@ class StateConfig:
         """Wait before the next invite after ``failures`` failed ones in a row: base * 2^(failures-1), capped."""
         if failures <= 0:
             return 0.0
-        return min(self.invite_backoff_max_s, self.invite_backoff_base_s * 2 ** min(failures - 1, 60))
+        return min(self.invite_backoff_max_s, self.invite_backoff_base_s * float(2 ** min(failures - 1, 60)))
 
     def sync_retry_s(self, failures: int) -> float:
         """Wait before syncing a replica again after ``failures`` failed syncs in a row: 2^failures, capped."""

@@ -22,7 +22,7 @@ carrying out a ``SendInvite`` that waited for its turn, ask ``invite_is_current`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from prime.protocol.heartbeat import DesiredReplica, HeartbeatResponse
 from prime.protocol.nodes import HOSTING_STATES, NodeSample, NodeState, NodeRecord
 from prime.protocol.tasks import FINAL_REPLICA_STATES, PLACED_REPLICA_STATES, ReplicaState, Task, TaskSpec
 from prime.roles.master import scheduler, syncplan
-from prime.roles.master.events import (  # noqa: F401  (re-exported: the core's vocabulary)
+from prime.roles.master.events import (  # re-exported (__all__): the core's vocabulary
     ChainMember,
     ChainMembershipObserved,
     ChainSynced,
@@ -63,8 +63,18 @@ from prime.roles.master.events import (  # noqa: F401  (re-exported: the core's 
     TaskStopRequested,
     Tick,
 )
-from prime.roles.master.lifecycle import Reconciliation, StateConfig, reconcile  # noqa: F401
+from prime.roles.master.lifecycle import Reconciliation, StateConfig, reconcile
 from prime.roles.master.syncplan import SyncKey, SyncMark
+
+__all__ = [
+    "ChainMember", "ChainMembershipObserved", "ChainSynced", "Event", "HeartbeatReceived", "HeartbeatRefused",
+    "Instruction", "InviteFailed", "InviteSent", "MasterStarted", "MasterState", "NodeApprovedOnChain",
+    "NodeEjectedOnChain", "NodeJoinedOnChain", "NodeLeftOnChain", "NodeUrlResolved", "Reconciliation",
+    "RecordReplicaTransition", "RecordTransition", "RunEnded", "SendInvite", "StartReplica", "StateConfig",
+    "StopReplica", "SyncFailed", "SyncKey", "SyncMark", "SyncRound", "SyncStorage", "SyncSucceeded",
+    "TaskCreated", "TaskRefused", "TaskStopRequested", "Tick", "admission_refusal", "desired_entry", "handle",
+    "heartbeat_refusal", "heartbeat_response", "invite_is_current", "may_heartbeat", "reconcile",
+]
 
 # --- state ----------------------------------------------------------------------------------------
 
@@ -311,7 +321,7 @@ def _on_heartbeat(state: MasterState, event: HeartbeatReceived) -> list[Instruct
     if reason is not None:
         return [HeartbeatRefused(event.node, reason)]
     rec = state.nodes[event.node]
-    rec.last_sample = NodeSample(event.at, event.payload.gpus, event.payload.load)
+    rec.last_sample = NodeSample(event.at, event.payload.gpus, event.payload.load or {})
     state.dirty_nodes.add(event.node)
     instructions = _reconcile_one(state, event.node, event.at, heartbeat=event.at)
     changes = scheduler.apply_node_report(state.tasks.values(), event.node, event.payload.tasks, event.at)
@@ -351,7 +361,7 @@ def _on_stop(state: MasterState, event: TaskStopRequested) -> list[Instruction]:
     return out
 
 
-_HANDLERS: dict[type, Any] = {
+_HANDLERS: dict[type, Callable[[MasterState, Any], list[Instruction]]] = {
     MasterStarted: _on_started,
     ChainSynced: _on_chain_synced,
     NodeApprovedOnChain: _on_approved,
