@@ -19,12 +19,15 @@ from typing import Any
 from yarl import URL
 
 from prime.auth.client import SignedClient
+from prime.auth.transport import Transport
 from prime.errors import PeerError, PrimeError
 from prime.protocol.errors import ValidationError
 from prime.protocol.storage import validate_relative_path
 from prime.protocol.tasks import is_task_id
 
 CHUNK = 256 * 1024
+# The owner's own master may list many tasks with large specs: a larger bound than peers get.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 class MasterRefused(PrimeError):
@@ -45,8 +48,12 @@ class MasterClient:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, account: Any, base_url: str, *, timeout_s: float = 10.0, retries: int = 2) -> AsyncIterator[MasterClient]:
-        async with SignedClient(account, timeout_s=timeout_s, retries=retries) as client:
+    async def open(
+        cls, account: Any, base_url: str, *, timeout_s: float = 10.0, retries: int = 2, transport: Transport | None = None
+    ) -> AsyncIterator[MasterClient]:
+        """``transport``: how to reach the master (default: real sockets; tests pass an InProcessTransport)."""
+        async with SignedClient(account, timeout_s=timeout_s, retries=retries, max_response_bytes=MAX_ANSWER_BYTES,
+                                transport=transport) as client:
             yield cls(client, base_url)
 
     @property
