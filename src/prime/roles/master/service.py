@@ -202,20 +202,23 @@ class MasterService:
         elif isinstance(ins, StopReplica):
             self.spawn(f"stop {ins.task_id}/{ins.replica}", self._push_stop(ins))
         elif isinstance(ins, SyncStorage):
-            self.spawn(f"sync {ins.task_id}/{ins.replica}", self._sync(ins))
+            # Syncs may move a lot of data: they wait for a slot of their own (StorageSync's limit),
+            # never for one of the invites and pushes.
+            self.spawn(f"sync {ins.task_id}/{ins.replica}", self._sync(ins), limited=False)
         elif isinstance(ins, (HeartbeatRefused, TaskRefused)):
             pass  # the HTTP layer answers it
 
     # --- background work ----------------------------------------------------------------------
 
-    def spawn(self, name: str, work: Coroutine[Any, Any, Any]) -> None:
-        """Run ``work`` in the background under the shared concurrency limit; errors are logged."""
+    def spawn(self, name: str, work: Coroutine[Any, Any, Any], *, limited: bool = True) -> None:
+        """Run ``work`` in the background under the shared concurrency limit (``limited``; work
+        with a limit of its own, like storage syncs, passes False); errors are logged."""
 
-        async def limited() -> None:
+        async def under_limit() -> None:
             async with self._limit:
                 await work
 
-        task = asyncio.get_running_loop().create_task(limited(), name=name)
+        task = asyncio.get_running_loop().create_task(under_limit() if limited else work, name=name)
         self._background.add(task)
         task.add_done_callback(self._finished)
 
