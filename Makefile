@@ -31,6 +31,7 @@ test:
 
 bench:
 	$(PYTHON) bench/gas.py
+	$(PYTHON) bench/messages.py
 	$(PYTHON) bench/challenge.py
 	$(PYTHON) bench/heartbeats.py
 	$(PYTHON) bench/tasks.py
