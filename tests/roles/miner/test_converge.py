@@ -166,3 +166,17 @@ async def test_the_store_writes_off_the_loop_and_coalesces(tmp_path: Path, monke
 def test_load_sample() -> None:
     load = load_sample()
     assert {"cpu_pct", "mem_used_mib", "mem_total_mib"} <= set(load)
+
+
+def test_the_node_takes_its_executor_and_builds_none_itself(tmp_path: Path) -> None:
+    from eth_account import Account
+
+    from prime.roles.miner.executor import DockerExecutor
+    from prime.roles.miner.node import MinerNode, MinerOptions
+
+    options = MinerOptions(run_id=1, rpc_url="http://127.0.0.1:9", deployment=tmp_path / "none.json", data_dir=tmp_path)
+    account = Account.create()
+    memory = MemoryExecutor(tmp_path)
+    assert MinerNode(options, account, executor=memory).executor is memory
+    default = MinerNode(options, account).executor  # made, but it has not touched Docker (DOCKER_HOST points nowhere)
+    assert isinstance(default, DockerExecutor) and default._client is None

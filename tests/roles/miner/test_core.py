@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from prime.protocol.heartbeat import DesiredReplica, HeartbeatRequest
-from prime.protocol.tasks import ReplicaState, RestartPolicy, TaskSpec
+from prime.protocol.tasks import ReplicaState, RestartPolicy
 from prime.roles.miner import core
 from prime.roles.miner.core import Book, Keep, Policy, ReplicaStatus, Restart, Resume, Start, Stop
 

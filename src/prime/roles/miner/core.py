@@ -24,7 +24,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from prime.protocol.heartbeat import MAX_REPORTED_TASKS, DesiredReplica, ReplicaReport
 from prime.protocol.tasks import MAX_ERROR_LENGTH, MAX_REPLICAS, ReplicaState, RestartPolicy, TaskSpec, is_task_id
@@ -253,7 +253,7 @@ class Plan:
 
 def backoff_delay(restarts: int, base_s: float, max_s: float) -> float:
     """Seconds to wait before restart number ``restarts + 1``: base, 2·base, 4·base … capped."""
-    return min(max_s, base_s * (2 ** min(max(restarts, 0), 32)))
+    return min(max_s, base_s * float(1 << min(max(restarts, 0), 32)))
 
 
 def will_restart(status: ReplicaStatus) -> bool:
@@ -303,20 +303,20 @@ def plan(
 
     for key, placement in placements.items():
         finished.pop(key, None)
-        status = seen.get(key)
-        if status is None:
+        found = seen.get(key)
+        if found is None:
             restarts.pop(key, None)
             actions.append(Start(placement))
-        elif status.spec_hash != placement.spec_hash():
+        elif found.spec_hash != placement.spec_hash():
             restarts.pop(key, None)
             actions.append(Start(placement, replace=True))
-        elif status.container_id is None:
-            if status.state is ReplicaState.PULLING:
+        elif found.container_id is None:
+            if found.state is ReplicaState.PULLING:
                 actions.append(Keep(key, "being started"))
             else:  # failed before it had a container: try again (image pulls back off in the executor)
                 actions.append(Start(placement))
         else:
-            actions.append(_supervise(status, placement.restart, restarts, now, policy))
+            actions.append(_supervise(found, placement.restart, restarts, now, policy))
 
     for key, status in seen.items():
         if key in placements:
@@ -392,10 +392,12 @@ def reports(snapshot: Iterable[ReplicaStatus], book: Book) -> list[ReplicaReport
             continue  # not a task of the master's (its id could not be named on the wire)
         state = ReplicaState.PULLING if will_restart(status) else ReplicaState(status.state)
         error = status.reason[:MAX_ERROR_LENGTH] if status.reason else None
-        out[status.key] = ReplicaReport(id=status.task_id, replica=status.replica, state=state, exit_code=status.exit_code, error=error)
+        out[status.key] = ReplicaReport(
+            id=status.task_id, replica=status.replica, state=cast(Any, state), exit_code=status.exit_code, error=error
+        )
     for (task_id, replica), reason in book.invalid.items():
         if (task_id, replica) not in out and is_task_id(task_id) and 0 <= replica < MAX_REPLICAS:
             out[(task_id, replica)] = ReplicaReport(
-                id=task_id, replica=replica, state=ReplicaState.FAILED, exit_code=None, error=reason[:MAX_ERROR_LENGTH]
+                id=task_id, replica=replica, state=cast(Any, ReplicaState.FAILED), exit_code=None, error=reason[:MAX_ERROR_LENGTH]
             )
     return sorted(out.values(), key=lambda r: (r.id, r.replica))[:MAX_REPORTED_TASKS]

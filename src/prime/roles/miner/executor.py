@@ -381,10 +381,11 @@ class DockerExecutor:
 
         A start in flight for the task is abandoned: no container is created after it.
         """
-        keys = {key_of(c.labels) for c in await self._containers(task_id)}
+        found_keys = {key_of(c.labels) for c in await self._containers(task_id)}
+        keys: set[Key] = {k for k in found_keys if k is not None}
         keys |= {k for k in self._records if k[0] == task_id}
         keys |= {k for k in self._starting if k[0] == task_id}
-        keys = {k for k in keys if k is not None and (replica is None or k[1] == replica)}
+        keys = {k for k in keys if replica is None or k[1] == replica}
         found = False
         for key in sorted(keys):
             self._generation[key] = self._generation.get(key, 0) + 1

@@ -6,8 +6,10 @@ run and when to beat next. Converging on that list runs in the background (an im
 can take minutes, heartbeats must not wait for it): a newer list replaces an older one
 that has not been started yet.
 
+What to do with each replica is decided in ``core.py``; the converger here takes the
+snapshot, asks the core, has the executor carry the actions out and feeds failures back.
 GPU indices in the master's messages are positions in the GPUs this node offers
-(``--gpu``: the master only knows a count), mapped here to the NVML indices of the cards.
+(``--gpu``: the master only knows a count), mapped by the core to the cards' NVML indices.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def gpu_samples(node_gpus: Sequence[int]) -> tuple[GpuSample, ...]:
 def _clamp(value: int | None, low: float, high: float | None) -> float | None:
     if value is None:
         return None
-    value = max(low, float(value))
-    return min(high, value) if high is not None else value
+    clamped = max(low, float(value))
+    return min(high, clamped) if high is not None else clamped
 
 
 def load_sample() -> dict[str, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, TypeVar
 
 from docker.types import CancellableStream
@@ -18,7 +18,7 @@ T = TypeVar("T")
 _DONE = object()
 
 
-async def iterate_in_thread(open_stream: Callable[[], Iterator[T]], close: Callable[[Any], None], name: str) -> AsyncIterator[T]:
+async def iterate_in_thread(open_stream: Callable[[], Iterator[T]], close: Callable[[Any], None], name: str) -> AsyncGenerator[T, None]:
     """Iterate a blocking iterator in its own thread, with backpressure, cancellable from here.
 
     ``open_stream`` runs in the thread; ``close(stream)`` is called from the loop
