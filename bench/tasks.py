@@ -63,7 +63,7 @@ from prime.roles.master.cas import BlobStore
 from prime.roles.master.locator import NodeLocator
 from prime.roles.master.metrics import MasterMetrics
 from prime.roles.master.store import MasterStore
-from prime.roles.master.sync import StorageSync, SyncMarks
+from prime.roles.master.sync import StorageSync
 from prime.store import Database
 
 PASSWORD = "devnet"
@@ -260,9 +260,8 @@ class Syncer:
         locator = NodeLocator(DiscoveryClient(client, net.url("discovery")), net.info["run_id"],
                               known_url=lambda node: self.miner_url, on_resolved=lambda node, url: None)
         self.db = Database(work / "master.sqlite")
-        self.marks = SyncMarks(work / "sync.sqlite")
-        self.sync = StorageSync(client, locator, MasterStore(self.db), BlobStore(work / "blobs"), self.marks,
-                                MasterMetrics(CollectorRegistry(), lambda: None), lambda: None)  # type: ignore[arg-type]
+        self.sync = StorageSync(client, locator, MasterStore(self.db), BlobStore(work / "blobs"),
+                                MasterMetrics(CollectorRegistry(), lambda: None))  # type: ignore[arg-type]
 
     async def manifest_bytes(self, task_id: str) -> tuple[float, int, int]:
         """(seconds, files, JSON bytes) of one GET manifest."""
@@ -293,7 +292,6 @@ class Syncer:
 
     def close(self) -> None:
         self.db.close()
-        self.marks.db.close()
 
 
 def mb_s(nbytes: int, seconds: float) -> str:

@@ -43,6 +43,7 @@ from prime.chain.types import (
     requirement_name,
 )
 from prime.errors import ChainError, PrimeError
+from prime.protocol.invite import invite_digest  # the digest a master signs; defined with the invite
 
 CONTRACT_NAME = "PrimeRegistry"
 VALIDATOR_ROLE = keccak(text="VALIDATOR_ROLE")
@@ -73,16 +74,6 @@ def registration_digest(chain_id: int, registry: str, provider: str, node: str, 
         abi_encode(
             ["uint256", "address", "address", "address", "uint256"],
             [chain_id, to_checksum_address(registry), to_checksum_address(provider), to_checksum_address(node), run_id],
-        )
-    )
-
-
-def invite_digest(chain_id: int, registry: str, run_id: int, node: str, expiry: int) -> bytes:
-    """keccak256(abi.encode(chainId, registry, runId, node, expiry)): what a master signs to invite a node."""
-    return keccak(
-        abi_encode(
-            ["uint256", "address", "uint256", "address", "uint64"],
-            [chain_id, to_checksum_address(registry), run_id, to_checksum_address(node), expiry],
         )
     )
 
