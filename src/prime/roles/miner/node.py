@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ from prime.clients.discovery import DiscoveryClient
 from prime.roles.miner.announce import Announcer, choose_announce_ip
 from prime.roles.miner import core
 from prime.roles.miner.app import build_miner_app
-from prime.roles.miner.console import MinerConsole, PullPrinter  # noqa: F401  (PullPrinter: re-exported)
+from prime.roles.miner.console import MinerConsole
 from prime.roles.miner.executor import DockerExecutor
 from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
 from prime.roles.miner.invite import InviteHandler
@@ -101,11 +102,11 @@ def build_task_runtime(
     retention_s: float = 3600.0,
     on_progress: Callable[[Any], None] | None = None,
     counter: Any = None,
-    clock: Callable[[], float] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> TaskRuntime:
     """Wire the executor, the converger and the heartbeat loop (no chain, no HTTP server)."""
     policy = core.Policy(retention_s=retention_s)
-    converger = Converger(executor, gpus, policy=policy, on_progress=on_progress, **({"clock": clock} if clock else {}))
+    converger = Converger(executor, gpus, policy=policy, on_progress=on_progress, clock=clock)
     heartbeat = HeartbeatLoop(client=client, converger=converger, store=store, health=health, counter=counter)
     return TaskRuntime(executor, converger, heartbeat)
 
@@ -239,7 +240,7 @@ class MinerNode:
             store=self.store,
             on_joined=self._joined,
         )
-        health = LoopHealth()  # replaced by the app's own below
+        health = LoopHealth()  # the heartbeat reports into the app's own once the app exists (below)
         runtime = build_task_runtime(
             self.executor, self.store, self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)), self.gpus, health,
             retention_s=options.finished_retention_s, on_progress=self.out.pull_printer(),
