@@ -110,9 +110,8 @@ async def test_in_process_errors_map_like_real_ones(alice, mallory) -> None:
 async def test_stream_through_the_in_process_transport(alice) -> None:
     transport = InProcessTransport(peer_app())
     try:
-        async with SignedClient(alice, transport=transport) as client:
-            async with client.stream("GET", "http://peer.test/lines") as response:
-                got = [await response.content.readline() for _ in range(4)]
+        async with SignedClient(alice, transport=transport) as client, client.stream("GET", "http://peer.test/lines") as response:
+            got = [await response.content.readline() for _ in range(4)]
     finally:
         await transport.close()
     assert got == [b'{"line": 0}\n', b'{"line": 1}\n', b'{"line": 2}\n', b""]

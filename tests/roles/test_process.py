@@ -18,7 +18,12 @@ import pytest
 from aiohttp import web
 
 from prime.errors import PrimeError
-from prime.roles.process import configure_logging, open_data_dir, serve_until_stopped, serving
+from prime.roles.process import (
+    configure_logging,
+    open_data_dir,
+    serve_until_stopped,
+    serving,
+)
 from tests.fixtures.processes import free_port
 
 
@@ -33,7 +38,7 @@ def test_the_lock_is_exclusive_across_processes_and_freed_on_close(tmp_path: Pat
             "except PrimeError as e:\n"
             "    print(e)\n"
         )
-        refused = subprocess.run([sys.executable, "-c", holder], capture_output=True, text=True, timeout=30)
+        refused = subprocess.run([sys.executable, "-c", holder], check=False, capture_output=True, text=True, timeout=30)
         assert refused.stdout.strip() == (f"Another miner (pid {os.getpid()}) is already running with data directory "
                                           f"{tmp_path / 'd'}; stop it or pass another --data-dir.")
     assert not data.locked

@@ -28,13 +28,19 @@ import contextlib
 import json as jsonlib
 import random
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 from yarl import URL
 
 from prime.auth.signing import sign_headers
-from prime.auth.transport import AiohttpTransport, Response, Timeout, Transport, TransportError
+from prime.auth.transport import (
+    AiohttpTransport,
+    Response,
+    Timeout,
+    Transport,
+    TransportError,
+)
 from prime.errors import PeerError
 
 _UNSET: Any = object()
@@ -121,7 +127,7 @@ class SignedClient:
         self._owns_transport = transport is None
         self.transport: Transport = transport if transport is not None else AiohttpTransport()
 
-    async def __aenter__(self) -> SignedClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -133,7 +139,7 @@ class SignedClient:
             await self.transport.close()
 
     def _delay(self, attempt: int, retry_after: str | None = None) -> float:
-        delay = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        delay: float = min(self.max_backoff_s, self.backoff_s * 2.0**attempt)
         if retry_after and retry_after.isdigit():
             delay = min(self.max_backoff_s, max(delay, float(retry_after)))
         return delay * random.uniform(0.5, 1.0)  # jitter: callers that failed together do not retry together

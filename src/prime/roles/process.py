@@ -45,7 +45,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from aiohttp import web
 
@@ -80,7 +80,7 @@ class DataDir:
     def locked(self) -> bool:
         return self._handle is not None
 
-    def __enter__(self) -> DataDir:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -17,7 +17,11 @@ from eth_account import Account
 
 from prime.auth.transport import InProcessTransport
 from prime.errors import PrimeError
-from prime.roles.buyer.master_client import MasterClient, MasterRefused, MasterUnreachable
+from prime.roles.buyer.master_client import (
+    MasterClient,
+    MasterRefused,
+    MasterUnreachable,
+)
 from tests.web.roles import NODE, OWNER, master_app, miner_app, serve_app
 
 MASTER_URL = "http://master.test:8092"

@@ -15,7 +15,11 @@ import pytest_asyncio
 from eth_account import Account
 
 from tests.fixtures.processes import RoleProcesses, free_port
-from tests.roles.buyer.conftest import KEY_PASSWORD, arun_prime, assert_one_sentence_error
+from tests.roles.buyer.conftest import (
+    KEY_PASSWORD,
+    arun_prime,
+    assert_one_sentence_error,
+)
 from tests.roles.buyer.real_master import RealMaster, start_real_master
 from tests.roles.master.fake_miner import eventually
 

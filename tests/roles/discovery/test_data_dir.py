@@ -15,7 +15,7 @@ from tests.roles.discovery.test_service import discovery_command
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=60)
 
 
 def _one_sentence(result: subprocess.CompletedProcess[str]) -> str:

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import typer
 
-from prime.config import DEFAULT_HOST, DEFAULT_RPC_URL, DISCOVERY_PORT, DataDir, DeploymentPath, Host, Port, RpcUrl, prime_home
+from prime.config import (
+    DEFAULT_HOST,
+    DEFAULT_RPC_URL,
+    DISCOVERY_PORT,
+    DataDir,
+    DeploymentPath,
+    Host,
+    Port,
+    RpcUrl,
+    prime_home,
+)
 from prime.errors import ConfigError, PrimeError
 from prime.roles.process import configure_logging, open_data_dir, serve_until_stopped
 

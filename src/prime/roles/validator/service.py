@@ -31,15 +31,20 @@ from eth_account.signers.local import LocalAccount
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from yarl import URL
 
-from prime.auth.client import DEFAULT_MAX_RESPONSE_BYTES, ReplyTooLarge, SignedClient, read_bounded
+from prime.auth.client import (
+    DEFAULT_MAX_RESPONSE_BYTES,
+    ReplyTooLarge,
+    SignedClient,
+    read_bounded,
+)
 from prime.auth.transport import AiohttpTransport, Timeout, Transport, TransportError
 from prime.chain.client import RegistryClient, RevertError
 from prime.chain.events import EventFollower
 from prime.chain.types import ChainEvent, NodeInfo, NodeStatus, RunInfo
 from prime.challenge.params import ChallengePlan, plan_challenge
 from prime.challenge.runner import run_challenge
-from prime.errors import ChainError, PeerError, PrimeError
 from prime.clients.discovery import DiscoveryClient
+from prime.errors import ChainError, PeerError, PrimeError
 from prime.roles.validator.store import (
     DECIDED,
     SUPERSEDED,
