@@ -18,9 +18,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from prime.protocol.errors import ValidationError
+from prime.protocol.errors import InvalidJson, ValidationError
 
-__all__ = ["NO_NUL", "Answer", "Message", "ValidationError", "decode", "decoder", "encode", "from_msgspec", "to_builtins"]
+__all__ = ["NO_NUL", "Answer", "InvalidJson", "Message", "ValidationError", "decode", "decoder", "encode", "from_msgspec", "to_builtins"]
 
 T = TypeVar("T")
 
@@ -113,7 +113,7 @@ def decode(data: Any, tp: type[T], prefix: str = "") -> T:
     except msgspec.ValidationError as exc:
         raise from_msgspec(exc, prefix) from None
     except msgspec.DecodeError as exc:
-        raise ValidationError(prefix or "body", f"Is not valid JSON ({exc}).") from None
+        raise InvalidJson(prefix or "body", f"Is not valid JSON ({exc}).") from None
     except RecursionError:
         raise ValidationError(prefix or "body", "Is nested too deeply.") from None
 

@@ -19,3 +19,8 @@ class ValidationError(PrimeError, ValueError):
     @property
     def detail(self) -> dict[str, str]:
         return {"field": self.field, "message": self.message}
+
+
+class InvalidJson(ValidationError):
+    """The bytes are not JSON at all (answered as ``invalid_json``, not ``invalid_request``)."""
+

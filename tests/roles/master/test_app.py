@@ -107,7 +107,7 @@ async def _task_state(world: World, task_id: str, state: str) -> bool:
     ({"image": ""}, "image"),
     ({"image": "Not A Valid Image"}, "image"),
     ({"image": "busybox", "env": {"1BAD": "x"}}, "env.1BAD"),
-    ({"image": "busybox", "env": {"OK": 5}}, "env.OK"),
+    ({"image": "busybox", "env": {"OK": 5}}, "env"),  # msgspec names the map, not the key
     ({"image": "busybox", "gpus": -1}, "gpus"),
     ({"image": "busybox", "gpus": 3}, "gpus"),          # the largest node has 2
     ({"image": "busybox", "gpus": "many"}, "gpus"),

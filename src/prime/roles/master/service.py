@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from prime.chain.types import Specs
 from prime.errors import PeerError, PrimeError
-from prime.protocol.heartbeat import DesiredReplica, HeartbeatRequest
+from prime.protocol.heartbeat import DesiredReplica, HeartbeatRequest, HeartbeatResponse
 from prime.protocol.tasks import Task
 from prime.roles.master.metrics import MasterMetrics
 from prime.roles.master.state import (
@@ -285,8 +285,8 @@ class MasterService:
 
     # --- requests -------------------------------------------------------------------------------
 
-    async def heartbeat(self, node: str, payload: HeartbeatRequest) -> dict[str, Any]:
-        """Apply a member's heartbeat and return the answer (HeartbeatResponse JSON).
+    async def heartbeat(self, node: str, payload: HeartbeatRequest) -> HeartbeatResponse:
+        """Apply a member's heartbeat and return the answer.
 
         A node the master does not know as a member is looked up on chain (it may have joined a
         moment ago, or while the master was down) and adopted if active; otherwise HeartbeatDenied
@@ -304,7 +304,7 @@ class MasterService:
             if isinstance(ins, HeartbeatRefused):
                 raise HeartbeatDenied(ins.reason)
         self.metrics.heartbeat_seconds.observe(time.perf_counter() - started)
-        return heartbeat_response(self.state, node).to_json()
+        return heartbeat_response(self.state, node)
 
     def url_resolved(self, node: str, url: str) -> None:
         self.apply(NodeUrlResolved(node, url, self.clock()))
