@@ -6,6 +6,12 @@ validator without this protocol would spend: generate A and B and multiply), the
 ratio, and the prover's FLOP/s against a plain numpy matmul of two ready float32
 matrices in the same run.
 
+"+decode" adds decoding the opening answer exactly as it arrives: the bytes the miner's
+route sends (prime.protocol.challenge.OpeningAnswer, rows as base64 of float32) through
+the validator's decode path (runner.read_openings: msgspec, length checks, frombuffer).
+"+hex" is the same with the decoding the rows cost before (one JSON object per row with
+the values as hex, json.loads + bytes.fromhex), measured on the same rows in the same run.
+
     python bench/challenge.py                     # n = 1024, 2048, 4096, 8192
     python bench/challenge.py --sizes 1024,2048   # shorter
 """
@@ -18,26 +24,34 @@ import os
 import platform
 import secrets
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
 from prime.challenge.params import (
     DEFAULT_K,
     DEFAULT_M,
-    ChallengeParams,
+    checked_params,
     pass_probability_bound,
 )
-from prime.challenge.prover import MatmulProver, NumpyBackend, detect_backend
-from prime.challenge.runner import parse_openings
+from prime.challenge.prover import (
+    MatmulProver,
+    NumpyBackend,
+    RowOpening,
+    detect_backend,
+)
+from prime.challenge.runner import read_openings
 from prime.challenge.verifier import (
     check_entries,
     check_openings,
     draw_samples,
     rows_to_open,
 )
+from prime.protocol.challenge import OpeningAnswer, encode
 
 
-def best_of(runs: int, fn) -> float:
+def best_of(runs: int, fn: Callable[[], Any]) -> float:
     best = float("inf")
     for _ in range(runs):
         started = time.perf_counter()
@@ -61,38 +75,64 @@ def warm_memory(n: int) -> None:
     del block
 
 
-def bench_size(n: int, *, dtype: str, repeat: int, k: int, m: int, runs: int) -> dict:
-    params = ChallengeParams(id=f"bench-{n}", seed=secrets.randbits(64), n=n, dtype=dtype, repeat=repeat)
+def hex_wire(ident: str, opened: list[RowOpening]) -> bytes:
+    """The opening answer as it was before (values as hex), for the comparison column."""
+    rows = [{"index": o.index, "values": np.ascontiguousarray(o.values, "<f4").tobytes().hex(),
+             "path": [p.hex() for p in o.path]} for o in opened]
+    return json.dumps({"id": ident, "rows": rows}).encode()
+
+
+def hex_decode(raw: bytes, n: int) -> dict[int, np.ndarray]:
+    """The old decode path: json.loads, then bytes.fromhex and frombuffer per row."""
+    out = {}
+    for row in json.loads(raw)["rows"]:
+        if len(row["values"]) != 8 * n:
+            raise ValueError("wrong length")
+        [bytes.fromhex(p) for p in row["path"]]
+        out[row["index"]] = np.frombuffer(bytes.fromhex(row["values"]), "<f4")
+    return out
+
+
+def bench_size(n: int, *, dtype: str, repeat: int, k: int, m: int, runs: int) -> dict[str, Any]:
+    params = checked_params({"id": f"bench-{n}", "seed": secrets.randbits(64), "n": n, "dtype": dtype,
+                             "repeat": repeat})
     flops = params.flops
     rng = np.random.default_rng(0)
 
     numpy_s = plain_matmul_s(n, params.inner, runs, rng)
 
     prover = MatmulProver(detect_backend())
-    holder: dict = {}
+    holder: dict[str, Any] = {}
     prover_s = best_of(runs, lambda: holder.__setitem__("commitment", prover.commit(params)))
     commitment = holder.pop("commitment")
 
     recompute_s = best_of(runs, lambda: NumpyBackend().product(params))
 
-    # validator: what arrives over HTTP is JSON; time with and without decoding it
-    full_s, verify_s = float("inf"), float("inf")
-    for _ in range(max(3, runs)):
+    # validator: the answer's bytes exactly as the miner's route encodes them; time the
+    # checks with and without decoding them, and the old hex decoding of the same rows
+    full_s, verify_s, hex_s = float("inf"), float("inf"), float("inf")
+    for _ in range(max(5, runs)):
         draws = draw_samples(n, k, m)
         rows = rows_to_open(draws)
-        wire = json.dumps({"rows": [o.to_json() for o in prover.open(commitment, rows)]})
+        opened = prover.open(commitment, rows)
+        wire = encode(OpeningAnswer(id=params.id, rows=[o.to_wire() for o in opened]))
+        old = hex_wire(params.id, opened)
         t0 = time.perf_counter()
-        openings, problem = parse_openings(json.loads(wire), n)
+        openings, problem = read_openings(params, wire)
         t1 = time.perf_counter()
-        assert problem is None
+        assert problem is None, problem
         assert check_openings(commitment.root, n, rows, openings) is None
         assert check_entries(params, draws, openings) is None
         t2 = time.perf_counter()
-        full_s, verify_s = min(full_s, t2 - t0), min(verify_s, t2 - t1)
+        hex_decode(old, n)
+        t3 = time.perf_counter()
+        full_s, verify_s, hex_s = min(full_s, t2 - t0), min(verify_s, t2 - t1), min(hex_s, t3 - t2)
     return {
         "n": n, "backend": prover.name, "prover_s": prover_s, "validator_s": verify_s,
-        "validator_with_decode_s": full_s, "recompute_s": recompute_s,
+        "validator_with_decode_s": full_s, "hex_decode_s": hex_s, "recompute_s": recompute_s,
+        "wire_bytes": len(wire), "hex_wire_bytes": len(old),
         "ratio": verify_s / recompute_s, "ratio_with_decode": full_s / recompute_s,
+        "ratio_with_hex": (verify_s + hex_s) / recompute_s,
         "prover_flops": flops / prover_s, "numpy_flops": flops / numpy_s,
         "efficiency": numpy_s / prover_s, "opened_rows": len(rows),
     }
@@ -112,15 +152,17 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}")
     print(f"k={args.k} rows, m={args.m} entries per row, dtype={args.dtype}, repeat={args.repeat}; "
           f"a prover with 10% wrong entries passes with p <= {pass_probability_bound(args.k):.2e}")
-    head = (f"{'n':>6} {'backend':>7} {'prover s':>9} {'validator ms':>12} {'+decode ms':>10} "
-            f"{'recompute s':>11} {'ratio':>8} {'+decode':>8} {'prover GF/s':>11} {'numpy GF/s':>10} {'eff':>6}")
+    head = (f"{'n':>6} {'backend':>7} {'prover s':>9} {'validator ms':>12} {'+decode ms':>10} {'+hex ms':>7} "
+            f"{'recompute s':>11} {'ratio':>8} {'+decode':>8} {'+hex':>8} {'wire MB':>7} {'hex MB':>6} "
+            f"{'prover GF/s':>11} {'numpy GF/s':>10} {'eff':>6}")
     print(head)
     for n in sizes:
         runs = args.runs or (3 if n < 4096 else 1)
         r = bench_size(n, dtype=args.dtype, repeat=args.repeat, k=args.k, m=args.m, runs=runs)
         print(f"{r['n']:>6} {r['backend']:>7} {r['prover_s']:>9.3f} {r['validator_s'] * 1e3:>12.2f} "
-              f"{r['validator_with_decode_s'] * 1e3:>10.2f} {r['recompute_s']:>11.3f} "
-              f"{r['ratio'] * 100:>7.3f}% {r['ratio_with_decode'] * 100:>7.3f}% "
+              f"{r['validator_with_decode_s'] * 1e3:>10.2f} {(r['validator_s'] + r['hex_decode_s']) * 1e3:>7.2f} "
+              f"{r['recompute_s']:>11.3f} {r['ratio'] * 100:>7.3f}% {r['ratio_with_decode'] * 100:>7.3f}% "
+              f"{r['ratio_with_hex'] * 100:>7.3f}% {r['wire_bytes'] / 1e6:>7.2f} {r['hex_wire_bytes'] / 1e6:>6.2f} "
               f"{r['prover_flops'] / 1e9:>11.1f} {r['numpy_flops'] / 1e9:>10.1f} {r['efficiency'] * 100:>5.1f}%",
               flush=True)
 

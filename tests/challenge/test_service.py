@@ -18,6 +18,8 @@ from prime.challenge.prover import Commitment, MatmulProver, NumpyBackend
 from prime.challenge.runner import run_challenge
 from prime.challenge.service import ChallengeService, add_challenge_routes
 from prime.errors import PeerError
+from prime.protocol.challenge import CommitmentAnswer, OpeningAnswer, decode
+from prime.web import make_app
 from tests.challenge.cheaters import CorruptingProver, LazyProver, SlowProver
 
 N = 64
@@ -46,22 +48,23 @@ class CountingProver(MatmulProver):
 
 
 class PlainClient:
-    """The SignedClient interface minus signatures (auth is tested in tests/auth)."""
+    """The part of SignedClient the runner uses (``stream``), minus signatures (auth is tested in tests/auth)."""
 
     def __init__(self, session: aiohttp.ClientSession, signer: str | None = None) -> None:
         self.session = session
         self.headers = {"X-Test-Signer": signer} if signer else {}
 
-    async def request(self, method: str, url: str, *, json: Any = None, params: Any = None) -> Any:
-        async with self.session.request(method, url, json=json, params=params, headers=self.headers) as resp:
-            body = await resp.json(content_type=None)
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, url: str, *, json: Any = None) -> AsyncIterator[aiohttp.ClientResponse]:
+        async with self.session.request(method, url, json=json, headers=self.headers) as resp:
             if resp.status >= 400:
+                body = await resp.json(content_type=None)
                 raise PeerError(f"{method} {url} answered {resp.status}", status=resp.status, body=body)
-            return body
+            yield resp
 
 
 @web.middleware
-async def signer_from_header(request: web.Request, handler):
+async def signer_from_header(request: web.Request, handler: Any) -> web.StreamResponse:
     """Stands in for the signed-request middleware: trusts a header as the signer."""
     if "X-Test-Signer" in request.headers:
         request["signer"] = request.headers["X-Test-Signer"]
@@ -69,9 +72,9 @@ async def signer_from_header(request: web.Request, handler):
 
 
 @contextlib.asynccontextmanager
-async def serve(service: ChallengeService, require_validator=None,
+async def serve(service: ChallengeService, require_validator: Any = None,
                 **server_options: Any) -> AsyncIterator[tuple[str, aiohttp.ClientSession]]:
-    app = web.Application(middlewares=[signer_from_header])
+    app = make_app(name="test-challenge", middlewares=[signer_from_header])  # JSON errors, as a miner's app
     add_challenge_routes(app, service, require_validator)
 
     async def ping(request: web.Request) -> web.Response:
@@ -87,7 +90,7 @@ async def serve(service: ChallengeService, require_validator=None,
         await server.close()
 
 
-def challenge(**change: Any) -> dict:
+def challenge(**change: Any) -> dict[str, Any]:
     return {"id": "c1", "seed": 42, "n": N, "dtype": "float32", "repeat": 1, **change}
 
 
@@ -98,19 +101,23 @@ async def post(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple
 
 # ---------------------------------------------------------------- bad input: 4xx JSON, nothing held
 @pytest.mark.parametrize("kwargs, error", [
-    ({"json": challenge(n=0)}, "invalid_challenge"),
-    ({"json": challenge(n=-5)}, "invalid_challenge"),
-    ({"json": challenge(n=10**9)}, "invalid_challenge"),
+    ({"json": challenge(n=0)}, "invalid_body"),
+    ({"json": challenge(n=-5)}, "invalid_body"),
+    ({"json": challenge(n=10**9)}, "invalid_body"),
     ({"json": challenge(n=4096)}, "challenge_too_large"),  # beyond the 1 MiB this node allows
-    ({"json": challenge(dtype="float64")}, "invalid_challenge"),
-    ({"json": challenge(dtype="int8")}, "invalid_challenge"),
-    ({"json": challenge(id="no spaces")}, "invalid_challenge"),
-    ({"json": {"id": "c1", "n": 8}}, "invalid_challenge"),
-    ({"json": [1, 2, 3]}, "invalid_challenge"),
-    ({"data": b"{not json"}, "bad_json"),
-    ({"data": b""}, "bad_json"),
+    ({"json": challenge(dtype="float64")}, "invalid_body"),
+    ({"json": challenge(dtype="int8")}, "invalid_body"),
+    ({"json": challenge(id="no spaces")}, "invalid_body"),
+    ({"json": challenge(seed=1 << 64)}, "invalid_body"),
+    ({"json": challenge(n=32768, repeat=8)}, "invalid_body"),
+    ({"json": challenge(extra=1)}, "invalid_body"),
+    ({"json": {"id": "c1", "n": 8}}, "invalid_body"),
+    ({"json": [1, 2, 3]}, "invalid_body"),
+    ({"data": b"{not json"}, "invalid_body"),
+    ({"data": b""}, "invalid_body"),
+    ({"data": b'{"id": "c1", "seed": 1, "n": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"}, "invalid_body"),
 ])
-async def test_invalid_challenges_get_4xx_json_and_allocate_nothing(kwargs: dict, error: str) -> None:
+async def test_invalid_challenges_get_4xx_json_and_allocate_nothing(kwargs: dict[str, Any], error: str) -> None:
     prover = CountingProver()
     service = ChallengeService(prover, memory_limit_bytes=1 << 20)
     async with serve(service) as (url, session):
@@ -122,27 +129,36 @@ async def test_invalid_challenges_get_4xx_json_and_allocate_nothing(kwargs: dict
 async def test_open_rejects_bad_ids_and_rows_but_keeps_the_challenge() -> None:
     service = ChallengeService(CountingProver())
     async with serve(service) as (url, session):
-        status, body = await post(session, f"{url}/challenge", json=challenge())
-        assert status == 200 and len(body["root"]) == 64 and body["n"] == N
+        async with session.post(f"{url}/challenge", json=challenge()) as resp:
+            assert resp.status == 200 and resp.content_type == "application/json"
+            commitment = decode(CommitmentAnswer, await resp.read())
+        assert (commitment.id, commitment.n, len(commitment.root)) == ("c1", N, 32)
         bad = [
             ("other", {"rows": [1]}, 404, "unknown_challenge"),
-            ("c1", {"rows": [N]}, 400, "invalid_rows"),
-            ("c1", {"rows": [-1]}, 400, "invalid_rows"),
-            ("c1", {"rows": []}, 400, "invalid_rows"),
-            ("c1", {"rows": [1, 1]}, 400, "invalid_rows"),
-            ("c1", {"rows": ["1"]}, 400, "invalid_rows"),
-            ("c1", {"rows": [True]}, 400, "invalid_rows"),
+            ("c1", {"rows": [N]}, 400, "invalid_rows"),  # a valid index, but not of this challenge
             ("c1", {"rows": list(range(N + 1))}, 400, "invalid_rows"),
-            ("c1", {"nope": 1}, 400, "invalid_rows"),
+            ("c1", {"rows": [-1]}, 400, "invalid_body"),
+            ("c1", {"rows": [40000]}, 400, "invalid_body"),
+            ("c1", {"rows": []}, 400, "invalid_body"),
+            ("c1", {"rows": [1, 1]}, 400, "invalid_body"),
+            ("c1", {"rows": ["1"]}, 400, "invalid_body"),
+            ("c1", {"rows": [True]}, 400, "invalid_body"),
+            ("c1", {"rows": [1.0]}, 400, "invalid_body"),
+            ("c1", {"rows": list(range(4097))}, 400, "invalid_body"),
+            ("c1", {"nope": 1}, 400, "invalid_body"),
+            ("c1", {"rows": [1], "nope": 1}, 400, "invalid_body"),
         ]
         for ident, payload, want_status, want_error in bad:
             status, body = await post(session, f"{url}/challenge/{ident}/open", json=payload)
             assert (status, body["error"]) == (want_status, want_error), payload
-            assert service.holds_arrays()
+            assert body["detail"] and service.holds_arrays()
         status, body = await post(session, f"{url}/challenge/c1/open", data=b"][")
-        assert (status, body["error"]) == (400, "bad_json")
-        status, body = await post(session, f"{url}/challenge/c1/open", json={"rows": [0, N - 1]})
-        assert status == 200 and [r["index"] for r in body["rows"]] == [0, N - 1]
+        assert (status, body["error"]) == (400, "invalid_body")
+        async with session.post(f"{url}/challenge/c1/open", json={"rows": [0, N - 1]}) as resp:
+            assert resp.status == 200
+            answer = decode(OpeningAnswer, await resp.read())
+        assert answer.id == "c1" and [r.index for r in answer.rows] == [0, N - 1]
+        assert all(len(r.values) == 4 * N and len(r.path) == 6 for r in answer.rows)
         assert not service.holds_arrays()  # memory released after the opening
         status, body = await post(session, f"{url}/challenge/c1/open", json={"rows": [0]})
         assert (status, body["error"]) == (404, "unknown_challenge")  # one opening per challenge
@@ -231,7 +247,7 @@ async def test_only_the_challenging_validator_may_open() -> None:
 
 
 async def test_routes_are_wrapped_by_the_validator_check() -> None:
-    def require_validator(handler):
+    def require_validator(handler: Any) -> Any:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             if request.get("signer") != "0xVALIDATOR":
                 return web.json_response({"error": "forbidden", "detail": None}, status=403)
@@ -251,7 +267,7 @@ async def test_routes_are_wrapped_by_the_validator_check() -> None:
 
 
 # ---------------------------------------------------------------- the runner against real routes
-async def run_against(prover, overrides: dict) -> tuple[Any, ChallengeService]:
+async def run_against(prover: Any, overrides: dict[str, Any]) -> tuple[Any, ChallengeService]:
     service = ChallengeService(prover)
     async with serve(service) as (url, session):
         report = await run_challenge(PlainClient(session), url, specs=CPU,
@@ -273,7 +289,8 @@ async def test_honest_miner_is_approved_and_frees_its_memory() -> None:
     (LazyProver, {"bound_s": 30}, "merkle"),
     (lambda: SlowProver(delay_s=0.8), {"bound_s": 0.3}, "time"),
 ])
-async def test_each_cheater_is_rejected_by_exactly_its_check(make_prover, overrides, failing_check) -> None:
+async def test_each_cheater_is_rejected_by_exactly_its_check(make_prover: Any, overrides: dict[str, Any],
+                                                            failing_check: str) -> None:
     report, service = await run_against(make_prover(), overrides)
     assert not report.approved
     # Only this check fails: were it removed, the cheater would be approved.

@@ -4,6 +4,7 @@ rejection below would turn into an approval if that one check were removed."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from prime.challenge import generator as gen
 from prime.challenge.params import ChallengeParams, plan_challenge
 from prime.challenge.prover import MatmulProver, NumpyBackend, RowOpening
-from prime.challenge.runner import build_report, evaluate_openings
+from prime.challenge.runner import ChallengeReport, build_report, evaluate_openings
 from prime.challenge.verifier import (
     Draw,
     check_entries,
@@ -22,6 +23,7 @@ from prime.challenge.verifier import (
     rows_to_open,
     tolerance,
 )
+from prime.protocol.challenge import OpenedRow, OpeningAnswer, encode
 from tests.challenge.cheaters import (
     CorruptingProver,
     LazyProver,
@@ -32,19 +34,20 @@ from tests.challenge.cheaters import (
 N = 96
 
 
-def run_locally(prover, *, dtype="float32", repeat=1, elapsed_s=None, bound_s=10.0):
-    """Commit, draw after the commitment, open through JSON, evaluate: the runner minus HTTP."""
+def run_locally(prover: Any, *, dtype: str = "float32", repeat: int = 1, elapsed_s: float | None = None,
+                bound_s: float = 10.0) -> ChallengeReport:
+    """Commit, draw after the commitment, open through the wire bytes, evaluate: the runner minus HTTP."""
     plan = plan_challenge({}, {"n": N, "dtype": dtype, "repeat": repeat, "bound_s": bound_s})
     commitment = prover.commit(plan.params)
     elapsed = commitment.elapsed_s if elapsed_s is None else elapsed_s
     draws = draw_samples(plan.params.n, plan.k, plan.m)
     opened = prover.open(commitment, rows_to_open(draws))
-    reply = json.loads(json.dumps({"rows": [o.to_json() for o in opened]}))
-    checks = evaluate_openings(plan, commitment.root, draws, reply, elapsed)
+    raw = encode(OpeningAnswer(id=plan.params.id, rows=[o.to_wire() for o in opened]))
+    checks = evaluate_openings(plan, commitment.root, draws, raw, elapsed)
     return build_report(plan, checks=checks, elapsed_s=elapsed, root=commitment.root.hex(), draws=draws)
 
 
-def failing(report) -> list[str]:
+def failing(report: ChallengeReport) -> list[str]:
     return [name for name, problem in report.checks.items() if problem is not None]
 
 
@@ -88,13 +91,13 @@ def test_exact_entries_match_a_dense_product() -> None:
     assert np.array_equal(expected, [[(a @ b)[d.row, c] for c in d.cols] for d in draws])
 
 
-def honest(params: ChallengeParams):
+def honest(params: ChallengeParams) -> tuple[MatmulProver, Any]:
     prover = MatmulProver(NumpyBackend())
     commitment = prover.commit(params)
     return prover, commitment
 
 
-def openings_for(prover, commitment, rows):
+def openings_for(prover: MatmulProver, commitment: Any, rows: list[int]) -> dict[int, RowOpening]:
     return {o.index: o for o in prover.open(commitment, rows)}
 
 
@@ -148,12 +151,33 @@ def test_draws_are_uniform_rows_with_m_columns() -> None:
 
 
 def test_malformed_openings_are_a_response_failure() -> None:
-    plan = plan_challenge({}, {"n": 16, "bound_s": 10})
+    plan = plan_challenge({}, {"n": 16, "bound_s": 10, "id": "c1"})
     draws = draw_samples(16, 4, 1)
-    for reply in [None, [], {"rows": "x"}, {"rows": [{"index": 1, "values": "zz", "path": []}]},
-                  {"rows": [{"index": True, "values": "", "path": []}]}]:
-        checks = evaluate_openings(plan, bytes(32), draws, reply, 0.1)
-        assert checks["response"] is not None and "entries" not in checks
+    row = OpenedRow(index=1, values=bytes(4 * 16), path=[bytes(32)] * 4)
+    good_row = json.loads(encode(row))
+
+    def answer(rows: Any, ident: str = "c1") -> bytes:
+        return json.dumps({"id": ident, "rows": rows}).encode()
+
+    replies = [
+        b"", b"null", b"[]", b"{}", b"{not json", answer("x"), answer([None]),
+        answer([{**good_row, "values": "zz"}]),                         # not base64
+        answer([{**good_row, "index": True}]),                          # a bool is not an index
+        answer([{**good_row, "index": 1 << 70}]),                       # huge int
+        answer([{**good_row, "path": ["00" * 32]}]),                    # hex, not base64 of 32 bytes
+        answer([{**good_row, "extra": 1}]),                             # unknown field
+        answer([{**good_row, "values": encode(bytes(4 * 15)).decode().strip('"')}]),  # 15 values, not 16
+        answer([{**good_row, "values": encode(bytes(4 * 16 + 2)).decode().strip('"')}]),  # not whole float32s
+        answer([good_row, good_row]),                                   # opened twice
+        answer([good_row], ident="other"),                              # another challenge
+        answer([{**good_row, "path": [[[[[[[[[[]]]]]]]]]]}]),
+        b'{"id": "c1", "rows": [{"index": 1, "values": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}",
+    ]
+    for raw in replies:
+        checks = evaluate_openings(plan, bytes(32), draws, raw, 0.1)
+        assert checks["response"] is not None and "entries" not in checks, raw[:80]
+    assert "opened twice" in evaluate_openings(plan, bytes(32), draws, answer([good_row] * 2), 0.1)["response"]
+    assert "64 bytes" in evaluate_openings(plan, bytes(32), draws, replies[12], 0.1)["response"]
 
 
 def test_report_hash_is_stable_and_covers_the_outcome() -> None:

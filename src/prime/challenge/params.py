@@ -11,25 +11,22 @@ and exact, see generator.py).
 from __future__ import annotations
 
 import math
-import re
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-DTYPES = ("float32", "float16", "bfloat16")
+import msgspec
+
+from prime.protocol.challenge import DTYPES, MAX_INNER, MAX_REPEAT, ChallengeRequest
+
 # Unit roundoff of each output dtype (half an ulp at 1.0).
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
-MAX_N = 32768
-MAX_REPEAT = 64
-# K ≤ 2**17 keeps every partial sum exact in float32 and |C| ≤ 2**15 < float16's max
-# (65504); see generator.py.
-MAX_INNER = 1 << 17
-SEED_LIMIT = 1 << 64
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_FIELDS = ("id", "seed", "n", "dtype", "repeat")
+# The challenge's parameters are the wire message itself (prime.protocol.challenge), which
+# carries their limits; built in Python it is trusted, decoded or ``checked_params`` it is checked.
+ChallengeParams = ChallengeRequest
 
 # Soundness: with k sampled rows (uniform, independent) and m ≥ 1 entries checked per
 # row, a prover whose fraction f of entries is wrong passes with probability at most
@@ -65,66 +62,12 @@ class ChallengeParamError(ValueError):
     """A challenge field is missing, has the wrong type or is out of range."""
 
 
-def _int_field(obj: Mapping[str, Any], name: str, default: int | None = None) -> int:
-    value = obj.get(name, default)
-    if value is None:
-        raise ChallengeParamError(f"field '{name}' is required")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ChallengeParamError(f"field '{name}' must be an integer")
-    return value
-
-
-@dataclass(frozen=True)
-class ChallengeParams:
-    """What the validator sends in POST /challenge."""
-
-    id: str
-    seed: int
-    n: int
-    dtype: str = "float32"
-    repeat: int = 1
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.id, str) or not ID_PATTERN.match(self.id):
-            raise ChallengeParamError("id must be 1-64 characters of letters, digits, '-' or '_'")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
-            raise ChallengeParamError("seed must be an integer in [0, 2**64)")
-        if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
-            raise ChallengeParamError(f"n must be an integer in [1, {MAX_N}]")
-        if self.dtype not in DTYPES:
-            raise ChallengeParamError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
-        if isinstance(self.repeat, bool) or not isinstance(self.repeat, int) or not 1 <= self.repeat <= MAX_REPEAT:
-            raise ChallengeParamError(f"repeat must be an integer in [1, {MAX_REPEAT}]")
-        if self.n * self.repeat > MAX_INNER:
-            raise ChallengeParamError(f"n * repeat must not exceed {MAX_INNER}")
-
-    @property
-    def inner(self) -> int:
-        """K, the inner dimension of the product."""
-        return self.n * self.repeat
-
-    @property
-    def flops(self) -> int:
-        return 2 * self.n * self.n * self.inner
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, obj: Any) -> ChallengeParams:
-        if not isinstance(obj, Mapping):
-            raise ChallengeParamError("the challenge must be a JSON object")
-        unknown = sorted(set(obj) - set(_FIELDS))
-        if unknown:
-            raise ChallengeParamError(f"unknown field(s): {', '.join(map(str, unknown))}")
-        ident = obj.get("id")
-        if not isinstance(ident, str):
-            raise ChallengeParamError("field 'id' must be a string")
-        dtype = obj.get("dtype", "float32")
-        if not isinstance(dtype, str):
-            raise ChallengeParamError("field 'dtype' must be a string")
-        return cls(id=ident, seed=_int_field(obj, "seed"), n=_int_field(obj, "n"), dtype=dtype,
-                   repeat=_int_field(obj, "repeat", 1))
+def checked_params(fields: Mapping[str, Any]) -> ChallengeParams:
+    """Challenge parameters from plain values, held to the message's limits (ChallengeParamError)."""
+    try:
+        return msgspec.convert(dict(fields), ChallengeParams)
+    except msgspec.ValidationError as exc:
+        raise ChallengeParamError(f"invalid challenge: {exc}") from None
 
 
 # ------------------------------------------------------------------ expected throughput
@@ -252,7 +195,7 @@ def choose_size(specs: Any, *, dtype: str, target_s: float) -> tuple[int, int]:
     best = (N_LADDER[0], 1)
     for n in N_LADDER:
         repeat = max(1, min(MAX_REPEAT, MAX_INNER // n, math.ceil(want / (2 * n**3))))
-        params = ChallengeParams(id="plan", seed=0, n=n, dtype=dtype, repeat=repeat)
+        params = checked_params({"id": "plan", "seed": 0, "n": n, "dtype": dtype, "repeat": repeat})
         host, device = prover_bytes(params, gpu_count=gpu_count)
         if ram and host > 0.5 * ram:
             break
@@ -283,13 +226,13 @@ def plan_challenge(specs: Any, overrides: Mapping[str, Any] | None = None) -> Ch
     n, repeat = choose_size(specs, dtype=dtype, target_s=float(overrides.get("target_s", DEFAULT_TARGET_S)))
     if "n" in overrides and "repeat" not in overrides:
         repeat = 1
-    params = ChallengeParams(
-        id=overrides.get("id", secrets.token_hex(8)),
-        seed=overrides.get("seed", secrets.randbits(64)),
-        n=overrides.get("n", n),
-        dtype=dtype,
-        repeat=overrides.get("repeat", repeat),
-    )
+    params = checked_params({
+        "id": overrides.get("id", secrets.token_hex(8)),
+        "seed": overrides.get("seed", secrets.randbits(64)),
+        "n": overrides.get("n", n),
+        "dtype": dtype,
+        "repeat": overrides.get("repeat", repeat),
+    })
     k = int(overrides.get("k", DEFAULT_K))
     m = int(overrides.get("m", DEFAULT_M))
     if k < 1 or m < 1:

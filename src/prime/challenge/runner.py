@@ -4,19 +4,29 @@ Flow: plan (n, dtype, repeat, k, m, time bound from the claimed specs) → POST
 /challenge → measure the time to the commitment → draw k rows and m columns per row
 with a CSPRNG *after* the commitment → POST /challenge/{id}/open → checks (verifier.py)
 → ChallengeReport, whose keccak hash goes on chain with approve/reject.
+
+The miner's answers are read as bytes (never more than a well-formed answer can take)
+and decoded into the messages of prime.protocol.challenge; an answer that is too long,
+malformed or about another challenge is the miner's failure (a rejecting report), never
+an exception of the validator's.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import time
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from prime.challenge.params import ChallengePlan, plan_challenge
+import aiohttp
+import msgspec
+
+from prime.auth.client import ReplyTooLarge, read_bounded
+from prime.auth.transport import TransportError
+from prime.challenge.params import ChallengeParams, ChallengePlan, plan_challenge
 from prime.challenge.prover import RowOpening
 from prime.challenge.verifier import (
     Draw,
@@ -27,8 +37,16 @@ from prime.challenge.verifier import (
     rows_to_open,
 )
 from prime.errors import PeerError
+from prime.protocol.challenge import (
+    COMMITMENT_ANSWER_LIMIT,
+    CommitmentAnswer,
+    Message,
+    OpeningAnswer,
+    OpenRequest,
+    decoder,
+    opening_answer_limit,
+)
 
-_HEX32 = re.compile(r"^[0-9a-f]{64}$")
 CHECK_ORDER = ("response", "merkle", "entries", "time")
 
 
@@ -66,7 +84,7 @@ class ChallengeReport:
 
     def report_hash(self) -> bytes:
         """keccak256 of the canonical JSON (sorted keys, no spaces) — the on-chain reportHash."""
-        from eth_utils import keccak
+        from eth_utils.crypto import keccak
 
         return keccak(self.canonical_bytes())
 
@@ -87,39 +105,48 @@ def build_report(plan: ChallengePlan, *, checks: Mapping[str, str | None], elaps
         pass_probability=plan.pass_probability, checks=ordered)
 
 
-def parse_commitment(plan: ChallengePlan, reply: Any) -> tuple[bytes | None, float | None, str | None]:
-    """(root, miner-reported seconds, problem) from the POST /challenge answer."""
-    if not isinstance(reply, dict):
-        return None, None, "the commitment is not a JSON object"
-    if reply.get("id") != plan.params.id:
-        return None, None, "the commitment names a different challenge id"
-    root = reply.get("root")
-    if not isinstance(root, str) or not _HEX32.match(root):
-        return None, None, "the commitment has no 32-byte hex Merkle root"
-    claimed = reply.get("elapsed_s")
-    claimed = float(claimed) if isinstance(claimed, (int, float)) and not isinstance(claimed, bool) else None
-    return bytes.fromhex(root), claimed, None
+def read_commitment(plan: ChallengePlan, raw: bytes) -> tuple[CommitmentAnswer | None, str | None]:
+    """(the decoded POST /challenge answer, None), or (None, why it is not a commitment to this challenge)."""
+    try:
+        answer = decoder(CommitmentAnswer).decode(raw)
+    except msgspec.DecodeError as exc:
+        return None, f"the commitment is malformed: {exc}"
+    p = plan.params
+    if answer.id != p.id:
+        return None, "the commitment names a different challenge id"
+    if (answer.n, answer.dtype, answer.repeat) != (p.n, p.dtype, p.repeat):
+        return None, (f"the commitment is for n={answer.n}, dtype={answer.dtype}, repeat={answer.repeat}, "
+                      f"not the n={p.n}, dtype={p.dtype}, repeat={p.repeat} that was asked")
+    return answer, None
 
 
-def parse_openings(reply: Any, n: int) -> tuple[dict[int, RowOpening], str | None]:
-    if not isinstance(reply, dict) or not isinstance(reply.get("rows"), list):
-        return {}, "the opening is not a JSON object with a 'rows' list"
+def read_openings(params: ChallengeParams, raw: bytes) -> tuple[dict[int, RowOpening], str | None]:
+    """The opened rows by index from the POST /challenge/{id}/open answer's bytes, or why it is malformed.
+
+    Decoding checks every type and limit; here each row must hold exactly n float32 (4·n
+    bytes) and open once, and the answer must name this challenge.
+    """
+    try:
+        answer = decoder(OpeningAnswer).decode(raw)
+    except msgspec.DecodeError as exc:
+        return {}, f"the opening is malformed: {exc}"
+    if answer.id != params.id:
+        return {}, "the opening names a different challenge id"
     openings: dict[int, RowOpening] = {}
-    for item in reply["rows"]:
+    for row in answer.rows:
+        if row.index in openings:
+            return {}, f"row {row.index} was opened twice"
         try:
-            opening = RowOpening.from_json(item, n)
+            openings[row.index] = RowOpening.from_wire(row, params.n)
         except ValueError as exc:
             return {}, f"malformed opening: {exc}"
-        if opening.index in openings:
-            return {}, f"row {opening.index} was opened twice"
-        openings[opening.index] = opening
     return openings, None
 
 
-def evaluate_openings(plan: ChallengePlan, root: bytes, draws: list[Draw], open_reply: Any,
+def evaluate_openings(plan: ChallengePlan, root: bytes, draws: list[Draw], raw: bytes,
                       elapsed_s: float) -> dict[str, str | None]:
-    """All post-commitment checks; pure, so tests can run them without HTTP."""
-    openings, problem = parse_openings(open_reply, plan.params.n)
+    """All post-commitment checks on the opening answer's bytes; pure, so tests can run them without HTTP."""
+    openings, problem = read_openings(plan.params, raw)
     checks: dict[str, str | None] = {"response": problem}
     if problem is None:
         checks["merkle"] = check_openings(root, plan.params.n, rows_to_open(draws), openings)
@@ -133,39 +160,65 @@ def _retryable(exc: PeerError) -> bool:
     return exc.status is None or exc.status == 409 or exc.status >= 500
 
 
-async def run_challenge(client: Any, miner_url: str, *, specs: Any,
+class ChallengeClient(Protocol):
+    """What the runner needs of a client (prime.auth.client.SignedClient has it): a POST whose
+    raw answer can be read, raising PeerError for non-2xx answers and unreachable peers."""
+
+    def stream(self, method: str, url: str, *, json: Any = None) -> AbstractAsyncContextManager[Any]: ...
+
+
+async def _post(client: ChallengeClient, url: str, message: Message, limit: int) -> bytes:
+    """POST ``message`` and return the answer's bytes; PeerError as the client raises it, or
+    (with the answer's status) when the answer breaks off; ReplyTooLarge past ``limit``."""
+    async with client.stream("POST", url, json=msgspec.to_builtins(message)) as response:
+        try:
+            return await read_bounded(response, limit)
+        except (TimeoutError, OSError, aiohttp.ClientError, TransportError) as exc:
+            raise PeerError(f"{url} broke off its answer ({type(exc).__name__}).",
+                            status=response.status) from None
+
+
+async def run_challenge(client: ChallengeClient, miner_url: str, *, specs: Any,
                         params_overrides: Mapping[str, Any] | None = None,
                         rng: secrets.SystemRandom | None = None) -> ChallengeReport:
     """Challenge the miner at ``miner_url`` and return the report (approved or not).
 
-    ``client`` is a prime.auth.client.SignedClient (anything with an async
-    ``request(method, url, json=...)``). Raises PeerError only when the miner could not
-    be asked at all (unreachable, busy with another challenge, 5xx): a retry later is
-    the right answer then, not a rejection.
+    ``client`` is a prime.auth.client.SignedClient (anything with its ``stream``, see
+    ChallengeClient). Raises PeerError only when the miner could not be asked at all
+    (unreachable, busy with another challenge, 5xx): a retry later is the right answer
+    then, not a rejection. Whatever the miner answers otherwise ends in a report.
     """
     plan = plan_challenge(specs, params_overrides)
     base = miner_url.rstrip("/")
     params = plan.params
     started = time.monotonic()
+    commitment: CommitmentAnswer | None = None
     try:
-        reply = await client.request("POST", f"{base}/challenge", json=params.to_json())
+        raw = await _post(client, f"{base}/challenge", params, COMMITMENT_ANSWER_LIMIT)
     except PeerError as exc:
         if _retryable(exc):
             raise
         return build_report(plan, checks={"response": f"the miner refused the challenge: {exc}"},
                             elapsed_s=time.monotonic() - started)
+    except ReplyTooLarge:
+        problem: str | None = f"the commitment is longer than the {COMMITMENT_ANSWER_LIMIT} bytes one can take"
+    else:
+        commitment, problem = read_commitment(plan, raw)
     elapsed = time.monotonic() - started
-    root, claimed, problem = parse_commitment(plan, reply)
-    if problem is not None or root is None:
+    if commitment is None:
         return build_report(plan, checks={"response": problem, "time": check_time(elapsed, plan.bound_s)},
-                            elapsed_s=elapsed, miner_elapsed_s=claimed)
+                            elapsed_s=elapsed)
+    root, claimed = commitment.root, commitment.elapsed_s
     # Drawn only now, after the miner is bound to its root.
     draws = draw_samples(params.n, plan.k, plan.m, rng)
+    rows = rows_to_open(draws)
+    limit = opening_answer_limit(len(rows), params.n)
     try:
-        opened = await client.request("POST", f"{base}/challenge/{params.id}/open",
-                                      json={"rows": rows_to_open(draws)})
-    except PeerError as exc:
-        checks = {"response": f"the miner failed to open its rows: {exc}",
+        opened = await _post(client, f"{base}/challenge/{params.id}/open", OpenRequest(rows=rows), limit)
+    except (PeerError, ReplyTooLarge) as exc:
+        why = f"its answer is longer than the {limit} bytes {len(rows)} rows can take" \
+            if isinstance(exc, ReplyTooLarge) else str(exc)
+        checks = {"response": f"the miner failed to open its rows: {why}",
                   "time": check_time(elapsed, plan.bound_s)}
         return build_report(plan, checks=checks, elapsed_s=elapsed, root=root.hex(),
                             miner_elapsed_s=claimed, draws=draws)

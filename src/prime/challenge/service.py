@@ -2,7 +2,10 @@
 
 One challenge at a time per node. Everything a request can get wrong (bad JSON, bad
 fields, a size beyond the node's memory, a second challenge while one runs, an unknown
-id, rows out of range) is answered 4xx JSON before anything is allocated. The matmul
+id, rows out of range) is answered 4xx JSON before anything is allocated. Bodies are
+decoded into the messages of prime.protocol.challenge, whose types are their validation:
+anything they refuse is 400 ``invalid_body`` (raised as prime.web.ApiError, so the app
+must have prime.web's error middleware, as every ``make_app`` app does). The matmul
 runs in a worker thread so the event loop keeps serving /health and heartbeats. The
 committed rows are held until they are opened or ``open_timeout_s`` passes, then freed.
 
@@ -13,17 +16,29 @@ the ``require_validator`` decorator it is given (prime.auth.middleware.require(c
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
+import msgspec
 from aiohttp import web
 
-from prime.challenge.params import ChallengeParamError, ChallengeParams
+from prime.challenge.params import ChallengeParams
 from prime.challenge.prover import Commitment, MatmulProver, Prover
+from prime.protocol.challenge import (
+    MAX_BACKEND_LENGTH,
+    MAX_ELAPSED_S,
+    ChallengeRequest,
+    CommitmentAnswer,
+    Message,
+    OpeningAnswer,
+    OpenRequest,
+    decoder,
+    encode,
+)
+from prime.web import ApiError, Param, api, json_error
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +48,20 @@ DEFAULT_OPEN_TIMEOUT_S = 120.0
 DEFAULT_MAX_OPEN_ROWS = 4096
 
 
-def _error(status: int, error: str, detail: Any = None) -> web.Response:
-    """The project's JSON error shape, {"error": ..., "detail": ...}."""
-    return web.json_response({"error": error, "detail": detail}, status=status)
+M = TypeVar("M", bound=Message)
+
+
+async def _read(request: web.Request, message: type[M]) -> M:
+    """The body as ``message``; 400 invalid_body naming what is wrong (413 past the app's limit)."""
+    body = await request.read()
+    try:
+        return decoder(message).decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise ApiError(400, "invalid_body", str(exc)) from None
+
+
+def _json(message: Message) -> web.Response:
+    return web.Response(body=encode(message), content_type="application/json")
 
 
 @dataclass
@@ -88,24 +114,20 @@ class ChallengeService:
         return self.prover.memory_problem(params)
 
     # ---------------------------------------------------------------- handlers
+    # 401/403/503: the signature and the on-chain validator check of the guard around them
+    @api(request=ChallengeRequest, response=CommitmentAnswer, errors=(400, 401, 403, 409, 413, 500, 503, 507),
+         summary="Compute C = A·B for the challenge and commit to its rows (validators only).")
     async def handle_challenge(self, request: web.Request) -> web.Response:
         """Compute C = A·B for {id, seed, n, dtype, repeat} and answer with the Merkle root over C's rows."""
         if self._active is not None:
-            return _error(409, "challenge_in_progress", {"id": self._active.params.id})
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "bad_json", "the body must be a JSON object")
-        try:
-            params = ChallengeParams.from_json(body)
-        except ChallengeParamError as exc:
-            return _error(400, "invalid_challenge", str(exc))
+            return json_error(409, "challenge_in_progress", {"id": self._active.params.id})
+        params: ChallengeParams = await _read(request, ChallengeRequest)
         # in a thread: the first call may probe the GPU backend (importing torch takes seconds)
         problem = await asyncio.to_thread(self._memory_problem, params)
         if problem is not None:
-            return _error(400, "challenge_too_large", f"n={params.n}, repeat={params.repeat} {problem}")
+            return json_error(400, "challenge_too_large", f"n={params.n}, repeat={params.repeat} {problem}")
         if self._active is not None:  # another request got in while we read the body
-            return _error(409, "challenge_in_progress", {"id": self._active.params.id})
+            return json_error(409, "challenge_in_progress", {"id": self._active.params.id})
         active = _Active(params=params, signer=request.get("signer"))
         self._active = active
         started = time.perf_counter()
@@ -115,69 +137,66 @@ class ChallengeService:
             # cannot be; the node stays busy until it ends, then frees everything.
             commitment = await asyncio.shield(work)
         except asyncio.CancelledError:
-            work.add_done_callback(lambda _: self._active is active and self.release())
+            def free(_: object) -> None:
+                if self._active is active:
+                    self.release()
+
+            work.add_done_callback(free)
             raise
         except MemoryError:
             self.release()
-            return _error(507, "out_of_memory", "the node ran out of memory computing the challenge")
+            return json_error(507, "out_of_memory", "the node ran out of memory computing the challenge")
         except Exception:  # a prover failure must not take the miner down
             log.exception("challenge %s failed", params.id)
             self.release()
-            return _error(500, "prover_failed", "the node could not compute the challenge")
+            return json_error(500, "prover_failed", "the node could not compute the challenge")
         if self._active is not active:  # released meanwhile (shutdown)
-            return _error(409, "challenge_cancelled", None)
+            return json_error(409, "challenge_cancelled", None)
         active.commitment = commitment
         active.expiry = asyncio.get_running_loop().call_later(self.open_timeout_s, self._expire, active)
-        return web.json_response({
-            "id": params.id,
-            "root": commitment.root.hex(),
-            "n": params.n,
-            "dtype": params.dtype,
-            "repeat": params.repeat,
-            "elapsed_s": round(time.perf_counter() - started, 6),
-            "backend": commitment.backend,
-        })
+        return _json(CommitmentAnswer(
+            id=params.id, root=commitment.root, n=params.n, dtype=params.dtype, repeat=params.repeat,
+            elapsed_s=min(round(time.perf_counter() - started, 6), MAX_ELAPSED_S),
+            backend=str(commitment.backend)[:MAX_BACKEND_LENGTH]))
 
+    @api(request=OpenRequest, response=OpeningAnswer, errors=(400, 401, 403, 404, 409, 413, 500, 503),
+         path={"id": Param(str, "the challenge's id", required=True)},
+         summary="Open rows of the committed C with their Merkle paths, then free it (the challenging validator only).")
     async def handle_open(self, request: web.Request) -> web.Response:
         """Open the requested rows {rows: [int]} of the committed C with their Merkle paths, then free it."""
         ident = request.match_info.get("id", "")
         active = self._active
         if active is None or active.params.id != ident:
-            return _error(404, "unknown_challenge", {"id": ident})
+            return json_error(404, "unknown_challenge", {"id": ident})
         if active.commitment is None:
-            return _error(409, "challenge_not_committed", {"id": ident})
+            return json_error(409, "challenge_not_committed", {"id": ident})
         signer = request.get("signer")
         if active.signer is not None and signer != active.signer:
-            return _error(403, "not_your_challenge", "only the validator that sent the challenge may open it")
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "bad_json", "the body must be a JSON object")
-        rows = body.get("rows") if isinstance(body, dict) else None
+            return json_error(403, "not_your_challenge", "only the validator that sent the challenge may open it")
+        # types, the 4096 limit and distinctness are the message's; what depends on n is ours
+        rows = list((await _read(request, OpenRequest)).rows)
         n = active.params.n
-        if not isinstance(rows, list) or not rows:
-            return _error(400, "invalid_rows", "'rows' must be a non-empty list of row indices")
         if len(rows) > min(n, self.max_open_rows):
-            return _error(400, "invalid_rows", f"at most {min(n, self.max_open_rows)} rows may be opened")
-        if any(isinstance(r, bool) or not isinstance(r, int) for r in rows):
-            return _error(400, "invalid_rows", "row indices must be integers")
-        out_of_range = [r for r in rows if not 0 <= r < n]
+            return json_error(400, "invalid_rows", f"at most {min(n, self.max_open_rows)} rows may be opened")
+        out_of_range = [r for r in rows if r >= n]
         if out_of_range:
-            return _error(400, "invalid_rows", f"row {out_of_range[0]} is outside 0..{n - 1}")
-        if len(set(rows)) != len(rows):
-            return _error(400, "invalid_rows", "row indices must be distinct")
+            return json_error(400, "invalid_rows", f"row {out_of_range[0]} is outside 0..{n - 1}")
         if self._active is not active:
-            return _error(404, "unknown_challenge", {"id": ident})
+            return json_error(404, "unknown_challenge", {"id": ident})
         commitment = active.commitment
         self.release()  # one opening per challenge; the rows below are copies
+
+        def answer() -> bytes:  # off the loop: copying and base64 of rows is megabytes
+            opened = self.prover.open(commitment, rows)
+            return encode(OpeningAnswer(id=ident, rows=[o.to_wire() for o in opened]))
+
         try:
-            openings = await asyncio.to_thread(
-                lambda: [o.to_json() for o in self.prover.open(commitment, rows)])
+            body = await asyncio.to_thread(answer)
         except Exception:  # never let a prover bug crash the miner
             log.exception("opening challenge %s failed", ident)
-            return _error(500, "prover_failed", "the node could not open the requested rows")
+            return json_error(500, "prover_failed", "the node could not open the requested rows")
         self.completed += 1
-        return web.json_response({"id": ident, "rows": openings})
+        return web.Response(body=body, content_type="application/json")
 
 
 def add_challenge_routes(app: web.Application, service: ChallengeService,

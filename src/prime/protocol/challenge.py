@@ -1,0 +1,166 @@
+"""Challenge link (validator → miner): the four messages of the proof-of-compute challenge.
+
+    POST /challenge              ChallengeRequest  → CommitmentAnswer
+    POST /challenge/{id}/open    OpenRequest       → OpeningAnswer (OpenedRow per row)
+
+Each message is declared once, here, as a msgspec Struct; its annotations *are* its
+validation: decoding with ``decoder(Type)`` refuses wrong types (a bool is never an int),
+numbers out of range, strings and lists past their limits, unknown fields and malformed
+JSON with ``msgspec.ValidationError`` / ``msgspec.DecodeError``. What depends on the
+challenge in hand (row indices below its n, a row of exactly 4·n bytes, the answer naming
+the challenge that was sent) is checked by the side that holds it (prime.challenge).
+
+Hashes and rows are ``bytes`` (standard base64 in JSON, decoded by msgspec in C): an opened
+row is its n values as little-endian IEEE float32, the same bytes its Merkle leaf hashes.
+
+Imports nothing from prime.roles (nor from prime.challenge: this is the bottom layer).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal, TypeVar, get_args
+
+import msgspec
+
+# ------------------------------------------------------------------ limits
+MAX_N: Final = 32768
+MAX_REPEAT: Final = 64
+# K = n·repeat ≤ 2**17 keeps every partial sum exact in float32 and |C| ≤ 2**15, below
+# float16's max (docs/protocol.md, "Tolerance").
+MAX_INNER: Final = 1 << 17
+SEED_LIMIT: Final = 1 << 64
+MAX_OPEN_ROWS: Final = 4096
+HASH_BYTES: Final = 32
+MAX_PATH: Final = (MAX_N - 1).bit_length()  # 15: the depth of a tree over MAX_N rows
+ROW_ITEMSIZE: Final = 4  # float32 on the wire, whatever the challenge dtype
+MAX_ROW_BYTES: Final = ROW_ITEMSIZE * MAX_N
+MAX_ELAPSED_S: Final = 86400.0
+MAX_BACKEND_LENGTH: Final = 64
+# Python's "$" also matches before a final "\n"; the lookahead refuses that (and reads the
+# same in an ECMA regex, so the JSON schema stays usable by other tools).
+ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$(?!\n)"
+
+ChallengeId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=ID_PATTERN,
+                                          description="1-64 of [A-Za-z0-9_-]")]
+# msgspec bounds must fit an int64, so the upper end (< 2**64) is checked in __post_init__.
+Seed = Annotated[int, msgspec.Meta(ge=0, description="0 <= seed < 2**64",
+                                   extra_json_schema={"maximum": SEED_LIMIT - 1})]
+Size = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
+Repeat = Annotated[int, msgspec.Meta(ge=1, le=MAX_REPEAT)]
+Dtype = Literal["float32", "float16", "bfloat16"]
+DTYPES: Final[tuple[str, ...]] = get_args(Dtype)
+RowIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_N - 1)]
+Hash = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=HASH_BYTES,
+                                     description="32-byte sha256 digest, base64")]
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_ELAPSED_S)]
+Backend = Annotated[str, msgspec.Meta(max_length=MAX_BACKEND_LENGTH)]
+RowBytes = Annotated[bytes, msgspec.Meta(max_length=MAX_ROW_BYTES,
+                                         description="n little-endian float32 values, base64")]
+Path = Annotated[list[Hash], msgspec.Meta(max_length=MAX_PATH)]
+RowList = Annotated[list[RowIndex], msgspec.Meta(min_length=1, max_length=MAX_OPEN_ROWS)]
+
+
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Base of every challenge message: immutable, and unknown fields are refused."""
+
+
+# ------------------------------------------------------------------ POST /challenge
+class ChallengeRequest(Message, frozen=True, forbid_unknown_fields=True):
+    """The challenge (what the validator sends): compute C = A·B, A n × K, B K × n, K = n·repeat."""
+
+    id: ChallengeId
+    seed: Seed
+    n: Size
+    dtype: Dtype = "float32"
+    repeat: Repeat = 1
+
+    def __post_init__(self) -> None:
+        if self.seed >= SEED_LIMIT:
+            raise ValueError("seed must be below 2**64")
+        if self.n * self.repeat > MAX_INNER:
+            raise ValueError(f"n * repeat must not exceed {MAX_INNER}")
+
+    @property
+    def inner(self) -> int:
+        """K, the inner dimension of the product."""
+        return self.n * self.repeat
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.n * self.n * self.inner
+
+
+class CommitmentAnswer(Message, frozen=True, forbid_unknown_fields=True):
+    """The miner's answer once C is computed: the Merkle root over C's rows."""
+
+    id: ChallengeId
+    root: Hash
+    n: Size
+    dtype: Dtype
+    repeat: Repeat
+    elapsed_s: Seconds
+    backend: Backend
+
+
+# ------------------------------------------------------------------ POST /challenge/{id}/open
+class OpenRequest(Message, frozen=True, forbid_unknown_fields=True):
+    """The rows the validator wants opened: distinct indices (each below the challenge's n)."""
+
+    rows: RowList
+
+    def __post_init__(self) -> None:
+        if len(set(self.rows)) != len(self.rows):
+            raise ValueError("row indices must be distinct")
+
+
+class OpenedRow(Message, frozen=True, forbid_unknown_fields=True):
+    """One opened row: its values (exactly 4·n bytes) and its Merkle path, leaf level first."""
+
+    index: RowIndex
+    values: RowBytes
+    path: Path
+
+
+class OpeningAnswer(Message, frozen=True, forbid_unknown_fields=True):
+    """The miner's answer to an open request: one OpenedRow per requested row."""
+
+    id: ChallengeId
+    rows: Annotated[list[OpenedRow], msgspec.Meta(max_length=MAX_OPEN_ROWS)]
+
+
+MESSAGES: Final = (ChallengeRequest, CommitmentAnswer, OpenRequest, OpenedRow, OpeningAnswer)
+
+# ------------------------------------------------------------------ one decoder per message
+M = TypeVar("M", bound=Message)
+
+_DECODERS: Final[dict[type[Message], msgspec.json.Decoder[Message]]] = {
+    t: msgspec.json.Decoder(t) for t in MESSAGES}
+
+
+def decoder(message: type[M]) -> msgspec.json.Decoder[M]:
+    """The one JSON decoder of that message type (made once at import)."""
+    return _DECODERS[message]  # type: ignore[return-value]
+
+
+def decode(message: type[M], raw: bytes | bytearray | memoryview | str) -> M:
+    """``raw`` JSON as a ``message``; raises msgspec.DecodeError (ValidationError included)."""
+    return decoder(message).decode(raw)
+
+
+encode = msgspec.json.encode  # a message as compact JSON bytes (bytes fields as base64)
+
+
+def opening_answer_limit(rows: int, n: int) -> int:
+    """Most bytes a well-formed OpeningAnswer for ``rows`` rows of length ``n`` can take.
+
+    A validator reads no further: base64 of each row and its path, plus generous room for
+    keys, punctuation and the id. Anything longer is a malformed answer, however it ends.
+    """
+    def b64(size: int) -> int:
+        return 4 * ((size + 2) // 3)
+
+    per_row = b64(ROW_ITEMSIZE * n) + MAX_PATH * (b64(HASH_BYTES) + 8) + 256
+    return 1024 + rows * per_row
+
+
+COMMITMENT_ANSWER_LIMIT: Final = 4096  # bytes; a real one is about 200
