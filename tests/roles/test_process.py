@@ -107,3 +107,20 @@ async def test_a_busy_port_is_one_sentence():
         with pytest.raises(PrimeError, match=f"Port {port} on 127.0.0.1 is already in use"):
             async with serving(web.Application(), host="127.0.0.1", port=port):
                 pass
+
+
+def test_every_role_defaults_to_its_own_port_from_config():
+    from prime.config import DEFAULT_PORTS
+    from prime.devnet import up as devnet
+    from prime.roles.discovery import cli as discovery
+    from prime.roles.master import cli as master
+    from prime.roles.miner import cli as miner
+    from prime.roles.miner import node
+    from prime.roles.validator import cli as validator
+
+    defaults = {"discovery": discovery.DEFAULT_PORT, "validator": validator.DEFAULT_PORT,
+                "master": master.DEFAULT_PORT, "miner": miner.DEFAULT_PORT}
+    assert defaults == DEFAULT_PORTS and node.DEFAULT_PORT == miner.DEFAULT_PORT
+    assert len(set(defaults.values())) == len(defaults)  # every role on one machine without --port
+    assert master.DEFAULT_MASTER_URL == f"http://127.0.0.1:{DEFAULT_PORTS['master']}"
+    assert {k: v for k, v in devnet.DEFAULT_PORTS.items() if k != "anvil"} == DEFAULT_PORTS  # the devnet's are the same

@@ -17,6 +17,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from prime.config import DISCOVERY_PORT, MASTER_PORT, MINER_PORT, VALIDATOR_PORT
 from prime.devnet.state import DEFAULT_STATE_DIR, PROCESSES, DevnetPaths, devnet_lock, require_info
 
 app = typer.Typer(no_args_is_help=True)
@@ -52,10 +53,10 @@ def up(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Do not start this service (discovery, validator or master); run it yourself with the command `status` shows.")] = None,
     anvil_port: Annotated[Optional[int], _port_option("anvil", 8545)] = None,
-    discovery_port: Annotated[Optional[int], _port_option("discovery", 8090)] = None,
-    validator_port: Annotated[Optional[int], _port_option("validator", 8091)] = None,
-    master_port: Annotated[Optional[int], _port_option("master", 8092)] = None,
-    miner_port: Annotated[Optional[int], _port_option("miner", 8093)] = None,
+    discovery_port: Annotated[Optional[int], _port_option("discovery", DISCOVERY_PORT)] = None,
+    validator_port: Annotated[Optional[int], _port_option("validator", VALIDATOR_PORT)] = None,
+    master_port: Annotated[Optional[int], _port_option("master", MASTER_PORT)] = None,
+    miner_port: Annotated[Optional[int], _port_option("miner", MINER_PORT)] = None,
     heartbeat_interval: Annotated[float, typer.Option("--heartbeat-interval", min=0.5, help="Seconds between the miner's heartbeats to the master.")] = 5.0,
     json_output: Annotated[bool, typer.Option("--json", help="Print devnet.json instead of the summary.")] = False,
 ) -> None:

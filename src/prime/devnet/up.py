@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from prime.chain.anvil import DEFAULT_CHAIN_ID, DEV_MNEMONIC, find_anvil, port_is_free
 from prime.chain.types import Requirements
+from prime.config import DEFAULT_PORTS as ROLE_PORTS
 from prime.devnet.keys import DevKey, ensure_dev_keys
 from prime.devnet.processes import (
     ProcessRecord,
@@ -40,7 +41,9 @@ from prime.devnet.state import (
 from prime.errors import PrimeError
 
 HOST = "127.0.0.1"
-DEFAULT_PORTS = {"anvil": 8545, "discovery": 8090, "validator": 8091, "master": 8092, "miner": 8093}
+ANVIL_PORT = 8545  # the port of prime.config.DEFAULT_RPC_URL
+# The roles' own default ports (prime.config), so a devnet role listens where `prime <role> start` would.
+DEFAULT_PORTS = {"anvil": ANVIL_PORT, **ROLE_PORTS}
 SKIPPABLE = ("discovery", "validator", "master")
 DEFAULT_MIN_STAKE_WEI = 10**16  # 0.01 ETH; the provider has 10 000 dev ETH
 # What every machine that can run the devnet has: the run must accept the local miner.

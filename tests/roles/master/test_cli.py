@@ -69,3 +69,24 @@ def test_nodes_with_no_master_listening(tmp_path: Path, world: World) -> None:
         capture_output=True, text=True, env=env, timeout=60,
     )
     assert done.returncode != 0 and "Cannot reach the master" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_second_master_on_the_same_data_dir_is_refused_in_one_sentence(world: World, tmp_path: Path) -> None:
+    from tests.fixtures.processes import free_port
+    from tests.roles.master.fake_miner import master_command
+
+    saved = json.loads((world.data_dir / "run.json").read_text())  # the role skeleton's marker, with the run's identity
+    assert saved["role"] == "master" and saved["run_id"] == world.run_id
+    assert {"chain_id", "registry"} <= set(saved)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
+    env["PRIME_KEY_PASSWORD"] = PASSWORD
+    command = master_command(free_port(), world.run_id, write_key(tmp_path, world.master_account), world.rpc_url,
+                             world.deployment.path, world.data_dir)
+    done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert world.master.proc is not None
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    expected = (f"Error: Another master (pid {world.master.proc.pid}) is already running with data directory "
+                f"{world.data_dir}; stop it or pass another --data-dir.")
+    assert lines == [expected], done.stderr
+    assert world.master.running  # the refused one did not disturb it

@@ -53,6 +53,21 @@ async def test_start_registers_the_node_and_announces_it(
     assert (record.ip, record.port, record.run_id) == ("127.0.0.1", port, run_id)
     assert process.running
 
+    # A second miner on the same data dir is refused in one sentence, and leaves the first alone.
+    second = miner_command(
+        run_id=run_id, port=free_port(), key_file=tmp_path / "node.json", data_dir=tmp_path / "data",
+        anvil=anvil, deployment=deployment,
+    )
+    refused = await asyncio.to_thread(
+        subprocess.run, second, check=False, env=_child_env(miner_env(tmp_path / "home")), capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert process.proc is not None
+    expected = (f"Error: Another miner (pid {process.proc.pid}) is already running with data directory {tmp_path / 'data'}; "
+                "stop it or pass another --data-dir.")
+    assert [line for line in refused.stderr.splitlines() if line.strip()] == [expected]
+    assert process.running
+
     # A second start of the same node sends no second registration.
     process.stop()
     before = len(await reader.get_logs(deployment.block, await reader.block_number(), ["NodeRegistered"]))

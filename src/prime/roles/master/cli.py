@@ -15,6 +15,7 @@ from prime.config import (
     DEFAULT_HOST,
     DEFAULT_PASSWORD_ENV,
     DEFAULT_RPC_URL,
+    MASTER_PORT,
     DataDir,
     DeploymentPath,
     Host,
@@ -28,7 +29,7 @@ from prime.errors import ConfigError, PeerError, PrimeError
 
 app = typer.Typer(no_args_is_help=True)
 
-DEFAULT_PORT = 8070
+DEFAULT_PORT = MASTER_PORT
 DEFAULT_DATA_DIR = prime_home() / "master"
 DEFAULT_MASTER_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 
@@ -80,6 +81,7 @@ def start(
     from prime.roles.master.server import serve
     from prime.roles.master.service import MasterSettings
     from prime.roles.master.state import StateConfig
+    from prime.roles.process import configure_logging
 
     if deployment is None:
         raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
@@ -100,14 +102,13 @@ def start(
         poll_interval_s=poll_interval,
         peer_timeout_s=peer_timeout,
     )
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # web3's chatter and one access line per heartbeat (which would dwarf the transitions worth
+    # reading, and cost CPU at scale) are quiet unless PRIME_DEBUG is set.
+    configure_logging()
     if public_url is None and host in ("0.0.0.0", "::"):
         logging.getLogger("prime.master").warning(
             "listening on %s without --public-url: invites tell nodes to reach %s, which only works on this "
             "machine; pass --public-url with an address nodes can reach", host, settings.public_url)
-    # One access line per heartbeat would dwarf the transitions worth reading (and cost CPU at scale).
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     asyncio.run(serve(settings=settings, account=account, rpc_url=rpc_url, deployment_path=Path(deployment),
                       host=host, port=port))
 

@@ -4,15 +4,17 @@ Order matters: the master refuses to start unless its key is a master of the run
 loaded from SQLite and fed ``MasterStarted`` (its downtime is not counted as missed heartbeats
 and no invite goes out until the chain follower caught up); then the HTTP API and the loops
 (chain follower, health tick, storage sync) start.
+
+The data dir is the shared role skeleton's (``prime.roles.process``): locked for this process
+(a second master on it is refused in one sentence) and marked by ``run.json`` with the run's
+identity (chain id, registry, run id), so one dir never mixes runs.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import gc
-import json
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,10 @@ from prime.errors import ChainError, PrimeError
 log = logging.getLogger("prime.master")
 
 
+MARKER = "run.json"  # the master's marker predates role.json; older ones (without "role") are adopted
+ROLE = "master"
+
+
 @dataclass
 class RunningMaster:
     """Handles of a started master (for ``serve`` and in-process tests/benchmarks)."""
@@ -34,35 +40,12 @@ class RunningMaster:
     registry: Any
     peer_client: Any
     databases: list[Any]
+    data: Any  # the locked DataDir
+    _resources: contextlib.AsyncExitStack
 
     async def close(self) -> None:
-        await self.runner.cleanup()
-        await self.service.close()
-        await self.peer_client.close()
-        await self.registry.close()
-        for db in self.databases:
-            db.close()
-
-
-def _check_data_dir(data_dir: Path, identity: dict[str, Any]) -> None:
-    """A data dir holds one run's state: refuse to mix runs, registries or chains."""
-    marker = data_dir / "run.json"
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        if marker.exists():
-            saved = json.loads(marker.read_text())
-            mismatched = [k for k in ("chain_id", "registry", "run_id") if saved.get(k) != identity[k]]
-            if mismatched:
-                raise PrimeError(
-                    f"The data directory {data_dir} holds the state of run {saved.get('run_id')} on registry "
-                    f"{saved.get('registry')} (chain {saved.get('chain_id')}); pass another --data-dir for this run."
-                )
-        else:
-            marker.write_text(json.dumps(identity, indent=2))
-    except OSError as exc:
-        raise PrimeError(f"Cannot use data directory {data_dir} ({exc.strerror or exc}); pass a writable --data-dir.") from None
-    except ValueError:
-        raise PrimeError(f"{marker} is not valid JSON; fix it or move the data directory aside.") from None
+        """Stop serving; close the service, the peer client and the database; free the data dir; close the chain."""
+        await self._resources.aclose()
 
 
 async def start_master(
@@ -94,19 +77,27 @@ async def start_master(
     from prime.roles.master.state import MasterStarted, RunEnded
     from prime.roles.master.store import MasterStore, StateCursor
     from prime.roles.master.sync import StorageSync
+    from prime.roles.process import open_data_dir, serving
     from prime.store import Database
-    from prime.web import METRICS, add_loop
-    from prime.web import serve as listen
+    from prime.web import METRICS, add_loop, bound_port
 
     deployment = Deployment.load(deployment_path)
     registry = await RegistryClient.connect(rpc_url, deployment)
+    # Closed in reverse: the app (its loops), the service, the peer client, the database, the
+    # data dir's lock, the chain connection.
+    resources = contextlib.AsyncExitStack()
+    resources.push_async_callback(registry.close)
     opened: list[Any] = []
-    peer_client = None
     try:
         run = await _check_run(registry, settings.run_id, account.address)
-        data_dir = Path(settings.data_dir)
-        _check_data_dir(data_dir, {"chain_id": registry.chain_id, "registry": registry.address, "run_id": settings.run_id})
+        # A data dir holds one run's state: refuse to mix runs, registries or chains (and a second master).
+        data = resources.enter_context(open_data_dir(
+            settings.data_dir, ROLE, marker=MARKER,
+            identity={"chain_id": registry.chain_id, "registry": registry.address, "run_id": settings.run_id},
+        ))
+        data_dir = data.path
         db = Database(data_dir / "master.sqlite")
+        resources.callback(db.close)
         opened.append(db)
         store = MasterStore(db)
         adopted = store.adopt_legacy_sync_marks(data_dir)  # marks of an older master's sync.sqlite
@@ -118,6 +109,7 @@ async def start_master(
         app = new_app()
         metrics = MasterMetrics(app[METRICS], lambda: state)
         peer_client = SignedClient(account, timeout_s=settings.peer_timeout_s, retries=2)
+        resources.push_async_callback(peer_client.close)
         permissions = ChainPermissions(registry)
         clock = time.time
 
@@ -139,6 +131,7 @@ async def start_master(
 
         effects = NetworkEffects(invites, TaskPusher(peer_client, locator), sync, chain_member, clock=clock)
         service = MasterService(settings, state, store, metrics, effects, clock=clock)
+        resources.push_async_callback(service.close)
         follower = EventFollower(registry, EVENT_NAMES, cursor=StateCursor(state, store))
         watcher = ChainWatcher(registry, follower, settings.run_id, lambda: state, service.apply,
                                on_event=lambda name: metrics.chain_events.labels(name).inc(),
@@ -154,18 +147,14 @@ async def start_master(
         # A sync round may move a lot of data: it is not stale while it works.
         add_loop(app, "sync", service.sync_round, interval_s=settings.sync_interval_s,
                  stale_after_s=max(3600.0, 3 * settings.sync_interval_s + 10))
-        runner = await listen(app, host=host, port=port)
+        runner = await resources.enter_async_context(serving(app, host=host, port=port))
     except BaseException:
-        if peer_client is not None:
-            await peer_client.close()
-        await registry.close()
-        for db in opened:
-            db.close()
+        await resources.aclose()
         raise
     log.info("master of run %d (%s) listening on http://%s:%d, public URL %s; %d nodes and %d tasks loaded from %s",
-             settings.run_id, account.address, host, port, settings.public_url, len(state.nodes), len(state.tasks),
-             data_dir)
-    return RunningMaster(runner, service, registry, peer_client, opened)
+             settings.run_id, account.address, host, bound_port(runner), settings.public_url, len(state.nodes),
+             len(state.tasks), data_dir)
+    return RunningMaster(runner, service, registry, peer_client, opened, data, resources)
 
 
 async def _check_run(registry: Any, run_id: int, address: str) -> Any:
@@ -185,22 +174,16 @@ async def _check_run(registry: Any, run_id: int, address: str) -> Any:
     return run
 
 
-async def serve(**kwargs: Any) -> None:
-    """Run the master until SIGTERM/SIGINT."""
+async def serve(*, stop: Any = None, **kwargs: Any) -> None:
+    """Run the master until SIGTERM/SIGINT (or ``stop``, an ``asyncio.Event``)."""
+    from prime.roles.process import wait_for_stop_signal
+
     master = await start_master(**kwargs)
     # Everything loaded so far (libraries, the saved state) lives as long as the process: keep
     # it out of the garbage collector's full passes, which otherwise walk it between heartbeats.
     gc.freeze()
     try:
-        await _until_stopped()
+        await wait_for_stop_signal(stop)
         log.info("master stopping")
     finally:
         await master.close()
-
-
-async def _until_stopped() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()

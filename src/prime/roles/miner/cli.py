@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -15,13 +14,24 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from prime.config import DEFAULT_HOST, DEFAULT_RPC_URL, DataDir, DeploymentPath, Host, KeyFile, Port, RpcUrl, prime_home
+from prime.config import (
+    DEFAULT_HOST,
+    DEFAULT_RPC_URL,
+    MINER_PORT,
+    DataDir,
+    DeploymentPath,
+    Host,
+    KeyFile,
+    Port,
+    RpcUrl,
+    prime_home,
+)
 from prime.errors import ConfigError
 
 app = typer.Typer(no_args_is_help=True)
 
 DEFAULT_DATA_DIR = prime_home() / "miner"
-DEFAULT_PORT = 8070
+DEFAULT_PORT = MINER_PORT
 PROVIDER_PASSWORD_ENV = "PRIME_PROVIDER_KEY_PASSWORD"
 NODE_PASSWORD_ENV = "PRIME_KEY_PASSWORD"
 
@@ -127,6 +137,7 @@ def start(
     from prime.keys import load_account
     from prime.roles.miner.node import MinerOptions, run_miner
     from prime.roles.miner.registration import parse_stake
+    from prime.roles.process import configure_logging
 
     if deployment is None:
         raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
@@ -138,7 +149,7 @@ def start(
     if provider_key_file is not None:
         password_env = PROVIDER_PASSWORD_ENV if os.environ.get(PROVIDER_PASSWORD_ENV) else NODE_PASSWORD_ENV
         provider_account = load_account(provider_key_file, password_env=password_env)
-    _configure_logging()
+    configure_logging()
     options = MinerOptions(
         run_id=run_id, rpc_url=rpc_url, deployment=Path(deployment), data_dir=Path(data_dir), host=host, port=port,
         gpu=gpu, public_ip=public_ip, stake_wei=stake_wei, task_network=task_network,
@@ -164,16 +175,6 @@ def status(
         typer.echo(json.dumps(result, indent=2))
         return
     render(result, Console(highlight=False, soft_wrap=True))
-
-
-def _configure_logging() -> None:
-    if not logging.getLogger().handlers:
-        level = logging.DEBUG if os.environ.get("PRIME_DEBUG") else logging.INFO
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not os.environ.get("PRIME_DEBUG"):
-        # Connection chatter of web3 and one access line per /health poll drown what matters.
-        logging.getLogger("web3").setLevel(logging.WARNING)
-        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
 def main_with_prover(argv: list[str], prover: Any) -> None:

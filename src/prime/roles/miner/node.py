@@ -1,9 +1,11 @@
 """The miner's start-up sequence and its life until SIGTERM (or a rejection).
 
-``prepare()`` does everything that can fail before money moves: probe the hardware and
-select GPUs, preflight (Docker, NVIDIA runtime, data dir, port), read the run from chain
-and refuse when the node does not meet its requirements; then registers the node (stake
-from the provider key) only if it is not registered yet.
+``prepare()`` does everything that can fail before money moves: lock the data dir (the role
+skeleton's ``open_data_dir``: a second miner on it is refused in one sentence; the lock is
+held until ``close()``), probe the hardware and select GPUs, preflight (Docker, NVIDIA
+runtime, data dir, port), read the run from chain and refuse when the node does not meet
+its requirements; then registers the node (stake from the provider key) only if it is not
+registered yet.
 
 ``start()`` adopts the node's existing task containers (never killing or duplicating
 them), serves the HTTP API and starts the loops: announce to discovery, follow the
@@ -41,10 +43,11 @@ from prime.auth.permissions import ChainPermissions
 from prime.chain.client import RegistryClient
 from prime.chain.types import NodeInfo, NodeStatus, RunInfo, Specs
 from prime.challenge.service import ChallengeService
-from prime.errors import PrimeError
 from prime.clients.discovery import DiscoveryClient
-from prime.roles.miner.announce import Announcer, choose_announce_ip
+from prime.config import MINER_PORT
+from prime.errors import PrimeError
 from prime.roles.miner import core
+from prime.roles.miner.announce import Announcer, choose_announce_ip
 from prime.roles.miner.app import build_miner_app
 from prime.roles.miner.console import MinerConsole
 from prime.roles.miner.executor import DockerExecutor
@@ -52,14 +55,22 @@ from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
 from prime.roles.miner.invite import InviteHandler
 from prime.roles.miner.preflight import run_preflight
 from prime.roles.miner.registration import check_run, ensure_registered
-from prime.roles.miner.state import Announcement, MinerState, MinerStore, StateFile, Verdict
+from prime.roles.miner.state import (
+    Announcement,
+    MinerState,
+    MinerStore,
+    StateFile,
+    Verdict,
+)
 from prime.roles.miner.tasks_api import TasksApi
 from prime.roles.miner.watch import ChainWatch
+from prime.roles.process import DataDir, open_data_dir
 from prime.web import HEALTH, METRICS, LoopHealth, add_loop, serve
 
 log = logging.getLogger("prime.miner")
 
-DEFAULT_PORT = 8070
+DEFAULT_PORT = MINER_PORT
+ROLE = "miner"
 
 
 @dataclass
@@ -136,6 +147,7 @@ class MinerNode:
         self.out = MinerConsole(console)
         self.data_dir = Path(options.data_dir).expanduser()
         self.store = MinerStore(StateFile(self.data_dir))
+        self.data: DataDir | None = None  # the locked data dir, from prepare() to close()
         self.registry: Any = None
         self.provider_registry: Any = None
         self.run: RunInfo | None = None
@@ -185,8 +197,10 @@ class MinerNode:
     # -- before any transaction
 
     async def prepare(self) -> None:
-        """Probe, select GPUs, preflight, read the run, check requirements, then register if needed."""
+        """Lock the data dir, probe, select GPUs, preflight, read the run, check requirements, then register if needed."""
         options = self.options
+        if self.data is None:
+            self.data = open_data_dir(self.data_dir, ROLE)
         self.hardware = await asyncio.to_thread(hardware.probe, self.data_dir)
         self.gpus = hardware.select_gpus(self.hardware, options.gpu)
         self.specs = hardware.to_specs(self.hardware, self.gpus)
@@ -348,6 +362,9 @@ class MinerNode:
         if self.registry is not None:
             await self.registry.close()
             self.registry = None
+        if self.data is not None:
+            self.data.close()
+            self.data = None
 
 
 def _preflight(gpus_requested: bool, data_dir: Path, port: int, host: str, docker_base_url: str | None) -> list[str]:
