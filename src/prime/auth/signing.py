@@ -37,10 +37,10 @@ HEADER_NONCE = "X-Prime-Nonce"
 HEADER_SIGNATURE = "X-Prime-Signature"
 SIGNED_HEADERS = (HEADER_ADDRESS, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
 
-NONCE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-_ADDRESS_PATTERN = re.compile(r"^0x[0-9a-fA-F]{40}$")
-_SIGNATURE_PATTERN = re.compile(r"^0x[0-9a-fA-F]{130}$")
-_TIMESTAMP_PATTERN = re.compile(r"^[0-9]{1,12}$")
+NONCE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{16,64}\Z")  # \Z: "$" would let a final newline through
+_ADDRESS_PATTERN = re.compile(r"^0x[0-9a-fA-F]{40}\Z")
+_SIGNATURE_PATTERN = re.compile(r"^0x[0-9a-fA-F]{130}\Z")
+_TIMESTAMP_PATTERN = re.compile(r"^[0-9]{1,12}\Z")
 # secp256k1 group order; signatures must use the low-s form (EIP-2) so each has one encoding.
 _SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 _EIP191_PREFIX = b"\x19Ethereum Signed Message:\n"

@@ -22,6 +22,8 @@ from typing import Annotated, Final, Literal, TypeVar, get_args
 
 import msgspec
 
+from prime.protocol.codec import Message  # immutable, unknown fields refused
+
 # ------------------------------------------------------------------ limits
 MAX_N: Final = 32768
 MAX_REPEAT: Final = 64
@@ -58,10 +60,6 @@ RowBytes = Annotated[bytes, msgspec.Meta(max_length=MAX_ROW_BYTES,
                                          description="n little-endian float32 values, base64")]
 Path = Annotated[list[Hash], msgspec.Meta(max_length=MAX_PATH)]
 RowList = Annotated[list[RowIndex], msgspec.Meta(min_length=1, max_length=MAX_OPEN_ROWS)]
-
-
-class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Base of every challenge message: immutable, and unknown fields are refused."""
 
 
 # ------------------------------------------------------------------ POST /challenge

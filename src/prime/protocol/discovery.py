@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated
 
-import msgspec
 from msgspec import Meta
 
 from prime.protocol.codec import Answer, Message

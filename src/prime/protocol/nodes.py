@@ -16,7 +16,7 @@ from prime.protocol.codec import Answer, ValidationError, decode
 from prime.protocol.heartbeat import Finite, GpuSample
 from prime.protocol.tasks import ErrorText, Time
 
-ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$(?!\n)")  # $(?!\n): no trailing newline
 Address = Annotated[str, Meta(pattern=ADDRESS_RE.pattern)]
 Uint32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 Uint64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # msgspec bounds are int64

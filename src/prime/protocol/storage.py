@@ -10,7 +10,7 @@ from msgspec import Meta
 from prime.protocol.codec import NO_NUL, Message, ValidationError
 
 MAX_PATH_LENGTH = 4096
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$(?!\n)")  # $(?!\n): no trailing newline
 
 
 def relative_path_problem(path: str) -> str | None:

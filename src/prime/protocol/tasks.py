@@ -16,7 +16,14 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from prime.protocol.codec import NO_NUL, Answer, Message, ValidationError, decode, to_builtins
+from prime.protocol.codec import (
+    NO_NUL,
+    Answer,
+    Message,
+    ValidationError,
+    decode,
+    to_builtins,
+)
 
 # Bounds that keep one request from exhausting the master (the app's body limit applies too).
 MAX_REPLICAS = 256
@@ -43,11 +50,13 @@ _DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
 _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 IMAGE_RE = re.compile(
-    rf"^(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?$"
+    rf"^(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*(?::{_TAG})?(?:@{_DIGEST})?$(?!\n)"
 )
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# "$(?!\n)": Python's "$" also matches before a final newline (and the form reads the same in
+# the JSON schema's ECMA regex).
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$(?!\n)")
 # The one task id rule (URL paths, container names, data dirs): no '.', so no '..' either.
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$(?!\n)")
 
 TaskId = Annotated[str, Meta(pattern=TASK_ID_RE.pattern, max_length=64, description="1-64 letters, digits, '_' or '-'")]
 Text = Annotated[str, Meta(pattern=NO_NUL)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,12 +23,12 @@ from prometheus_client import CollectorRegistry, Counter
 from prime.auth.middleware import SIGNER, signed_request_middleware
 from prime.errors import ChainError
 from prime.protocol.discovery import UNKNOWN_NODE, NodeAddress
+from prime.protocol.nodes import ADDRESS_RE
 from prime.roles.discovery.store import DiscoveryStore
 from prime.web import METRICS, ApiError, json_error, make_app, read_json
 
 log = logging.getLogger(__name__)
 
-_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 # Run ids are small counters on chain; the cap keeps them inside SQLite's 64-bit INTEGER.
 MAX_RUN_ID = 2**63 - 1
 
@@ -89,7 +88,7 @@ def validate_announcement(raw: Announcement) -> Announcement:
 def parse_address(text: str) -> str | None:
     """Checksum form of a 0x-prefixed address, or None. All-lower/all-upper hex is accepted; mixed
     case must be a correct EIP-55 checksum (a wrong one is a typo that would name another node)."""
-    if not _ADDRESS.match(text):
+    if not ADDRESS_RE.match(text):
         return None
     checksummed = to_checksum_address(text)
     digits = text[2:]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import re
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from prime.errors import PrimeError
+from prime.protocol.storage import SHA256_RE
 
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP_SUFFIX = ".part"
 
 
