@@ -14,6 +14,7 @@ over-long strings and lists while parsing, and it generates the OpenAPI schemas.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -44,7 +45,7 @@ def _join(prefix: str, name: str) -> str:
 
 _KINDS = {"int": "a whole number", "float": "a number", "str": "a string", "bool": "true or false",
           "array": "a list", "object": "an object", "null": "null"}
-_PLAIN = [  # msgspec's phrasing -> one plain sentence
+_PLAIN: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [  # msgspec's phrasing -> one plain sentence
     (re.compile(r"^Expected `str` of length >= 1$"), lambda m: "Must not be empty"),
     (re.compile(r"^Expected `str` of length <= (\d+)$"), lambda m: f"Must be at most {m[1]} characters long"),
     (re.compile(r"^Expected `array` of length <= (\d+)$"), lambda m: f"Must have at most {m[1]} items"),

@@ -7,7 +7,7 @@ the full list of replicas the node should run (anything not listed should be sto
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
 from msgspec import Meta
@@ -20,6 +20,7 @@ from prime.protocol.tasks import (
     ExitCode,
     GpuIndex,
     ReplicaIndex,
+    REPORTABLE_REPLICA_STATES,
     ReplicaState,
     TaskId,
     TaskSpec,
@@ -33,7 +34,8 @@ MAX_LOAD_KEYS = 32
 Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
 
 # What a node may report about a replica (only the master assigns, and only it loses replicas).
-ReportedState = Literal["Pulling", "Running", "Completed", "Failed", "Stopped"]
+_REPORTABLE = ("Pulling", "Running", "Completed", "Failed", "Stopped")
+ReportedState = Annotated[ReplicaState, Meta(extra_json_schema={"enum": list(_REPORTABLE)})]
 
 
 class ReplicaReport(Message, frozen=True):
@@ -46,7 +48,8 @@ class ReplicaReport(Message, frozen=True):
     error: ErrorText | None = None
 
     def __post_init__(self) -> None:
-        msgspec.structs.force_setattr(self, "state", ReplicaState(self.state))
+        if self.state not in REPORTABLE_REPLICA_STATES:
+            raise ValueError(f"must be one of {', '.join(_REPORTABLE)} (at state)")
 
 
 class GpuSample(Message, frozen=True):

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
-from eth_abi import encode as abi_encode
-from eth_utils import keccak, to_checksum_address
+from eth_abi import encode as abi_encode  # type: ignore[attr-defined]
+from eth_utils import keccak, to_checksum_address  # type: ignore[attr-defined]
 
 from prime.protocol.codec import Message
 

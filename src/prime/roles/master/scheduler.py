@@ -25,7 +25,7 @@ from prime.chain.types import Specs
 from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import DesiredReplica, ReplicaReport
 from prime.protocol.nodes import NO_HARDWARE, NodeRecord, NodeState
-from prime.protocol.tasks import FINAL_REPLICA_STATES, PLACED_REPLICA_STATES, ReplicaState, Task, TaskSpec
+from prime.protocol.tasks import FINAL_REPLICA_STATES, PLACED_REPLICA_STATES, Replica, ReplicaState, Task, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class RecordReplicaTransition:
     reason: str
 
 
-def _transition(task_id: str, replica, new: ReplicaState, reason: str) -> RecordReplicaTransition:
+def _transition(task_id: str, replica: Replica, new: ReplicaState, reason: str) -> RecordReplicaTransition:
     old = replica.state
     replica.state = new
     return RecordReplicaTransition(task_id, replica.index, replica.node, old, new, reason)
