@@ -22,10 +22,10 @@ from prometheus_client import CollectorRegistry, Counter
 
 from prime.auth.middleware import SIGNER, signed_request_middleware
 from prime.errors import ChainError
-from prime.protocol.discovery import UNKNOWN_NODE, NodeAddress
+from prime.protocol.discovery import UNKNOWN_NODE, NodeAddress, RunNodes
 from prime.protocol.nodes import ADDRESS_RE
 from prime.roles.discovery.store import DiscoveryStore
-from prime.web import METRICS, ApiError, json_error, make_app, read_json
+from prime.web import METRICS, ApiError, api, json_error, make_app, read_json
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def build_app(
     routes = web.RouteTableDef()
 
     @routes.put("/nodes")
+    @api(request=Announcement, response=NodeAddress, errors=(401, 403, 503))
     async def announce(request: web.Request) -> web.Response:
         """Announce the signing node's address.
 
@@ -155,6 +156,7 @@ def build_app(
         return web.json_response(record.to_json())
 
     @routes.get("/nodes/{address}")
+    @api(response=NodeAddress, errors=(400, 404, 401, 403, 503))
     async def get_node(request: web.Request) -> web.Response:
         """Last announced address of one node.
 
@@ -180,6 +182,7 @@ def build_app(
         return web.json_response(record.to_json())
 
     @routes.get("/runs/{run_id}/nodes")
+    @api(response=RunNodes, errors=(400, 401, 403, 503))
     async def run_nodes(request: web.Request) -> web.Response:
         """Every announced node of one run.
 

@@ -27,7 +27,11 @@ from prime.protocol.heartbeat import HeartbeatRequest
 from prime.protocol.storage import validate_relative_path
 from prime.protocol.tasks import Task, TaskSpec, is_task_id
 from prime.roles.master.service import HeartbeatDenied, MasterService
-from prime.web import ApiError, json_error, make_app, read_json
+from prime.web import FLAG, NDJSON, ApiError, Binary, Param, api, json_error, make_app, read_json
+from prime.protocol.answers import SyncedFiles, TaskLogLine
+from prime.protocol.heartbeat import HeartbeatResponse
+from prime.protocol.nodes import NodeList
+from prime.protocol.tasks import TaskList, TaskView
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,7 @@ def _int_query(request: web.Request, name: str, *, default: int | None, maximum:
 # --- nodes ----------------------------------------------------------------------------------------
 
 
+@api(request=HeartbeatRequest, response=HeartbeatResponse, errors=(401, 403, 503))
 async def heartbeat(request: web.Request) -> web.Response:
     """A node reports its replicas, GPUs and load; the answer lists what it should run.
 
@@ -142,6 +147,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     return web.Response(body=encode(answer), content_type="application/json")
 
 
+@api(response=NodeList, errors=(401, 403, 503))
 async def list_nodes(request: web.Request) -> web.Response:
     """Every node the master knows, with its state, hardware and last heartbeat (owner or master)."""
     state = _service(request).state
@@ -151,6 +157,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 # --- tasks ----------------------------------------------------------------------------------------
 
 
+@api(request=TaskSpec, response=TaskView, status=201, errors=(409, 401, 403, 503))
 async def create_task(request: web.Request) -> web.Response:
     """Create a task: {image, command|cmd, env, gpus (count or "all"), replicas, persistent, cpu_limit,
     memory_limit_mib, restart}. 201 with the task; 400 naming the bad field; 409 once the run ended."""
@@ -167,17 +174,20 @@ async def create_task(request: web.Request) -> web.Response:
     return web.json_response(task.to_json(), status=201)
 
 
+@api(response=TaskList, errors=(401, 403, 503))
 async def list_tasks(request: web.Request) -> web.Response:
     """Every task of the run, oldest first, with its replicas."""
     tasks = sorted(_service(request).state.tasks.values(), key=lambda t: (t.created_at, t.id))
     return web.json_response({"tasks": [t.to_json() for t in tasks]})
 
 
+@api(response=TaskView, errors=(400, 404, 401, 403, 503))
 async def get_task(request: web.Request) -> web.Response:
     """One task with its replicas (where each runs, its state and exit code)."""
     return web.json_response(_task_or_raise(request).to_json())
 
 
+@api(response=TaskView, errors=(400, 404, 401, 403, 503))
 async def stop_task(request: web.Request) -> web.Response:
     """Stop a task: its replicas are stopped on their nodes (and no longer desired there)."""
     task = _task_or_raise(request)
@@ -185,6 +195,7 @@ async def stop_task(request: web.Request) -> web.Response:
     return web.json_response(task.to_json())
 
 
+@api(response=NDJSON(TaskLogLine), query={"follow": FLAG, "tail": Param(int, "the last N lines", ge=0, le=MAX_TAIL)}, errors=(400, 404, 401, 403, 503))
 async def task_logs(request: web.Request) -> web.StreamResponse:
     """The task's logs from every replica as NDJSON lines {replica, node, stream, line, ts}.
 
@@ -213,6 +224,7 @@ async def task_logs(request: web.Request) -> web.StreamResponse:
 # --- files ----------------------------------------------------------------------------------------
 
 
+@api(response=SyncedFiles, errors=(400, 404, 401, 403, 503))
 async def list_files(request: web.Request) -> web.Response:
     """The task's synced persistent files: {files: [{replica, path, size, sha256, synced_at}]}."""
     task = _task_or_raise(request)
@@ -223,6 +235,7 @@ async def list_files(request: web.Request) -> web.Response:
     ]})
 
 
+@api(response=Binary(), query={"replica": Param(int, "the replica (default 0)", ge=0, le=10_000)}, errors=(400, 404, 401, 403, 503))
 async def get_file(request: web.Request) -> web.StreamResponse:
     """One synced file's bytes (``replica`` defaults to 0). Paths that climb out ('..', absolute) are 400."""
     task = _task_or_raise(request)

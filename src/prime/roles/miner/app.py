@@ -27,7 +27,9 @@ from prime.challenge.service import ChallengeService, add_challenge_routes
 from prime.roles.miner.invite import InviteHandler
 from prime.roles.miner.state import Verdict
 from prime.roles.miner.tasks_api import TasksApi, add_task_routes
-from prime.web import json_error, make_app, read_json
+from prime.web import api, json_error, make_app, read_json
+from prime.protocol.answers import Ok
+from prime.protocol.invite import InviteAnswer, InviteBody
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,7 @@ def build_miner_app(
 
     add_challenge_routes(app, challenge, require(validator))
 
+    @api(request=VerdictBody, response=Ok, errors=(400, 401, 403, 503))
     async def verdict(request: web.Request) -> web.Response:
         """A validator's verdict on this node: {approved, reason, report_hash}.
 
@@ -87,6 +90,6 @@ def build_miner_app(
         return web.json_response({"ok": True})
 
     app.router.add_post("/challenge/{id}/verdict", require(validator)(verdict))
-    app.router.add_post("/invite", invite.handle)
+    app.router.add_post("/invite", api(request=InviteBody, response=InviteAnswer, errors=(400, 409, 401, 403, 503))(invite.handle))
     add_task_routes(app, tasks, master_of_run)
     return app

@@ -31,7 +31,8 @@ from prime.roles.miner import storage
 from prime.roles.miner.core import Unplaceable
 from prime.roles.miner.executor import TaskNotFound
 from prime.roles.miner.heartbeat import Converger
-from prime.web import json_error
+from prime.web import FLAG, NDJSON, Binary, Param, api, json_error
+from prime.protocol.answers import ContainerList, ContainerLogLine, DataManifest, ReplicaStarted, TaskStopped
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class TasksApi:
         self.executor = executor
         self.converger = converger
 
+    @api(request=DesiredReplica, response=ReplicaStarted, status=202, errors=(401, 403, 503))
     async def start_task(self, request: web.Request) -> web.Response:
         """Start one replica now (the master's push; the next heartbeat's desired list agrees).
 
@@ -92,6 +94,7 @@ class TasksApi:
         state = ReplicaState(status.state).value if status is not None else ReplicaState.PULLING.value
         return web.json_response({"id": placement.task_id, "replica": placement.replica, "state": state}, status=202)
 
+    @api(response=TaskStopped, errors=(400, 401, 403, 503))
     async def stop_task(self, request: web.Request) -> web.Response:
         """Stop and remove every container of a task (its /data directory is kept).
 
@@ -101,11 +104,13 @@ class TasksApi:
         stopped = await self.converger.stop_task(task_id)
         return web.json_response({"id": task_id, "stopped": stopped})
 
+    @api(response=ContainerList, errors=(401, 403, 503))
     async def list_tasks(self, request: web.Request) -> web.Response:
         """The state of every replica on this node: {tasks: [{task_id, replica, state, exit_code, reason, ...}]}."""
         statuses = await self.executor.snapshot()
         return web.json_response({"tasks": [s.to_dict(self.converger.restarts(s.key)) for s in statuses]})
 
+    @api(response=NDJSON(ContainerLogLine), query={"follow": FLAG, "tail": Param(int, "the last N lines", ge=0, le=MAX_TAIL), "replica": Param(int, "the replica (default 0)", ge=0, le=255)}, errors=(400, 404, 401, 403, 503))
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """A replica's output as NDJSON lines {"stream","line","ts"}; follow=1 streams until it exits.
 
@@ -132,6 +137,7 @@ class TasksApi:
         await response.write_eof()
         return response
 
+    @api(response=DataManifest, query={"replica": Param(int, "the replica (default 0)", ge=0, le=255)}, errors=(400, 404, 401, 403, 503))
     async def manifest(self, request: web.Request) -> web.Response:
         """The files of a task's persistent /data: {task_id, replica, final, files: [{path, size, sha256}]}.
 
@@ -153,6 +159,7 @@ class TasksApi:
             "files": [entry.to_dict() for entry in entries],
         })
 
+    @api(response=Binary(), query={"replica": Param(int, "the replica (default 0)", ge=0, le=255)}, errors=(400, 404, 401, 403, 503))
     async def blob(self, request: web.Request) -> web.StreamResponse:
         """The bytes of the file with this sha256 in the task's /data (only that task's files)."""
         task_id = _task_id(request)
