@@ -180,9 +180,9 @@ def discovery_app(tmp: Path) -> tuple[web.Application, Any]:
 
 
 def miner_app(tmp: Path) -> tuple[web.Application, ContainerlessExecutor, Any]:
+    from prime.chain.types import NodeStatus
     from prime.challenge.prover import MatmulProver
     from prime.challenge.service import ChallengeService
-    from prime.chain.types import NodeStatus
     from prime.roles.miner.app import build_miner_app
     from prime.roles.miner.heartbeat import Converger
     from prime.roles.miner.invite import InviteHandler

@@ -230,7 +230,9 @@ async def test_validator(tmp_path: Path, anvil: Any, deployment: Any) -> None:
 
 
 def _apps(tmp: Path) -> dict[str, web.Application]:
-    from tests.web.roles import discovery_app as d, master_app as m, miner_app as n
+    from tests.web.roles import discovery_app as d
+    from tests.web.roles import master_app as m
+    from tests.web.roles import miner_app as n
 
     return {"discovery": d(tmp / "d")[0], "miner": n(tmp / "n")[0], "master": m(tmp / "m", "http://127.0.0.1:9")[0]}
 

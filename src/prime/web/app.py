@@ -22,7 +22,6 @@ from prime.web.health import HealthAnswer, LoopHealth
 from prime.web.keys import APP_NAME, DEFAULT_CLIENT_MAX_SIZE, HEALTH, METRICS
 from prime.web.openapi import Text, api, openapi_json
 
-
 # Methods are labels: anything else a client invents is counted as OTHER, so it cannot grow the series.
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

@@ -149,7 +149,7 @@ def _decode(tp: Any, value: Any, where: str) -> Any:
     raise TypeError(f"decode() does not support the type {tp!r} (field {where or 'body'})")
 
 
-def _decode_dataclass(cls: type[T], value: Any, where: str) -> T:
+def _decode_dataclass(cls: Any, value: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise ValidationError(where, f"must be a JSON object, not {_kind(value)}")
     hints = _dataclass_hints(cls)

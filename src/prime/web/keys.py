@@ -11,6 +11,6 @@ if TYPE_CHECKING:
     from prime.web.health import LoopHealth
 
 APP_NAME = web.AppKey("prime.name", str)
-HEALTH = web.AppKey("prime.health", "LoopHealth")
+HEALTH: web.AppKey[LoopHealth] = web.AppKey("prime.health")
 METRICS = web.AppKey("prime.metrics", CollectorRegistry)
 DEFAULT_CLIENT_MAX_SIZE = 64 * 1024

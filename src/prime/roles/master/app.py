@@ -14,24 +14,23 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+
 from aiohttp import web
 
 from prime.auth.middleware import SIGNER, any_of, require, signed_request_middleware
 from prime.auth.permissions import ChainPermissions
 from prime.errors import ChainError
-from prime.roles.master.cas import BlobStore
-from prime.roles.master.logs import LogMerger
+from prime.protocol.answers import SyncedFiles, TaskLogLine
 from prime.protocol.codec import encode
 from prime.protocol.errors import InvalidJson, ValidationError
-from prime.protocol.heartbeat import HeartbeatRequest
+from prime.protocol.heartbeat import HeartbeatRequest, HeartbeatResponse
+from prime.protocol.nodes import NodeList
 from prime.protocol.storage import validate_relative_path
-from prime.protocol.tasks import Task, TaskSpec, is_task_id
+from prime.protocol.tasks import Task, TaskList, TaskSpec, TaskView, is_task_id
+from prime.roles.master.cas import BlobStore
+from prime.roles.master.logs import LogMerger
 from prime.roles.master.service import HeartbeatDenied, MasterService
 from prime.web import FLAG, NDJSON, ApiError, Binary, Param, api, json_error, make_app, read_json
-from prime.protocol.answers import SyncedFiles, TaskLogLine
-from prime.protocol.heartbeat import HeartbeatResponse
-from prime.protocol.nodes import NodeList
-from prime.protocol.tasks import TaskList, TaskView
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from aiohttp import web
 
 from prime.auth.middleware import SIGNER, require, signed_request_middleware
 from prime.challenge.service import ChallengeService, add_challenge_routes
+from prime.protocol.answers import Ok
+from prime.protocol.invite import InviteAnswer, InviteBody
 from prime.roles.miner.invite import InviteHandler
 from prime.roles.miner.state import Verdict
 from prime.roles.miner.tasks_api import TasksApi, add_task_routes
 from prime.web import api, json_error, make_app, read_json
-from prime.protocol.answers import Ok
-from prime.protocol.invite import InviteAnswer, InviteBody
 
 log = logging.getLogger(__name__)
 

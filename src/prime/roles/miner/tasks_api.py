@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from prime.auth.middleware import require
+from prime.protocol.answers import ContainerList, ContainerLogLine, DataManifest, ReplicaStarted, TaskStopped
 from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import DesiredReplica
 from prime.protocol.tasks import ReplicaState, is_task_id
@@ -32,7 +33,6 @@ from prime.roles.miner.core import Unplaceable
 from prime.roles.miner.executor import TaskNotFound
 from prime.roles.miner.heartbeat import Converger
 from prime.web import FLAG, NDJSON, Binary, Param, api, json_error
-from prime.protocol.answers import ContainerList, ContainerLogLine, DataManifest, ReplicaStarted, TaskStopped
 
 log = logging.getLogger(__name__)
 
