@@ -2,11 +2,12 @@
 PYTHON ?= python3
 PRIME  ?= prime
 
-.PHONY: help install contracts artifacts test bench up down status watch-miner demo clean
+.PHONY: help install contracts artifacts lint test bench up down status watch-miner demo clean
 
 help:
 	@echo "make demo         install everything, bring the local network up, onboard a miner, run a task"
-	@echo "make test         run the test suite (real anvil, real Docker)"
+	@echo "make test         lint, then run the test suite (real anvil, real Docker)"
+	@echo "make lint         ruff (src tests bench) and mypy (src/prime, settings in pyproject.toml)"
 	@echo "make install      install the Python package, the contract toolchain and the Docker engine"
 	@echo "make up | down    start / stop the local network (anvil, contracts, discovery, validator, master)"
 	@echo "make watch-miner  start a miner in the foreground against the local network"
@@ -25,8 +26,13 @@ contracts:
 artifacts: contracts
 	cd contracts && npm run build
 
+lint:
+	$(PYTHON) -m ruff check src tests bench
+	$(PYTHON) -m mypy
+
+# Lint first: a lint or type error fails `make test` before any test runs.
 # pytest exits 5 when it collects no test; that must fail, and does (non-zero).
-test:
+test: lint
 	$(PYTHON) -m pytest -q -ra
 
 bench:

@@ -55,10 +55,10 @@ from prometheus_client import CollectorRegistry
 
 from prime.auth.client import SignedClient
 from prime.chain.anvil import free_port
+from prime.clients.discovery import DiscoveryClient
 from prime.devnet.images import ensure_demo_image
 from prime.keys import load_account
 from prime.roles.buyer.master_client import MasterClient
-from prime.clients.discovery import DiscoveryClient
 from prime.roles.master.cas import BlobStore
 from prime.roles.master.locator import NodeLocator
 from prime.roles.master.metrics import MasterMetrics

@@ -15,7 +15,7 @@ import re
 import secrets
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import typer
 from eth_account import Account
@@ -106,7 +106,7 @@ def create_keystore(
     password: str,
     private_key: str | None = None,
     *,
-    kdf: str = "scrypt",
+    kdf: Literal["scrypt", "pbkdf2"] = "scrypt",
     iterations: int | None = None,
 ) -> str:
     """Encrypt a new (or the given hex) private key into ``path``; return its checksum address.

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from prime.errors import PeerError
 from prime.clients.discovery import UNKNOWN_NODE, DiscoveryClient
+from prime.errors import PeerError
 from prime.protocol.discovery import NodeAddress
 
 ADDRESS = "0x" + "ab" * 20

@@ -33,9 +33,9 @@ from prime.chain.anvil import AnvilProcess, start_anvil
 from prime.chain.client import RegistryClient
 from prime.chain.deploy import deploy_registry
 from prime.chain.types import NodeStatus, Requirements
+from prime.clients.discovery import DiscoveryClient
 from prime.keys import create_keystore
 from prime.roles.buyer.master_client import MasterClient
-from prime.clients.discovery import DiscoveryClient
 from tests.e2e.support import (
     SLEEPER_SCRIPT,
     Prime,

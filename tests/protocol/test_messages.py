@@ -12,7 +12,18 @@ from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import DesiredReplica, GpuSample, HeartbeatRequest, HeartbeatResponse
 from prime.protocol.nodes import NodeRecord, NodeSample, NodeState, normalize_address
 from prime.protocol.storage import ManifestEntry
-from prime.protocol.tasks import MAX_REPLICAS, Replica, ReplicaState, RestartPolicy, Task, TaskSpec, TaskState, is_task_id, new_task_id, validate_image
+from prime.protocol.tasks import (
+    MAX_REPLICAS,
+    Replica,
+    ReplicaState,
+    RestartPolicy,
+    Task,
+    TaskSpec,
+    TaskState,
+    is_task_id,
+    new_task_id,
+    validate_image,
+)
 
 # --- TaskSpec ---------------------------------------------------------------------------------
 

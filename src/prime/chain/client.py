@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from eth_abi import decode as abi_decode
@@ -25,6 +25,7 @@ from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
+from eth_typing import ABI, ABIEvent, ChecksumAddress
 from eth_utils import abi_to_signature, event_abi_to_log_topic, get_abi_input_types, keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
@@ -32,6 +33,7 @@ from web3._utils.events import get_event_data
 from web3.exceptions import ContractLogicError, TimeExhausted, Web3Exception, Web3RPCError
 from web3.providers.rpc import AsyncHTTPProvider
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
+from web3.types import BlockIdentifier, FilterParams, TxParams, Wei
 
 from prime.chain.types import (
     ChainEvent,
@@ -55,14 +57,17 @@ ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 
 
 @cache
-def load_artifact(name: str = CONTRACT_NAME) -> dict:
+def load_artifact(name: str = CONTRACT_NAME) -> dict[str, Any]:
     """The committed ABI + bytecode of a contract (``src/prime/chain/artifacts/<name>.json``)."""
     text = resources.files("prime.chain").joinpath("artifacts", f"{name}.json").read_text("utf-8")
-    return json.loads(text)
+    artifact: dict[str, Any] = json.loads(text)
+    return artifact
 
 
-def registry_abi() -> list[dict]:
-    return load_artifact(CONTRACT_NAME)["abi"]
+def registry_abi() -> ABI:
+    # The artifact's "abi" is solc's ABI JSON, the shape eth_typing's ABI TypedDicts describe;
+    # json.loads can only call it Any, so it is cast (test_artifacts checks the committed file).
+    return cast(ABI, load_artifact(CONTRACT_NAME)["abi"])
 
 
 # ------------------------------------------------------------------- signing helpers
@@ -161,7 +166,7 @@ _PANIC = {
 def _error_table() -> dict[bytes, tuple[str, list[str]]]:
     table: dict[bytes, tuple[str, list[str]]] = {}
     for item in registry_abi():
-        if item.get("type") == "error":
+        if item["type"] == "error":
             selector = keccak(text=abi_to_signature(item))[:4]
             table[selector] = (item["name"], get_abi_input_types(item))
     return table
@@ -263,7 +268,7 @@ async def close_web3(w3: AsyncWeb3) -> None:
         await w3.provider.disconnect()
 
 
-def to_address(value: str | LocalAccount | Any) -> str:
+def to_address(value: str | LocalAccount | Any) -> ChecksumAddress:
     """A checksum address from an address string or an account; PrimeError on anything else."""
     raw = getattr(value, "address", value)
     try:
@@ -326,7 +331,7 @@ class TxSender:
 
     async def send(self, *, to: str | None, data: bytes | str, value: int = 0, what: str = "transaction") -> dict:
         """Send and wait for the receipt; ChainError (RevertError for reverts) on failure."""
-        tx: dict[str, Any] = {"from": self.account.address, "data": HexBytes(data), "value": value, "chainId": self.chain_id}
+        tx: TxParams = {"from": self.account.address, "data": HexBytes(data), "value": Wei(value), "chainId": self.chain_id}
         if to is not None:
             tx["to"] = to
         async with rpc_errors(self.rpc_url):
@@ -343,7 +348,7 @@ class TxSender:
                 await self._raise_mined_revert(tx, receipt, what)
         return dict(receipt)
 
-    async def _sign_and_send(self, tx: dict[str, Any], what: str) -> HexBytes:
+    async def _sign_and_send(self, tx: TxParams, what: str) -> HexBytes:
         # Estimating first turns a revert into a decoded error before anything is signed or spent.
         try:
             gas = await self.w3.eth.estimate_gas(tx)
@@ -355,7 +360,8 @@ class TxSender:
         tx.update(await self._fees())
         for attempt in range(3):
             tx["nonce"] = await self.w3.eth.get_transaction_count(self.account.address, "pending")
-            signed = self.account.sign_transaction({k: v for k, v in tx.items() if k != "from"})
+            unsigned: dict[str, Any] = {k: v for k, v in tx.items() if k != "from"}
+            signed = self.account.sign_transaction(unsigned)
             try:
                 return await self.w3.eth.send_raw_transaction(signed.raw_transaction)
             except Web3RPCError as exc:
@@ -367,23 +373,25 @@ class TxSender:
                 raise _rpc_error(exc, self.account.address, what) from None
         raise AssertionError("unreachable")
 
-    async def _fees(self) -> dict[str, int]:
+    async def _fees(self) -> TxParams:
         block = await self.w3.eth.get_block("latest")
         base_fee = block.get("baseFeePerGas")
         if base_fee is None:  # a pre-London chain: legacy gas price
             return {"gasPrice": await self.w3.eth.gas_price}
         priority = await self.w3.eth.max_priority_fee
         # Twice the base fee survives several full blocks of base-fee increases.
-        return {"type": 2, "maxPriorityFeePerGas": priority, "maxFeePerGas": 2 * base_fee + priority}
+        return {"type": 2, "maxPriorityFeePerGas": priority, "maxFeePerGas": Wei(2 * base_fee + priority)}
 
-    async def _raise_mined_revert(self, tx: dict[str, Any], receipt: Any, what: str) -> None:
+    async def _raise_mined_revert(self, tx: TxParams, receipt: Any, what: str) -> None:
         # The estimate passed but the mined transaction reverted: the state changed in between
         # (typically another transaction in the same or an earlier block). Replaying it as a call
         # on the state after its block recovers the reason in that common case.
         tx_hash = receipt["transactionHash"].to_0x_hex()
         if int(receipt["gasUsed"]) >= int(tx["gas"]):
             raise ChainError(f"The {what} {tx_hash} ran out of gas ({tx['gas']}) on chain; retry it.")
-        call = {k: tx[k] for k in ("from", "to", "data", "value") if k in tx}
+        call: TxParams = {"from": tx["from"], "data": tx["data"], "value": tx["value"]}  # always set by send()
+        if "to" in tx:
+            call["to"] = tx["to"]
         try:
             await self.w3.eth.call(call, block_identifier=receipt["blockNumber"])
         except ContractLogicError as exc:
@@ -423,8 +431,8 @@ async def rpc_errors(rpc_url: str) -> AsyncIterator[None]:
 
 
 @cache
-def _event_table() -> dict[bytes, dict]:
-    return {bytes(event_abi_to_log_topic(item)): item for item in registry_abi() if item.get("type") == "event"}
+def _event_table() -> dict[bytes, ABIEvent]:
+    return {bytes(event_abi_to_log_topic(item)): item for item in registry_abi() if item["type"] == "event"}
 
 
 def event_topic(name: str) -> bytes:
@@ -693,7 +701,7 @@ class RegistryClient:
         async with rpc_errors(self.rpc_url):
             return int(await self.w3.eth.block_number)
 
-    async def block_timestamp(self, block: int | str = "latest") -> int:
+    async def block_timestamp(self, block: BlockIdentifier = "latest") -> int:
         async with rpc_errors(self.rpc_url):
             return int((await self.w3.eth.get_block(block))["timestamp"])
 
@@ -703,9 +711,9 @@ class RegistryClient:
 
     async def get_logs(self, from_block: int, to_block: int, event_names: Sequence[str] | None = None) -> list[ChainEvent]:
         """Registry events in [from_block, to_block], ordered by (block, log_index)."""
-        params: dict[str, Any] = {"address": self.address, "fromBlock": from_block, "toBlock": to_block}
+        params: FilterParams = {"address": self.address, "fromBlock": from_block, "toBlock": to_block}
         if event_names:
-            params["topics"] = [[event_topic(n) for n in event_names]]
+            params["topics"] = [[HexBytes(event_topic(n)) for n in event_names]]
         async with rpc_errors(self.rpc_url):
             try:
                 logs = await self.w3.eth.get_logs(params)

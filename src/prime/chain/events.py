@@ -150,18 +150,21 @@ class EventFollower:
         start_block: int | None = None,
         max_blocks: int = 2000,
     ) -> None:
-        if cursor is None and (cursor_get is None or cursor_set is None):
-            cursor = MemoryCursor()
-        if cursor is not None:
-            cursor_get, cursor_set = cursor.get, cursor.set
+        get: Callable[[], Any]
+        put: Callable[[int], Any]
+        if cursor is None and cursor_get is not None and cursor_set is not None:
+            get, put = cursor_get, cursor_set
+        else:  # a cursor store wins over the callables; neither given: one in memory
+            store = cursor if cursor is not None else MemoryCursor()
+            get, put = store.get, store.set
         if max_blocks < 1 or confirmations < 0:
             raise ValueError("max_blocks must be >= 1 and confirmations >= 0.")
         self.client = client
         self.event_names = list(event_names) if event_names else None
         for name in self.event_names or []:
             event_topic(name)  # unknown names fail here, not at the first poll
-        self._get = cursor_get
-        self._set = cursor_set
+        self._get = get
+        self._set = put
         self.confirmations = confirmations
         self.start_block = start_block if start_block is not None else int(getattr(client.deployment, "block", 0))
         self.max_blocks = max_blocks

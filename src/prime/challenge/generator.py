@@ -177,7 +177,7 @@ def fill_nibbles(row_keys: np.ndarray, col_keys: np.ndarray, out: np.ndarray | N
     if bands <= 1:
         _fill_rows(row_keys, col_keys, out, 0, rows)
         return out
-    edges = np.linspace(0, rows, bands + 1).astype(int)
+    edges = [int(edge) for edge in np.linspace(0, rows, bands + 1)]
     with ThreadPoolExecutor(max_workers=bands) as pool:
         list(pool.map(lambda b: _fill_rows(row_keys, col_keys, out, edges[b], edges[b + 1]), range(bands)))
     return out

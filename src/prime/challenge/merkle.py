@@ -48,7 +48,7 @@ def row_leaf(row: np.ndarray) -> bytes:
 
 def _leaf_of_contiguous(row: np.ndarray) -> bytes:
     h = hashlib.sha256(LEAF_PREFIX)
-    h.update(memoryview(row))  # no copy; hashlib releases the GIL on large buffers
+    h.update(row.data)  # the array's own buffer (no copy); hashlib releases the GIL on large buffers
     return h.digest()
 
 

@@ -122,7 +122,7 @@ class NumpyBackend:
         a = np.empty((n, n), np.float32)
         b = np.empty((n, n), np.float32)
         c = np.empty((n, n), np.float32)
-        tmp = np.empty((n, n), np.float32) if params.repeat > 1 else None
+        tmp: np.ndarray | None = None  # the second and later blocks' product (repeat > 1 only)
         for r in range(params.repeat):
             block = np.arange(r * n, (r + 1) * n)
             gen.fill_nibbles(a_rows, gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_COL, block), a,
@@ -132,6 +132,8 @@ class NumpyBackend:
             if r == 0:
                 np.matmul(a, b, out=c)
             else:
+                if tmp is None:
+                    tmp = np.empty((n, n), np.float32)
                 np.matmul(a, b, out=tmp)
                 c += tmp  # integer-valued and below 2**24: exact
         del a, b, tmp

@@ -40,12 +40,12 @@ from prime.errors import PeerError
 from prime.protocol.challenge import (
     COMMITMENT_ANSWER_LIMIT,
     CommitmentAnswer,
-    Message,
     OpeningAnswer,
     OpenRequest,
     decoder,
     opening_answer_limit,
 )
+from prime.protocol.codec import Message
 
 CHECK_ORDER = ("response", "merkle", "entries", "time")
 

@@ -32,12 +32,12 @@ from prime.protocol.challenge import (
     MAX_ELAPSED_S,
     ChallengeRequest,
     CommitmentAnswer,
-    Message,
     OpeningAnswer,
     OpenRequest,
     decoder,
     encode,
 )
+from prime.protocol.codec import Message
 from prime.web import ApiError, Param, api, json_error
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ def resolve_task_network(task_network: str) -> str | None:
 
 def check_ready_for_miner(paths: DevnetPaths, info: DevnetInfo) -> None:
     states = process_states(paths)
-    if states["miner"][1]:
-        record = states["miner"][0]
+    record, alive = states["miner"]
+    if alive and record is not None:  # alive means its pid file record names a live process
         raise PrimeError(f"A miner of this devnet is already running (pid {record.pid}); stop it with Ctrl-C in its terminal or `prime devnet down`.")
     dead = [name for name in expected_services(info) if not states[name][1]]
     if dead:

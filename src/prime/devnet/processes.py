@@ -19,6 +19,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import psutil
 
@@ -86,7 +87,8 @@ def _process(record: ProcessRecord) -> psutil.Process | None:
         return None
 
 
-def is_alive(record: ProcessRecord | None) -> bool:
+def is_alive(record: ProcessRecord | None) -> TypeGuard[ProcessRecord]:
+    """Whether ``record`` names a live process (still that process); True narrows it to a record."""
     return record is not None and _process(record) is not None
 
 

@@ -15,12 +15,12 @@ from msgspec import Meta
 from prime.protocol.codec import Message
 from prime.protocol.tasks import (
     MAX_GPUS_PER_REPLICA,
+    REPORTABLE_REPLICA_STATES,
     Attempt,
     ErrorText,
     ExitCode,
     GpuIndex,
     ReplicaIndex,
-    REPORTABLE_REPLICA_STATES,
     ReplicaState,
     TaskId,
     TaskSpec,

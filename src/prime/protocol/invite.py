@@ -16,8 +16,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
-from eth_abi import encode as abi_encode  # type: ignore[attr-defined]
-from eth_utils import keccak, to_checksum_address  # type: ignore[attr-defined]
+from eth_abi.abi import encode as abi_encode
+from eth_utils.address import to_checksum_address
+from eth_utils.crypto import keccak
 
 from prime.protocol.codec import Message
 

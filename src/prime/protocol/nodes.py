@@ -191,7 +191,7 @@ class NodeList(Answer, frozen=True):
 
 def normalize_address(address: str) -> str:
     """The checksum form of an Ethereum address (so chain events, signers and URLs agree)."""
-    from eth_utils import to_checksum_address  # type: ignore[attr-defined]  # pure hashing
+    from eth_utils.address import to_checksum_address  # pure hashing
 
     if not isinstance(address, str) or not ADDRESS_RE.match(address):
         raise ValidationError("address", f"{address!r} is not a 0x-prefixed 40-hex-digit address.")

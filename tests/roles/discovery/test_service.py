@@ -19,8 +19,8 @@ from prime.auth.client import SignedClient
 from prime.auth.signing import HEADER_ADDRESS, sign_headers
 from prime.chain.client import RegistryClient
 from prime.chain.types import Requirements, Specs
-from prime.errors import PeerError
 from prime.clients.discovery import DiscoveryClient
+from prime.errors import PeerError
 from prime.protocol.discovery import NodeAddress
 from tests.fixtures.processes import RoleProcess, RoleProcesses, free_port, prime_command
 

@@ -30,8 +30,8 @@ from prime.auth.middleware import SIGNER, signed_request_middleware
 from prime.auth.signing import sign_headers, sign_message
 from prime.chain.client import RegistryClient, invite_digest, recover_digest_signer
 from prime.chain.types import NodeStatus, Requirements, Specs
-from prime.keys import create_keystore
 from prime.clients.discovery import DiscoveryClient
+from prime.keys import create_keystore
 from prime.protocol.invite import ack_text
 from prime.web import bound_port, json_error
 from tests.fixtures.chain import DEFAULT_SPECS

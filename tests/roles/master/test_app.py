@@ -181,8 +181,8 @@ async def test_logs_are_merged_from_every_replica(world: World) -> None:
     status, raw = await signed_call(world.owner, "GET", world.url, f"/tasks/{task_id}/logs", raw=True)
     assert status == 200
     lines = [json.loads(line) for line in raw.splitlines()]
-    assert [(l["replica"], l["line"]) for l in lines] == [(0, "r0 first"), (1, "r1 first"), (0, "r0 second")]
-    assert all(l["node"] == miner.address for l in lines) and lines[2]["stream"] == "stderr"
+    assert [(entry["replica"], entry["line"]) for entry in lines] == [(0, "r0 first"), (1, "r1 first"), (0, "r0 second")]
+    assert all(entry["node"] == miner.address for entry in lines) and lines[2]["stream"] == "stderr"
 
     status, raw = await signed_call(world.owner, "GET", world.url, f"/tasks/{task_id}/logs?tail=1", raw=True)
     assert [json.loads(line)["line"] for line in raw.splitlines()] == ["r0 second"]
@@ -212,7 +212,7 @@ async def test_logs_are_merged_from_every_replica(world: World) -> None:
         miner.report(task_id, replica, "Completed", 0)
     await asyncio.wait_for(reader, timeout=30)
     assert await _task_state(world, task_id, "Completed")
-    assert sorted(l["line"] for l in received) == ["r0 first", "r0 second", "r1 first", "r1 later"]
+    assert sorted(entry["line"] for entry in received) == ["r0 first", "r0 second", "r1 first", "r1 later"]
 
 
 async def _count(items: list, n: int) -> bool:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 from prime.chain.types import ChainEvent, Specs
-from prime.roles.master.chainwatch import SPEC_READS_IN_FLIGHT, ChainWatcher
 from prime.protocol.nodes import NodeState
+from prime.roles.master.chainwatch import SPEC_READS_IN_FLIGHT, ChainWatcher
 from prime.roles.master.state import ChainSynced, MasterStarted, MasterState, StateConfig, handle
 
 RUN = 3

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from prime.chain.types import NodeStatus, Specs
-from prime.protocol.heartbeat import HeartbeatRequest, GpuSample, ReplicaReport
+from prime.protocol.heartbeat import GpuSample, HeartbeatRequest, ReplicaReport
 from prime.protocol.nodes import NodeState
 from prime.protocol.storage import ManifestEntry
 from prime.protocol.tasks import ReplicaState, Task, TaskSpec

@@ -11,11 +11,10 @@ from prime.auth.client import SignedClient
 from prime.challenge.runner import run_challenge
 from prime.errors import PeerError
 from tests.challenge.cheaters import LazyProver
-from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+from tests.support.miner_env import (
     MASTER_INDEX,
     VALIDATOR_INDEX,
     create_run,
-    discovery,
     running_node,
 )
 

@@ -11,10 +11,9 @@ from prime.auth.client import SignedClient
 from prime.chain.types import NodeStatus
 from prime.challenge.runner import run_challenge
 from tests.fixtures.processes import free_port
-from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+from tests.support.miner_env import (
     VALIDATOR_INDEX,
     create_run,
-    discovery,
     miner_args,
     miner_env,
     write_keystore,

@@ -20,14 +20,13 @@ from prime.auth.client import SignedClient
 from prime.protocol.heartbeat import HeartbeatRequest
 from prime.roles.miner.state import StateFile
 from tests.fixtures.docker import remove_prime_containers
-from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+from tests.support.miner_env import (
     MASTER_INDEX,
     SLEEPER,
     VALIDATOR_INDEX,
     TestMaster,
     create_run,
     desired_entry,
-    discovery,
     running_node,
     sign_invite_body,
     wait_until,

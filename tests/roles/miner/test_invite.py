@@ -19,11 +19,10 @@ from prime.chain.types import NodeStatus
 from prime.errors import PeerError
 from prime.roles.miner.invite import ack_text
 from prime.roles.miner.state import StateFile
-from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+from tests.support.miner_env import (
     MASTER_INDEX,
     VALIDATOR_INDEX,
     create_run,
-    discovery,
     running_node,
     sign_invite_body,
 )

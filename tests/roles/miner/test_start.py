@@ -16,10 +16,9 @@ from prime.chain.types import NodeStatus
 from prime.clients.discovery import DiscoveryClient
 from tests.fixtures.chain import MIN_STAKE_WEI
 from tests.fixtures.processes import _child_env, free_port
-from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+from tests.support.miner_env import (
     VALIDATOR_INDEX,
     create_run,
-    discovery,
     miner_command,
     miner_env,
     wait_until,

@@ -14,14 +14,13 @@ from prime.auth.client import SignedClient
 from prime.chain.types import NodeStatus
 from tests.fixtures.docker import remove_prime_containers
 from tests.fixtures.processes import free_port
-from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+from tests.support.miner_env import (
     MASTER_INDEX,
     SLEEPER,
     VALIDATOR_INDEX,
     TestMaster,
     create_run,
     desired_entry,
-    discovery,
     miner_command,
     miner_env,
     sign_invite_body,

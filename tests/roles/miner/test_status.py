@@ -12,14 +12,13 @@ import pytest
 from prime.auth.client import SignedClient
 from tests.fixtures.docker import remove_prime_containers
 from tests.fixtures.processes import _child_env, prime_command
-from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+from tests.support.miner_env import (
     MASTER_INDEX,
     SLEEPER,
     VALIDATOR_INDEX,
     TestMaster,
     create_run,
     desired_entry,
-    discovery,
     running_node,
     sign_invite_body,
     wait_until,

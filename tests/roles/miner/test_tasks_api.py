@@ -16,12 +16,11 @@ import pytest
 from prime.auth.client import SignedClient
 from prime.errors import PeerError
 from tests.fixtures.docker import remove_prime_containers
-from tests.support.miner_env import (  # noqa: F401  (discovery is a fixture)
+from tests.support.miner_env import (
     MASTER_INDEX,
     VALIDATOR_INDEX,
     create_run,
     desired_entry,
-    discovery,
     running_node,
     wait_until,
 )

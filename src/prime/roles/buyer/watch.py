@@ -42,12 +42,12 @@ async def watch(
         console = Console(width=200)  # one frame into a file or a pipe: no 80-column wrapping
     # No retries inside one refresh: the next refresh is the retry, and the view stays responsive.
     async with MasterClient.open(account, master_url, timeout_s=max(2.0, interval_s * 2), retries=0) as master:
+        nodes: list[dict[str, Any]] = []
+        tasks: list[dict[str, Any]] = []
         if once:
             nodes, tasks = await snapshot(master)
             console.print(dashboard(nodes, tasks, master_url=master.base_url, header=header() if header else None, width=console.width))
             return
-        nodes: list[dict[str, Any]] = []
-        tasks: list[dict[str, Any]] = []
         with Live(console=console, refresh_per_second=4, transient=False, auto_refresh=False) as live:
             while True:
                 error = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from typing import overload
 
 from aiohttp import web
 
@@ -107,6 +108,10 @@ def _flag(request: web.Request, name: str) -> bool:
     raise ApiError(400, "invalid_request", {"field": name, "message": "Must be 0 or 1."})
 
 
+@overload
+def _int_query(request: web.Request, name: str, *, default: int, maximum: int) -> int: ...
+@overload
+def _int_query(request: web.Request, name: str, *, default: None, maximum: int) -> int | None: ...
 def _int_query(request: web.Request, name: str, *, default: int | None, maximum: int) -> int | None:
     raw = request.query.get(name)
     if raw is None or raw == "":

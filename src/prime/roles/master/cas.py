@@ -13,6 +13,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import BinaryIO
 
 from prime.errors import PrimeError
 from prime.protocol.storage import SHA256_RE
@@ -71,7 +72,7 @@ class BlobStore:
             leftover.unlink(missing_ok=True)
 
 
-def _flush_and_close(fh) -> None:  # type: ignore[no-untyped-def]
+def _flush_and_close(fh: BinaryIO) -> None:
     fh.flush()
     os.fsync(fh.fileno())
     fh.close()

@@ -35,7 +35,8 @@ from prime.roles.master.state import (
 
 log = logging.getLogger(__name__)
 
-EVENT_NAMES = ["NodeValidated", "NodeJoined", "NodeLeft", "NodeEjected", "RunEnded"]
+NODE_EVENT_NAMES = ("NodeValidated", "NodeJoined", "NodeLeft", "NodeEjected")
+EVENT_NAMES = [*NODE_EVENT_NAMES, "RunEnded"]
 
 # Node specs are read from chain for every newly approved node; a master that starts on a run
 # with thousands of nodes reads them this many at a time instead of one after the other.
@@ -104,10 +105,10 @@ class ChainWatcher:
         args = event.args
         if int(args.get("runId", -1)) != self.run_id:
             return None
-        node = args.get("node")
         if event.name == "NodeValidated" and args.get("approved"):
-            return node
+            return str(args["node"])
         if event.name == "NodeJoined":
+            node = str(args["node"])
             rec = self._state().nodes.get(node)
             if rec is None or rec.hardware == NO_HARDWARE:
                 return node
@@ -121,22 +122,23 @@ class ChainWatcher:
         if int(args.get("runId", -1)) != self.run_id:
             return False
         now = self._clock()
-        node = args.get("node")
         converted: Event | None = None
-        if event.name == "NodeValidated":
-            if not args.get("approved"):
-                return False
-            converted = NodeApprovedOnChain(node, await self._read_specs(node, prefetched), now, block=event.block)
-        elif event.name == "NodeJoined":
-            specs = await self._read_specs(node, prefetched) if self._node_needing_specs(event) else None
-            converted = NodeJoinedOnChain(node, now, specs=specs, block=event.block)
-        elif event.name == "NodeLeft":
-            converted = NodeLeftOnChain(node, now, block=event.block)
-        elif event.name == "NodeEjected":
-            converted = NodeEjectedOnChain(node, now, block=event.block)
-        elif event.name == "RunEnded":
+        if event.name == "RunEnded":
             log.warning("run %d ended on chain (block %d): no more invites", self.run_id, event.block)
             converted = RunEnded(now)
+        elif event.name in NODE_EVENT_NAMES:
+            node = str(args["node"])  # each of these events names its node
+            if event.name == "NodeValidated":
+                if not args.get("approved"):
+                    return False
+                converted = NodeApprovedOnChain(node, await self._read_specs(node, prefetched), now, block=event.block)
+            elif event.name == "NodeJoined":
+                specs = await self._read_specs(node, prefetched) if self._node_needing_specs(event) else None
+                converted = NodeJoinedOnChain(node, now, specs=specs, block=event.block)
+            elif event.name == "NodeLeft":
+                converted = NodeLeftOnChain(node, now, block=event.block)
+            elif event.name == "NodeEjected":
+                converted = NodeEjectedOnChain(node, now, block=event.block)
         if converted is None:
             return False
         self._on_event(event.name)

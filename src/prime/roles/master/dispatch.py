@@ -11,8 +11,8 @@ from urllib.parse import quote
 
 from prime.auth.client import SignedClient
 from prime.errors import PeerError
-from prime.roles.master.locator import NodeLocator
 from prime.protocol.heartbeat import DesiredReplica
+from prime.roles.master.locator import NodeLocator
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 
 from prime.auth.permissions import TTLCache
-from prime.errors import PeerError
 from prime.clients.discovery import DiscoveryClient
+from prime.errors import PeerError
 
 
 class NodeUnreachable(PeerError):

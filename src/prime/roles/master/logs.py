@@ -18,14 +18,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
 from prime.auth.client import SignedClient
 from prime.errors import PeerError
-from prime.roles.master.locator import NodeLocator
 from prime.protocol.tasks import Task
+from prime.roles.master.locator import NodeLocator
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class LogMerger:
         self.reconnect_s = reconnect_s
         self.finish_grace_s = finish_grace_s
 
-    async def lines(self, task_id: str, *, follow: bool, tail: int | None) -> AsyncIterator[dict[str, Any] | None]:
+    async def lines(self, task_id: str, *, follow: bool, tail: int | None) -> AsyncGenerator[dict[str, Any] | None, None]:
         if follow:
             async for item in self._follow(task_id, tail):
                 yield item

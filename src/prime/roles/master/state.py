@@ -29,7 +29,7 @@ from typing import Any
 from prime.chain.types import NodeStatus
 from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import DesiredReplica, HeartbeatResponse
-from prime.protocol.nodes import HOSTING_STATES, NodeSample, NodeState, NodeRecord
+from prime.protocol.nodes import HOSTING_STATES, NodeRecord, NodeSample, NodeState
 from prime.protocol.tasks import FINAL_REPLICA_STATES, PLACED_REPLICA_STATES, ReplicaState, Task, TaskSpec
 from prime.roles.master import scheduler, syncplan
 from prime.roles.master.events import (  # re-exported (__all__): the core's vocabulary

@@ -45,7 +45,9 @@ def outbound_ip(target_host: str | None, target_port: int = 80) -> str | None:
     if target_host:
         try:
             for family, _, _, _, address in socket.getaddrinfo(target_host, target_port, type=socket.SOCK_DGRAM):
-                targets.append((address[0], address[1]))
+                host, port = address[0], address[1]
+                if isinstance(host, str) and isinstance(port, int):  # IPv4/IPv6 (host, port, ...); not (int, bytes)
+                    targets.append((host, port))
         except (socket.gaierror, UnicodeError):
             pass
     targets.extend(_FALLBACK_TARGETS)

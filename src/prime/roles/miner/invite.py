@@ -31,9 +31,9 @@ from prime.auth.signing import sign_message
 from prime.chain.client import RevertError, recover_digest_signer
 from prime.chain.types import NodeStatus
 from prime.errors import ChainError
-from prime.roles.miner.state import MinerStore
 from prime.protocol.errors import ValidationError
 from prime.protocol.invite import InviteAnswer, InviteBody, ack_text, invite_digest
+from prime.roles.miner.state import MinerStore
 from prime.web import ApiError, json_error, read_json
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,12 @@ class InviteHandler:
             raise InviteRefused(503, "chain_unavailable", f"could not check the signer on chain: {exc}") from None
         if not is_master:
             raise InviteRefused(403, "not_master", f"{signer} is not a master of run {body.run_id} on chain")
+        master_url = body.master_url.rstrip("/")
         async with self._lock:
             tx_hash = await self._join(body)
-            await self.store.joined(body.master_url.rstrip("/"), to_checksum_address(signer), tx_hash, self.clock())
+            await self.store.joined(master_url, to_checksum_address(signer), tx_hash, self.clock())
         ack = sign_message(self.node_account, ack_text(self.registry.chain_id, self.registry.address, body.run_id, node, body.expiry))
-        accepted = InviteAccepted(to_checksum_address(signer), self.store.state.master_url, tx_hash, ack, body.expiry)
+        accepted = InviteAccepted(to_checksum_address(signer), master_url, tx_hash, ack, body.expiry)
         log.info("accepted the invite of master %s (%s) for run %d%s", signer, accepted.master_url, body.run_id,
                  f"; joined in tx {tx_hash}" if tx_hash else "; already active, no transaction")
         if self.on_joined is not None:

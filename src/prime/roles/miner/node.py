@@ -237,7 +237,7 @@ class MinerNode:
     async def start(self) -> None:
         """Adopt containers, serve the API, start the loops."""
         assert self.run is not None, "prepare() first"
-        options = self.options
+        run, options = self.run, self.options  # run: narrowed for the announcer's lambda below
         # Containers from before a restart are adopted: found by their labels, never restarted here.
         self.out.adopted([s for s in await self.executor.snapshot() if s.container_id is not None])
         permissions = ChainPermissions(self.registry)
@@ -276,7 +276,7 @@ class MinerNode:
         discovery = DiscoveryClient(self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)), self.run.discovery_uri)
         announcer = Announcer(
             lambda ip, port: discovery.announce(ip, port, options.run_id),
-            lambda: choose_announce_ip(options.public_ip, options.host, self.run.discovery_uri),
+            lambda: choose_announce_ip(options.public_ip, options.host, run.discovery_uri),
             options.port,
             every_s=options.announce_interval_s,
             on_announced=self._announced,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -247,11 +248,11 @@ class ValidatorService:
             task = asyncio.create_task(self.work(validation), name=f"validate {validation.node}")
             self._running[validation.id] = task
             self._busy_nodes.add(validation.node)
-            task.add_done_callback(lambda _t, vid=validation.id, node=validation.node: self._finished(vid, node))
+            task.add_done_callback(functools.partial(self._finished, validation.id, validation.node))
             started += 1
         return started
 
-    def _finished(self, validation_id: str, node: str) -> None:
+    def _finished(self, validation_id: str, node: str, _task: asyncio.Task[None]) -> None:
         self._running.pop(validation_id, None)
         self._busy_nodes.discard(node)
         self._poke()
