@@ -233,18 +233,19 @@ BAD_HEARTBEATS = [
     ({"tasks": {}}, "tasks"),
     ({"tasks": [{"state": "Running"}]}, "tasks[0].id"),
     ({"tasks": [{"id": "../etc", "state": "Running"}]}, "tasks[0].id"),
-    ({"tasks": [{"id": "a", "state": "Assigned"}]}, "tasks[0].state"),  # only the master assigns
-    ({"tasks": [{"id": "a", "state": "running"}]}, "tasks[0].state"),
+    ({"tasks": [{"id": "a", "replica": 0, "state": "Assigned"}]}, "tasks[0].state"),  # only the master assigns
+    ({"tasks": [{"id": "a", "replica": 0, "state": "running"}]}, "tasks[0].state"),
     ({"tasks": [{"id": "a", "state": "Running", "replica": -1}]}, "tasks[0].replica"),
-    ({"tasks": [{"id": "a", "state": "Failed", "exit_code": "1"}]}, "tasks[0].exit_code"),
-    ({"tasks": [{"id": "a", "state": "Failed", "error": "x" * 5000}]}, "tasks[0].error"),
+    ({"tasks": [{"id": "a", "replica": 0, "state": "Failed", "exit_code": "1"}]}, "tasks[0].exit_code"),
+    ({"tasks": [{"id": "a", "replica": 0, "state": "Failed", "error": "x" * 5000}]}, "tasks[0].error"),
     ({"gpus": [{"util": 3}]}, "gpus[0].index"),
     ({"gpus": [{"index": 0, "util": 101}]}, "gpus[0].util"),
     ({"gpus": [{"index": 0, "temp_c": "hot"}]}, "gpus[0].temp_c"),
     ({"load": {"cpu_pct": "high"}}, "load"),
     ({"load": {"cpu_pct": float("inf")}}, "load"),
     ({"load": {f"k{i}": 1 for i in range(40)}}, "load"),
-    ({"tasks": [{"id": "a", "state": "Running"}] * 5000}, "tasks"),
+    ({"tasks": [{"id": "a", "replica": 0, "state": "Running"}] * 5000}, "tasks"),
+    ({"tasks": [{"id": "a", "state": "Running"}]}, "tasks[0].replica"),  # the replica is always named
 ]
 
 
