@@ -10,31 +10,35 @@ are decoded from the ABI, an unreachable RPC names its URL.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from functools import cache
-from importlib import resources
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import Any
 
-import aiohttp
-from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
-from eth_typing import ABI, ABIEvent, ChecksumAddress
-from eth_utils import abi_to_signature, event_abi_to_log_topic, get_abi_input_types, keccak, to_checksum_address
+from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
-from web3._utils.events import get_event_data
-from web3.exceptions import ContractLogicError, TimeExhausted, Web3Exception, Web3RPCError
-from web3.providers.rpc import AsyncHTTPProvider
-from web3.providers.rpc.utils import ExceptionRetryConfiguration
-from web3.types import BlockIdentifier, FilterParams, TxParams, Wei
+from web3.exceptions import ContractLogicError, Web3Exception, Web3RPCError
+from web3.types import BlockIdentifier, FilterParams
 
+from prime.chain.abi import (
+    ADMIN_ROLE,
+    CONTRACT_NAME,
+    VALIDATOR_ROLE,
+    ZERO_ADDRESS,
+    RevertError,
+    _rpc_message,
+    decode_log,
+    decode_revert,
+    event_topic,
+    load_artifact,
+    registry_abi,
+    revert_error_name,
+)
+from prime.chain.connection import _to_bytes32, close_web3, make_web3, to_address, unreachable
+from prime.chain.tx import TxResult, TxSender, _revert_error, rpc_errors
 from prime.chain.types import (
     ChainEvent,
     NodeInfo,
@@ -42,33 +46,17 @@ from prime.chain.types import (
     Requirements,
     RunInfo,
     Specs,
-    requirement_name,
 )
 from prime.errors import ChainError, PrimeError
 from prime.protocol.invite import invite_digest  # the digest a master signs; defined with the invite
 
-CONTRACT_NAME = "PrimeRegistry"
-VALIDATOR_ROLE = keccak(text="VALIDATOR_ROLE")
-ADMIN_ROLE = b"\x00" * 32
-ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
-
-
-# --------------------------------------------------------------------------- artifacts
-
-
-@cache
-def load_artifact(name: str = CONTRACT_NAME) -> dict[str, Any]:
-    """The committed ABI + bytecode of a contract (``src/prime/chain/artifacts/<name>.json``)."""
-    text = resources.files("prime.chain").joinpath("artifacts", f"{name}.json").read_text("utf-8")
-    artifact: dict[str, Any] = json.loads(text)
-    return artifact
-
-
-def registry_abi() -> ABI:
-    # The artifact's "abi" is solc's ABI JSON, the shape eth_typing's ABI TypedDicts describe;
-    # json.loads can only call it Any, so it is cast (test_artifacts checks the committed file).
-    return cast(ABI, load_artifact(CONTRACT_NAME)["abi"])
-
+# What callers import from here (some names live in the modules split out of this one).
+__all__ = [
+    "ADMIN_ROLE", "CONTRACT_NAME", "VALIDATOR_ROLE", "ZERO_ADDRESS", "RegistryClient", "RevertError", "TxResult",
+    "TxSender", "close_web3", "decode_log", "decode_revert", "event_topic", "invite_digest", "load_artifact",
+    "make_web3", "recover_digest_signer", "registration_digest", "registry_abi", "revert_error_name", "rpc_errors",
+    "sign_digest", "to_address", "unreachable",
+]
 
 # ------------------------------------------------------------------- signing helpers
 
@@ -93,373 +81,6 @@ def sign_digest(account: LocalAccount, digest: bytes) -> bytes:
 def recover_digest_signer(digest: bytes, signature: bytes) -> str:
     """The checksum address that EIP-191-signed ``digest`` (as the contract recovers it)."""
     return Account.recover_message(encode_defunct(primitive=digest), signature=signature)
-
-
-# ------------------------------------------------------------------- revert decoding
-
-_STATUS = {s.value: s.label for s in NodeStatus}
-
-
-def _role_name(role: bytes) -> str:
-    if role == ADMIN_ROLE:
-        return "admin"
-    if role == VALIDATOR_ROLE:
-        return "validator"
-    return "0x" + role.hex()
-
-
-def _status(value: int) -> str:
-    return _STATUS.get(value, str(value))
-
-
-# Custom error name -> sentence built from its decoded arguments (in ABI order).
-_ERROR_SENTENCES: dict[str, Any] = {
-    "ZeroAddress": lambda: "The zero address is not allowed here; pass a real account address.",
-    "RunNotFound": lambda run: f"Run {run} does not exist on this registry; check the run id.",
-    "NotRunOwner": lambda run, caller: f"Only the owner of run {run} can do this, and {caller} is not its owner.",
-    "RunHasEnded": lambda run: f"Run {run} has ended, so it accepts no more changes, registrations or joins.",
-    "AlreadyMaster": lambda run, a: f"{a} is already a master of run {run}.",
-    "NotMaster": lambda run, a: f"{a} is not a master of run {run}.",
-    "StakeTooLow": lambda sent, minimum: f"The stake of {sent} wei is below the registry's minimum of {minimum} wei; send at least the minimum.",
-    "NodeAlreadyRegistered": lambda node, st: (
-        f"Node {node} is already registered (status {_status(st)}); it can register again only after it "
-        "has left or been ejected or rejected and its stake was withdrawn."
-    ),
-    "InvalidNodeSignature": lambda node, signer: (
-        f"The node signature does not come from node {node} (it recovers to {signer}); "
-        "sign the registration digest with the node's own key."
-    ),
-    "NotNodeOperator": lambda node, caller: f"{caller} is neither node {node} nor its provider (or the node is not registered), so it cannot act for it.",
-    "NotAwaitingValidation": lambda node, st: f"Node {node} is not awaiting validation (status {_status(st)}); only registered nodes can be approved or rejected.",
-    "AlreadyJoined": lambda node, run: f"Node {node} has already joined run {run}.",
-    "NodeNotApproved": lambda node, st: f"Node {node} is not approved by a validator (status {_status(st)}); wait for validation before joining.",
-    "NodeNotInRun": lambda node, run: f"Node {node} is not registered for run {run}.",
-    "InviteExpired": lambda expiry, now: f"The invite expired at {expiry} (chain time is {now}); ask the master for a new invite.",
-    "InviteNotFromMaster": lambda run, node, signer: (
-        f"The invite for node {node} is not signed by a master of run {run} (it recovers to {signer}); "
-        "ask a master of this run for an invite for this node."
-    ),
-    "RequirementsNotMet": lambda node, req: f"Node {node} does not meet the run's {requirement_name(req)} requirement, so it cannot join.",
-    "RunFull": lambda run, max_nodes: f"Run {run} already has its maximum of {max_nodes} active node(s).",
-    "CannotLeave": lambda node, st: f"Node {node} cannot leave in status {_status(st)}; only registered, approved or active nodes can.",
-    "NodeNotActive": lambda node, st: f"Node {node} is not active in the run (status {_status(st)}).",
-    "StakeLocked": lambda node, st: f"The stake of node {node} is locked while it is {_status(st)}; leave the run first.",
-    "NothingToWithdraw": lambda node: f"Node {node} has no stake left to withdraw.",
-    "SlashExceedsStake": lambda node, amount, stake: f"Cannot slash {amount} wei from node {node}: its stake is {stake} wei and the amount must be between 1 and the stake.",
-    "TransferFailed": lambda to, amount: f"Paying {amount} wei to {to} failed; that address does not accept ETH.",
-    "AccessControlUnauthorizedAccount": lambda account, role: f"Account {account} does not have the {_role_name(role)} role needed for this.",
-    "AccessControlBadConfirmation": lambda: "An account can only renounce a role for itself.",
-    "ReentrancyGuardReentrantCall": lambda: "Reentrant call refused.",
-}
-
-_PANIC = {
-    0x01: "an assertion failed",
-    0x11: "an arithmetic overflow or underflow",
-    0x12: "a division by zero",
-    0x21: "an invalid enum value",
-    0x32: "an out-of-bounds array access",
-    0x41: "it ran out of memory",
-}
-
-
-@cache
-def _error_table() -> dict[bytes, tuple[str, list[str]]]:
-    table: dict[bytes, tuple[str, list[str]]] = {}
-    for item in registry_abi():
-        if item["type"] == "error":
-            selector = keccak(text=abi_to_signature(item))[:4]
-            table[selector] = (item["name"], get_abi_input_types(item))
-    return table
-
-
-def decode_revert(data: bytes | str | None) -> str:
-    """One sentence for the revert data of a registry call (custom error, Error(string) or Panic)."""
-    if isinstance(data, str):
-        data = HexBytes(data) if data.startswith("0x") else None
-    if not data or len(data) < 4:
-        return "The registry rejected the call without giving a reason."
-    selector, body = bytes(data[:4]), bytes(data[4:])
-    try:
-        if selector == keccak(text="Error(string)")[:4]:
-            (reason,) = abi_decode(["string"], body)
-            return f"The registry rejected the call: {reason}."
-        if selector == keccak(text="Panic(uint256)")[:4]:
-            (code,) = abi_decode(["uint256"], body)
-            return f"The registry call failed because {_PANIC.get(code, f'of panic code {code:#x}')}."
-        entry = _error_table().get(selector)
-        if entry is None:
-            return f"The registry rejected the call with an unknown error 0x{selector.hex()}."
-        name, types = entry
-        args = [to_checksum_address(a) if t == "address" else a for a, t in zip(abi_decode(types, body), types, strict=True)]
-    except Exception:  # malformed revert data: still one sentence
-        return f"The registry rejected the call with undecodable error data 0x{bytes(data).hex()}."
-    sentence = _ERROR_SENTENCES.get(name)
-    if sentence is None:
-        return f"The registry rejected the call: {name}({', '.join(map(str, args))})."
-    return sentence(*args)
-
-
-def revert_error_name(data: bytes | str | None) -> str | None:
-    """The custom error's name for revert data, or None (for callers that branch on the kind)."""
-    if isinstance(data, str):
-        data = HexBytes(data) if data.startswith("0x") else None
-    if not data or len(data) < 4:
-        return None
-    entry = _error_table().get(bytes(data[:4]))
-    return entry[0] if entry else None
-
-
-class RevertError(ChainError):
-    """A registry call reverted; ``error_name`` is the contract's custom error (None if unknown)."""
-
-    def __init__(self, message: str, error_name: str | None = None, data: bytes | None = None) -> None:
-        super().__init__(message)
-        self.error_name = error_name
-        self.data = data
-
-
-def _revert_data(exc: ContractLogicError) -> bytes | None:
-    data = exc.data
-    if isinstance(data, dict):  # some nodes nest it: {"data": "0x..."} or {"message": ..., "data": ...}
-        data = data.get("data")
-    if isinstance(data, str) and data.startswith("0x"):
-        return bytes(HexBytes(data))
-    return None
-
-
-def _rpc_message(exc: Web3RPCError) -> str:
-    response = exc.rpc_response or {}
-    error = response.get("error") if isinstance(response, dict) else None
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"])
-    return str(exc.message)
-
-
-# ---------------------------------------------------------------------- connection
-
-_CONNECTION_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
-
-
-def unreachable(rpc_url: str) -> ChainError:
-    return ChainError(
-        f"Cannot reach the chain RPC at {rpc_url}; start the node (for a local chain: `prime chain anvil`) "
-        "or pass the right --rpc-url / PRIME_RPC_URL."
-    )
-
-
-def make_web3(rpc_url: str, *, timeout_s: float = 30.0) -> AsyncWeb3:
-    """An AsyncWeb3 over HTTP with a request timeout and a short retry on connection errors only."""
-    provider = AsyncHTTPProvider(
-        rpc_url,
-        request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_s)},
-        exception_retry_configuration=ExceptionRetryConfiguration(
-            errors=(aiohttp.ClientError, asyncio.TimeoutError), retries=2, backoff_factor=0.1
-        ),
-        # web3's validation middleware asks for the chain id before every eth_call; an endpoint's
-        # chain id never changes, so only that (and net_version) is cached, never state reads.
-        cache_allowed_requests=True,
-        cacheable_requests={"eth_chainId", "net_version"},
-    )
-    return AsyncWeb3(provider)
-
-
-async def close_web3(w3: AsyncWeb3) -> None:
-    with contextlib.suppress(Exception):
-        await w3.provider.disconnect()
-
-
-def to_address(value: str | LocalAccount | Any) -> ChecksumAddress:
-    """A checksum address from an address string or an account; PrimeError on anything else."""
-    raw = getattr(value, "address", value)
-    try:
-        return to_checksum_address(raw)
-    except (ValueError, TypeError):
-        raise PrimeError(f"{raw!r} is not an Ethereum address; pass a 0x-prefixed 40-hex-digit address.") from None
-
-
-def _to_bytes32(value: bytes | str) -> bytes:
-    raw = bytes(HexBytes(value)) if isinstance(value, str) else bytes(value)
-    if len(raw) != 32:
-        raise PrimeError(f"A report hash must be exactly 32 bytes, got {len(raw)}.")
-    return raw
-
-
-# ------------------------------------------------------------------- transactions
-
-
-@dataclass(frozen=True)
-class TxResult:
-    """A mined, successful transaction and the registry events it emitted."""
-
-    tx_hash: str
-    block: int
-    gas_used: int
-    events: list[ChainEvent] = field(default_factory=list)
-
-    def event(self, name: str) -> ChainEvent:
-        for ev in self.events:
-            if ev.name == name:
-                return ev
-        raise ChainError(f"Transaction {self.tx_hash} emitted no {name} event.")
-
-
-# Per-process, per-account send locks: every client in this process that sends from the same
-# account takes the same lock, so nonces are taken and used one at a time.
-_SEND_LOCKS: dict[tuple[int, str], asyncio.Lock] = {}
-
-
-def _send_lock(address: str) -> asyncio.Lock:
-    key = (id(asyncio.get_running_loop()), address)
-    lock = _SEND_LOCKS.get(key)
-    if lock is None:
-        lock = _SEND_LOCKS[key] = asyncio.Lock()
-    return lock
-
-
-_NONCE_RACE = ("nonce too low", "already known", "replacement transaction underpriced", "nonce has already been used")
-
-
-class TxSender:
-    """Signs and sends transactions for one account, estimating gas and decoding reverts."""
-
-    def __init__(self, w3: AsyncWeb3, rpc_url: str, chain_id: int, account: LocalAccount, *, receipt_timeout_s: float = 120.0) -> None:
-        self.w3 = w3
-        self.rpc_url = rpc_url
-        self.chain_id = chain_id
-        self.account = account
-        self.receipt_timeout_s = receipt_timeout_s
-
-    async def send(self, *, to: str | None, data: bytes | str, value: int = 0, what: str = "transaction") -> dict:
-        """Send and wait for the receipt; ChainError (RevertError for reverts) on failure."""
-        tx: TxParams = {"from": self.account.address, "data": HexBytes(data), "value": Wei(value), "chainId": self.chain_id}
-        if to is not None:
-            tx["to"] = to
-        async with rpc_errors(self.rpc_url):
-            async with _send_lock(self.account.address):
-                tx_hash = await self._sign_and_send(tx, what)
-            try:
-                receipt = await self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.receipt_timeout_s, poll_latency=0.05)
-            except TimeExhausted:
-                raise ChainError(
-                    f"The {what} {tx_hash.to_0x_hex()} was not mined within {self.receipt_timeout_s:.0f} s; "
-                    "check that the chain is producing blocks and retry."
-                ) from None
-            if receipt["status"] != 1:
-                await self._raise_mined_revert(tx, receipt, what)
-        return dict(receipt)
-
-    async def _sign_and_send(self, tx: TxParams, what: str) -> HexBytes:
-        # Estimating first turns a revert into a decoded error before anything is signed or spent.
-        try:
-            gas = await self.w3.eth.estimate_gas(tx)
-        except ContractLogicError as exc:
-            raise _revert_error(exc, what) from None
-        except Web3RPCError as exc:
-            raise _rpc_error(exc, self.account.address, what) from None
-        tx["gas"] = int(gas * 1.2) + 10_000
-        tx.update(await self._fees())
-        for attempt in range(3):
-            tx["nonce"] = await self.w3.eth.get_transaction_count(self.account.address, "pending")
-            unsigned: dict[str, Any] = {k: v for k, v in tx.items() if k != "from"}
-            signed = self.account.sign_transaction(unsigned)
-            try:
-                return await self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            except Web3RPCError as exc:
-                message = _rpc_message(exc).lower()
-                if attempt < 2 and any(m in message for m in _NONCE_RACE):
-                    # Another process sent from this account meanwhile: take the next nonce.
-                    await asyncio.sleep(0.05 * (attempt + 1))
-                    continue
-                raise _rpc_error(exc, self.account.address, what) from None
-        raise AssertionError("unreachable")
-
-    async def _fees(self) -> TxParams:
-        block = await self.w3.eth.get_block("latest")
-        base_fee = block.get("baseFeePerGas")
-        if base_fee is None:  # a pre-London chain: legacy gas price
-            return {"gasPrice": await self.w3.eth.gas_price}
-        priority = await self.w3.eth.max_priority_fee
-        # Twice the base fee survives several full blocks of base-fee increases.
-        return {"type": 2, "maxPriorityFeePerGas": priority, "maxFeePerGas": Wei(2 * base_fee + priority)}
-
-    async def _raise_mined_revert(self, tx: TxParams, receipt: Any, what: str) -> None:
-        # The estimate passed but the mined transaction reverted: the state changed in between
-        # (typically another transaction in the same or an earlier block). Replaying it as a call
-        # on the state after its block recovers the reason in that common case.
-        tx_hash = receipt["transactionHash"].to_0x_hex()
-        if int(receipt["gasUsed"]) >= int(tx["gas"]):
-            raise ChainError(f"The {what} {tx_hash} ran out of gas ({tx['gas']}) on chain; retry it.")
-        call: TxParams = {"from": tx["from"], "data": tx["data"], "value": tx["value"]}  # always set by send()
-        if "to" in tx:
-            call["to"] = tx["to"]
-        try:
-            await self.w3.eth.call(call, block_identifier=receipt["blockNumber"])
-        except ContractLogicError as exc:
-            raise _revert_error(exc, what) from None
-        except Web3Exception:
-            pass
-        raise ChainError(f"The {what} {tx_hash} reverted on chain and the reason could not be recovered.")
-
-
-def _revert_error(exc: ContractLogicError, what: str) -> RevertError:
-    data = _revert_data(exc)
-    if data is not None:
-        return RevertError(decode_revert(data), revert_error_name(data), data)
-    reason = (exc.message or "execution reverted").removeprefix("execution reverted").strip(": ")
-    if reason:
-        return RevertError(f"The {what} was rejected: {reason}.")
-    return RevertError(f"The {what} was rejected by the registry without a reason.")
-
-
-def _rpc_error(exc: Web3RPCError, sender: str, what: str) -> ChainError:
-    message = _rpc_message(exc)
-    if "insufficient funds" in message.lower():
-        return ChainError(f"Account {sender} does not have enough ETH to pay for the {what} (value plus gas); fund it and retry.")
-    return ChainError(f"The chain refused the {what}: {message.rstrip('.')}.")
-
-
-@contextlib.asynccontextmanager
-async def rpc_errors(rpc_url: str) -> AsyncIterator[None]:
-    """Turn connection failures into ChainError naming the RPC URL."""
-    try:
-        yield
-    except _CONNECTION_ERRORS:
-        raise unreachable(rpc_url) from None
-
-
-# ------------------------------------------------------------------------- events
-
-
-@cache
-def _event_table() -> dict[bytes, ABIEvent]:
-    return {bytes(event_abi_to_log_topic(item)): item for item in registry_abi() if item["type"] == "event"}
-
-
-def event_topic(name: str) -> bytes:
-    for topic, item in _event_table().items():
-        if item["name"] == name:
-            return topic
-    raise PrimeError(f"The registry has no event named {name!r}.")
-
-
-def decode_log(w3: AsyncWeb3, log: Any) -> ChainEvent | None:
-    """A registry log as a ChainEvent (None for a log of an event the registry does not declare)."""
-    topics = log.get("topics") or []
-    if not topics:
-        return None
-    item = _event_table().get(bytes(topics[0]))
-    if item is None:
-        return None
-    data = get_event_data(w3.codec, item, log)
-    args = {k: (bytes(v) if isinstance(v, (bytes, bytearray)) else v) for k, v in dict(data["args"]).items()}
-    tx_hash = data["transactionHash"]
-    return ChainEvent(
-        name=item["name"],
-        args=args,
-        block=int(data["blockNumber"]),
-        tx_hash=tx_hash.to_0x_hex() if hasattr(tx_hash, "to_0x_hex") else str(tx_hash),
-        log_index=int(data["logIndex"]),
-    )
 
 
 # ------------------------------------------------------------------------- client

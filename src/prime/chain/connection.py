@@ -1,0 +1,68 @@
+"""The RPC connection: web3 over aiohttp with retries, and address helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiohttp
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from eth_utils import to_checksum_address
+from hexbytes import HexBytes
+from web3 import AsyncWeb3
+from web3.providers.rpc import AsyncHTTPProvider
+from web3.providers.rpc.utils import ExceptionRetryConfiguration
+
+from prime.errors import ChainError, PrimeError
+
+# ---------------------------------------------------------------------- connection
+
+_CONNECTION_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def unreachable(rpc_url: str) -> ChainError:
+    return ChainError(
+        f"Cannot reach the chain RPC at {rpc_url}; start the node (for a local chain: `prime chain anvil`) "
+        "or pass the right --rpc-url / PRIME_RPC_URL."
+    )
+
+
+def make_web3(rpc_url: str, *, timeout_s: float = 30.0) -> AsyncWeb3:
+    """An AsyncWeb3 over HTTP with a request timeout and a short retry on connection errors only."""
+    provider = AsyncHTTPProvider(
+        rpc_url,
+        request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_s)},
+        exception_retry_configuration=ExceptionRetryConfiguration(
+            errors=(aiohttp.ClientError, asyncio.TimeoutError), retries=2, backoff_factor=0.1
+        ),
+        # web3's validation middleware asks for the chain id before every eth_call; an endpoint's
+        # chain id never changes, so only that (and net_version) is cached, never state reads.
+        cache_allowed_requests=True,
+        cacheable_requests={"eth_chainId", "net_version"},
+    )
+    return AsyncWeb3(provider)
+
+
+async def close_web3(w3: AsyncWeb3) -> None:
+    with contextlib.suppress(Exception):
+        await w3.provider.disconnect()
+
+
+def to_address(value: str | LocalAccount | Any) -> ChecksumAddress:
+    """A checksum address from an address string or an account; PrimeError on anything else."""
+    raw = getattr(value, "address", value)
+    try:
+        return to_checksum_address(raw)
+    except (ValueError, TypeError):
+        raise PrimeError(f"{raw!r} is not an Ethereum address; pass a 0x-prefixed 40-hex-digit address.") from None
+
+
+def _to_bytes32(value: bytes | str) -> bytes:
+    raw = bytes(HexBytes(value)) if isinstance(value, str) else bytes(value)
+    if len(raw) != 32:
+        raise PrimeError(f"A report hash must be exactly 32 bytes, got {len(raw)}.")
+    return raw
+
+
