@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sqlite3
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 from prime.chain.client import RegistryClient, event_topic
 from prime.chain.types import ChainEvent
 from prime.errors import PrimeError
+from prime.files import write_text_atomic
 
 __all__ = [
     "ChainEvent",
@@ -84,17 +84,7 @@ class JsonFileCursor:
         data = self._read()
         data[self.name] = int(block)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
+        write_text_atomic(self.path, json.dumps(data))
 
 class SqliteCursor:
     """Cursors in a SQLite table ``chain_cursors(name, next_block)`` (a role's own database file)."""

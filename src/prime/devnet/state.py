@@ -18,13 +18,13 @@ import fcntl
 import json
 import os
 import shlex
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from prime.errors import PrimeError
+from prime.files import write_text_atomic
 
 DEFAULT_STATE_DIR = Path(".devnet")
 STATE_VERSION = 1
@@ -160,17 +160,7 @@ def require_info(paths: DevnetPaths) -> DevnetInfo:
 
 
 def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+    write_text_atomic(path, text, mode=mode)
 
 def env_file_text(info: DevnetInfo) -> str:
     """Shell lines that point `prime buyer …` (and the other CLIs) at this devnet as the run owner."""

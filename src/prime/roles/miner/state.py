@@ -19,11 +19,12 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from prime.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -138,19 +139,7 @@ class StateFile:
 
     def write(self, data: dict[str, Any]) -> None:
         """Write the JSON of a state atomically (blocking: call it from a worker thread)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
+        write_text_atomic(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 class MinerStore:
     """The miner's state while it runs: read ``state`` freely, change it only through these methods.
