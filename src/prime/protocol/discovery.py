@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Annotated
 
+import msgspec
 from msgspec import Meta
 
 from prime.protocol.codec import Answer, Message
@@ -39,6 +40,28 @@ class NodeAddress(Message, frozen=True):
         """Base URL of the node's HTTP API (IPv6 literals in brackets)."""
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
         return f"http://{host}:{self.port}"
+
+
+class Announcement(Message, frozen=True):
+    """Body of ``PUT /nodes``: where the signing node listens, for which run.
+
+    The IP is kept in canonical form; unspecified, multicast and zoned IPv6 addresses are
+    refused (they mean nothing to another host)."""
+
+    ip: IpLiteral
+    port: Port
+    run_id: RunId
+
+    def __post_init__(self) -> None:
+        try:
+            ip = ipaddress.ip_address(self.ip)
+        except ValueError:
+            raise ValueError(f"{self.ip[:64]!r} is not an IPv4 or IPv6 address; host names are not accepted (at ip)") from None
+        if ip.is_unspecified or ip.is_multicast:
+            raise ValueError(f"{ip} cannot be a node's address (unspecified or multicast) (at ip)")
+        if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+            raise ValueError("must not carry an IPv6 zone index; it only means something on the node itself (at ip)")
+        msgspec.structs.force_setattr(self, "ip", str(ip))
 
 
 class RunNodes(Answer, frozen=True):

@@ -1,4 +1,4 @@
-"""Unit tests of discovery's input checks (pure functions, no network)."""
+"""Unit tests of discovery's input checks: the announcement message and URL segments (no network)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from typing import Any
 
 import pytest
 
-from prime.roles.discovery.app import Announcement, parse_address, parse_run_id, validate_announcement
+from prime.protocol.discovery import Announcement
+from prime.protocol.errors import ValidationError
+from prime.roles.discovery.app import parse_address, parse_run_id
 
 
 def test_valid_announcements_are_normalised() -> None:
-    assert validate_announcement(Announcement("10.1.2.3", 1, 0)) == Announcement("10.1.2.3", 1, 0)
-    assert validate_announcement(Announcement("127.0.0.1", 65535, 7)).port == 65535
+    assert Announcement.from_json({"ip": "10.1.2.3", "port": 1, "run_id": 0}) == Announcement("10.1.2.3", 1, 0)
+    assert Announcement.from_json(b'{"ip": "127.0.0.1", "port": 65535, "run_id": 7}').port == 65535
     # IPv6 is stored in its canonical short form so equal addresses compare equal
-    assert validate_announcement(Announcement("2001:0db8:0000::0001", 8080, 1)).ip == "2001:db8::1"
+    assert Announcement.from_json({"ip": "2001:0db8:0000::0001", "port": 8080, "run_id": 1}).ip == "2001:db8::1"
 
 
 @pytest.mark.parametrize(
@@ -27,24 +29,29 @@ def test_valid_announcements_are_normalised() -> None:
         ("::", 8080, 1, "unspecified"),
         ("224.0.0.1", 8080, 1, "multicast"),
         ("fe80::1%eth0", 8080, 1, "zone"),
-        (167772161, 8080, 1, "ip must be a string"),
-        (None, 8080, 1, "ip must be a string"),
-        ("10.0.0.1", 0, 1, "port"),
-        ("10.0.0.1", 70000, 1, "port"),
-        ("10.0.0.1", -1, 1, "port"),
-        ("10.0.0.1", "8080", 1, "port"),
-        ("10.0.0.1", 8080.0, 1, "port"),
-        ("10.0.0.1", True, 1, "port"),
-        ("10.0.0.1", 8080, -1, "run_id"),
-        ("10.0.0.1", 8080, "1", "run_id"),
-        ("10.0.0.1", 8080, False, "run_id"),
-        ("10.0.0.1", 8080, None, "run_id"),
-        ("10.0.0.1", 8080, 2**63, "run_id"),
+        (167772161, 8080, 1, "ip: Must be a string"),
+        (None, 8080, 1, "ip: Must be a string"),
+        ("10.0.0.1", 0, 1, "^port:"),
+        ("10.0.0.1", 70000, 1, "^port:"),
+        ("10.0.0.1", -1, 1, "^port:"),
+        ("10.0.0.1", "8080", 1, "^port:"),
+        ("10.0.0.1", 8080.0, 1, "^port:"),
+        ("10.0.0.1", True, 1, "^port:"),
+        ("10.0.0.1", 8080, -1, "^run_id:"),
+        ("10.0.0.1", 8080, "1", "^run_id:"),
+        ("10.0.0.1", 8080, False, "^run_id:"),
+        ("10.0.0.1", 8080, None, "^run_id:"),
+        ("10.0.0.1", 8080, 2**63, "^run_id:"),
     ],
 )
 def test_bad_announcements_are_refused_with_the_reason(ip: Any, port: Any, run_id: Any, complaint: str) -> None:
-    with pytest.raises(ValueError, match=complaint):
-        validate_announcement(Announcement(ip, port, run_id))
+    with pytest.raises(ValidationError, match=complaint):
+        Announcement.from_json({"ip": ip, "port": port, "run_id": run_id})
+
+
+def test_unknown_fields_are_refused() -> None:
+    with pytest.raises(ValidationError, match="^extra:"):
+        Announcement.from_json({"ip": "10.0.0.1", "port": 1, "run_id": 0, "extra": 1})
 
 
 def test_addresses_are_checksummed_and_bad_ones_refused() -> None:

@@ -9,11 +9,9 @@ Every request is signed (401 otherwise); input is checked before the chain is as
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -22,10 +20,11 @@ from prometheus_client import CollectorRegistry, Counter
 
 from prime.auth.middleware import SIGNER, signed_request_middleware
 from prime.errors import ChainError
-from prime.protocol.discovery import UNKNOWN_NODE, NodeAddress, RunNodes
+from prime.protocol.discovery import UNKNOWN_NODE, Announcement, NodeAddress, RunNodes
+from prime.protocol.errors import InvalidJson, ValidationError
 from prime.protocol.nodes import ADDRESS_RE
 from prime.roles.discovery.store import DiscoveryStore
-from prime.web import METRICS, ApiError, api, json_error, make_app, read_json
+from prime.web import METRICS, api, json_error, make_app
 
 log = logging.getLogger(__name__)
 
@@ -55,34 +54,6 @@ class Permissions(Protocol):
     async def is_master(self, run_id: int, addr: str) -> bool: ...
     async def is_registered_node(self, run_id: int, addr: str) -> bool: ...
     async def node_run_id(self, addr: str) -> int | None: ...
-
-
-@dataclass
-class Announcement:
-    """Body of ``PUT /nodes``."""
-
-    ip: str
-    port: int
-    run_id: int
-
-
-def validate_announcement(raw: Announcement) -> Announcement:
-    """Check types and ranges; return it with the IP in canonical form. ``ValueError`` says what is wrong."""
-    if not isinstance(raw.ip, str):
-        raise ValueError("ip must be a string holding an IPv4 or IPv6 address")
-    try:
-        ip = ipaddress.ip_address(raw.ip)
-    except ValueError:
-        raise ValueError(f"ip {raw.ip[:64]!r} is not an IPv4 or IPv6 address (host names are not accepted)") from None
-    if ip.is_unspecified or ip.is_multicast:
-        raise ValueError(f"ip {ip} cannot be a node's address (unspecified or multicast)")
-    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
-        raise ValueError("ip must not carry an IPv6 zone index; it only means something on the node itself")
-    if not _is_int(raw.port) or not 1 <= raw.port <= 65535:
-        raise ValueError("port must be an integer in 1..65535")
-    if not _is_int(raw.run_id) or not 0 <= raw.run_id <= MAX_RUN_ID:
-        raise ValueError(f"run_id must be an integer in 0..{MAX_RUN_ID}")
-    return Announcement(ip=str(ip), port=raw.port, run_id=raw.run_id)
 
 
 def parse_address(text: str) -> str | None:
@@ -140,11 +111,14 @@ def build_app(
         """
         signer: str = request[SIGNER]
         try:
-            body = validate_announcement(await read_json(request, Announcement))
-        except ValueError as exc:
+            body = Announcement.from_json(await request.read())  # 413 past the app's body limit
+        except InvalidJson as exc:
+            metrics.announces.labels("invalid").inc()
+            return json_error(400, "invalid_json", exc.detail)
+        except ValidationError as exc:
             metrics.announces.labels("invalid").inc()
             return json_error(400, "invalid_announcement", str(exc))
-        except (ApiError, web.HTTPException):  # malformed JSON, wrong types, body too large
+        except web.HTTPException:
             metrics.announces.labels("invalid").inc()
             raise
         if not await permissions.is_registered_node(body.run_id, signer):
