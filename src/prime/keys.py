@@ -66,6 +66,16 @@ def ensure_private_dir(directory: Path) -> None:
         raise KeyError_(f"Cannot create the directory {directory} ({exc.strerror}); check the path and its permissions.") from None
 
 
+def _write_and_close(fd: int, content: bytes) -> None:
+    """Owner-only permissions, the bytes, on disk, closed."""
+    try:
+        os.fchmod(fd, KEY_FILE_MODE)
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_new_private_file(path: Path, content: bytes) -> None:
     """Write ``content`` to ``path`` with mode 0600, atomically, failing if ``path`` exists.
 
@@ -75,12 +85,7 @@ def _write_new_private_file(path: Path, content: bytes) -> None:
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), KEY_FILE_MODE)
-    try:
-        os.fchmod(fd, KEY_FILE_MODE)
-        os.write(fd, content)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_and_close(fd, content)
     try:
         os.link(tmp, path)
     except FileExistsError:
@@ -91,12 +96,7 @@ def _write_new_private_file(path: Path, content: bytes) -> None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
         except FileExistsError:
             raise KeyError_(f"{path} already exists; prime never overwrites a key file, so choose another path with --out.") from None
-        try:
-            os.fchmod(fd, KEY_FILE_MODE)
-            os.write(fd, content)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_and_close(fd, content)
     finally:
         tmp.unlink(missing_ok=True)
 

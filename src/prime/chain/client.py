@@ -20,7 +20,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
-from web3.exceptions import ContractLogicError, Web3Exception, Web3RPCError
+from web3.exceptions import ContractLogicError, Web3RPCError
 from web3.types import BlockIdentifier, FilterParams
 
 from prime.chain.abi import (
@@ -37,7 +37,7 @@ from prime.chain.abi import (
     registry_abi,
     revert_error_name,
 )
-from prime.chain.connection import _to_bytes32, close_web3, make_web3, to_address, unreachable
+from prime.chain.connection import _to_bytes32, close_web3, make_web3, read_chain_id, to_address, unreachable
 from prime.chain.tx import TxResult, TxSender, _revert_error, rpc_errors
 from prime.chain.types import (
     ChainEvent,
@@ -120,10 +120,7 @@ class RegistryClient:
         w3 = make_web3(rpc_url, timeout_s=timeout_s)
         try:
             async with rpc_errors(rpc_url):
-                try:
-                    chain_id = await w3.eth.chain_id
-                except (Web3Exception, ValueError) as exc:
-                    raise ChainError(f"The RPC at {rpc_url} did not answer like an Ethereum node ({exc}); check --rpc-url.") from None
+                chain_id = await read_chain_id(w3, rpc_url)
                 if chain_id != deployment.chain_id:
                     raise ChainError(
                         f"The RPC at {rpc_url} serves chain {chain_id} but the deployment is for chain "

@@ -12,6 +12,7 @@ from eth_typing import ChecksumAddress
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
+from web3.exceptions import Web3Exception
 from web3.providers.rpc import AsyncHTTPProvider
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
@@ -65,4 +66,11 @@ def _to_bytes32(value: bytes | str) -> bytes:
         raise PrimeError(f"A report hash must be exactly 32 bytes, got {len(raw)}.")
     return raw
 
+
+async def read_chain_id(w3: AsyncWeb3, rpc_url: str) -> int:
+    """The chain id the RPC reports; one sentence naming the URL when it is no Ethereum node."""
+    try:
+        return int(await w3.eth.chain_id)
+    except (Web3Exception, ValueError) as exc:
+        raise ChainError(f"The RPC at {rpc_url} did not answer like an Ethereum node ({exc}); check --rpc-url.") from None
 

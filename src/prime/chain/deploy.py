@@ -10,9 +10,9 @@ from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
-from web3.exceptions import Web3Exception
 
 from prime.chain.client import CONTRACT_NAME, TxSender, close_web3, load_artifact, make_web3, rpc_errors
+from prime.chain.connection import read_chain_id
 from prime.errors import ChainError, ConfigError
 
 
@@ -87,10 +87,7 @@ async def deploy_registry(rpc_url: str, admin_account: LocalAccount, *, min_stak
     w3 = make_web3(rpc_url)
     try:
         async with rpc_errors(rpc_url):
-            try:
-                chain_id = await w3.eth.chain_id
-            except (Web3Exception, ValueError) as exc:
-                raise ChainError(f"The RPC at {rpc_url} did not answer like an Ethereum node ({exc}); check --rpc-url.") from None
+            chain_id = await read_chain_id(w3, rpc_url)
         factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         data = factory.constructor(admin_account.address, int(min_stake_wei)).data_in_transaction
         sender = TxSender(w3, rpc_url, chain_id, admin_account, receipt_timeout_s=receipt_timeout_s)
