@@ -153,7 +153,38 @@ def _run_per_device(work: Any, devices: list[Any], splits: list[np.ndarray]) -> 
         list(pool.map(work, devices[: len(splits)], splits))
 
 
-class TorchBackend:
+class _GpuMemory:
+    """What the GPU backends share: the memory a challenge needs on the host and on each device."""
+
+    devices: list[Any]
+
+    def free_device_bytes(self, device: Any) -> int | None:
+        """Free bytes on ``device`` (None: not a GPU, nothing to check)."""
+        raise NotImplementedError
+
+    def device_bytes(self, params: ChallengeParams, per_device: int) -> int:
+        return per_device
+
+    def required_bytes(self, params: ChallengeParams) -> int:
+        host, device = prover_bytes(params, gpu_count=len(self.devices))
+        return host + device * len(self.devices)
+
+    def memory_problem(self, params: ChallengeParams) -> str | None:
+        host, device = prover_bytes(params, gpu_count=len(self.devices))
+        free_host = int(_host_available_bytes() * MEMORY_HEADROOM)
+        if host > free_host:
+            return f"needs {host} bytes of RAM but only {free_host} are free"
+        for d in self.devices:
+            free_raw = self.free_device_bytes(d)
+            if free_raw is None:
+                continue
+            free = int(free_raw * MEMORY_HEADROOM)
+            if self.device_bytes(params, device) > free:
+                return f"needs {device} bytes on GPU {d} but only {free} are free"
+        return None
+
+
+class TorchBackend(_GpuMemory):
     """CUDA through torch: rows of C split across the GPUs, one thread per GPU.
 
     Each GPU builds its band of A and all of B with the int64 generator, then one matmul
@@ -174,21 +205,8 @@ class TorchBackend:
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
-    def required_bytes(self, params: ChallengeParams) -> int:
-        host, device = prover_bytes(params, gpu_count=len(self.devices))
-        return host + device * len(self.devices)
-
-    def memory_problem(self, params: ChallengeParams) -> str | None:
-        host, device = prover_bytes(params, gpu_count=len(self.devices))
-        free_host = int(_host_available_bytes() * MEMORY_HEADROOM)
-        if host > free_host:
-            return f"needs {host} bytes of RAM but only {free_host} are free"
-        for d in self.devices:
-            if d.type == "cuda":
-                free = int(self.torch.cuda.mem_get_info(d)[0] * MEMORY_HEADROOM)
-                if device > free:
-                    return f"needs {device} bytes on {d} but only {free} are free"
-        return None
+    def free_device_bytes(self, device: Any) -> int | None:
+        return int(self.torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
 
     def matrix(self, row_keys: np.ndarray, col_keys: np.ndarray, dtype: Any, device: Any) -> Any:
         """Element values (nibble/16) in ``dtype`` on ``device``, generated in row chunks."""
@@ -226,7 +244,7 @@ class TorchBackend:
         return out
 
 
-class CupyBackend:
+class CupyBackend(_GpuMemory):
     """CUDA through cupy with the uint32 generator (same code as numpy). bfloat16 has no
     cupy dtype, so it is computed in float32 and rounded on the host (same values)."""
 
@@ -238,21 +256,12 @@ class CupyBackend:
         self.cp = cupy
         self.devices = devices or list(range(cupy.cuda.runtime.getDeviceCount()))
 
-    def required_bytes(self, params: ChallengeParams) -> int:
-        host, device = prover_bytes(params, gpu_count=len(self.devices))
-        return host + device * len(self.devices)
+    def free_device_bytes(self, device: Any) -> int | None:
+        with self.cp.cuda.Device(device):
+            return int(self.cp.cuda.runtime.memGetInfo()[0])
 
-    def memory_problem(self, params: ChallengeParams) -> str | None:
-        host, device = prover_bytes(params, gpu_count=len(self.devices))
-        free_host = int(_host_available_bytes() * MEMORY_HEADROOM)
-        if host > free_host:
-            return f"needs {host} bytes of RAM but only {free_host} are free"
-        for d in self.devices:
-            with self.cp.cuda.Device(d):
-                free = int(self.cp.cuda.runtime.memGetInfo()[0] * MEMORY_HEADROOM)
-            if device * (2 if params.dtype == "bfloat16" else 1) > free:
-                return f"needs {device} bytes on GPU {d} but only {free} are free"
-        return None
+    def device_bytes(self, params: ChallengeParams, per_device: int) -> int:
+        return per_device * (2 if params.dtype == "bfloat16" else 1)  # float32 result, rounded on the host
 
     def product(self, params: ChallengeParams) -> np.ndarray:
         cp = self.cp
