@@ -162,3 +162,17 @@ def opening_answer_limit(rows: int, n: int) -> int:
 
 
 COMMITMENT_ANSWER_LIMIT: Final = 4096  # bytes; a real one is about 200
+
+
+# ------------------------------------------------------------------ POST /challenge/{id}/verdict
+MAX_REASON_LENGTH: Final = 4096
+
+
+class VerdictNote(Message, frozen=True):
+    """What a validator tells the node after writing its verdict on chain (best effort; the
+    miner shows the reason when it stops for a rejection)."""
+
+    approved: bool
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON_LENGTH)]
+    report_hash: Annotated[str, msgspec.Meta(pattern=r"^0x[0-9a-fA-F]{64}$(?!\n)", description="0x + 64 hex digits")]
+

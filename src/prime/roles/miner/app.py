@@ -17,7 +17,6 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -25,28 +24,19 @@ from aiohttp import web
 from prime.auth.middleware import SIGNER, require, signed_request_middleware
 from prime.challenge.service import ChallengeService, add_challenge_routes
 from prime.protocol.answers import Ok
+from prime.protocol.challenge import VerdictNote
+from prime.protocol.errors import ValidationError
 from prime.protocol.invite import InviteAnswer, InviteBody
 from prime.roles.miner.invite import InviteHandler
 from prime.roles.miner.state import Verdict
 from prime.roles.miner.tasks_api import TasksApi, add_task_routes
-from prime.web import api, json_error, make_app, read_json
+from prime.web import api, json_error, make_app
 
 log = logging.getLogger(__name__)
 
-MAX_REASON_LENGTH = 4096
 # Task specs (command and env up to 64 KiB each) must fit in one POST /tasks.
 CLIENT_MAX_SIZE = 512 * 1024
-_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
 _CHALLENGE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
-@dataclass
-class VerdictBody:
-    """Body of POST /challenge/{id}/verdict."""
-
-    approved: bool
-    reason: str
-    report_hash: str
 
 
 def build_miner_app(
@@ -69,7 +59,7 @@ def build_miner_app(
 
     add_challenge_routes(app, challenge, require(validator))
 
-    @api(request=VerdictBody, response=Ok, errors=(400, 401, 403, 503))
+    @api(request=VerdictNote, response=Ok, errors=(400, 401, 403, 503))
     async def verdict(request: web.Request) -> web.Response:
         """A validator's verdict on this node: {approved, reason, report_hash}.
 
@@ -79,11 +69,10 @@ def build_miner_app(
         challenge_id = request.match_info["id"]
         if not _CHALLENGE_ID.match(challenge_id):
             return json_error(400, "invalid_verdict", "the challenge id must be 1-64 letters, digits, '_' or '-'")
-        body = await read_json(request, VerdictBody)
-        if len(body.reason) > MAX_REASON_LENGTH:
-            return json_error(400, "invalid_verdict", f"reason must be at most {MAX_REASON_LENGTH} characters")
-        if not _HASH.match(body.report_hash):
-            return json_error(400, "invalid_verdict", "report_hash must be 0x followed by 64 hex digits")
+        try:
+            body = VerdictNote.from_json(await request.read())
+        except ValidationError as exc:
+            return json_error(400, "invalid_verdict", exc.detail)
         done = on_verdict(Verdict(body.approved, body.reason, body.report_hash.lower(), request[SIGNER], challenge_id, time.time()))
         if inspect.isawaitable(done):
             await done  # saved before the answer

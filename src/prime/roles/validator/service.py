@@ -46,6 +46,7 @@ from prime.challenge.params import ChallengePlan, plan_challenge
 from prime.challenge.runner import run_challenge
 from prime.clients.discovery import DiscoveryClient
 from prime.errors import ChainError, PeerError, PrimeError
+from prime.protocol.challenge import MAX_REASON_LENGTH, VerdictNote
 from prime.roles.validator.store import (
     DECIDED,
     SUPERSEDED,
@@ -403,8 +404,8 @@ class ValidatorService:
         """POST /challenge/{id}/verdict so the miner can show why; failures only get logged."""
         if not validation.miner_url or not validation.challenge_id or self._peers is None:
             return
-        body = {"approved": bool(validation.approved), "reason": validation.reason or "",
-                "report_hash": validation.report_hash}
+        body = VerdictNote(bool(validation.approved), (validation.reason or "")[:MAX_REASON_LENGTH],
+                           validation.report_hash or "").to_json()
         url = f"{validation.miner_url}/challenge/{validation.challenge_id}/verdict"
         try:
             await asyncio.wait_for(self._peers.request("POST", url, json=body), timeout=4 * self.settings.peer_timeout_s)
