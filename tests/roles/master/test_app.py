@@ -124,9 +124,12 @@ async def test_bad_task_specs_are_400_naming_the_field(world: World, body: dict,
 
 
 async def test_malformed_requests(world: World) -> None:
-    for raw in (b"", b"{", b"[1, 2]", b'"image"'):
+    before = (await owner_call(world, "GET", "/tasks"))[1]["tasks"]
+    deep = b'{"image": "busybox", "command": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # ~200 KB of nesting
+    for raw in (b"", b"{", b"[1, 2]", b'"image"', deep, b'{"image": "busybox", "replicas": ' + b"9" * 5000 + b"}"):
         status, answer = await signed_call(world.owner, "POST", world.url, "/tasks", raw)
-        assert status == 400 and answer["error"] in ("invalid_json", "invalid_body"), (raw, answer)
+        assert status == 400 and answer["error"] in ("invalid_json", "invalid_request"), (raw[:40], answer)
+    assert (await owner_call(world, "GET", "/tasks"))[1]["tasks"] == before  # alive, nothing created
     status, answer = await owner_call(world, "GET", "/tasks/no%20such")
     assert status == 400 and answer["error"] == "invalid_task_id"
     status, answer = await owner_call(world, "GET", "/tasks/abcdef123456")

@@ -112,6 +112,13 @@ async def test_forged_invites_are_refused_without_a_transaction(
             assert status == 403, (expected, answer)
             assert answer["error"] == expected.strip(), (expected, answer)
 
+        # A key with no role sends ~200 KB of nesting: a clean 400, the miner stays up.
+        deep = b'{"run_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        async with SignedClient(stranger, retries=0) as client:
+            with pytest.raises(PeerError) as refused:
+                await client.request("POST", invite_url, data=deep)
+        assert refused.value.status == 400 and refused.value.body["error"] in ("invalid_json", "invalid_body")
+
         async with aiohttp.ClientSession() as session:  # a request with no signature headers at all
             async with session.post(invite_url, json=await sign_invite_body(reader, master, run_id, node.address, url_of)) as unsigned:
                 assert unsigned.status == 401

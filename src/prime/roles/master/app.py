@@ -31,7 +31,7 @@ from prime.protocol.tasks import Task, TaskList, TaskSpec, TaskView, is_task_id
 from prime.roles.master.cas import BlobStore
 from prime.roles.master.logs import LogMerger
 from prime.roles.master.service import HeartbeatDenied, MasterService
-from prime.web import FLAG, NDJSON, ApiError, Binary, Param, api, json_error, make_app, read_json
+from prime.web import FLAG, NDJSON, ApiError, Binary, Param, api, json_error, make_app
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +166,8 @@ async def create_task(request: web.Request) -> web.Response:
     """Create a task: {image, command|cmd, env, gpus (count or "all"), replicas, persistent, cpu_limit,
     memory_limit_mib, restart}. 201 with the task; 400 naming the bad field; 409 once the run ended."""
     service = _service(request)
-    body = await read_json(request, dict)
     try:
-        spec = TaskSpec.from_json(body)
+        spec = TaskSpec.from_json(await request.read())  # typed decoding from the signed bytes
     except ValidationError as err:
         return _invalid(err)
     task = Task.new(spec, service.clock())

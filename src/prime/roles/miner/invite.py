@@ -31,10 +31,10 @@ from prime.auth.signing import sign_message
 from prime.chain.client import RevertError, recover_digest_signer
 from prime.chain.types import NodeStatus
 from prime.errors import ChainError
-from prime.protocol.errors import ValidationError
+from prime.protocol.errors import InvalidJson, ValidationError
 from prime.protocol.invite import InviteAnswer, InviteBody, ack_text, invite_digest
 from prime.roles.miner.state import MinerStore
-from prime.web import ApiError, json_error, read_json
+from prime.web import ApiError, json_error
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,9 @@ class InviteHandler:
         """
         signer: str = request[SIGNER]
         try:
-            body = InviteBody.from_json(await read_json(request, dict))
+            body = InviteBody.from_json(await request.read())  # typed decoding: no depth to exhaust
+        except InvalidJson as exc:
+            raise ApiError(400, "invalid_json", str(exc)) from None
         except ValidationError as exc:
             raise ApiError(400, "invalid_body", str(exc)) from None
         try:
