@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.chain",
     "tests.fixtures.docker",
     "tests.fixtures.processes",
+    "tests.fixtures.servers",
 ]

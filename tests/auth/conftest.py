@@ -1,31 +1,10 @@
-"""Real aiohttp servers on loopback for the auth tests."""
+"""Accounts for the auth tests (servers: the shared ``serve`` fixture, tests/fixtures/servers.py)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-
 import pytest
-import pytest_asyncio
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def serve() -> AsyncIterator[Callable[[web.Application], Awaitable[TestServer]]]:
-    """``server = await serve(app)``: the app listening on 127.0.0.1; stopped after the test."""
-    servers: list[TestServer] = []
-
-    async def start(app: web.Application) -> TestServer:
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        await server.close()
 
 
 @pytest.fixture

@@ -10,10 +10,10 @@ from prime.web import METRICS, bound_port, serve
 from tests.web.support import build_app, fetch
 
 
-async def test_metrics_count_requests_per_route_and_apps_are_independent(start) -> None:
+async def test_metrics_count_requests_per_route_and_apps_are_independent(serve) -> None:
     first, second = build_app(), build_app()  # two apps in one process must not clash
-    server = await start(first)
-    await start(second)
+    server = await serve(first)
+    await serve(second)
     for _ in range(3):
         await fetch(server, "GET", "/tasks/abc")
     await fetch(server, "GET", "/boom")

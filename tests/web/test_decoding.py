@@ -10,8 +10,8 @@ from prime.web import ValidationError, decode
 from tests.web.support import GOOD_BEAT, Gpu, build_app, fetch
 
 
-async def test_read_json_decodes_nested_dataclasses(start) -> None:
-    server = await start(build_app())
+async def test_read_json_decodes_nested_dataclasses(serve) -> None:
+    server = await serve(build_app())
     status, body, _ = await fetch(server, "POST", "/heartbeat", json=GOOD_BEAT)
     assert status == 200, body
     assert body["tasks"][1] == {"id": "t2", "state": "exited", "exit_code": 3}
@@ -39,16 +39,16 @@ async def test_read_json_decodes_nested_dataclasses(start) -> None:
         ({"load": -1}, "body", "negative"),
     ],
 )
-async def test_read_json_names_the_bad_field(start, change: dict, field_name: str, words: str) -> None:
-    server = await start(build_app())
+async def test_read_json_names_the_bad_field(serve, change: dict, field_name: str, words: str) -> None:
+    server = await serve(build_app())
     status, body, _ = await fetch(server, "POST", "/heartbeat", json={**GOOD_BEAT, **change})
     assert status == 400
     assert body["error"] == "invalid_body"
     assert body["detail"].startswith(f"{field_name}:") and words in body["detail"]
 
 
-async def test_missing_top_level_field(start) -> None:
-    server = await start(build_app())
+async def test_missing_top_level_field(serve) -> None:
+    server = await serve(build_app())
     beat = dict(GOOD_BEAT)
     del beat["load"]
     status, body, _ = await fetch(server, "POST", "/heartbeat", json=beat)
@@ -56,15 +56,15 @@ async def test_missing_top_level_field(start) -> None:
 
 
 @pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'{"load": NaN}', b"\xff\xfe"])
-async def test_malformed_bodies_are_400_json(start, raw: bytes) -> None:
-    server = await start(build_app())
+async def test_malformed_bodies_are_400_json(serve, raw: bytes) -> None:
+    server = await serve(build_app())
     status, body, _ = await fetch(server, "POST", "/heartbeat", data=raw, headers={"Content-Type": "application/json"})
     assert status == 400
     assert body["error"] in ("invalid_json", "invalid_body") and body["detail"]
 
 
-async def test_body_over_the_limit_is_413_json(start) -> None:
-    server = await start(build_app(client_max_size=1024))
+async def test_body_over_the_limit_is_413_json(serve) -> None:
+    server = await serve(build_app(client_max_size=1024))
     status, body, _ = await fetch(server, "POST", "/heartbeat", data=b"{" + b" " * 5000 + b"}")
     assert status == 413 and body["error"] == "request_entity_too_large"
 

@@ -8,14 +8,14 @@ from prime.web import json_error
 from tests.web.support import build_app, fetch
 
 
-async def test_handler_calling_request_json_on_garbage_is_400(start) -> None:
-    server = await start(build_app())
+async def test_handler_calling_request_json_on_garbage_is_400(serve) -> None:
+    server = await serve(build_app())
     status, body, _ = await fetch(server, "POST", "/raw", data=b"{oops")
     assert status == 400 and body["error"] == "invalid_json"
 
 
-async def test_unexpected_exception_is_500_json_and_the_service_stays_up(start, caplog) -> None:
-    server = await start(build_app())
+async def test_unexpected_exception_is_500_json_and_the_service_stays_up(serve, caplog) -> None:
+    server = await serve(build_app())
     status, body, _ = await fetch(server, "GET", "/boom")
     assert status == 500 and body["error"] == "internal_error"
     assert "kaboom" not in body["detail"]  # internals stay in the log, not the answer
@@ -24,8 +24,8 @@ async def test_unexpected_exception_is_500_json_and_the_service_stays_up(start, 
     assert status == 200
 
 
-async def test_not_found_method_not_allowed_and_api_error_are_json(start) -> None:
-    server = await start(build_app())
+async def test_not_found_method_not_allowed_and_api_error_are_json(serve) -> None:
+    server = await serve(build_app())
     status, body, _ = await fetch(server, "GET", "/nope")
     assert (status, body["error"]) == (404, "not_found")
     status, body, resp = await fetch(server, "DELETE", "/heartbeat")

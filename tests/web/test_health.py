@@ -23,12 +23,12 @@ def test_loop_health_goes_stale_and_recovers() -> None:
     assert ok and loops["chain"]["runs"] == 1 and loops["chain"]["last_error"] is None
 
 
-async def test_health_is_503_when_a_loop_is_stale(start) -> None:
+async def test_health_is_503_when_a_loop_is_stale(serve) -> None:
     app = build_app()
     now = [0.0]
     app[HEALTH].clock = lambda: now[0]
     app[HEALTH].register("heartbeats", stale_after_s=30)
-    server = await start(app)
+    server = await serve(app)
     status, body, _ = await fetch(server, "GET", "/health")
     assert status == 200 and body["status"] == "ok" and body["service"] == "unit"
     now[0] = 31
@@ -36,7 +36,7 @@ async def test_health_is_503_when_a_loop_is_stale(start) -> None:
     assert status == 503 and body["status"] == "stale" and body["loops"]["heartbeats"]["ok"] is False
 
 
-async def test_add_loop_runs_ticks_and_survives_failures(start) -> None:
+async def test_add_loop_runs_ticks_and_survives_failures(serve) -> None:
     app = build_app()
     calls = {"good": 0, "bad": 0}
 
@@ -49,7 +49,7 @@ async def test_add_loop_runs_ticks_and_survives_failures(start) -> None:
 
     add_loop(app, "good", good, interval_s=0.01)
     add_loop(app, "bad", bad, interval_s=0.01, stale_after_s=0.05, max_backoff_s=0.02)
-    server = await start(app)
+    server = await serve(app)
     await asyncio.sleep(0.3)
     assert calls["good"] >= 3 and calls["bad"] >= 2  # the failing loop keeps retrying
     status, body, _ = await fetch(server, "GET", "/health")

@@ -17,8 +17,8 @@ from tests.web.openapi_check import check_document, operation, validate_answer
 from tests.web.support import build_app, fetch
 
 
-async def test_openapi_lists_routes_with_summaries(start) -> None:
-    server = await start(build_app())
+async def test_openapi_lists_routes_with_summaries(serve) -> None:
+    server = await serve(build_app())
     status, doc, _ = await fetch(server, "GET", "/openapi.json")
     assert status == 200 and doc["openapi"] == "3.1.0"
     op = doc["paths"]["/heartbeat"]["post"]
@@ -119,8 +119,8 @@ def described_app() -> web.Application:
     return app
 
 
-async def test_declared_routes_carry_request_and_response_schemas(start) -> None:
-    server = await start(described_app())
+async def test_declared_routes_carry_request_and_response_schemas(serve) -> None:
+    server = await serve(described_app())
     status, doc, _ = await fetch(server, "GET", "/openapi.json")
     assert status == 200
     check_document(doc)
@@ -159,8 +159,8 @@ async def test_declared_routes_carry_request_and_response_schemas(start) -> None
     assert listing["summary"] == "Every file." and listing["operationId"] == "listing"
 
 
-async def test_the_shared_routes_are_documented(start) -> None:
-    server = await start(described_app())
+async def test_the_shared_routes_are_documented(serve) -> None:
+    server = await serve(described_app())
     _, doc, _ = await fetch(server, "GET", "/openapi.json")
     health = operation(doc, "GET", "/health")
     for code in ("200", "503"):
@@ -171,8 +171,8 @@ async def test_the_shared_routes_are_documented(start) -> None:
     validate_answer(doc, "GET", "/health", status, body)
 
 
-async def test_real_answers_are_checked_against_their_schemas(start) -> None:
-    server = await start(described_app())
+async def test_real_answers_are_checked_against_their_schemas(serve) -> None:
+    server = await serve(described_app())
     _, doc, _ = await fetch(server, "GET", "/openapi.json")
     status, body, _ = await fetch(server, "POST", "/paint", json={"shade": "dark", "litres": 2})
     validate_answer(doc, "POST", "/paint", status, body)
