@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-import msgspec
 from msgspec import Meta
 
 from prime.chain.types import NodeStatus, Specs
@@ -52,10 +51,12 @@ class Hardware(Answer, frozen=True):
     ram_mib: Uint64
     disk_gib: Uint64 = 0
 
+    def to_specs(self) -> Specs:
+        return Specs(self.gpu_count, self.gpu_model, self.gpu_memory_mib, self.cpu_cores, self.ram_mib, self.disk_gib)
+
 
 def specs_from_json(data: Any) -> Specs:
-    hw = decode(data, Hardware, "hardware")
-    return Specs(hw.gpu_count, hw.gpu_model, hw.gpu_memory_mib, hw.cpu_cores, hw.ram_mib, hw.disk_gib)
+    return decode(data, Hardware, "hardware").to_specs()
 
 
 NO_HARDWARE = Specs(0, "", 0, 0, 0, 0)
@@ -74,8 +75,7 @@ class NodeSample:
 
     @classmethod
     def from_json(cls, data: Any) -> NodeSample:
-        view = decode(data, SampleView, "sample")
-        return cls(view.at, view.gpus, view.load or {})
+        return decode(data, SampleView, "sample").to_sample()
 
 
 @dataclass
@@ -132,7 +132,7 @@ class NodeRecord:
         return cls(
             address=view.address,
             state=view.state,
-            hardware=specs_from_json(msgspec.to_builtins(view.hardware)) if view.hardware else NO_HARDWARE,
+            hardware=view.hardware.to_specs() if view.hardware else NO_HARDWARE,
             chain_status=NodeStatus[view.chain_status.upper()] if view.chain_status else None,
             chain_block=view.chain_block,
             url=view.url,
@@ -146,8 +146,7 @@ class NodeRecord:
             last_heartbeat=view.last_heartbeat,
             state_since=view.state_since,
             last_error=view.last_error,
-            last_sample=NodeSample(view.last_sample.at, view.last_sample.gpus, view.last_sample.load or {})
-            if view.last_sample else None,
+            last_sample=view.last_sample.to_sample() if view.last_sample else None,
         )
 
 
@@ -155,6 +154,9 @@ class SampleView(Answer, frozen=True):
     at: Time
     gpus: tuple[GpuSample, ...] = ()
     load: dict[str, Finite] | None = None
+
+    def to_sample(self) -> NodeSample:
+        return NodeSample(self.at, self.gpus, self.load or {})
 
 
 ChainStatusLabel = Literal["none", "registered", "approved", "rejected", "active", "left", "ejected"]

@@ -246,19 +246,8 @@ class Replica:
         return self.state in FINAL_REPLICA_STATES
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "index": self.index,
-            "node": self.node,
-            "state": self.state.value,
-            "gpu_indices": list(self.gpu_indices),
-            "attempt": self.attempt,
-            "exit_code": self.exit_code,
-            "assigned_at": self.assigned_at,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "error": self.error,
-        }
+        """The ``ReplicaView`` of this replica (every field, enums as their values)."""
+        return to_builtins(self)  # type: ignore[no-any-return]
 
     @classmethod
     def from_json(cls, data: Any) -> Replica:
