@@ -264,6 +264,14 @@ class QuietEffects:
         return SyncFailed(ins.node, ins.task_id, ins.replica, ins.final, time.time(), "not in this test")
 
 
+async def close_all(closers: list[Any]) -> None:
+    """Close what a builder below handed back, in order (some closers are coroutines)."""
+    for close in closers:
+        result = close()
+        if inspect.isawaitable(result):
+            await result
+
+
 def master_app(tmp: Path, miner_url: str) -> tuple[web.Application, Any, list[Any]]:
     from prime.auth.client import SignedClient
     from prime.roles.master.app import add_routes, new_app

@@ -9,7 +9,6 @@ does a documented success answer that no request below exercised.
 
 from __future__ import annotations
 
-import inspect
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from tests.web.roles import (
     STRANGER,
     VALIDATOR,
     Served,
+    close_all,
     discovery_app,
     invite_body,
     master_app,
@@ -188,10 +188,7 @@ async def test_master(tmp_path: Path) -> None:
         await served.server.close()
         await miner_served.server.close()
         await converger.close()
-        for close in closers:
-            result = close()
-            if inspect.isawaitable(result):
-                await result
+        await close_all(closers)
 
 
 async def sync_one_file(service: Any, app: web.Application, task_id: str) -> None:
@@ -220,10 +217,7 @@ async def test_validator(tmp_path: Path, anvil: Any, deployment: Any) -> None:
         assert_every_success_was_checked(served)
     finally:
         await served.server.close()
-        for close in closers:
-            result = close()
-            if inspect.isawaitable(result):
-                await result
+        await close_all(closers)
 
 
 # --- every route declares its schemas ------------------------------------------------------------

@@ -9,7 +9,6 @@ test_master_commands.py drive through the CLI.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from prime.roles.buyer.master_client import (
     MasterRefused,
     MasterUnreachable,
 )
-from tests.web.roles import NODE, OWNER, master_app, miner_app, serve_app
+from tests.web.roles import NODE, OWNER, close_all, master_app, miner_app, serve_app
 
 MASTER_URL = "http://master.test:8092"
 
@@ -40,10 +39,7 @@ async def transport(tmp_path: Path):
         await transport.close()
         await miner_served.server.close()
         await converger.close()
-        for close in closers:
-            result = close()
-            if inspect.isawaitable(result):
-                await result
+        await close_all(closers)
 
 
 async def test_owner_calls_reach_the_real_routes(transport) -> None:
