@@ -11,7 +11,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from prime.web import ApiError, make_app, read_json, to_json
+from prime.protocol.codec import decode, encode
+from prime.protocol.errors import ValidationError
+from prime.web import ApiError, make_app
 
 
 async def fetch(server: TestServer, method: str, path: str, **kwargs: Any) -> tuple[int, Any, aiohttp.ClientResponse]:
@@ -66,8 +68,11 @@ def build_app(client_max_size: int = 1024) -> web.Application:
 
         The node reports its tasks and GPUs.
         """
-        beat = await read_json(request, Heartbeat)
-        return web.json_response(to_json(beat))
+        try:
+            beat = decode(await request.read(), Heartbeat)  # 413 past the app's body limit
+        except ValidationError as exc:
+            raise ApiError(400, "invalid_body", exc.detail) from None
+        return web.Response(body=encode(beat), content_type="application/json")
 
     async def boom(request: web.Request) -> web.Response:
         """Fail unexpectedly."""

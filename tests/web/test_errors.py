@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from prime.web import json_error
 from tests.web.support import build_app, fetch
 
@@ -38,3 +40,17 @@ async def test_not_found_method_not_allowed_and_api_error_are_json(serve) -> Non
 async def test_json_error_shape() -> None:
     response = json_error(409, "conflict", "task exists")
     assert response.status == 409 and json.loads(response.text) == {"error": "conflict", "detail": "task exists"}
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'{"load": NaN}', b"\xff\xfe"])
+async def test_malformed_bodies_are_400_json(serve, raw: bytes) -> None:
+    server = await serve(build_app())
+    status, body, _ = await fetch(server, "POST", "/heartbeat", data=raw, headers={"Content-Type": "application/json"})
+    assert status == 400
+    assert body["error"] in ("invalid_json", "invalid_body") and body["detail"]
+
+
+async def test_body_over_the_limit_is_413_json(serve) -> None:
+    server = await serve(build_app(client_max_size=1024))
+    status, body, _ = await fetch(server, "POST", "/heartbeat", data=b"{" + b" " * 5000 + b"}")
+    assert status == 413 and body["error"] == "request_entity_too_large"

@@ -4,8 +4,8 @@
   ``{"error": ..., "detail": ...}`` (errors.py; an unexpected exception is a logged 500 and
   the service stays up), with ``GET /health`` (liveness of the background loops),
   ``GET /metrics`` (Prometheus text, one registry per app) and ``GET /openapi.json``.
-- ``read_json``/``decode`` (decoding.py): a request body into a dataclass, with type checks
-  that name the offending field (400) and the app's body limit (413).
+- Request bodies are decoded by ``prime.protocol.codec`` (one typed struct per message), from
+  ``await request.read()``, which answers 413 past the app's body limit.
 - ``LoopHealth``/``add_loop`` (health.py): background loops that tick, back off on errors
   and show up in ``/health``.
 - ``api``/``openapi_document`` (openapi.py): each handler declares its request body,
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 from prime.web.app import bound_port, make_app, serve
-from prime.web.decoding import ValidationError, decode, read_json, to_json
 from prime.web.errors import ApiError, ErrorBody, error_middleware, json_error
 from prime.web.health import HealthAnswer, LoopHealth, LoopReport, LoopState, add_loop
 from prime.web.keys import APP_NAME, DEFAULT_CLIENT_MAX_SIZE, HEALTH, METRICS
@@ -51,17 +50,13 @@ __all__ = [
     "LoopState",
     "Param",
     "Text",
-    "ValidationError",
     "add_loop",
     "api",
     "bound_port",
-    "decode",
     "endpoint_of",
     "error_middleware",
     "json_error",
     "make_app",
     "openapi_document",
-    "read_json",
     "serve",
-    "to_json",
 ]

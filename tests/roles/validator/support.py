@@ -30,7 +30,8 @@ from prime.challenge.params import ChallengeParams
 from prime.challenge.prover import Commitment, MatmulProver, NumpyBackend, Prover
 from prime.challenge.service import ChallengeService, add_challenge_routes
 from prime.clients.discovery import DiscoveryClient
-from prime.web import bound_port, make_app, read_json, serve
+from prime.protocol.challenge import VerdictNote
+from prime.web import bound_port, make_app, serve
 
 # A CPU-only node: float32 challenges, sized by --challenge-n in the tests.
 CPU_SPECS = Specs(gpu_count=0, gpu_model="", gpu_memory_mib=0, cpu_cores=2, ram_mib=4096, disk_gib=10)
@@ -88,7 +89,7 @@ class InProcessMiner:
 
     async def _verdict(self, request: web.Request) -> web.Response:
         """Keep the verdict a validator sends (what a miner shows its operator)."""
-        body = await read_json(request, dict)
+        body = VerdictNote.from_json(await request.read()).to_json()  # the miner's own message type
         self.verdicts.append({"id": request.match_info["id"], "signer": request["signer"], **body})
         return web.json_response({"ok": True})
 
