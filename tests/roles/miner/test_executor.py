@@ -37,6 +37,7 @@ from prime.roles.miner.core import Placement
 from prime.roles.miner.executor import DockerExecutor, LogLine, PullProgress, TaskNotFound
 from prime.roles.miner.heartbeat import Converger
 from prime.roles.miner.preflight import nvidia_runtime_available
+from prime.roles.miner.registries import RegistryPolicy
 from prime.roles.miner.storage import ManifestCache, manifest
 
 # ---------------------------------------------------------------- helpers
@@ -235,7 +236,8 @@ async def test_replicas_get_their_own_containers(executor: DockerExecutor, busyb
 
 
 async def test_unpullable_image_fails_with_a_reason(executor: DockerExecutor, docker_client: docker.DockerClient) -> None:
-    # Port 1 on loopback: refused at once, with or without internet.
+    # Port 1 on loopback: refused at once, with or without internet (allowed, as by --allow-registry).
+    executor.registries = RegistryPolicy.from_flags(["127.0.0.1:1"])
     spec = _placement("127.0.0.1:1/prime-missing:v1", ["true"])
     events: list[PullProgress] = []
     status = await executor.start(spec, on_progress=events.append)
@@ -268,6 +270,7 @@ async def test_missing_image_is_pulled_with_per_layer_progress(
     for event in docker_client.images.push(repository, tag=tag, stream=True, decode=True):
         assert "error" not in event, event
     docker_client.images.remove(built.id, force=True)
+    executor.registries = RegistryPolicy.from_flags([local_registry])  # a loopback registry: the operator's choice
     try:
         events: list[PullProgress] = []
         spec = _placement(image, ["sh", "-c", "sha256sum /payload"])

@@ -145,7 +145,7 @@ async def test_a_desired_task_with_a_missing_image_is_pulled_with_progress_shown
     master = await TestMaster(interval_s=0.3).start()
     master.desired = [desired_entry("pulled", image, ["sh", "-c", "test -f /payload"])]
     try:
-        async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
+        async with running_node(anvil, deployment, run_id, node, tmp_path / "data", allow_registries=(local_registry,)) as miner:
             await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x06" * 32)
             async with SignedClient(master_account, retries=0) as client:
                 await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))

@@ -71,6 +71,17 @@ FinishedRetention = Annotated[
         help="Seconds a finished task's container (and its logs) is kept after the master stops listing it.",
     ),
 ]
+AllowRegistry = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allow-registry", envvar="PRIME_ALLOW_REGISTRY", metavar="HOST[:PORT]",
+        help=(
+            "A registry (host or host:port, *.example.org for every name under it) tasks' images may be pulled from; "
+            "repeatable, or comma separated. Given: only these (write docker.io for Docker Hub). "
+            "Default: public registries only, no IP literals, local names or private addresses."
+        ),
+    ),
+]
 
 
 @app.command()
@@ -132,11 +143,13 @@ def start(
     announce_interval: AnnounceInterval = 60.0,
     chain_poll_interval: ChainPollInterval = 5.0,
     finished_retention: FinishedRetention = 3600.0,
+    allow_registry: AllowRegistry = None,
 ) -> None:
     """Start the miner: register the node for a run, get validated, join, and run the master's tasks."""
     from prime.keys import load_account
     from prime.roles.miner.node import MinerOptions, run_miner
     from prime.roles.miner.registration import parse_stake
+    from prime.roles.miner.registries import parse_entries
     from prime.roles.process import configure_logging
 
     if deployment is None:
@@ -144,6 +157,8 @@ def start(
     if task_network not in ("bridge", "host", "none") and not task_network.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"--task-network {task_network!r} is not a Docker network name; use bridge, host, none or a network you created.")
     stake_wei = parse_stake(stake)
+    allow_registries = tuple(allow_registry or ())
+    parse_entries(allow_registries)  # a malformed entry fails here, before any transaction
     node_account = load_account(key_file, password_env=NODE_PASSWORD_ENV)
     provider_account = node_account
     if provider_key_file is not None:
@@ -154,7 +169,7 @@ def start(
         run_id=run_id, rpc_url=rpc_url, deployment=Path(deployment), data_dir=Path(data_dir), host=host, port=port,
         gpu=gpu, public_ip=public_ip, stake_wei=stake_wei, task_network=task_network,
         announce_interval_s=announce_interval, chain_poll_interval_s=chain_poll_interval,
-        finished_retention_s=finished_retention,
+        finished_retention_s=finished_retention, allow_registries=allow_registries,
     )
     asyncio.run(run_miner(options, node_account, provider_account, prover=_PROVER.get()))
 

@@ -4,7 +4,8 @@ reading back what runs (a snapshot of ``ReplicaStatus``), a replica's state and 
 The executor decides nothing about restarts or what should run (``core.py`` does); it only
 keeps what an engine call in flight needs: a record of replicas being started (pulling,
 or failed before a container existed), one pull per image, and a short backoff after a
-failed pull so that every heartbeat does not pull again.
+failed pull so that every heartbeat does not pull again. Before any pull it asks its
+``RegistryPolicy`` (``registries.py``) whether the image's registry may be contacted at all.
 
 The docker SDK is blocking; every call runs in a worker thread, and the long-lived streams
 (image pulls, followed logs) get a thread of their own (``streams.py``).
@@ -42,6 +43,7 @@ from prime.roles.miner.containers import (
     status_of,
 )
 from prime.roles.miner.core import Key, Placement, ReplicaStatus, backoff_delay
+from prime.roles.miner.registries import RegistryPolicy
 from prime.roles.miner.streams import close_stream, iterate_in_thread
 
 log = logging.getLogger(__name__)
@@ -81,7 +83,9 @@ ProgressCallback = Callable[[PullProgress], None]
 
 class DockerExecutor:
     """Runs placements as labelled containers of one node. ``network_mode``: "host" in
-    production, "none" in tests. ``client`` None: ``docker.from_env()`` at first use."""
+    production, "none" in tests. ``client`` None: ``docker.from_env()`` at first use.
+    ``registries``: which registries a missing image may be pulled from (None: the default
+    policy, public registries only)."""
 
     def __init__(
         self,
@@ -95,6 +99,7 @@ class DockerExecutor:
         stop_timeout_s: int = 10,
         shm_size_mib: int | None = 1024,
         pids_limit: int | None = 4096,
+        registries: RegistryPolicy | None = None,
     ) -> None:
         self._client = client
         self._client_lock = threading.Lock()
@@ -106,6 +111,7 @@ class DockerExecutor:
         self.stop_timeout_s = stop_timeout_s
         self.shm_size_mib = shm_size_mib
         self.pids_limit = pids_limit
+        self.registries = registries if registries is not None else RegistryPolicy()
         self._locks: dict[Key, asyncio.Lock] = {}
         self._generation: dict[Key, int] = {}  # bumped by stop/replace: a start in flight gives up
         self._starting: Counter[Key] = Counter()
@@ -308,6 +314,12 @@ class DockerExecutor:
             pass
         except docker.errors.APIError as exc:
             return f"the image reference '{image}' is not valid ({exc.explanation or exc})"
+        # Present images ran above without asking: no registry is contacted for them. A missing
+        # one is pulled only from a registry the policy allows; a refused one is never contacted.
+        refusal = await self.registries.check(image)
+        if refusal is not None:
+            log.info("not pulling %s: %s", image, refusal)
+            return refusal
         failed = self._pull_failures.get(image)
         if failed is not None and time.monotonic() < failed[1]:
             return failed[2]  # pulled and failed moments ago; retried after a backoff, not on every call

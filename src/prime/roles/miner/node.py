@@ -55,6 +55,7 @@ from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
 from prime.roles.miner.invite import InviteHandler
 from prime.roles.miner.preflight import run_preflight
 from prime.roles.miner.registration import check_run, ensure_registered
+from prime.roles.miner.registries import RegistryPolicy
 from prime.roles.miner.state import (
     Announcement,
     MinerState,
@@ -90,6 +91,7 @@ class MinerOptions:
     announce_interval_s: float = 60.0
     chain_poll_interval_s: float = 5.0
     finished_retention_s: float = 3600.0
+    allow_registries: tuple[str, ...] = ()  # --allow-registry; empty: public registries only
     docker_base_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -124,7 +126,9 @@ def build_task_runtime(
 
 def docker_executor(options: MinerOptions, data_dir: Path, address: str) -> DockerExecutor:
     """The production executor (its Docker client is made at first use)."""
-    return DockerExecutor(None, data_dir, address, network_mode=options.task_network)
+    registries = RegistryPolicy.from_flags(options.allow_registries)
+    log.info("pulling images from %s", registries.describe())
+    return DockerExecutor(None, data_dir, address, network_mode=options.task_network, registries=registries)
 
 
 class MinerNode:
