@@ -414,6 +414,18 @@ async def test_a_refused_registry_is_never_contacted(docker_client: docker.Docke
 
 
 @pytest.mark.docker
+async def test_a_refusal_backs_off_like_a_failed_pull(docker_client: docker.DockerClient, docker_node_address: str, tmp_path: Path) -> None:
+    resolve = resolver({"registry.example.org": ["10.0.0.1"]})
+    policy = RegistryPolicy(resolve=resolve, cache_s=0)
+    executor = DockerExecutor(docker_client, tmp_path / "miner", docker_node_address, network_mode="none", pull_backoff_s=60, registries=policy)
+    first = await executor.start(_placement("registry.example.org/team/x:v1"))
+    second = await executor.start(_placement("registry.example.org/team/x:v1"))
+    assert first.state is second.state is ReplicaState.FAILED
+    assert first.reason == second.reason and "a private address" in (first.reason or "")
+    assert len(resolve.calls) == 1  # type: ignore[attr-defined]  # the second try waits for the backoff
+
+
+@pytest.mark.docker
 async def test_a_refused_image_already_present_still_runs(
     docker_client: docker.DockerClient, busybox_image: str, docker_node_address: str, tmp_path: Path
 ) -> None:

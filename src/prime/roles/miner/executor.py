@@ -314,15 +314,16 @@ class DockerExecutor:
             pass
         except docker.errors.APIError as exc:
             return f"the image reference '{image}' is not valid ({exc.explanation or exc})"
+        failed = self._pull_failures.get(image)
+        if failed is not None and time.monotonic() < failed[1]:
+            return failed[2]  # failed moments ago; retried after a backoff, not on every call
         # Present images ran above without asking: no registry is contacted for them. A missing
         # one is pulled only from a registry the policy allows; a refused one is never contacted.
         refusal = await self.registries.check(image)
         if refusal is not None:
             log.info("not pulling %s: %s", image, refusal)
+            self._back_off(image, failed, refusal)
             return refusal
-        failed = self._pull_failures.get(image)
-        if failed is not None and time.monotonic() < failed[1]:
-            return failed[2]  # pulled and failed moments ago; retried after a backoff, not on every call
         if on_progress is not None:
             self._pull_listeners.setdefault(image, []).append(on_progress)
         pull = self._pulls.get(image)
@@ -332,15 +333,22 @@ class DockerExecutor:
             await asyncio.shield(pull)
         except Exception as exc:
             reason = f"the image '{image}' is not available locally and could not be pulled: {_short(exc)}"
-            count = (failed[0] if failed else 0) + 1
-            retry_at = time.monotonic() + backoff_delay(count - 1, self.pull_backoff_s, self.pull_backoff_max_s)
-            self._pull_failures[image] = (count, retry_at, reason)
+            self._back_off(image, failed, reason)
             return reason
         finally:
             if on_progress is not None and on_progress in self._pull_listeners.get(image, []):
                 self._pull_listeners[image].remove(on_progress)
         self._pull_failures.pop(image, None)
         return None
+
+    def _back_off(self, image: str, failed: tuple[int, float, str] | None, reason: str) -> None:
+        """Remember a failed pull (or a refused one) so the next tries wait a growing delay."""
+        count = (failed[0] if failed else 0) + 1
+        retry_at = time.monotonic() + backoff_delay(count - 1, self.pull_backoff_s, self.pull_backoff_max_s)
+        self._pull_failures.pop(image, None)
+        self._pull_failures[image] = (count, retry_at, reason)  # newest last
+        while len(self._pull_failures) > MAX_RECORDS:  # bounded, like the records: the oldest go first
+            del self._pull_failures[next(iter(self._pull_failures))]
 
     async def _pull(self, image: str) -> None:
         try:
