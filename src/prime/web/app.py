@@ -1,4 +1,4 @@
-"""``make_app`` (JSON errors, /health, /metrics, /openapi.json, request metrics) and ``serve``."""
+"""``make_app`` (JSON errors, /health, /metrics, /openapi.json, request metrics) and ``serve`` (through prime.web.server)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from prime.web.errors import error_middleware
 from prime.web.health import HealthAnswer, LoopHealth
 from prime.web.keys import APP_NAME, DEFAULT_CLIENT_MAX_SIZE, HEALTH, METRICS
 from prime.web.openapi import Text, api, openapi_json
+from prime.web.server import GuardedSite, ServerSettings
 
 # Methods are labels: anything else a client invents is counted as OTHER, so it cannot grow the series.
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -106,11 +107,15 @@ def make_app(*, name: str, middlewares: Iterable[Any] = (), client_max_size: int
     return app
 
 
-async def serve(app: web.Application, *, host: str, port: int) -> web.AppRunner:
-    """Start listening; a busy port or a bad address is one sentence, not a traceback."""
+async def serve(app: web.Application, *, host: str, port: int, settings: ServerSettings | None = None) -> web.AppRunner:
+    """Start listening; a busy port or a bad address is one sentence, not a traceback.
+
+    Connections get the timeouts, per-peer cap and JSON parser errors of ``settings``
+    (``ServerSettings()`` by default; see prime.web.server).
+    """
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = GuardedSite(runner, host, port, settings)
     try:
         await site.start()
     except OSError as exc:
