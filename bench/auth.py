@@ -24,11 +24,15 @@ from prime.auth.middleware import signed_request_middleware
 from prime.auth.replay import ReplayCache
 from prime.auth.signing import (
     HEADER_SIGNATURE,
+    Domain,
     canonical_message,
     recover_signer,
     sign_headers,
 )
 from prime.web import bound_port, make_app, serve
+
+SERVER = Account.create()  # the service the signed requests are addressed to
+DOMAIN = Domain(31337, "0x" + "ab" * 20)
 
 
 def rate(label: str, fn, seconds: float) -> float:  # type: ignore[no-untyped-def]
@@ -44,7 +48,7 @@ def rate(label: str, fn, seconds: float) -> float:  # type: ignore[no-untyped-de
 
 
 async def end_to_end(seconds: float, concurrency: int = 32) -> None:
-    app = make_app(name="bench", middlewares=[signed_request_middleware()])
+    app = make_app(name="bench", middlewares=[signed_request_middleware(SERVER, DOMAIN)])
 
     async def heartbeat(request: web.Request) -> web.Response:
         return web.json_response({"interval": 30})
@@ -60,7 +64,7 @@ async def end_to_end(seconds: float, concurrency: int = 32) -> None:
     async def worker(session: aiohttp.ClientSession, account) -> None:  # type: ignore[no-untyped-def]
         nonlocal done
         while time.perf_counter() < deadline:
-            headers = sign_headers(account, "POST", "/heartbeat", body)
+            headers = sign_headers(account, "POST", "/heartbeat", body, audience=SERVER.address, domain=DOMAIN)
             async with session.post(url, data=body, headers=headers) as resp:
                 assert resp.status == 200, await resp.text()
                 await resp.read()
@@ -81,16 +85,17 @@ def main() -> None:
 
     account = Account.create()
     body = b'{"tasks":[],"gpus":[],"load":0.5}'
-    headers = sign_headers(account, "POST", "/heartbeat", body)
-    assert recover_signer(headers, "POST", "/heartbeat", body) == account.address
-    text = canonical_message("POST", "/heartbeat", int(headers["X-Prime-Timestamp"]), headers["X-Prime-Nonce"], body)
+    headers = sign_headers(account, "POST", "/heartbeat", body, audience=SERVER.address, domain=DOMAIN)
+    assert recover_signer(headers, "POST", "/heartbeat", body, audience=SERVER.address, domain=DOMAIN) == account.address
+    text = canonical_message("POST", "/heartbeat", int(headers["X-Prime-Timestamp"]), headers["X-Prime-Nonce"], body,
+                             audience=SERVER.address, domain=DOMAIN)
     signable = encode_defunct(text=text)
     signature = headers[HEADER_SIGNATURE]
 
-    ours = rate("recover_signer (prime.auth.signing, coincurve)", lambda: recover_signer(headers, "POST", "/heartbeat", body), seconds)
+    ours = rate("recover_signer (prime.auth.signing, coincurve)", lambda: recover_signer(headers, "POST", "/heartbeat", body, audience=SERVER.address, domain=DOMAIN), seconds)
     base = rate("Account.recover_message (eth-account, baseline)", lambda: Account.recover_message(signable, signature=signature), seconds)
     print(f"{'speed-up over eth-account':<55} {ours / base:>10.1f} x")
-    rate("sign_headers (client side)", lambda: sign_headers(account, "POST", "/heartbeat", body), seconds)
+    rate("sign_headers (client side)", lambda: sign_headers(account, "POST", "/heartbeat", body, audience=SERVER.address, domain=DOMAIN), seconds)
 
     cache = ReplayCache(60, max_entries=2_000_000)
     now = int(time.time())

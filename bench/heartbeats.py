@@ -47,7 +47,7 @@ from eth_account.signers.local import LocalAccount
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.fixtures.processes (RoleProcess) when run from a checkout
 
-from prime.auth.signing import recover_signer, sign_headers  # noqa: E402
+from prime.auth.signing import HEADER_NONCE, Domain, recover_signer, sign_answer, sign_headers  # noqa: E402
 from prime.chain.anvil import AnvilProcess, rpc_call, start_anvil  # noqa: E402
 from prime.chain.client import RegistryClient, invite_digest, registration_digest, sign_digest  # noqa: E402
 from prime.chain.deploy import deploy_registry  # noqa: E402
@@ -154,16 +154,21 @@ def start_master(anvil: AnvilProcess, deployment_path: Path, run_id: int, master
     return proc.start(timeout_s=120)
 
 
-def floor_server(port: int) -> None:
-    """A bare aiohttp handler that verifies the heartbeat's signature and answers like a master."""
+def floor_server(port: int, key: str, chain_id: int, registry: str) -> None:
+    """A bare aiohttp handler that verifies the heartbeat's signature and answers like a master
+    (its answer signed for the request's nonce, as a master's is)."""
+    account = Account.from_key(key)
+    domain = Domain(chain_id, registry)
 
     async def handler(request: web.Request) -> web.Response:
         body = await request.read()
         try:
-            recover_signer(request.headers, request.method, request.raw_path, body)
+            recover_signer(request.headers, request.method, request.raw_path, body, audience=account.address, domain=domain)
         except Exception as exc:  # noqa: BLE001 - a benchmark floor, not a service
             return web.json_response({"error": "unauthorized", "detail": str(exc)}, status=401)
-        return web.json_response({"interval_s": 30.0, "desired": []})
+        answer = b'{"interval_s":30.0,"desired":[]}'
+        headers = sign_answer(account, request.headers[HEADER_NONCE], 200, answer, domain)
+        return web.Response(body=answer, content_type="application/json", headers=headers)
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -198,8 +203,9 @@ class Result:
                 f"({self.ok} ok, {errors} errors)")
 
 
-def presign(nodes: list[LocalAccount], count: int, start: int = 0) -> list[dict[str, str]]:
-    return [sign_headers(nodes[(start + i) % len(nodes)], "POST", "/heartbeat", BODY) for i in range(count)]
+def presign(nodes: list[LocalAccount], count: int, to: str, domain: Domain) -> list[dict[str, str]]:
+    """``count`` heartbeats signed by the nodes in turn, addressed to the master ``to``."""
+    return [sign_headers(nodes[i % len(nodes)], "POST", "/heartbeat", BODY, audience=to, domain=domain) for i in range(count)]
 
 
 async def run_load(label: str, base_url: str, pid: int, requests: list[dict[str, str]], *, concurrency: int,
@@ -260,6 +266,7 @@ async def run_load(label: str, base_url: str, pid: int, requests: list[dict[str,
 
 async def bench_size(anvil: AnvilProcess, deployment: Any, n: int, args: argparse.Namespace, work: Path) -> list[str]:
     master = Account.create()
+    domain = Domain.of(deployment)
     run_id, nodes, seed_s = await seed_run(anvil, deployment, n, master)
     print(f"\nN = {n:,}: {3 * n:,} transactions (register, approve, join) mined in {seed_s:.1f} s; run {run_id}")
     proc = start_master(anvil, deployment.path, run_id, master, work / f"n{n}")
@@ -273,7 +280,7 @@ async def bench_size(anvil: AnvilProcess, deployment: Any, n: int, args: argpars
         print(f"  master learned {n:,} members from chain events in {time.perf_counter() - began:.1f} s")
 
         # Warm up: every node's first heartbeat (Joined -> Healthy), not measured.
-        warm = await run_load("warm-up", proc.base_url, proc.proc.pid, presign(nodes, n), concurrency=args.concurrency,
+        warm = await run_load("warm-up", proc.base_url, proc.proc.pid, presign(nodes, n, master.address, domain), concurrency=args.concurrency,
                               seconds=600)
         healthy = await metric(proc.base_url, 'prime_master_nodes{state="Healthy"}')
         print(f"  warm-up: {warm.ok:,} first heartbeats, {healthy:,.0f} nodes Healthy")
@@ -281,11 +288,11 @@ async def bench_size(anvil: AnvilProcess, deployment: Any, n: int, args: argpars
         paced_rate = n / 30.0
         paced_count = int(paced_rate * args.seconds) + 1
         paced = await run_load(f"paced {paced_rate:,.0f}/s (N/30 s)", proc.base_url, proc.proc.pid,
-                               presign(nodes, paced_count), concurrency=max(args.concurrency, 256),
+                               presign(nodes, paced_count, master.address, domain), concurrency=max(args.concurrency, 256),
                                seconds=args.seconds, rate=paced_rate)
         budget = args.max_requests
         saturated = await run_load(f"saturated, {args.concurrency} in flight", proc.base_url, proc.proc.pid,
-                                   presign(nodes, budget), concurrency=args.concurrency, seconds=args.seconds)
+                                   presign(nodes, budget, master.address, domain), concurrency=args.concurrency, seconds=args.seconds)
         lines += [f"  master  {paced.row()}", f"  master  {saturated.row()}"]
         for line in lines:
             print(line)
@@ -295,7 +302,9 @@ async def bench_size(anvil: AnvilProcess, deployment: Any, n: int, args: argpars
         proc.stop()
 
     port = free_port()
-    floor = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port)], stdin=subprocess.DEVNULL)
+    floor_key = Account.create()
+    floor = subprocess.Popen([sys.executable, __file__, "--floor-server", str(port), floor_key.key.hex(),
+                              str(domain.chain_id), domain.registry], stdin=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(100):
@@ -306,7 +315,7 @@ async def bench_size(anvil: AnvilProcess, deployment: Any, n: int, args: argpars
             except aiohttp.ClientError:
                 await asyncio.sleep(0.1)
         result = await run_load(f"saturated, {args.concurrency} in flight", base, floor.pid,
-                                presign(nodes, args.max_requests), concurrency=args.concurrency, seconds=args.seconds)
+                                presign(nodes, args.max_requests, floor_key.address, domain), concurrency=args.concurrency, seconds=args.seconds)
         line = f"  floor   {result.row()}"
         print(line)
         lines.append(line)
@@ -340,8 +349,8 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--floor-server":
-        floor_server(int(sys.argv[2]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--floor-server":
+        floor_server(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
         sys.exit(0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="100,1000,10000", help="comma-separated node counts")

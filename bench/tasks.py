@@ -54,6 +54,7 @@ import docker
 from prometheus_client import CollectorRegistry
 
 from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from prime.chain.anvil import free_port
 from prime.clients.discovery import DiscoveryClient
 from prime.devnet.images import ensure_demo_image
@@ -256,8 +257,10 @@ class Syncer:
     def __init__(self, net: Network, work: Path, client: SignedClient) -> None:
         self.client = client
         self.work = work
+        self.net = net
         self.miner_url = net.url("miner")
-        locator = NodeLocator(DiscoveryClient(client, net.url("discovery")), net.info["run_id"],
+        discovery = f"{net.url('discovery')}#{net.info['keys']['discovery']['address']}"  # its signer, as the run names it
+        locator = NodeLocator(DiscoveryClient(client, discovery), net.info["run_id"],
                               known_url=lambda node: self.miner_url, on_resolved=lambda node, url: None)
         self.db = Database(work / "master.sqlite")
         self.sync = StorageSync(client, locator, MasterStore(self.db), BlobStore(work / "blobs"),
@@ -266,19 +269,19 @@ class Syncer:
     async def manifest_bytes(self, task_id: str) -> tuple[float, int, int]:
         """(seconds, files, JSON bytes) of one GET manifest."""
         t0 = time.perf_counter()
-        answer = await self.client.request("GET", f"{self.miner_url}/tasks/{task_id}/manifest", params={"replica": 0})
+        answer = await self.client.request("GET", f"{self.miner_url}/tasks/{task_id}/manifest", audience=self.net.node, params={"replica": 0})
         return time.perf_counter() - t0, len(answer["files"]), len(json.dumps(answer))
 
     async def fetch_only(self, task_id: str) -> tuple[float, int, int]:
         """(seconds, blobs, bytes) to GET every blob of the manifest and hash it, storing nothing:
         the HTTP + miner part of a sync without the master's disk."""
-        answer = await self.client.request("GET", f"{self.miner_url}/tasks/{task_id}/manifest", params={"replica": 0})
+        answer = await self.client.request("GET", f"{self.miner_url}/tasks/{task_id}/manifest", audience=self.net.node, params={"replica": 0})
         digests = {f["sha256"] for f in answer["files"]}
         t0 = time.perf_counter()
         total = 0
         for digest in digests:
             hasher = hashlib.sha256()
-            async with self.client.stream("GET", f"{self.miner_url}/tasks/{task_id}/blobs/{digest}", params={"replica": 0}) as resp:
+            async with self.client.stream("GET", f"{self.miner_url}/tasks/{task_id}/blobs/{digest}", audience=self.net.node, params={"replica": 0}) as resp:
                 async for chunk in resp.content.iter_chunked(256 * 1024):
                     hasher.update(chunk)
                     total += len(chunk)
@@ -341,7 +344,8 @@ async def bench_one_sync(net: Network, syncer: Syncer, task_id: str, label: str,
 async def bench_sync(net: Network, work: Path, args: argparse.Namespace) -> None:
     print("\n== 2./3. storage sync (master's StorageSync in this process → real miner process, loopback)")
     master = net.account("master")
-    async with SignedClient(master, timeout_s=120, retries=2) as client:
+    domain = Domain(int(net.info["chain_id"]), str(net.info["registry"]))
+    async with SignedClient(master, domain=domain, timeout_s=120, retries=2) as client:
         syncer = Syncer(net, work, client)
         try:
             large_id, small_id = "bench-large", "bench-small"

@@ -6,18 +6,21 @@ import socket
 
 import pytest
 from aiohttp import web
+from eth_account import Account
 
-from prime.auth.client import SignedClient
 from prime.auth.middleware import signed_request_middleware
 from prime.errors import PeerError
 from prime.web import json_error, make_app
+from tests.support.signing import DOMAIN, peer_client
 
 BLOB = bytes(range(256)) * 8192  # 2 MiB
+
+PEER = Account.create()  # the service every test talks to
 
 
 def build_app() -> tuple[web.Application, dict[str, int]]:
     hits = {"flaky": 0, "bad": 0, "down": 0}
-    app = make_app(name="peer", middlewares=[signed_request_middleware()])
+    app = make_app(name="peer", middlewares=[signed_request_middleware(PEER, DOMAIN)])
 
     async def whoami(request: web.Request) -> web.Response:
         body = await request.read()
@@ -70,7 +73,7 @@ def free_port() -> int:
 async def test_signed_json_request_with_params(serve, alice) -> None:
     app, _ = build_app()
     server = await serve(app)
-    async with SignedClient(alice) as client:
+    async with peer_client(alice, to=PEER.address) as client:
         answer = await client.request(
             "POST", server.make_url("/whoami/a b"), json={"x": [1, 2]}, params={"follow": True, "q": "a+b ü/&"}
         )
@@ -80,7 +83,7 @@ async def test_signed_json_request_with_params(serve, alice) -> None:
 async def test_url_given_as_text_with_query(serve, alice) -> None:
     app, _ = build_app()
     server = await serve(app)
-    async with SignedClient(alice) as client:
+    async with peer_client(alice, to=PEER.address) as client:
         answer = await client.request("GET", str(server.make_url("/whoami/x")) + "?tail=10&a=%2F")
     assert answer["query"] == {"tail": "10", "a": "/"}
 
@@ -88,7 +91,7 @@ async def test_url_given_as_text_with_query(serve, alice) -> None:
 async def test_retries_503_then_succeeds_with_fresh_signatures(serve, alice) -> None:
     app, hits = build_app()
     server = await serve(app)
-    async with SignedClient(alice, retries=3, backoff_s=0.01) as client:
+    async with peer_client(alice, to=PEER.address, retries=3, backoff_s=0.01) as client:
         answer = await client.request("POST", server.make_url("/flaky"), json={"n": 1})
     # The third attempt got through: each retry was re-signed (a reused nonce would be a 401).
     assert answer == {"attempt": 3, "json": {"n": 1}}
@@ -98,7 +101,7 @@ async def test_retries_503_then_succeeds_with_fresh_signatures(serve, alice) -> 
 async def test_no_retry_on_400_and_peer_error_carries_the_json(serve, alice) -> None:
     app, hits = build_app()
     server = await serve(app)
-    async with SignedClient(alice, retries=3, backoff_s=0.01) as client:
+    async with peer_client(alice, to=PEER.address, retries=3, backoff_s=0.01) as client:
         with pytest.raises(PeerError) as caught:
             await client.request("POST", server.make_url("/bad"), json={})
     assert hits["bad"] == 1
@@ -110,7 +113,7 @@ async def test_no_retry_on_400_and_peer_error_carries_the_json(serve, alice) -> 
 async def test_gives_up_after_retries_on_persistent_5xx(serve, alice) -> None:
     app, hits = build_app()
     server = await serve(app)
-    async with SignedClient(alice, retries=2, backoff_s=0.01) as client:
+    async with peer_client(alice, to=PEER.address, retries=2, backoff_s=0.01) as client:
         with pytest.raises(PeerError) as caught:
             await client.request("GET", server.make_url("/down"))
     assert hits["down"] == 3
@@ -129,7 +132,7 @@ async def test_401_from_a_verifying_peer_is_reported(serve, alice) -> None:
         def sign_message(self, message):  # type: ignore[no-untyped-def]
             return alice.sign_message(message)
 
-    async with SignedClient(Impostor(), backoff_s=0.01) as client:
+    async with peer_client(Impostor(), to=PEER.address, backoff_s=0.01) as client:
         with pytest.raises(PeerError) as caught:
             await client.request("GET", server.make_url("/whoami/x"))
     assert caught.value.status == 401
@@ -137,7 +140,7 @@ async def test_401_from_a_verifying_peer_is_reported(serve, alice) -> None:
 
 async def test_unreachable_peer_is_one_sentence_after_retries(alice) -> None:
     port = free_port()
-    async with SignedClient(alice, retries=2, backoff_s=0.01, timeout_s=2) as client:
+    async with peer_client(alice, to=PEER.address, retries=2, backoff_s=0.01, timeout_s=2) as client:
         with pytest.raises(PeerError) as caught:
             await client.request("GET", f"http://127.0.0.1:{port}/x")
     assert caught.value.status is None
@@ -147,14 +150,14 @@ async def test_unreachable_peer_is_one_sentence_after_retries(alice) -> None:
 async def test_non_json_answer_and_empty_answer(serve, alice) -> None:
     app, _ = build_app()
     server = await serve(app)
-    async with SignedClient(alice) as client:
+    async with peer_client(alice, to=PEER.address) as client:
         with pytest.raises(PeerError, match="not JSON"):
             await client.request("GET", server.make_url("/text"))
         assert await client.request("DELETE", server.make_url("/empty")) is None
 
 
 async def test_invalid_url_is_a_peer_error(alice) -> None:
-    async with SignedClient(alice) as client:
+    async with peer_client(alice, to=PEER.address) as client:
         with pytest.raises(PeerError, match="invalid"):
             await client.request("GET", "not-a-url")
 
@@ -162,7 +165,7 @@ async def test_invalid_url_is_a_peer_error(alice) -> None:
 async def test_stream_reads_a_large_body(serve, alice) -> None:
     app, _ = build_app()
     server = await serve(app)
-    async with SignedClient(alice) as client:
+    async with peer_client(alice, to=PEER.address) as client:
         async with client.stream("GET", server.make_url("/blob")) as response:
             received = bytearray()
             async for chunk in response.content.iter_chunked(65536):
@@ -173,7 +176,7 @@ async def test_stream_reads_a_large_body(serve, alice) -> None:
 async def test_stream_raises_on_error_status(serve, alice) -> None:
     app, hits = build_app()
     server = await serve(app)
-    async with SignedClient(alice, retries=1, backoff_s=0.01) as client:
+    async with peer_client(alice, to=PEER.address, retries=1, backoff_s=0.01) as client:
         with pytest.raises(PeerError) as caught:
             async with client.stream("GET", server.make_url("/down")):
                 pytest.fail("an error answer must not be yielded")

@@ -8,22 +8,30 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
+from eth_account import Account
 from yarl import URL
 
 from prime.auth.middleware import any_of, require, signed_request_middleware
+from prime.auth.replay import ReplayCache
 from prime.auth.signing import (
     HEADER_ADDRESS,
     HEADER_NONCE,
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
+    AuthError,
+    Domain,
     sign_headers,
 )
 from prime.errors import ChainError
 from prime.web import make_app
+from tests.support.signing import DOMAIN
+
+SERVER = Account.create()  # the service under test: the audience of every request, the signer of its answers
 
 
-def build_app(owner_address: str, *, client_max_size: int = 64 * 1024) -> web.Application:
-    app = make_app(name="test", middlewares=[signed_request_middleware()], client_max_size=client_max_size)
+def build_app(owner_address: str, *, client_max_size: int = 64 * 1024, replay_cache: ReplayCache | None = None) -> web.Application:
+    middleware = signed_request_middleware(SERVER, DOMAIN, replay_cache=replay_cache)
+    app = make_app(name="test", middlewares=[middleware], client_max_size=client_max_size)
 
     async def echo(request: web.Request) -> web.Response:
         """Echo the signer, the query and the body."""
@@ -61,11 +69,12 @@ def build_app(owner_address: str, *, client_max_size: int = 64 * 1024) -> web.Ap
 
 async def send(server, account, method: str, path: str, body: bytes = b"", *, sign_path: str | None = None,
                sign_body: bytes | None = None, headers: dict | None = None, drop: str | None = None,
-               timestamp: int | None = None):
+               timestamp: int | None = None, audience: str | None = None, domain: Domain = DOMAIN):
     """Sign (optionally something other than what is sent), send raw, return (status, json)."""
     url = server.make_url(path)
     signed = sign_headers(account, method, sign_path if sign_path is not None else url.raw_path_qs,
-                          body if sign_body is None else sign_body, timestamp=timestamp)
+                          body if sign_body is None else sign_body, timestamp=timestamp,
+                          audience=audience or SERVER.address, domain=domain)
     signed.update(headers or {})
     if drop:
         del signed[drop]
@@ -126,7 +135,7 @@ async def test_timestamp_inside_window_is_accepted(serve, alice) -> None:
 async def test_replayed_request_is_401(serve, alice) -> None:
     server = await serve(build_app(alice.address))
     url = server.make_url("/echo/a")
-    headers = sign_headers(alice, "POST", url.raw_path_qs, b"x")
+    headers = sign_headers(alice, "POST", url.raw_path_qs, b"x", audience=SERVER.address, domain=DOMAIN)
     async with aiohttp.ClientSession() as session:
         async with session.post(url, data=b"x", headers=headers) as first:
             assert first.status == 200
@@ -184,7 +193,7 @@ async def test_odd_paths_verify_exactly_as_sent(serve, alice) -> None:
     """Percent-encoding, '+' and unicode: the client signs yarl's raw_path_qs, the server checks raw_path."""
     server = await serve(build_app(alice.address))
     url = server.make_url("/echo/a b/ü").extend_query({"q": "a+b c", "s": "x/&y"})
-    headers = sign_headers(alice, "GET", url.raw_path_qs, b"")
+    headers = sign_headers(alice, "GET", url.raw_path_qs, b"", audience=SERVER.address, domain=DOMAIN)
     async with aiohttp.ClientSession() as session:
         async with session.get(url, headers=headers) as resp:
             assert resp.status == 200, await resp.text()
@@ -201,3 +210,55 @@ async def test_error_bodies_are_json(serve, alice) -> None:
         async with session.get(server.make_url("/echo/a"), headers={HEADER_SIGNATURE: "x"}) as resp:
             assert resp.content_type == "application/json"
             assert set(json.loads(await resp.text())) == {"error", "detail"}
+
+
+# -- audience, domain, signed answers, replay across restarts ----------------------------------
+
+
+async def test_a_request_addressed_to_another_service_or_network_is_refused(serve, alice) -> None:
+    server = await serve(build_app(alice.address))
+    assert (await send(server, alice, "GET", "/owner"))[0] == 200
+    for kwargs in ({"audience": Account.create().address},
+                   {"domain": Domain(DOMAIN.chain_id + 1, DOMAIN.registry)},
+                   {"domain": Domain(DOMAIN.chain_id, "0x" + "12" * 20)}):
+        status, data = await send(server, alice, "GET", "/owner", **kwargs)
+        assert status == 401 and data["error"] == "unauthorized", kwargs
+
+
+async def test_every_whole_answer_is_signed_for_the_requests_nonce(serve, alice, mallory) -> None:
+    from prime.auth.signing import verify_answer
+
+    server = await serve(build_app(alice.address))
+    url = server.make_url("/owner")
+    for account, expected in ((alice, 200), (mallory, 403)):
+        headers = sign_headers(account, "GET", url.raw_path_qs, b"", audience=SERVER.address, domain=DOMAIN)
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+            body = await resp.read()
+            assert resp.status == expected
+            assert verify_answer(resp.headers, headers[HEADER_NONCE], resp.status, body, expected=SERVER.address, domain=DOMAIN) == SERVER.address
+            with pytest.raises(AuthError):  # bound to this request: another nonce does not verify
+                verify_answer(resp.headers, "x" * 24, resp.status, body, expected=SERVER.address, domain=DOMAIN)
+            with pytest.raises(AuthError):  # and to this body
+                verify_answer(resp.headers, headers[HEADER_NONCE], resp.status, body + b" ", expected=SERVER.address, domain=DOMAIN)
+    # a public route signs its answer only when asked (a nonce header), e.g. for identify()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/health")) as resp:
+            assert HEADER_SIGNATURE not in resp.headers
+        async with session.get(server.make_url("/health"), headers={HEADER_NONCE: "n" * 24}) as resp:
+            assert verify_answer(resp.headers, "n" * 24, resp.status, await resp.read(), expected=SERVER.address, domain=DOMAIN)
+
+
+async def test_a_nonce_stays_used_after_the_server_restarts(serve, alice, tmp_path) -> None:
+    first = await serve(build_app(alice.address, replay_cache=ReplayCache.persistent(tmp_path / "nonces")))
+    url = first.make_url("/owner")
+    headers = sign_headers(alice, "GET", url.raw_path_qs, b"", audience=SERVER.address, domain=DOMAIN)
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as resp:
+        assert resp.status == 200
+    # a new process: a new app and cache over the same data directory
+    second = await serve(build_app(alice.address, replay_cache=ReplayCache.persistent(tmp_path / "nonces")))
+    async with aiohttp.ClientSession() as session, session.get(second.make_url("/owner"), headers=headers) as resp:
+        assert resp.status == 401 and "already used" in (await resp.json())["detail"]
+    # a cache in memory only would have let it through
+    third = await serve(build_app(alice.address))
+    async with aiohttp.ClientSession() as session, session.get(third.make_url("/owner"), headers=headers) as resp:
+        assert resp.status == 200

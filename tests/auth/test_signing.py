@@ -14,14 +14,32 @@ from prime.auth.signing import (
     HEADER_SIGNATURE,
     HEADER_TIMESTAMP,
     AuthError,
-    canonical_message,
+    Domain,
     new_nonce,
     parse_headers,
     recover_message,
-    recover_signer,
-    sign_headers,
     sign_message,
+    verify_answer,
 )
+from prime.auth.signing import canonical_message as _canonical_message
+from prime.auth.signing import recover_signer as _recover_signer
+from prime.auth.signing import sign_answer as _sign_answer
+from prime.auth.signing import sign_headers as _sign_headers
+from tests.support.signing import DOMAIN
+
+CALLEE = "0x" + "c0" * 20  # the service every request here is addressed to
+
+
+def sign_headers(account, method, path, body=b"", **kwargs):  # type: ignore[no-untyped-def]
+    return _sign_headers(account, method, path, body, audience=CALLEE, domain=DOMAIN, **kwargs)
+
+
+def recover_signer(headers, method, path, body):  # type: ignore[no-untyped-def]
+    return _recover_signer(headers, method, path, body, audience=CALLEE, domain=DOMAIN)
+
+
+def canonical_message(method, path, timestamp, nonce, body=b""):  # type: ignore[no-untyped-def]
+    return _canonical_message(method, path, timestamp, nonce, body, audience=CALLEE, domain=DOMAIN)
 
 SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
@@ -29,7 +47,41 @@ SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 def test_canonical_message_matches_design() -> None:
     body = b'{"a":1}'
     message = canonical_message("post", "/tasks?x=1", 1700000000, "n" * 16, body)
-    assert message == f"prime-request-v1\nPOST\n/tasks?x=1\n1700000000\n{'n' * 16}\n{hashlib.sha256(body).hexdigest()}"
+    assert message == (
+        f"prime-request-v2\nPOST\n/tasks?x=1\n1700000000\n{'n' * 16}\n{hashlib.sha256(body).hexdigest()}"
+        f"\n{CALLEE}\n{DOMAIN.chain_id}\n{DOMAIN.registry}"
+    )
+
+
+@pytest.mark.parametrize("audience, domain", [
+    ("0x" + "c1" * 20, DOMAIN),  # another service
+    (CALLEE, Domain(DOMAIN.chain_id + 1, DOMAIN.registry)),  # another chain
+    (CALLEE, Domain(DOMAIN.chain_id, "0x" + "99" * 20)),  # another deployment
+])
+def test_a_request_signed_for_another_audience_or_network_does_not_verify(alice, audience: str, domain: Domain) -> None:
+    headers = sign_headers(alice, "GET", "/nodes")
+    with pytest.raises(AuthError, match="another service or network"):
+        _recover_signer(headers, "GET", "/nodes", b"", audience=audience, domain=domain)
+
+
+def test_answers_verify_only_for_their_signer_nonce_status_body_and_network(alice, mallory) -> None:
+    headers = _sign_answer(alice, "n" * 20, 200, b"{}", DOMAIN)
+    assert verify_answer(headers, "n" * 20, 200, b"{}", expected=alice.address, domain=DOMAIN) == alice.address
+    for nonce, status, body, expected, domain in (
+        ("m" * 20, 200, b"{}", alice.address, DOMAIN),
+        ("n" * 20, 201, b"{}", alice.address, DOMAIN),
+        ("n" * 20, 200, b"[]", alice.address, DOMAIN),
+        ("n" * 20, 200, b"{}", mallory.address, DOMAIN),
+        ("n" * 20, 200, b"{}", alice.address, Domain(1, DOMAIN.registry)),
+    ):
+        with pytest.raises(AuthError):
+            verify_answer(headers, nonce, status, body, expected=expected, domain=domain)
+    with pytest.raises(AuthError, match="not signed"):
+        verify_answer({}, "n" * 20, 200, b"{}", expected=alice.address, domain=DOMAIN)
+    # mallory's signature under alice's address header
+    forged = {**_sign_answer(mallory, "n" * 20, 200, b"{}", DOMAIN), HEADER_ADDRESS: alice.address}
+    with pytest.raises(AuthError):
+        verify_answer(forged, "n" * 20, 200, b"{}", expected=alice.address, domain=DOMAIN)
 
 
 def test_headers_round_trip(alice) -> None:

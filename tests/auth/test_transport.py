@@ -12,19 +12,23 @@ import tracemalloc
 
 import pytest
 from aiohttp import web
+from eth_account import Account
 
 from prime.auth.client import DEFAULT_MAX_RESPONSE_BYTES, SignedClient
 from prime.auth.middleware import signed_request_middleware
 from prime.auth.transport import AiohttpTransport, InProcessTransport, Transport
 from prime.errors import PeerError
 from prime.web import json_error, make_app
+from tests.support.signing import DOMAIN, peer_client
 
 TEN_MIB = 10 * 1024 * 1024
 CHUNK = b"x" * 65536
 
+PEER = Account.create()  # the service every test talks to
+
 
 def peer_app() -> web.Application:
-    app = make_app(name="peer", middlewares=[signed_request_middleware()])
+    app = make_app(name="peer", middlewares=[signed_request_middleware(PEER, DOMAIN)])
 
     async def whoami(request: web.Request) -> web.Response:
         return web.json_response({
@@ -67,11 +71,11 @@ def peer_app() -> web.Application:
 
 async def test_the_same_request_through_both_transports_reaches_the_route_signed(serve, alice) -> None:
     server = await serve(peer_app())
-    over_socket = await _ask(SignedClient(alice), str(server.make_url("/whoami/a b")))
+    over_socket = await _ask(peer_client(alice, to=PEER.address), str(server.make_url("/whoami/a b")))
     in_process = InProcessTransport(peer_app())
     try:
         assert isinstance(in_process, Transport) and isinstance(AiohttpTransport(), Transport)
-        answer = await _ask(SignedClient(alice, transport=in_process), "http://peer.test/whoami/a b")
+        answer = await _ask(peer_client(alice, to=PEER.address, transport=in_process), "http://peer.test/whoami/a b")
     finally:
         await in_process.close()
     # The middleware recovered alice from the signed headers both times, over the same target.
@@ -90,7 +94,7 @@ async def test_in_process_errors_map_like_real_ones(alice, mallory) -> None:
     apps = {"peer.test": peer_app(), "10.0.0.5:8093": peer_app()}
     transport = InProcessTransport(apps)
     try:
-        async with SignedClient(alice, transport=transport, retries=1, backoff_s=0.01) as client:
+        async with peer_client(alice, to=PEER.address, transport=transport, retries=1, backoff_s=0.01) as client:
             with pytest.raises(PeerError) as refused:
                 await client.request("POST", "http://peer.test/refuse", json={})
             assert refused.value.status == 400 and refused.value.body["detail"] == "gpus: must be an integer"
@@ -101,7 +105,7 @@ async def test_in_process_errors_map_like_real_ones(alice, mallory) -> None:
             assert absent.value.status is None and "nobody.test:1" in absent.value.message
             assert "after 2 attempts" in absent.value.message
         # closing this client leaves the shared transport open for the next one
-        async with SignedClient(mallory, transport=transport) as other:
+        async with peer_client(mallory, to=PEER.address, transport=transport) as other:
             assert (await other.request("GET", "http://peer.test/whoami/y"))["signer"] == mallory.address
     finally:
         await transport.close()
@@ -110,7 +114,7 @@ async def test_in_process_errors_map_like_real_ones(alice, mallory) -> None:
 async def test_stream_through_the_in_process_transport(alice) -> None:
     transport = InProcessTransport(peer_app())
     try:
-        async with SignedClient(alice, transport=transport) as client, client.stream("GET", "http://peer.test/lines") as response:
+        async with peer_client(alice, to=PEER.address, transport=transport) as client, client.stream("GET", "http://peer.test/lines") as response:
             got = [await response.content.readline() for _ in range(4)]
     finally:
         await transport.close()
@@ -123,7 +127,7 @@ async def test_a_10_mib_reply_is_a_peer_error_and_is_not_read_into_memory(serve,
     url = server.make_url("/huge")
     limit = 1024 * 1024  # per-call override; the default is a few MiB
     assert TEN_MIB > DEFAULT_MAX_RESPONSE_BYTES > limit
-    async with SignedClient(alice, retries=0) as client:
+    async with peer_client(alice, to=PEER.address, retries=0) as client:
         tracemalloc.start()
         try:
             with pytest.raises(PeerError) as too_long:
@@ -143,7 +147,7 @@ async def test_a_10_mib_reply_is_a_peer_error_and_is_not_read_into_memory(serve,
 
 async def test_the_client_setting_bounds_every_call(serve, alice) -> None:
     server = await serve(peer_app())
-    async with SignedClient(alice, max_response_bytes=100) as client:
+    async with peer_client(alice, to=PEER.address, max_response_bytes=100) as client:
         with pytest.raises(PeerError, match="more than 100 bytes"):
             await client.request("GET", server.make_url("/whoami/" + "a" * 200))
         assert (await client.request("GET", server.make_url("/whoami/a"), max_response_bytes=10_000))["raw_path"] == "/whoami/a"

@@ -19,7 +19,7 @@ from prime.challenge.service import ChallengeService, add_challenge_routes
 from prime.errors import PeerError
 from prime.protocol.challenge import ChallengeRequest, OpeningAnswer, decode, encode
 from prime.web import make_app
-from tests.challenge.test_service import PlainClient
+from tests.challenge.test_service import NODE_ADDRESS, PlainClient
 
 N = 64
 CPU = {"gpu_count": 0, "ram_mib": 4096}
@@ -51,7 +51,7 @@ async def against(commit: Answer | None = None, open_: Answer | None = None) -> 
     await server.start_server()
     try:
         async with aiohttp.ClientSession() as session:
-            return await run_challenge(PlainClient(session), str(server.make_url("")), specs=CPU,
+            return await run_challenge(PlainClient(session), str(server.make_url("")), node=NODE_ADDRESS, specs=CPU,
                                        params_overrides={"n": N, "bound_s": 30})
     finally:
         await server.close()

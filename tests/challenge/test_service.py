@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from prime.auth.client import AnswerTooLarge, ReplyTooLarge, read_bounded
 from prime.challenge.params import ChallengeParams
 from prime.challenge.prover import Commitment, MatmulProver, NumpyBackend
 from prime.challenge.runner import run_challenge
@@ -47,20 +48,27 @@ class CountingProver(MatmulProver):
         return super().commit(params)
 
 
+NODE_ADDRESS = "0x" + "5a" * 20  # whose answers the runner expects (PlainClient does not check)
+
+
 class PlainClient:
-    """The part of SignedClient the runner uses (``stream``), minus signatures (auth is tested in tests/auth)."""
+    """The part of SignedClient the runner uses (``request_bytes``), minus signatures (auth is tested in tests/auth)."""
 
     def __init__(self, session: aiohttp.ClientSession, signer: str | None = None) -> None:
         self.session = session
         self.headers = {"X-Test-Signer": signer} if signer else {}
 
-    @contextlib.asynccontextmanager
-    async def stream(self, method: str, url: str, *, json: Any = None) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def request_bytes(self, method: str, url: str, *, audience: str, json: Any = None,
+                            max_response_bytes: int | None = None) -> bytes:
         async with self.session.request(method, url, json=json, headers=self.headers) as resp:
             if resp.status >= 400:
                 body = await resp.json(content_type=None)
                 raise PeerError(f"{method} {url} answered {resp.status}", status=resp.status, body=body)
-            yield resp
+            limit = max_response_bytes if max_response_bytes is not None else 8 << 20
+            try:
+                return await read_bounded(resp, limit)
+            except ReplyTooLarge:
+                raise AnswerTooLarge(f"{url} answered with more than {limit} bytes", limit=limit, status=resp.status) from None
 
 
 @web.middleware
@@ -270,7 +278,7 @@ async def test_routes_are_wrapped_by_the_validator_check() -> None:
 async def run_against(prover: Any, overrides: dict[str, Any]) -> tuple[Any, ChallengeService]:
     service = ChallengeService(prover)
     async with serve(service) as (url, session):
-        report = await run_challenge(PlainClient(session), url, specs=CPU,
+        report = await run_challenge(PlainClient(session), url, node=NODE_ADDRESS, specs=CPU,
                                      params_overrides={"n": N, **overrides})
     return report, service
 
@@ -306,11 +314,11 @@ async def test_runner_raises_when_the_miner_is_busy_and_rejects_a_refusal() -> N
         first = asyncio.create_task(post(session, f"{url}/challenge", json=challenge(id="busy")))
         await asyncio.to_thread(prover.started.wait, 10)
         with pytest.raises(PeerError) as caught:
-            await run_challenge(PlainClient(session), url, specs=CPU, params_overrides={"n": N})
+            await run_challenge(PlainClient(session), url, node=NODE_ADDRESS, specs=CPU, params_overrides={"n": N})
         assert caught.value.status == 409
         prover.release.set()
         await first
     small = ChallengeService(CountingProver(), memory_limit_bytes=1024)
     async with serve(small) as (url, session):
-        report = await run_challenge(PlainClient(session), url, specs=CPU, params_overrides={"n": N})
+        report = await run_challenge(PlainClient(session), url, node=NODE_ADDRESS, specs=CPU, params_overrides={"n": N})
     assert not report.approved and "refused" in report.reason

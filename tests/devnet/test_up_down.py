@@ -78,7 +78,8 @@ async def test_up_twice_status_logs_miner_down(tmp_path: Path, docker_client, bu
             run = await chain.get_run(info["run_id"])
             assert run.owner == dev_account("owner").address
             assert run.masters == [dev_account("master").address]
-            assert run.discovery_uri == info["services"]["discovery"]["url"]
+            # the discovery URI names the key discovery signs its answers with
+            assert run.discovery_uri == f"{info['services']['discovery']['url']}#{dev_account('discovery').address}"
             assert await chain.is_validator(dev_account("validator").address)
         env_file = (state / "env").read_text()
         assert f"PRIME_MASTER_URL={info['services']['master']['url']}" in env_file

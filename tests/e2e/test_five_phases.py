@@ -29,6 +29,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from prime.chain.anvil import AnvilProcess, start_anvil
 from prime.chain.client import RegistryClient
 from prime.chain.deploy import deploy_registry
@@ -97,9 +98,11 @@ async def test_five_phases_end_to_end(
 ) -> None:
     admin, validator, buyer, master, provider = chain.accounts[:5]
     node = Account.create()  # the node key holds no ETH: the provider pays stake and joinRun
+    discovery_key = Account.create()  # signs discovery's answers
     keys = tmp_path / "keys"
     key = {name: keystore(keys, name, acct) for name, acct in
-           (("buyer", buyer), ("validator", validator), ("master", master), ("provider", provider), ("node", node))}
+           (("buyer", buyer), ("validator", validator), ("master", master), ("provider", provider), ("node", node),
+            ("discovery", discovery_key))}
     env = {"PRIME_KEY_PASSWORD": PASSWORD, "PRIME_PROVIDER_KEY_PASSWORD": PASSWORD, "PRIME_HOME": str(tmp_path / "home")}
     prime = Prime(env)
 
@@ -119,7 +122,7 @@ async def test_five_phases_end_to_end(
         discovery = await role_processes.start_async(
             "discovery",
             prime_command("discovery", "start", "--host", "127.0.0.1", "--port", ports["discovery"], *chain_args,
-                          "--data-dir", data["discovery"]),
+                          "--data-dir", data["discovery"], "--key-file", key["discovery"]),
             port=ports["discovery"], env=env,
         )
 
@@ -133,7 +136,7 @@ async def test_five_phases_end_to_end(
         run = await reader.get_run(run_id)
         assert run.owner == buyer.address
         assert run.requirements == REQUIREMENTS
-        assert run.discovery_uri == discovery.base_url
+        assert run.discovery_uri == f"{discovery.base_url}#{discovery_key.address}"  # its signer, asked of discovery
         assert run.masters == [master.address]
         assert not run.ended and run.node_count == 0
         assert created["tx_hash"] and (await reader.get_logs(created["block"], created["block"], ["RunCreated"]))
@@ -172,8 +175,8 @@ async def test_five_phases_end_to_end(
         info = await reader.get_node(node.address)
         assert (info.run_id, info.provider, info.stake) == (run_id, provider.address, MIN_STAKE_WEI)
         assert info.specs.gpu_count == 0 and info.specs.cpu_cores >= 1
-        async with SignedClient(validator) as as_validator:
-            lookup = DiscoveryClient(as_validator, discovery.base_url)
+        async with SignedClient(validator, domain=Domain.of(deployment)) as as_validator:
+            lookup = DiscoveryClient(as_validator, run.discovery_uri)
             record = await wait_until(lambda: lookup.get_node(node.address), timeout_s=30, what="the node in discovery")
         assert (record.ip, record.port, record.run_id) == ("127.0.0.1", ports["miner"], run_id)
 

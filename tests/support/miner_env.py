@@ -23,9 +23,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from prime.auth.middleware import SIGNER, signed_request_middleware
+from prime.auth.signing import Domain
 from prime.chain.client import RegistryClient, sign_digest
 from prime.chain.types import Requirements
 from prime.keys import create_keystore
@@ -43,10 +45,16 @@ VALIDATOR_INDEX = 1
 @dataclass
 class Discovery:
     process: RoleProcess
+    address: str  # the key its answers are signed with
+
+    @property
+    def base_url(self) -> str:
+        return self.process.base_url
 
     @property
     def url(self) -> str:
-        return self.process.base_url
+        """The discovery URI a run stores on chain: the URL and the signer."""
+        return f"{self.process.base_url}#{self.address}"
 
 
 @pytest.fixture(scope="session")
@@ -54,18 +62,20 @@ def discovery(anvil: Any, deployment: Any, tmp_path_factory: pytest.TempPathFact
     """One discovery process for the session (its nodes are told apart by run)."""
     port = free_port()
     data_dir = tmp_path_factory.mktemp("discovery")
+    account = Account.create()
+    key_file = write_keystore(data_dir.parent / f"{data_dir.name}-key.json", account)
     group = RoleProcesses(tmp_path_factory.mktemp("discovery-logs"))
     process = group.start(
         "discovery",
         prime_command(
             "discovery", "start", "--host", "127.0.0.1", "--port", str(port), "--rpc-url", anvil.rpc_url,
-            "--deployment", str(deployment.path), "--data-dir", str(data_dir),
+            "--deployment", str(deployment.path), "--data-dir", str(data_dir), "--key-file", str(key_file),
         ),
         port=port,
-        env={"PRIME_HOME": str(data_dir / "home")},
+        env={"PRIME_HOME": str(data_dir / "home"), "PRIME_KEY_PASSWORD": PASSWORD},
     )
     try:
-        yield Discovery(process)
+        yield Discovery(process, account.address)
     finally:
         group.stop_all()
 
@@ -127,6 +137,8 @@ class TestMaster:
 
     __test__ = False  # not a test class, despite the name
 
+    account: Any = None  # the master key it answers as (the one that invited the node)
+    domain: Domain | None = None
     interval_s: float = 0.3
     desired: list[dict[str, Any]] = field(default_factory=list)
     heartbeats: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -139,7 +151,8 @@ class TestMaster:
 
     async def start(self, port: int = 0) -> TestMaster:
         """Listen on ``port`` (0: any free one; a restarted master passes its old port)."""
-        app = make_app(name="test-master", middlewares=[signed_request_middleware()])
+        assert self.account is not None and self.domain is not None, "TestMaster(account=..., domain=...)"
+        app = make_app(name="test-master", middlewares=[signed_request_middleware(self.account, self.domain)])
 
         async def heartbeat(request: web.Request) -> web.Response:
             self.heartbeats.append((request[SIGNER], await request.json()))

@@ -26,15 +26,18 @@ from aiohttp.test_utils import TestServer
 from eth_account import Account
 
 from prime.auth.signing import sign_headers
+from tests.support.signing import CHAIN_ID, DOMAIN, REGISTRY, signed_service
 
 NODE = Account.create()
 MASTER = Account.create()
 OWNER = Account.create()
 VALIDATOR = Account.create()
 STRANGER = Account.create()
+DISCOVERY = Account.create()
 RUN = 7
-CHAIN_ID = 31337
-REGISTRY = "0x" + "ab" * 20
+# Whose key each served role answers with (the audience of the requests sent to it).
+ROLE_KEYS = {"discovery": DISCOVERY, "miner": NODE, "master": MASTER, "validator": VALIDATOR}
+__all__ = ["CHAIN_ID", "DOMAIN", "REGISTRY"]
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 
@@ -82,6 +85,11 @@ class Served:
     def url(self) -> str:
         return str(self.server.make_url("")).rstrip("/")
 
+    @property
+    def address(self) -> str:
+        """The key the served role signs as: requests to it are addressed to this."""
+        return str(ROLE_KEYS[self.role].address)
+
 
 async def serve_app(role: str, app: web.Application) -> Served:
     server = TestServer(app, host="127.0.0.1")
@@ -98,7 +106,7 @@ async def request(served: Served, account: Any, method: str, path_qs: str, body:
     data = b"" if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
     headers = {"Content-Type": JSON} if data else {}
     if account is not None:
-        headers.update(sign_headers(account, method, path_qs, data))
+        headers.update(sign_headers(account, method, path_qs, data, audience=served.address, domain=DOMAIN))
     async with aiohttp.ClientSession() as session:
         async with session.request(method, served.url + path_qs, data=data, headers=headers) as resp:
             raw = await resp.read()
@@ -176,7 +184,7 @@ def discovery_app(tmp: Path) -> tuple[web.Application, Any]:
     from prime.roles.discovery.store import DiscoveryStore
 
     store = DiscoveryStore.open(tmp / "discovery")
-    return build_app(store, StubPermissions()), store.close
+    return build_app(store, StubPermissions(), signed_service(DISCOVERY)), store.close
 
 
 def miner_app(tmp: Path) -> tuple[web.Application, ContainerlessExecutor, Any]:
@@ -211,7 +219,7 @@ def miner_app(tmp: Path) -> tuple[web.Application, ContainerlessExecutor, Any]:
         saving = {"state": state, "state_file": state_file}
     invite = InviteHandler(node_account=NODE, registry=Chain(), provider_registry=None, run_id=RUN, **saving)
     verdicts: list[Any] = []
-    app = build_miner_app(permissions=StubPermissions(), run_id=RUN, challenge=ChallengeService(MatmulProver()),
+    app = build_miner_app(signing=signed_service(NODE), permissions=StubPermissions(), run_id=RUN, challenge=ChallengeService(MatmulProver()),
                           invite=invite, tasks=TasksApi(executor, converger), on_verdict=verdicts.append)
     return app, executor, converger
 
@@ -288,11 +296,11 @@ def master_app(tmp: Path, miner_url: str) -> tuple[web.Application, Any, list[An
     db = Database(data / "master.sqlite")
     store = MasterStore(db)
     state = store.load()
-    app = new_app()
+    app = new_app(signed_service(MASTER))
     metrics = MasterMetrics(app[METRICS], lambda: state)
     settings = MasterSettings(run_id=RUN, public_url="http://127.0.0.1:9", data_dir=data)
     service = MasterService(settings, state, store, metrics, QuietEffects())
-    peers = SignedClient(MASTER, retries=0)
+    peers = SignedClient(MASTER, domain=DOMAIN, retries=0)
     logs = LogMerger(peers, FixedLocator(miner_url), service.task)  # type: ignore[arg-type]
     add_routes(app, service, StubPermissions(), logs=logs, blobs=BlobStore(data / "blobs"))  # type: ignore[arg-type]
     return app, service, [peers.close, service.close, db.close]

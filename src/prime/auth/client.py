@@ -14,6 +14,14 @@ Connection errors, timeouts and 5xx answers are retried with exponential backoff
 jitter; 4xx answers are final. Failures are ``PeerError`` carrying the status and the
 peer's JSON error.
 
+Each request is addressed: ``audience`` is the address of the service the caller means to
+reach, and ``domain`` (chain id and registry) the network; both are in the signature, so the
+request is good for that service only. Every 2xx answer read by ``request()`` must be signed
+by that same address, for this request's nonce (``prime.auth.signing.verify_answer``): an
+answer that is not is a ``PeerError``, never read as instructions. ``identify(url)`` asks a
+service's public ``/health`` whom it claims to be, for callers that know only a URL (an
+operator's CLI); every answer after that must still be signed by that key.
+
 Every body the client reads itself is bounded: ``request()`` reads at most
 ``max_response_bytes`` (a client setting, ``DEFAULT_MAX_RESPONSE_BYTES`` unless given, and a
 per-call override); a longer answer is a ``PeerError`` naming the peer, refused from its
@@ -27,13 +35,15 @@ import asyncio
 import contextlib
 import json as jsonlib
 import random
+import re
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Self
 
 import aiohttp
 from yarl import URL
 
-from prime.auth.signing import sign_headers
+from prime.auth.signing import HEADER_NONCE, AuthError, Domain, new_nonce, sign_headers, verify_answer
 from prime.auth.transport import (
     AiohttpTransport,
     Response,
@@ -75,6 +85,28 @@ def _describe_error(body: bytes) -> tuple[Any, str]:
     return parsed, jsonlib.dumps(parsed)[:300]
 
 
+def _parse_identity(raw: bytes) -> PeerIdentity | None:
+    try:
+        parsed = jsonlib.loads(raw) if raw else None
+        identity = parsed.get("identity") if isinstance(parsed, dict) else None
+        if not isinstance(identity, dict):
+            return None
+        address = identity["address"]
+        if not isinstance(address, str) or not re.fullmatch(r"0x[0-9a-fA-F]{40}", address):
+            return None
+        return PeerIdentity(address, Domain(identity["chain_id"], identity["registry"]))
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
+class AnswerTooLarge(PeerError):
+    """A peer's answer was longer than the caller's bound; none of the rest was read."""
+
+    def __init__(self, message: str, *, limit: int, status: int | None = None) -> None:
+        super().__init__(message, status=status)
+        self.limit = limit
+
+
 class ReplyTooLarge(Exception):
     def __init__(self, limit: int, declared: int | None = None) -> None:
         super().__init__(limit)
@@ -104,13 +136,25 @@ def _size(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Whom a service says it is in its ``/health``: its signing address and its network."""
+
+    address: str
+    domain: Domain
+
+
 class SignedClient:
-    """Signed, retried HTTP calls to other prime services. Use as ``async with SignedClient(acct) as c``."""
+    """Signed, retried HTTP calls to other prime services. Use as ``async with SignedClient(acct, domain=d) as c``.
+
+    ``domain`` may be left out by a caller that learns it from its first peer (``identify``).
+    """
 
     def __init__(
         self,
         account: Any,
         *,
+        domain: Domain | None = None,
         timeout_s: float = 10.0,
         retries: int = 3,
         backoff_s: float = 0.25,
@@ -119,6 +163,7 @@ class SignedClient:
         transport: Transport | None = None,
     ) -> None:
         self.account = account
+        self.domain = domain
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -144,12 +189,52 @@ class SignedClient:
             delay = min(self.max_backoff_s, max(delay, float(retry_after)))
         return delay * random.uniform(0.5, 1.0)  # jitter: callers that failed together do not retry together
 
-    async def _send(self, method: str, u: URL, body: bytes, content_type: str | None, timeout: Timeout) -> Response:
-        """The response of the first attempt that is not a connection error or a 5xx (or the last one)."""
+    def _domain(self) -> Domain:
+        if self.domain is None:
+            raise PeerError("This client knows no chain id and registry to sign for; give it a domain or call identify() first.")
+        return self.domain
+
+    async def identify(self, url: str | URL) -> PeerIdentity:
+        """Whom the service at ``url`` claims to be (its public ``/health``); adopts its domain when
+        this client has none, and refuses a service on another chain or registry."""
+        u = build_url(url).with_path("/health").with_query(None)
+        nonce = new_nonce()
+        try:
+            response = await self.transport.send("GET", u, {HEADER_NONCE: nonce}, b"", Timeout(total=self.timeout_s))
+        except TransportError as exc:
+            raise PeerError(f"Could not reach {_peer_name(u)} to learn its identity ({exc.reason}); check that it is running and reachable.") from None
+        try:
+            raw = await read_bounded(response, ERROR_BODY_BYTES)
+        except (ReplyTooLarge, *_READ_ERRORS):
+            raw = b""
+        finally:
+            response.release()
+        identity = _parse_identity(raw)
+        if identity is None:
+            raise PeerError(f"{_peer_name(u)} did not say who it is in /health (no identity); check that the URL points at a prime service.")
+        try:  # it must hold the key it names: the answer is signed for our nonce
+            verify_answer(response.headers, nonce, response.status, raw, expected=identity.address, domain=identity.domain)
+        except AuthError as exc:
+            raise PeerError(f"{_peer_name(u)} names {identity.address} in /health, but {exc.reason}.") from None
+        if self.domain is None:
+            self.domain = identity.domain
+        elif identity.domain != self.domain:
+            raise PeerError(
+                f"{_peer_name(u)} belongs to chain {identity.domain.chain_id}, registry {identity.domain.registry}, "
+                f"not to this client's chain {self.domain.chain_id}, registry {self.domain.registry}; check the URL and the deployment."
+            )
+        return identity
+
+    async def _send(
+        self, method: str, u: URL, body: bytes, content_type: str | None, timeout: Timeout, audience: str
+    ) -> tuple[Response, str]:
+        """The response of the first attempt that is not a connection error or a 5xx (or the last
+        one), and the nonce that attempt was signed with (its answer must be signed for it)."""
         method = method.upper()
+        domain = self._domain()
         attempts = self.retries + 1
         for attempt in range(attempts):
-            headers = sign_headers(self.account, method, u.raw_path_qs, body)
+            headers = sign_headers(self.account, method, u.raw_path_qs, body, audience=audience, domain=domain)
             if content_type:
                 headers["Content-Type"] = content_type
             try:
@@ -170,7 +255,7 @@ class SignedClient:
                 response.release()
                 await asyncio.sleep(self._delay(attempt, retry_after))
                 continue
-            return response
+            return response, headers[HEADER_NONCE]
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -202,44 +287,74 @@ class SignedClient:
         method: str,
         url: str | URL,
         *,
+        audience: str,
         json: Any = None,
         params: Mapping[str, Any] | None = None,
         data: bytes | None = None,
         max_response_bytes: int | None = None,
     ) -> Any:
-        """Send one signed request; the parsed JSON answer (None for an empty body).
+        """Send one signed request to the service whose address is ``audience``; the parsed JSON
+        answer (None for an empty body), after checking that ``audience`` signed it.
 
         Raises PeerError (with ``status`` and the peer's JSON error as ``body``) on a non-2xx
-        answer, an answer that is not JSON or longer than ``max_response_bytes`` (default: the
-        client's setting), or when the peer stays unreachable.
+        answer, an answer that is not signed by ``audience``, is not JSON or is longer than
+        ``max_response_bytes`` (default: the client's setting), or when the peer stays unreachable.
         """
+        raw = await self.request_bytes(
+            method, url, audience=audience, json=json, params=params, data=data, max_response_bytes=max_response_bytes
+        )
+        if not raw.strip():
+            return None
+        try:
+            return jsonlib.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            u = build_url(url, params)
+            raise PeerError(
+                f"{_peer_name(u)} answered {method.upper()} {u.path} with something that is not JSON (or nested too deep).", status=200, body=raw[:300]
+            ) from None
+
+    async def request_bytes(
+        self,
+        method: str,
+        url: str | URL,
+        *,
+        audience: str,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        data: bytes | None = None,
+        max_response_bytes: int | None = None,
+    ) -> bytes:
+        """Like ``request``, but the answer's bytes (signed by ``audience``, at most ``max_response_bytes``),
+        for callers that decode it into a typed message themselves."""
         u = build_url(url, params)
         body, content_type = self._encode(json, data)
         limit = self.max_response_bytes if max_response_bytes is None else max_response_bytes
-        response = await self._send(method, u, body, content_type, Timeout(total=self.timeout_s))
+        response, nonce = await self._send(method, u, body, content_type, Timeout(total=self.timeout_s), audience)
         try:
             await self._raise_for(method, u, response)
             try:
                 raw = await read_bounded(response, limit)
             except ReplyTooLarge as exc:
                 size = f" ({_size(exc.declared)})" if exc.declared is not None else ""
-                raise PeerError(
+                raise AnswerTooLarge(
                     f"{_peer_name(u)} answered {method.upper()} {u.path} with more than {_size(exc.limit)}{size}; "
                     "it was not read (a peer that is not a prime service, or a reply limit too low for it).",
+                    limit=exc.limit,
                     status=response.status,
                 ) from None
             except _READ_ERRORS as exc:
                 raise PeerError(f"{_peer_name(u)} broke off its answer to {method.upper()} {u.path} ({type(exc).__name__}).", status=response.status) from None
+            try:
+                verify_answer(response.headers, nonce, response.status, raw, expected=audience, domain=self._domain())
+            except AuthError as exc:
+                raise PeerError(
+                    f"{_peer_name(u)} answered {method.upper()} {u.path}, but {exc.reason}; the answer was not used "
+                    "(a peer that is not the service meant, or something on the path changed it).",
+                    status=response.status,
+                ) from None
+            return raw
         finally:
             response.release()
-        if not raw.strip():
-            return None
-        try:
-            return jsonlib.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise PeerError(
-                f"{_peer_name(u)} answered {method.upper()} {u.path} with something that is not JSON.", status=response.status, body=raw[:300]
-            ) from None
 
     @contextlib.asynccontextmanager
     async def stream(
@@ -247,6 +362,7 @@ class SignedClient:
         method: str,
         url: str | URL,
         *,
+        audience: str,
         params: Mapping[str, Any] | None = None,
         json: Any = None,
         read_timeout_s: float | None = _UNSET,
@@ -261,7 +377,7 @@ class SignedClient:
         body, content_type = self._encode(json, None)
         sock_read = self.timeout_s if read_timeout_s is _UNSET else read_timeout_s
         timeout = Timeout(total=None, connect=self.timeout_s, read=sock_read)
-        response = await self._send(method, u, body, content_type, timeout)
+        response, _ = await self._send(method, u, body, content_type, timeout, audience)
         try:
             await self._raise_for(method, u, response)
             yield response

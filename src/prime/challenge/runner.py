@@ -17,15 +17,12 @@ import json
 import secrets
 import time
 from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-import aiohttp
 import msgspec
 
-from prime.auth.client import ReplyTooLarge, read_bounded
-from prime.auth.transport import TransportError
+from prime.auth.client import AnswerTooLarge, ReplyTooLarge
 from prime.challenge.params import ChallengeParams, ChallengePlan, plan_challenge
 from prime.challenge.prover import RowOpening
 from prime.challenge.verifier import (
@@ -162,23 +159,25 @@ def _retryable(exc: PeerError) -> bool:
 
 class ChallengeClient(Protocol):
     """What the runner needs of a client (prime.auth.client.SignedClient has it): a POST whose
-    raw answer can be read, raising PeerError for non-2xx answers and unreachable peers."""
+    answer's bytes come back checked as signed by ``audience`` (the node's own key), at most
+    ``max_response_bytes`` of them (AnswerTooLarge past that), raising PeerError for non-2xx
+    answers, unsigned answers and unreachable peers."""
 
-    def stream(self, method: str, url: str, *, json: Any = None) -> AbstractAsyncContextManager[Any]: ...
-
-
-async def _post(client: ChallengeClient, url: str, message: Message, limit: int) -> bytes:
-    """POST ``message`` and return the answer's bytes; PeerError as the client raises it, or
-    (with the answer's status) when the answer breaks off; ReplyTooLarge past ``limit``."""
-    async with client.stream("POST", url, json=msgspec.to_builtins(message)) as response:
-        try:
-            return await read_bounded(response, limit)
-        except (TimeoutError, OSError, aiohttp.ClientError, TransportError) as exc:
-            raise PeerError(f"{url} broke off its answer ({type(exc).__name__}).",
-                            status=response.status) from None
+    async def request_bytes(self, method: str, url: str, *, audience: str, json: Any = None,
+                            max_response_bytes: int | None = None) -> bytes: ...
 
 
-async def run_challenge(client: ChallengeClient, miner_url: str, *, specs: Any,
+async def _post(client: ChallengeClient, url: str, message: Message, limit: int, node: str) -> bytes:
+    """POST ``message`` to ``node`` and return the answer's bytes (signed by the node); PeerError as
+    the client raises it; ReplyTooLarge past ``limit``."""
+    try:
+        return await client.request_bytes("POST", url, audience=node, json=msgspec.to_builtins(message),
+                                          max_response_bytes=limit)
+    except AnswerTooLarge:
+        raise ReplyTooLarge(limit) from None
+
+
+async def run_challenge(client: ChallengeClient, miner_url: str, *, node: str, specs: Any,
                         params_overrides: Mapping[str, Any] | None = None,
                         rng: secrets.SystemRandom | None = None) -> ChallengeReport:
     """Challenge the miner at ``miner_url`` and return the report (approved or not).
@@ -194,7 +193,7 @@ async def run_challenge(client: ChallengeClient, miner_url: str, *, specs: Any,
     started = time.monotonic()
     commitment: CommitmentAnswer | None = None
     try:
-        raw = await _post(client, f"{base}/challenge", params, COMMITMENT_ANSWER_LIMIT)
+        raw = await _post(client, f"{base}/challenge", params, COMMITMENT_ANSWER_LIMIT, node)
     except PeerError as exc:
         if _retryable(exc):
             raise
@@ -214,7 +213,7 @@ async def run_challenge(client: ChallengeClient, miner_url: str, *, specs: Any,
     rows = rows_to_open(draws)
     limit = opening_answer_limit(len(rows), params.n)
     try:
-        opened = await _post(client, f"{base}/challenge/{params.id}/open", OpenRequest(rows=rows), limit)
+        opened = await _post(client, f"{base}/challenge/{params.id}/open", OpenRequest(rows=rows), limit, node)
     except (PeerError, ReplyTooLarge) as exc:
         why = f"its answer is longer than the {limit} bytes {len(rows)} rows can take" \
             if isinstance(exc, ReplyTooLarge) else str(exc)

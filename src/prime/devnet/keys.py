@@ -25,6 +25,7 @@ DEV_ROLES: dict[str, int] = {
     "master": 3,
     "provider": 4,   # pays for the node's registration and stake
     "node": 5,       # the miner machine's identity
+    "discovery": 6,  # signs discovery's answers; the run names it in its discovery URI
 }
 DEVNET_SCRYPT_N = 2**12
 

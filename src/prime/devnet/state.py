@@ -170,7 +170,7 @@ def env_file_text(info: DevnetInfo) -> str:
         "PRIME_MASTER_URL": info.url("master"),
         "PRIME_KEY_FILE": info.key_file("owner"),
         "PRIME_KEY_PASSWORD": info.password,
-        "PRIME_DISCOVERY_URI": info.url("discovery"),
+        "PRIME_DISCOVERY_URI": f"{info.url('discovery')}#{info.address('discovery')}" if "discovery" in info.keys else info.url("discovery"),
     }
     lines = ["# prime devnet: `source` this file to act as the devnet run's owner (buyer)."]
     lines += [f"export {name}={shlex.quote(str(value))}" for name, value in values.items()]

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from prime.chain.anvil import DEFAULT_CHAIN_ID, DEV_MNEMONIC, find_anvil, port_is_free
 from prime.chain.types import Requirements
+from prime.clients.discovery import discovery_uri
 from prime.config import DEFAULT_PORTS as ROLE_PORTS
 from prime.devnet.keys import DevKey, ensure_dev_keys
 from prime.devnet.processes import (
@@ -132,7 +133,7 @@ def service_command(name: str, info: DevnetInfo, paths: DevnetPaths, *, heartbea
     port = str(info.services[name].port)
     common = ["--rpc-url", info.rpc_url, "--deployment", info.deployment, "--data-dir", str(paths.data(name))]
     if name == "discovery":
-        return prime_command("discovery", "start", "--host", HOST, "--port", port, *common)
+        return prime_command("discovery", "start", "--host", HOST, "--port", port, "--key-file", info.key_file("discovery"), *common)
     if name == "validator":
         return prime_command(
             "validator", "start", "--host", HOST, "--port", port, "--key-file", info.key_file("validator"),
@@ -228,7 +229,8 @@ def _start_chain(paths: DevnetPaths, keys: dict[str, DevKey], ports: dict[str, i
     started.append("anvil")
     wait_for_rpc(anvil, rpc_url, DEFAULT_CHAIN_ID, timeout_s=30)
     log(f"anvil is up at {rpc_url}; deploying the registry …")
-    deployment, run_id = asyncio.run(_deploy(rpc_url, keys, url(ports["discovery"]), options.min_stake_wei))
+    discovery = discovery_uri(url(ports["discovery"]), keys["discovery"].address)  # its signer named on chain
+    deployment, run_id = asyncio.run(_deploy(rpc_url, keys, discovery, options.min_stake_wei))
     saved = deployment.save(paths.deployment)
     services = {name: Service(port, url(port), skipped=name in options.skip) for name, port in ports.items()}
     return DevnetInfo(

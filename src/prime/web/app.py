@@ -18,8 +18,8 @@ from prometheus_client import (
 
 from prime.errors import PrimeError
 from prime.web.errors import error_middleware
-from prime.web.health import HealthAnswer, LoopHealth
-from prime.web.keys import APP_NAME, DEFAULT_CLIENT_MAX_SIZE, HEALTH, METRICS
+from prime.web.health import HealthAnswer, Identity, LoopHealth
+from prime.web.keys import APP_NAME, DEFAULT_CLIENT_MAX_SIZE, HEALTH, IDENTITY, METRICS
 from prime.web.openapi import Text, api, openapi_json
 from prime.web.server import GuardedSite, ServerSettings
 
@@ -71,7 +71,10 @@ async def _health(request: web.Request) -> web.Response:
     200 when every registered loop has succeeded recently, 503 when one is stale.
     """
     healthy, loops = request.app[HEALTH].report()
-    body = {"status": "ok" if healthy else "stale", "service": request.app[APP_NAME], "loops": loops}
+    body: dict[str, Any] = {"status": "ok" if healthy else "stale", "service": request.app[APP_NAME], "loops": loops}
+    identity = request.app.get(IDENTITY)
+    if identity is not None:
+        body["identity"] = {"address": identity.address, "chain_id": identity.chain_id, "registry": identity.registry}
     return web.json_response(body, status=200 if healthy else 503)
 
 
@@ -87,11 +90,18 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.Response(body=openapi_json(request.app), content_type="application/json")
 
 
-def make_app(*, name: str, middlewares: Iterable[Any] = (), client_max_size: int = DEFAULT_CLIENT_MAX_SIZE) -> web.Application:
+def make_app(
+    *,
+    name: str,
+    middlewares: Iterable[Any] = (),
+    client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
+    identity: Identity | None = None,
+) -> web.Application:
     """An aiohttp app with JSON errors, /health, /metrics and /openapi.json.
 
     ``middlewares`` run inside the error handling (so e.g. the signature middleware's
     failures and exceptions are JSON too). Roles register metrics on ``app[METRICS]``.
+    ``identity`` (a service that takes signed requests) is published in ``/health``.
     """
     registry = CollectorRegistry(auto_describe=True)
     app = web.Application(
@@ -101,6 +111,8 @@ def make_app(*, name: str, middlewares: Iterable[Any] = (), client_max_size: int
     app[APP_NAME] = name
     app[HEALTH] = LoopHealth()
     app[METRICS] = registry
+    if identity is not None:
+        app[IDENTITY] = identity
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)

@@ -30,12 +30,23 @@ class LoopReport(msgspec.Struct):
     last_error: str | None
 
 
+class Identity(msgspec.Struct, frozen=True):
+    """Who a service is: the address it signs answers with and the network (chain id, registry)
+    its signed requests must be addressed to. Public, so an operator's CLI given only a URL can
+    learn whom to address; every answer after that must be signed by ``address``."""
+
+    address: str
+    chain_id: int
+    registry: str
+
+
 class HealthAnswer(msgspec.Struct):
     """``GET /health``: "ok" (200) when every loop succeeded recently, "stale" (503) otherwise."""
 
     status: Literal["ok", "stale"]
     service: str
     loops: dict[str, LoopReport]
+    identity: Identity | None = None  # absent on a service that takes no signed requests
 
 
 @dataclass

@@ -101,14 +101,16 @@ class RealMaster:
 
 async def start_real_master(anvil: Any, deployment: Any, processes: RoleProcesses, tmp: Path) -> RealMaster:
     disc_port = free_port()
+    discovery_key = Account.create()
     discovery = processes.create("discovery", discovery_command(disc_port, anvil.rpc_url, deployment.path, tmp / "discovery"),
-                                 port=disc_port)
+                                 port=disc_port, env={"PRIME_PRIVATE_KEY": discovery_key.key.hex()})
+    discovery_uri = f"{discovery.base_url}#{discovery_key.address}"
     await discovery.start_async()
     owner, validator = anvil.accounts[2], anvil.accounts[1]
     master_account = Account.create()
     owner_client = await RegistryClient.connect(anvil.rpc_url, deployment, owner)
     validator_client = await RegistryClient.connect(anvil.rpc_url, deployment, validator)
-    run_id = await owner_client.create_run(Requirements(min_gpus=1), discovery.base_url, [master_account.address])
+    run_id = await owner_client.create_run(Requirements(min_gpus=1), discovery_uri, [master_account.address])
     port = free_port()
     data_dir = tmp / "master"
     # The last --dead-after wins: an Unhealthy node stays Unhealthy for the whole module.
@@ -122,7 +124,7 @@ async def start_real_master(anvil: Any, deployment: Any, processes: RoleProcesse
         node, provider = Account.create(), Account.create()
         anvil.set_balance(provider.address, 10 * 10**18)
         miner = await FakeMiner(node, provider, run_id, anvil.rpc_url, deployment).start()
-        await miner.register_and_announce(validator_client, discovery.base_url)
+        await miner.register_and_announce(validator_client, discovery_uri)
         miners.append(miner)
     world = RealMaster(master, owner, miners[0], miners[1], data_dir, [owner_client, validator_client])
 

@@ -10,6 +10,7 @@ from eth_account import Account
 
 from prime.chain.types import Requirements
 from tests.roles.buyer.conftest import KEY_PASSWORD, arun_prime, assert_one_sentence_error
+from tests.support.miner_env import discovery  # noqa: F401  (the session discovery process)
 
 
 @pytest.fixture
@@ -23,11 +24,14 @@ def owner_env(anvil, deployment, fresh_account, key_file_for):
     }
 
 
+DISCOVERY_URI = f"http://127.0.0.1:8090#{Account.create().address}"  # a discovery URL with its signer
+
+
 async def test_run_lifecycle_matches_the_chain(owner_env, chain_client):
     owner, env = owner_env
     master_a, master_b = Account.create().address, Account.create().address
     created = await arun_prime(
-        "buyer", "create-run", "--discovery-uri", "http://127.0.0.1:8090", "--master", master_a,
+        "buyer", "create-run", "--discovery-uri", DISCOVERY_URI, "--master", master_a,
         "--min-gpus", "2", "--gpu-model", "H100", "--min-gpu-memory-mib", "80000", "--min-cpu-cores", "16",
         "--min-ram-mib", "65536", "--min-disk-gib", "500", "--max-nodes", "4", "--json", env=env,
     )
@@ -38,7 +42,7 @@ async def test_run_lifecycle_matches_the_chain(owner_env, chain_client):
     run = await client.get_run(run_id)
     assert run.owner == owner.address
     assert run.masters == [master_a]
-    assert run.discovery_uri == "http://127.0.0.1:8090"
+    assert run.discovery_uri == DISCOVERY_URI
     assert run.requirements == Requirements(2, "H100", 80000, 16, 65536, 500, 4)
     assert answer["run"]["requirements"]["min_gpu_memory_mib"] == 80000
     assert answer["tx_hash"].startswith("0x")
@@ -58,7 +62,7 @@ async def test_run_lifecycle_matches_the_chain(owner_env, chain_client):
         "run_id": run_id, "owner": owner.address,
         "requirements": {"min_gpus": 2, "gpu_model": "H100", "min_gpu_memory_mib": 80000, "min_cpu_cores": 16,
                          "min_ram_mib": 65536, "min_disk_gib": 500, "max_nodes": 4},
-        "discovery_uri": "http://127.0.0.1:8090", "masters": [master_b], "ended": False, "node_count": 0,
+        "discovery_uri": DISCOVERY_URI, "masters": [master_b], "ended": False, "node_count": 0,
     }
     table = await arun_prime("buyer", "run", "show", str(run_id), env=env)
     assert owner.address in table.stdout and "'H100'" in table.stdout and "open" in table.stdout
@@ -74,7 +78,7 @@ async def test_run_lifecycle_matches_the_chain(owner_env, chain_client):
 
 async def test_plain_create_run_prints_only_the_id(owner_env, chain_client):
     owner, env = owner_env
-    result = await arun_prime("buyer", "create-run", "--discovery-uri", "http://127.0.0.1:8090", env=env)
+    result = await arun_prime("buyer", "create-run", "--discovery-uri", DISCOVERY_URI, env=env)
     assert result.returncode == 0, result.stderr
     run_id = int(result.stdout.strip())
     assert (await (await chain_client()).get_run(run_id)).owner == owner.address
@@ -83,7 +87,7 @@ async def test_plain_create_run_prints_only_the_id(owner_env, chain_client):
 
 async def test_chain_errors_are_one_sentence(owner_env, anvil, deployment, fresh_account, key_file_for):
     owner, env = owner_env
-    created = await arun_prime("buyer", "create-run", "--discovery-uri", "http://127.0.0.1:8090", env=env)
+    created = await arun_prime("buyer", "create-run", "--discovery-uri", DISCOVERY_URI, env=env)
     run_id = created.stdout.strip()
 
     stranger = fresh_account()
@@ -108,3 +112,18 @@ async def test_chain_errors_are_one_sentence(owner_env, anvil, deployment, fresh
 
     no_deployment = await arun_prime("buyer", "run", "show", run_id, env={k: v for k, v in env.items() if k != "PRIME_DEPLOYMENT"})
     assert_one_sentence_error(no_deployment, "--deployment")
+
+
+async def test_create_run_asks_discovery_for_its_signer_when_the_uri_names_none(owner_env, chain_client, discovery):  # noqa: F811
+    owner, env = owner_env
+    created = await arun_prime("buyer", "create-run", "--discovery-uri", discovery.base_url, env=env)
+    assert created.returncode == 0, created.stderr
+    assert f"signs as {discovery.address}" in created.stderr
+    run = await (await chain_client()).get_run(int(created.stdout.strip()))
+    assert run.discovery_uri == f"{discovery.base_url}#{discovery.address}"
+
+    # Nothing listens there: one sentence saying what to do, no run created.
+    absent = await arun_prime("buyer", "create-run", "--discovery-uri", "http://127.0.0.1:1", env=env)
+    assert_one_sentence_error(absent, "Could not ask discovery at http://127.0.0.1:1 for its signing address")
+    garbled = await arun_prime("buyer", "create-run", "--discovery-uri", "http://127.0.0.1:8090#not-an-address", env=env)
+    assert_one_sentence_error(garbled, "is not a 0x address after '#'")

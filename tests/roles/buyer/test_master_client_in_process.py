@@ -21,7 +21,7 @@ from prime.roles.buyer.master_client import (
     MasterRefused,
     MasterUnreachable,
 )
-from tests.web.roles import NODE, OWNER, close_all, master_app, miner_app, serve_app
+from tests.web.roles import DOMAIN, MASTER, NODE, OWNER, close_all, master_app, miner_app, serve_app
 
 MASTER_URL = "http://master.test:8092"
 
@@ -74,8 +74,8 @@ async def test_a_node_heartbeat_then_the_owner_sees_it(transport) -> None:
     from prime.auth.client import SignedClient
 
     beat = {"tasks": [], "gpus": [{"index": 0, "util": 10.0, "mem_used_mib": 100, "temp_c": 40.0}], "load": {"cpu": 0.5}}
-    async with SignedClient(NODE, transport=transport) as node:
-        answer = await node.request("POST", f"{MASTER_URL}/heartbeat", json=beat)
+    async with SignedClient(NODE, domain=DOMAIN, transport=transport) as node:
+        answer = await node.request("POST", f"{MASTER_URL}/heartbeat", audience=MASTER.address, json=beat)
     assert "desired" in answer
     async with MasterClient.open(OWNER, MASTER_URL, transport=transport) as master:
         assert [n["address"] for n in await master.nodes()] == [NODE.address]

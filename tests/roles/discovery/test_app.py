@@ -13,16 +13,19 @@ import pytest
 from aiohttp.test_utils import TestServer
 from eth_account import Account
 
-from prime.auth.signing import sign_headers
 from prime.errors import ChainError
 from prime.roles.discovery.app import build_app
 from prime.roles.discovery.store import DiscoveryStore
+from tests.support.signing import signed, signed_service
 
 NODE = Account.create()
 MASTER = Account.create()
 VALIDATOR = Account.create()
 STRANGER = Account.create()
 RUN = 7
+
+
+DISCOVERY = Account.create()  # the service's own key
 
 
 class StubPermissions:
@@ -65,7 +68,7 @@ class Clock:
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[tuple[str, StubPermissions, Clock, DiscoveryStore]]:
     permissions, clock, store = StubPermissions(), Clock(), DiscoveryStore.open(tmp_path)
-    server = TestServer(build_app(store, permissions, clock=clock), host="127.0.0.1")
+    server = TestServer(build_app(store, permissions, signed_service(DISCOVERY), clock=clock), host="127.0.0.1")
     await server.start_server()
     try:
         yield str(server.make_url("")).rstrip("/"), permissions, clock, store
@@ -76,7 +79,7 @@ async def service(tmp_path: Path) -> AsyncIterator[tuple[str, StubPermissions, C
 
 async def send(url: str, account: Any, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
     body = b"" if payload is None else json.dumps(payload).encode()
-    headers = {**sign_headers(account, method, path, body), "Content-Type": "application/json"}
+    headers = {**signed(account, method, path, body, to=DISCOVERY.address), "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as session, session.request(method, url + path, data=body, headers=headers) as answer:
         return answer.status, await answer.json(content_type=None)
 

@@ -10,11 +10,11 @@ import subprocess
 from pathlib import Path
 
 from tests.fixtures.processes import RoleProcesses, free_port, prime_command
-from tests.roles.discovery.test_service import discovery_command
+from tests.roles.discovery.test_service import discovery_command, discovery_env
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PRIME_")}, **discovery_env()}
     return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=60)
 
 
@@ -29,7 +29,7 @@ def _one_sentence(result: subprocess.CompletedProcess[str]) -> str:
 def test_a_second_process_on_the_same_data_dir_is_refused(anvil, deployment, role_processes: RoleProcesses, tmp_path: Path):
     data_dir = tmp_path / "discovery"
     port = free_port()
-    first = role_processes.start("discovery", discovery_command(port, anvil.rpc_url, deployment.path, data_dir), port=port)
+    first = role_processes.start("discovery", discovery_command(port, anvil.rpc_url, deployment.path, data_dir), port=port, env=discovery_env())
     assert json.loads((data_dir / "role.json").read_text()) == {"role": "discovery"}
     assert (data_dir / "prime.lock").read_text().strip() == str(first.proc.pid)
 
@@ -41,7 +41,7 @@ def test_a_second_process_on_the_same_data_dir_is_refused(anvil, deployment, rol
 
     assert first.stop() == 0  # SIGTERM: a clean exit ...
     assert "discovery stopped" in first.logs()
-    again = role_processes.start("discovery-again", discovery_command(port, anvil.rpc_url, deployment.path, data_dir), port=port)
+    again = role_processes.start("discovery-again", discovery_command(port, anvil.rpc_url, deployment.path, data_dir), port=port, env=discovery_env())
     assert again.running  # ... that left the dir free for the next one
     assert again.stop() == 0
 

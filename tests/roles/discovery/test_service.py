@@ -4,6 +4,7 @@ what bad input gets, and that a crash and restart keep every record."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,17 +13,19 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from prime.auth.client import SignedClient
-from prime.auth.signing import HEADER_ADDRESS, sign_headers
+from prime.auth.signing import HEADER_ADDRESS, Domain
 from prime.chain.client import RegistryClient
 from prime.chain.types import Requirements, Specs
 from prime.clients.discovery import DiscoveryClient
 from prime.errors import PeerError
 from prime.protocol.discovery import NodeAddress
 from tests.fixtures.processes import RoleProcess, RoleProcesses, free_port, prime_command
+from tests.support.signing import signed
 
 SPECS = Specs(gpu_count=1, gpu_model="Test GPU", gpu_memory_mib=16_000, cpu_cores=4, ram_mib=16_000, disk_gib=100)
 
@@ -40,10 +43,20 @@ class World:
     node: LocalAccount  # registered for run_id
     node2: LocalAccount  # registered for run_id
     unregistered: LocalAccount  # a key the chain has never seen
+    key: LocalAccount  # discovery's own: the audience of requests, the signer of answers
+    domain: Domain
 
     @property
     def url(self) -> str:
         return self.discovery.base_url
+
+    @property
+    def uri(self) -> str:
+        """What the runs store on chain: the URL and discovery's signer."""
+        return f"{self.url}#{self.key.address}"
+
+
+DISCOVERY_KEY = Account.create()
 
 
 def discovery_command(port: int, rpc_url: str, deployment_path: Path, data_dir: Path) -> list[str]:
@@ -53,14 +66,19 @@ def discovery_command(port: int, rpc_url: str, deployment_path: Path, data_dir: 
     )
 
 
+def discovery_env(key: LocalAccount = DISCOVERY_KEY) -> dict[str, str]:
+    return {"PRIME_PRIVATE_KEY": key.key.hex()}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def world(anvil, deployment, module_role_processes: RoleProcesses, tmp_path_factory) -> World:
+    DOMAIN_OF[:] = [Domain.of(deployment)]
     port = free_port()
     discovery = module_role_processes.create(
         "discovery", discovery_command(port, anvil.rpc_url, deployment.path, tmp_path_factory.mktemp("discovery")),
-        port=port,
+        port=port, env=discovery_env(),
     )
-    url = discovery.base_url
+    url = f"{discovery.base_url}#{DISCOVERY_KEY.address}"
     buyer, master, validator = anvil.accounts[2], anvil.accounts[3], anvil.accounts[1]
     other_master = Account.create()
 
@@ -82,7 +100,8 @@ async def world(anvil, deployment, module_role_processes: RoleProcesses, tmp_pat
         await provider.close()
 
     await discovery.start_async()
-    return World(discovery, run_id, other_run_id, validator, master, other_master, node, node2, Account.create())
+    return World(discovery, run_id, other_run_id, validator, master, other_master, node, node2, Account.create(),
+                 DISCOVERY_KEY, Domain.of(deployment))
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -90,14 +109,18 @@ async def announced(world: World) -> dict[str, NodeAddress]:
     """Both nodes of the run announced once (what most tests read)."""
     records = {}
     for node, port in ((world.node, 9101), (world.node2, 9102)):
-        async with SignedClient(node) as client:
-            records[node.address] = await DiscoveryClient(client, world.url).announce("127.0.0.1", port, world.run_id)
+        async with SignedClient(node, domain=world.domain) as client:
+            records[node.address] = await DiscoveryClient(client, world.uri).announce("127.0.0.1", port, world.run_id)
     return records
 
 
 async def call_as(account: LocalAccount, url: str, method: str, *args: Any) -> Any:
-    async with SignedClient(account, retries=0) as client:
-        return await getattr(DiscoveryClient(client, url), method)(*args)
+    """``method`` of a DiscoveryClient signed by ``account``, on the discovery at ``url`` (its signer named)."""
+    async with SignedClient(account, domain=DOMAIN_OF[0], retries=0) as client:
+        return await getattr(DiscoveryClient(client, f"{url}#{DISCOVERY_KEY.address}"), method)(*args)
+
+
+DOMAIN_OF: list[Domain] = []  # the session deployment's domain, set by the world fixture
 
 
 async def raw(
@@ -107,7 +130,7 @@ async def raw(
     """One request with exactly these bytes, signed by ``account`` (unsigned when None); (status, JSON)."""
     sent = dict(headers or {})
     if account is not None:
-        sent = {**sign_headers(account, method, path, body), **sent}
+        sent = {**signed(account, method, path, body, to=DISCOVERY_KEY.address, domain=DOMAIN_OF[0]), **sent}
     if body:
         sent.setdefault("Content-Type", "application/json")
     async with aiohttp.ClientSession() as session, session.request(method, url + path, data=body, headers=sent) as answer:
@@ -224,14 +247,14 @@ async def test_unsigned_and_forged_requests_get_401(world: World, announced: dic
         # the node signed one body, an attacker sends another
         "tampered body": await raw(
             world.url, "PUT", "/nodes", body.replace(b"9999", b"6666"),
-            headers=sign_headers(world.node, "PUT", "/nodes", body),
+            headers=signed(world.node, "PUT", "/nodes", body, to=world.key.address, domain=world.domain),
         ),
         # signed for a different path
         "other path": await raw(
-            world.url, "GET", f"/nodes/{world.node2.address}", headers=sign_headers(world.validator, "GET", path)
+            world.url, "GET", f"/nodes/{world.node2.address}", headers=signed(world.validator, "GET", path, to=world.key.address, domain=world.domain)
         ),
     }
-    replayed_headers = sign_headers(world.validator, "GET", path)
+    replayed_headers = signed(world.validator, "GET", path, to=world.key.address, domain=world.domain)
     first = await raw(world.url, "GET", path, headers=replayed_headers)
     attempts["replayed nonce"] = await raw(world.url, "GET", path, headers=replayed_headers)
 
@@ -365,7 +388,8 @@ async def test_crash_and_restart_keep_every_record(world: World, announced: dict
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(prime_command(*args), check=False, capture_output=True, text=True, timeout=60)
+    env = {**os.environ, **discovery_env()}
+    return subprocess.run(prime_command(*args), check=False, capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_start_without_a_readable_deployment_fails_with_one_sentence(tmp_path: Path) -> None:
@@ -398,3 +422,86 @@ def test_start_with_an_unreachable_chain_fails_with_one_sentence(deployment, tmp
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert dead_rpc in result.stderr
+
+
+# -- audience, replay across restarts, signed answers (issue 11) -----------------------------
+
+
+async def test_a_request_captured_before_a_crash_is_refused_after_the_restart(world: World, announced: dict[str, NodeAddress]) -> None:
+    first = json.dumps({"ip": "127.0.0.1", "port": 9501, "run_id": world.run_id}).encode()
+    captured = signed(world.node, "PUT", "/nodes", first, to=world.key.address, domain=world.domain)
+    assert (await raw(world.url, "PUT", "/nodes", first, headers=captured))[0] == 200
+    latest = await call_as(world.node, world.url, "announce", "127.0.0.1", 9502, world.run_id)
+
+    world.discovery.kill()  # SIGKILL: whatever the nonce memory is, it must already be on disk
+    await world.discovery.start_async()
+
+    status, answer = await raw(world.url, "PUT", "/nodes", first, headers=captured)
+    assert status == 401 and "nonce was already used" in answer["detail"]
+    # the replay did not roll the record back to port 9501
+    assert await call_as(world.validator, world.url, "get_node", world.node.address) == latest
+
+
+async def test_a_request_signed_for_one_discovery_is_refused_by_another(
+    world: World, announced: dict[str, NodeAddress], anvil, deployment, module_role_processes: RoleProcesses, tmp_path_factory
+) -> None:
+    other_key = Account.create()
+    port = free_port()
+    other = await module_role_processes.start_async(
+        "discovery-2", discovery_command(port, anvil.rpc_url, deployment.path, tmp_path_factory.mktemp("discovery-2")),
+        port=port, env=discovery_env(other_key),
+    )
+    body = json.dumps({"ip": "127.0.0.1", "port": 9601, "run_id": world.run_id}).encode()
+    for_first = signed(world.node, "PUT", "/nodes", body, to=world.key.address, domain=world.domain)
+    status, answer = await raw(other.base_url, "PUT", "/nodes", body, headers=for_first)
+    assert status == 401 and "another service" in answer["detail"]
+    # signed for the right service but another chain, or another registry: refused too
+    for domain in (Domain(world.domain.chain_id + 1, world.domain.registry), Domain(world.domain.chain_id, "0x" + "11" * 20)):
+        status, _ = await raw(world.url, "PUT", "/nodes", body, headers=signed(world.node, "PUT", "/nodes", body, to=world.key.address, domain=domain))
+        assert status == 401
+    # nothing was stored anywhere
+    async with SignedClient(world.validator, domain=world.domain, retries=0) as client:
+        assert await DiscoveryClient(client, f"{other.base_url}#{other_key.address}").get_node(world.node.address) is None
+    assert (await call_as(world.validator, world.url, "get_node", world.node.address)).port != 9601
+    other.stop()
+
+
+async def test_an_answer_discovery_did_not_sign_is_refused(world: World, announced: dict[str, NodeAddress]) -> None:
+    # The run names another key than the one the service at that URL signs with: an impostor.
+    async with SignedClient(world.validator, domain=world.domain, retries=0) as client:
+        with pytest.raises(PeerError) as refused:
+            await DiscoveryClient(client, f"{world.url}#{Account.create().address}").get_node(world.node.address)
+    assert "not used" in str(refused.value) or refused.value.status == 401
+
+    # Something on the path rewrites where the node is: the signature no longer matches the body.
+    async def tamper(request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession() as session:
+            async with session.request(request.method, world.url + request.path_qs, headers=request.headers,
+                                       data=await request.read()) as upstream:
+                body = (await upstream.read()).replace(b"127.0.0.1", b"10.66.66.66")
+                headers = {k: v for k, v in upstream.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
+                return web.Response(status=upstream.status, body=body, headers=headers)
+
+    proxy = web.Application()
+    proxy.router.add_route("*", "/{tail:.*}", tamper)
+    runner = web.AppRunner(proxy)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    proxy_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    try:
+        async with SignedClient(world.validator, domain=world.domain, retries=0) as client:
+            with pytest.raises(PeerError) as refused:
+                await DiscoveryClient(client, f"{proxy_url}#{world.key.address}").get_node(world.node.address)
+            # the request itself was addressed to discovery's key, so the proxy could pass it on;
+            # only the changed answer gave it away
+            assert "does not match" in str(refused.value)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_discovery_uri_without_a_signer_is_not_asked(world: World) -> None:
+    async with SignedClient(world.validator, domain=world.domain, retries=0) as client:
+        with pytest.raises(PeerError) as refused:
+            await DiscoveryClient(client, world.url).get_node(world.node.address)
+    assert "names no signing address" in str(refused.value)

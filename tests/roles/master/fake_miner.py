@@ -27,7 +27,7 @@ from eth_account.signers.local import LocalAccount
 
 from prime.auth.client import SignedClient
 from prime.auth.middleware import SIGNER, signed_request_middleware
-from prime.auth.signing import sign_headers, sign_message
+from prime.auth.signing import Domain, sign_headers, sign_message
 from prime.chain.client import RegistryClient, invite_digest, recover_digest_signer
 from prime.chain.types import NodeStatus, Requirements, Specs
 from prime.clients.discovery import DiscoveryClient
@@ -101,7 +101,7 @@ class FakeMiner:
 
     async def start(self) -> FakeMiner:
         self._chain = await RegistryClient.connect(self.rpc_url, self.deployment, self.provider)
-        app = web.Application(middlewares=[signed_request_middleware()])
+        app = web.Application(middlewares=[signed_request_middleware(self.node, Domain.of(self.deployment))])
         app.router.add_post("/invite", self._invite)
         app.router.add_post("/tasks", self._start_task)
         app.router.add_delete("/tasks/{task_id}", self._stop_task)
@@ -129,7 +129,7 @@ class FakeMiner:
         """registerNode (provider pays), announce to discovery (node key), then the validator's verdict."""
         assert self._chain is not None
         await self._chain.register_node(self.run_id, self.node, specs)
-        async with SignedClient(self.node) as client:
+        async with SignedClient(self.node, domain=Domain.of(self.deployment)) as client:
             await DiscoveryClient(client, discovery_url).announce("127.0.0.1", self.port, self.run_id)
         await validator_client.report_validation(self.node, approve, b"\x22" * 32)
 
@@ -276,10 +276,32 @@ class FakeMiner:
         return response
 
 
+_IDENTITIES: dict[str, tuple[str, Domain]] = {}
+
+
+async def identity_of(base_url: str) -> tuple[str, Domain]:
+    """(address, domain) the service at ``base_url`` names in its /health (what a request to it is addressed to)."""
+    if base_url not in _IDENTITIES:
+        async with aiohttp.ClientSession() as session, session.get(base_url + "/health") as answer:
+            found = (await answer.json())["identity"]
+        _IDENTITIES[base_url] = (found["address"], Domain(found["chain_id"], found["registry"]))
+    return _IDENTITIES[base_url]
+
+
+async def headers_for(account: LocalAccount, base_url: str, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+    """The signature headers of a request by ``account`` to the service at ``base_url``."""
+    audience, domain = await identity_of(base_url)
+    return sign_headers(account, method, path, body, audience=audience, domain=domain)
+
+
 async def signed_call(account: LocalAccount | None, method: str, base_url: str, path: str, body: bytes = b"",
                       *, raw: bool = False) -> tuple[int, Any]:
-    """One request with exactly ``path`` on the wire (signed by ``account``; unsigned when None)."""
-    headers = sign_headers(account, method, path, body) if account is not None else {}
+    """One request with exactly ``path`` on the wire (signed by ``account`` and addressed to the service at
+    ``base_url``, as its /health names itself; unsigned when None)."""
+    headers: dict[str, str] = {}
+    if account is not None:
+        audience, domain = await identity_of(base_url)
+        headers = sign_headers(account, method, path, body, audience=audience, domain=domain)
     if body:
         headers["Content-Type"] = "application/json"
     from yarl import URL
@@ -313,9 +335,16 @@ class World:
     data_dir: Path
     miners: list[FakeMiner] = field(default_factory=list)
 
+    discovery_key: LocalAccount = field(default_factory=Account.create)
+
     @property
     def url(self) -> str:
         return self.master.base_url
+
+    @property
+    def discovery_uri(self) -> str:
+        """The run's discovery URI on chain: the URL and the key its answers are signed with."""
+        return f"{self.discovery.base_url}#{self.discovery_key.address}"
 
     async def new_miner(self, specs: Specs = DEFAULT_SPECS, *, anvil: Any) -> FakeMiner:
         """A registered, announced and approved node with its fake miner listening."""
@@ -323,7 +352,7 @@ class World:
         anvil.set_balance(provider.address, 10 * 10**18)
         miner = await FakeMiner(node, provider, self.run_id, self.rpc_url, self.deployment).start()
         self.miners.append(miner)
-        await miner.register_and_announce(self.validator_client, self.discovery.base_url, specs)
+        await miner.register_and_announce(self.validator_client, self.discovery_uri, specs)
         return miner
 
     async def nodes(self, as_account: LocalAccount | None = None) -> dict[str, dict[str, Any]]:
@@ -378,14 +407,16 @@ async def make_world(anvil: Any, deployment: Any, processes: RoleProcesses, tmp:
                      requirements: Requirements = Requirements(min_gpus=1)) -> World:
     """Discovery and a master process for a new run owned by anvil account 2, with a fresh master key."""
     disc_port = free_port()
+    discovery_key = Account.create()
     discovery = processes.create("discovery", discovery_command(disc_port, anvil.rpc_url, deployment.path,
-                                                                 tmp / "discovery"), port=disc_port)
+                                                                 tmp / "discovery"), port=disc_port,
+                                 env={"PRIME_PRIVATE_KEY": discovery_key.key.hex()})
     await discovery.start_async()
     owner, validator = anvil.accounts[2], anvil.accounts[1]
     master_account = Account.create()
     owner_client = await RegistryClient.connect(anvil.rpc_url, deployment, owner)
     validator_client = await RegistryClient.connect(anvil.rpc_url, deployment, validator)
-    run_id = await owner_client.create_run(requirements, discovery.base_url, [master_account.address])
+    run_id = await owner_client.create_run(requirements, f"{discovery.base_url}#{discovery_key.address}", [master_account.address])
     key_file = write_key(tmp, master_account)
     port = free_port()
     data_dir = tmp / "master"
@@ -395,7 +426,7 @@ async def make_world(anvil: Any, deployment: Any, processes: RoleProcesses, tmp:
     )
     await master.start_async()
     return World(discovery, master, run_id, owner, master_account, validator, validator_client, owner_client,
-                 anvil.rpc_url, deployment, data_dir)
+                 anvil.rpc_url, deployment, data_dir, discovery_key=discovery_key)
 
 
 @contextlib.asynccontextmanager

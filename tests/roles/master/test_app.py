@@ -14,9 +14,8 @@ import pytest
 import pytest_asyncio
 from eth_account import Account
 
-from prime.auth.signing import sign_headers
 from tests.fixtures.processes import RoleProcesses
-from tests.roles.master.fake_miner import FakeMiner, World, eventually, make_world, signed_call
+from tests.roles.master.fake_miner import FakeMiner, World, eventually, headers_for, make_world, signed_call
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -150,7 +149,7 @@ async def test_only_the_run_owner_may_use_the_buyer_api(world: World) -> None:
     status, answer = await signed_call(None, "GET", world.url, "/tasks")
     assert status == 401
     # A signature over another body is refused before anything is parsed.
-    headers = sign_headers(world.owner, "POST", "/tasks", b'{"image": "busybox"}')
+    headers = await headers_for(world.owner, world.url, "POST", "/tasks", b'{"image": "busybox"}')
     async with aiohttp.ClientSession() as session:
         async with session.post(world.url + "/tasks", data=b'{"image": "evil"}', headers=headers) as answer:
             assert answer.status == 401
@@ -199,7 +198,7 @@ async def test_logs_are_merged_from_every_replica(world: World) -> None:
 
     async def follow() -> None:
         path = f"/tasks/{task_id}/logs?follow=1"
-        headers = sign_headers(world.owner, "GET", path)
+        headers = await headers_for(world.owner, world.url, "GET", path)
         async with aiohttp.ClientSession() as session, session.get(world.url + path, headers=headers) as answer:
             assert answer.status == 200
             async for line in answer.content:

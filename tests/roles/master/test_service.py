@@ -159,7 +159,7 @@ async def test_a_refused_invite_is_retried_after_a_backoff(world: World, anvil) 
     miner = await FakeMiner(node, provider, world.run_id, world.rpc_url, world.deployment).start()
     world.miners.append(miner)
     miner.refuse_invites = True
-    await miner.register_and_announce(world.validator_client, world.discovery.base_url)
+    await miner.register_and_announce(world.validator_client, world.discovery_uri)
 
     async def failed_once() -> dict | None:
         rec = (await world.nodes()).get(miner.address)

@@ -19,7 +19,6 @@ from aiohttp.test_utils import TestClient, TestServer
 from eth_account import Account
 
 from prime.auth.permissions import ChainPermissions
-from prime.auth.signing import sign_headers
 from prime.chain.types import NodeStatus, Specs
 from prime.errors import PeerError
 from prime.protocol.heartbeat import DesiredReplica
@@ -46,6 +45,7 @@ from prime.roles.master.state import (
 from prime.roles.master.store import MasterStore
 from prime.store import Database
 from prime.web import METRICS
+from tests.support.signing import signed, signed_service
 
 RUN = 7
 SPECS = Specs(2, "H100", 80_000, 16, 64_000, 500)
@@ -113,6 +113,9 @@ class Clock:
         return self.now
 
 
+MASTER_KEY = Account.create()  # the master under test (its own key: the audience of every call)
+
+
 @dataclass
 class Master:
     service: MasterService
@@ -123,7 +126,7 @@ class Master:
 
     async def call(self, account: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         raw = json.dumps(body).encode() if body is not None else b""
-        headers = sign_headers(account, method, path, raw)
+        headers = signed(account, method, path, raw, to=MASTER_KEY.address)
         if raw:
             headers["Content-Type"] = "application/json"
         resp = await self.client.request(method, path, data=raw or None, headers=headers)
@@ -155,7 +158,7 @@ async def master(tmp_path: Path):
     settings = MasterSettings(run_id=RUN, public_url="http://master:8070", data_dir=tmp_path, state=config)
     store = MasterStore(Database(tmp_path / "master.sqlite"))
     state = store.load(config)
-    app = new_app()
+    app = new_app(signed_service(MASTER_KEY))
     effects = FakeEffects(clock)
     _: MasterEffects = effects  # the fake is a MasterEffects (checked by type checkers)
     service = MasterService(settings, state, store, MasterMetrics(app[METRICS], lambda: state), effects, clock=clock)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from prime.challenge.runner import run_challenge
 from prime.errors import PeerError
 from tests.challenge.cheaters import LazyProver
@@ -17,14 +17,15 @@ from tests.support.miner_env import (
     create_run,
     running_node,
 )
+from tests.support.signing import peer_client
 
 pytestmark = pytest.mark.docker
 
 SMALL = {"n": 64, "dtype": "float32", "repeat": 1, "bound_s": 60.0}
 
 
-async def _call(account, method: str, url: str, **kwargs) -> tuple[int, object]:
-    async with SignedClient(account, retries=0) as client:
+async def _call(account, method: str, url: str, *, to: str, domain: Domain, **kwargs) -> tuple[int, object]:
+    async with peer_client(account, to=to, domain=domain, retries=0) as client:
         try:
             return 200, await client.request(method, url, **kwargs)
         except PeerError as exc:
@@ -41,30 +42,30 @@ async def test_challenge_and_verdict_are_for_validators_only(
         body = {"id": "c-1", "seed": 7, "n": 16, "dtype": "float32", "repeat": 1}
         verdict = {"approved": True, "reason": "all checks passed", "report_hash": "0x" + "cd" * 32}
         for outsider in (master, stranger):
-            status, answer = await _call(outsider, "POST", f"{miner.url}/challenge", json=body)
+            status, answer = await _call(outsider, "POST", f"{miner.url}/challenge", to=miner.address, domain=Domain.of(deployment), json=body)
             assert status == 403 and answer["error"] == "forbidden"
-            status, answer = await _call(outsider, "POST", f"{miner.url}/challenge/c-1/verdict", json=verdict)
+            status, answer = await _call(outsider, "POST", f"{miner.url}/challenge/c-1/verdict", to=miner.address, domain=Domain.of(deployment), json=verdict)
             assert status == 403
         assert miner.state.verdict is None
 
         # A real validator run against the honest prover: approved.
-        async with SignedClient(validator) as client:
-            report = await run_challenge(client, miner.url, specs=miner.specs, params_overrides=SMALL)
+        async with peer_client(validator, to=miner.address, domain=Domain.of(deployment)) as client:
+            report = await run_challenge(client, miner.url, node=miner.address, specs=miner.specs, params_overrides=SMALL)
         assert report.approved, report.reason
 
         for bad in ({**verdict, "report_hash": "0x12"}, {**verdict, "approved": "yes"}, {"approved": True}, {**verdict, "reason": "x" * 5000}):
-            status, answer = await _call(validator, "POST", f"{miner.url}/challenge/c-1/verdict", json=bad)
+            status, answer = await _call(validator, "POST", f"{miner.url}/challenge/c-1/verdict", to=miner.address, domain=Domain.of(deployment), json=bad)
             assert status == 400, (bad, answer)
-        status, answer = await _call(validator, "POST", f"{miner.url}/challenge/c-1/verdict", json=verdict)
+        status, answer = await _call(validator, "POST", f"{miner.url}/challenge/c-1/verdict", to=miner.address, domain=Domain.of(deployment), json=verdict)
         assert status == 200 and answer == {"ok": True}
         assert miner.state.verdict.approved and miner.state.verdict.validator == validator.address
         assert miner.state_file.load().verdict.reason == "all checks passed"
 
         # Public routes: health lists the loops, metrics and the API description are served.
-        status, health = await _call(stranger, "GET", f"{miner.url}/health")
+        status, health = await _call(stranger, "GET", f"{miner.url}/health", to=miner.address, domain=Domain.of(deployment))
         assert status == 200 and health["status"] == "ok"
         assert {"announce", "chain", "supervise", "heartbeat"} <= set(health["loops"])
-        async with SignedClient(stranger) as client:
+        async with peer_client(stranger, to=miner.address, domain=Domain.of(deployment)) as client:
             async with client.stream("GET", f"{miner.url}/metrics") as response:
                 assert b"prime_http_requests" in await response.read()
             paths = (await client.request("GET", f"{miner.url}/openapi.json"))["paths"]
@@ -77,7 +78,7 @@ async def test_an_injected_prover_answers_the_challenges(
     run_id = await create_run(chain_client, anvil, discovery.url)
     node = fresh_account()
     async with running_node(anvil, deployment, run_id, node, tmp_path / "data", prover=LazyProver()) as miner:
-        async with SignedClient(anvil.accounts[VALIDATOR_INDEX]) as client:
-            report = await run_challenge(client, miner.url, specs=miner.specs, params_overrides=SMALL)
+        async with peer_client(anvil.accounts[VALIDATOR_INDEX], to=miner.address, domain=Domain.of(deployment)) as client:
+            report = await run_challenge(client, miner.url, node=miner.address, specs=miner.specs, params_overrides=SMALL)
     assert not report.approved
     assert report.checks.get("merkle")  # the lazy prover's paths do not match its root

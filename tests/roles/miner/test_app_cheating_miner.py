@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from prime.chain.types import NodeStatus
 from prime.challenge.runner import run_challenge
 from tests.fixtures.processes import free_port
@@ -18,6 +18,7 @@ from tests.support.miner_env import (
     miner_env,
     write_keystore,
 )
+from tests.support.signing import peer_client
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -47,7 +48,7 @@ async def test_cheating_miner_process_is_caught(
     assert info.status == NodeStatus.REGISTERED  # the rest of the miner is the real one
 
     overrides = {"n": 64, "dtype": "float32", "repeat": 1, "bound_s": 1.0 if mode == "slow" else 60.0}
-    async with SignedClient(anvil.accounts[VALIDATOR_INDEX]) as client:
-        report = await run_challenge(client, process.base_url, specs=info.specs, params_overrides=overrides)
+    async with peer_client(anvil.accounts[VALIDATOR_INDEX], to=node.address, domain=Domain.of(deployment)) as client:
+        report = await run_challenge(client, process.base_url, node=node.address, specs=info.specs, params_overrides=overrides)
     assert not report.approved
     assert report.checks.get(failed_check), report.checks

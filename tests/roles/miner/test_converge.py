@@ -105,7 +105,7 @@ async def test_a_start_that_raises_is_reported_failed_until_the_next_list() -> N
 async def test_the_heartbeat_loop_runs_what_the_master_lists_without_docker_or_chain(tmp_path: Path) -> None:
     executor = MemoryExecutor(tmp_path)
     master = MemoryMaster(interval_s=0.02)
-    store = MinerStore(StateFile(tmp_path), MinerState(node="0x" + "11" * 20, run_id=1, master_url="http://master.invalid"))
+    store = MinerStore(StateFile(tmp_path), MinerState(node="0x" + "11" * 20, run_id=1, master_url="http://master.invalid", master="0x" + "22" * 20))
     runtime = build_task_runtime(executor, store, master, [], LoopHealth(), retention_s=0.2)
     runtime.heartbeat.active = True
     loop = asyncio.create_task(runtime.heartbeat.run())

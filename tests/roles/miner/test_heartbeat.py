@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import tarfile
 import uuid
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from prime.protocol.heartbeat import HeartbeatRequest
 from prime.roles.miner.state import StateFile
 from tests.fixtures.docker import remove_prime_containers
@@ -31,6 +32,7 @@ from tests.support.miner_env import (
     sign_invite_body,
     wait_until,
 )
+from tests.support.signing import peer_client
 
 pytestmark = pytest.mark.docker
 
@@ -46,11 +48,11 @@ async def test_heartbeats_reach_the_master_and_run_its_desired_tasks(
     node = fresh_account()
     master_account = anvil.accounts[MASTER_INDEX]
     reader = await chain_client()
-    master = await TestMaster(interval_s=0.3).start()
+    master = await TestMaster(anvil.accounts[MASTER_INDEX], Domain.of(deployment), interval_s=0.3).start()
     try:
         async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
             await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x02" * 32)
-            async with SignedClient(master_account, retries=0) as client:
+            async with peer_client(master_account, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
                 await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
 
             await master.wait_for(lambda: len(master.heartbeats) >= 2)
@@ -91,25 +93,25 @@ async def test_heartbeat_failures_are_recorded_and_heartbeats_resume(
     node = fresh_account()
     master_account = anvil.accounts[MASTER_INDEX]
     reader = await chain_client()
-    master = await TestMaster(interval_s=0.3).start()
+    master = await TestMaster(anvil.accounts[MASTER_INDEX], Domain.of(deployment), interval_s=0.3).start()
     async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
         await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x03" * 32)
-        async with SignedClient(master_account, retries=0) as client:
+        async with peer_client(master_account, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
             await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
         await master.wait_for(lambda: len(master.heartbeats) >= 1)
 
         await master.stop()  # the master goes away: heartbeats fail, the miner records it and stays up
         await wait_until(lambda: miner.state.last_heartbeat_error is not None, what="a failed heartbeat")
-        async with SignedClient(node) as client:
+        async with peer_client(node, to=miner.address, domain=Domain.of(deployment)) as client:
             health = await client.request("GET", f"{miner.url}/health")
         assert health["loops"]["heartbeat"]["consecutive_failures"] >= 1
         assert StateFile(tmp_path / "data").load().last_heartbeat_error
 
-        back = await TestMaster(interval_s=0.3).start(port=master.port)  # restarted on the same URL
+        back = await TestMaster(anvil.accounts[MASTER_INDEX], Domain.of(deployment), interval_s=0.3).start(port=master.port)  # restarted on the same URL
         try:
             await back.wait_for(lambda: len(back.heartbeats) >= 1)
             await wait_until(lambda: miner.state.last_heartbeat_error is None, what="the error to clear")
-            async with SignedClient(node) as client:
+            async with peer_client(node, to=miner.address, domain=Domain.of(deployment)) as client:
                 health = await client.request("GET", f"{miner.url}/health")
             assert health["status"] == "ok" and health["loops"]["heartbeat"]["consecutive_failures"] == 0
         finally:
@@ -142,12 +144,12 @@ async def test_a_desired_task_with_a_missing_image_is_pulled_with_progress_shown
     node = fresh_account()
     master_account = anvil.accounts[MASTER_INDEX]
     reader = await chain_client()
-    master = await TestMaster(interval_s=0.3).start()
+    master = await TestMaster(anvil.accounts[MASTER_INDEX], Domain.of(deployment), interval_s=0.3).start()
     master.desired = [desired_entry("pulled", image, ["sh", "-c", "test -f /payload"])]
     try:
         async with running_node(anvil, deployment, run_id, node, tmp_path / "data", allow_registries=(local_registry,)) as miner:
             await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x06" * 32)
-            async with SignedClient(master_account, retries=0) as client:
+            async with peer_client(master_account, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
                 await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
             await master.wait_for(lambda: any(r["state"] == "Completed" for r in master.reports("pulled")), timeout_s=60)
             output = miner.console.file.getvalue()
@@ -158,3 +160,83 @@ async def test_a_desired_task_with_a_missing_image_is_pulled_with_progress_shown
         remove_prime_containers(docker_client, node.address)
         with contextlib.suppress(Exception):
             docker_client.images.remove(image, force=True)
+
+
+async def test_the_miner_obeys_only_answers_its_master_signed(
+    discovery, anvil, deployment, chain_client, fresh_account, docker_client, busybox_image, tmp_path: Path
+) -> None:
+    """Whoever answers the heartbeat (an unsigned server, another key, a master removed on chain)
+    cannot make the node run a container: only answers signed by the master it joined count."""
+    from aiohttp import web
+
+    from prime.auth.signing import HEADER_NONCE, sign_answer
+    from prime.web import bound_port, serve
+
+    run_id = await create_run(chain_client, anvil, discovery.url)
+    node = fresh_account()
+    master_account = anvil.accounts[MASTER_INDEX]
+    domain = Domain.of(deployment)
+    impostor = fresh_account(0)
+    evil = {"interval_s": 0.3, "desired": [desired_entry("evil", busybox_image, SLEEPER)]}
+    seen: list[str] = []
+    mode = {"sign_as": None}
+
+    async def heartbeat(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("X-Prime-Address", ""))
+        body = json.dumps(evil).encode()
+        headers = {}
+        if mode["sign_as"] is not None:  # signed properly, for this very request, but by the wrong key
+            headers = sign_answer(mode["sign_as"], request.headers[HEADER_NONCE], 200, body, domain)
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/heartbeat", heartbeat)
+    runner = await serve(app, host="127.0.0.1", port=0)
+    fake_url = f"http://127.0.0.1:{bound_port(runner)}"
+    reader = await chain_client()
+    try:
+        async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
+            await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x05" * 32)
+            # The real master invites the node, but names a URL where something else answers.
+            async with peer_client(master_account, to=miner.address, domain=domain, retries=0) as client:
+                await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, fake_url))
+            await wait_until(lambda: len(seen) >= 2, what="heartbeats to the unsigned server")
+            await wait_until(lambda: "not signed" in (miner.store.state.last_heartbeat_error or ""), what="the refusal")
+            mode["sign_as"] = impostor
+            count = len(seen)
+            await wait_until(lambda: len(seen) >= count + 2, timeout_s=60, what="heartbeats to the impostor")
+            await wait_until(lambda: f"signed by {impostor.address}" in (miner.store.state.last_heartbeat_error or ""), timeout_s=60,
+                             what="the impostor's answer refused")
+            assert miner.heartbeat.beats == 0  # no answer was taken
+            assert not _containers(docker_client, node.address, "evil")
+    finally:
+        await runner.cleanup()
+        remove_prime_containers(docker_client, node.address)
+
+
+async def test_a_master_removed_on_chain_is_no_longer_obeyed(
+    discovery, anvil, deployment, chain_client, fresh_account, docker_client, busybox_image, tmp_path: Path
+) -> None:
+    from tests.support.miner_env import BUYER_INDEX
+
+    run_id = await create_run(chain_client, anvil, discovery.url)
+    node = fresh_account()
+    master_account = anvil.accounts[MASTER_INDEX]
+    reader = await chain_client()
+    master = await TestMaster(master_account, Domain.of(deployment), interval_s=0.3).start()
+    try:
+        async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
+            await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x06" * 32)
+            async with peer_client(master_account, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
+                await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
+            await master.wait_for(lambda: len(master.heartbeats) >= 2)
+            await (await chain_client(anvil.accounts[BUYER_INDEX])).remove_master(run_id, master_account.address)
+            await wait_until(lambda: "no longer a master" in (miner.store.state.last_heartbeat_error or ""), timeout_s=60,
+                             what="the removed master's answers refused")
+            master.desired = [desired_entry("after-removal", busybox_image, SLEEPER)]
+            beats = len(master.heartbeats)
+            await master.wait_for(lambda: len(master.heartbeats) >= beats + 3)
+            assert not _containers(docker_client, node.address, "after-removal")
+    finally:
+        await master.stop()
+        remove_prime_containers(docker_client, node.address)

@@ -13,8 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from prime.auth.client import SignedClient
-from prime.auth.signing import recover_message
+from prime.auth.signing import Domain, recover_message
 from prime.chain.types import NodeStatus
 from prime.errors import PeerError
 from prime.roles.miner.invite import ack_text
@@ -26,12 +25,13 @@ from tests.support.miner_env import (
     running_node,
     sign_invite_body,
 )
+from tests.support.signing import peer_client
 
 pytestmark = pytest.mark.docker
 
 
-async def _post(account, url: str, body: dict) -> tuple[int, dict]:
-    async with SignedClient(account, retries=0) as client:
+async def _post(account, url: str, body: dict, *, to: str, domain: Domain) -> tuple[int, dict]:
+    async with peer_client(account, to=to, domain=domain, retries=0) as client:
         try:
             return 200, await client.request("POST", url, json=body)
         except PeerError as exc:
@@ -53,7 +53,7 @@ async def test_valid_invite_joins_the_run_and_is_acknowledged(
     async with running_node(anvil, deployment, run_id, node, tmp_path / "data", provider=provider) as miner:
         await _approve(chain_client, anvil, node)
         body = await sign_invite_body(reader, master, run_id, node.address, "http://127.0.0.1:9/")
-        status, answer = await _post(master, f"{miner.url}/invite", body)
+        status, answer = await _post(master, f"{miner.url}/invite", body, to=node.address, domain=Domain.of(deployment))
         assert status == 200, answer
         assert answer["node"] == node.address and answer["run_id"] == run_id
         assert answer["master_url"] == "http://127.0.0.1:9" and answer["tx_hash"]
@@ -69,7 +69,7 @@ async def test_valid_invite_joins_the_run_and_is_acknowledged(
 
         # The same invite again: same acknowledgement, no second transaction.
         nonce = await reader.w3.eth.get_transaction_count(provider.address)
-        status, again = await _post(master, f"{miner.url}/invite", body)
+        status, again = await _post(master, f"{miner.url}/invite", body, to=node.address, domain=Domain.of(deployment))
         assert status == 200 and again["tx_hash"] is None and again["ack"] == answer["ack"]
         assert await reader.w3.eth.get_transaction_count(provider.address) == nonce
         assert await reader.w3.eth.get_transaction_count(node.address) == 0  # the node key never pays
@@ -88,7 +88,7 @@ async def test_forged_invites_are_refused_without_a_transaction(
         invite_url = f"{miner.url}/invite"
 
         # Not approved yet: even a real master's invite cannot make it join.
-        status, answer = await _post(master, invite_url, await sign_invite_body(reader, master, run_id, node.address, url_of))
+        status, answer = await _post(master, invite_url, await sign_invite_body(reader, master, run_id, node.address, url_of), to=node.address, domain=Domain.of(deployment))
         assert status == 409 and answer["error"] == "not_approved"
 
         await _approve(chain_client, anvil, node)
@@ -108,13 +108,13 @@ async def test_forged_invites_are_refused_without_a_transaction(
             "signature_mismatch  ": (master, await sign_invite_body(reader, master, run_id, stranger.address, url_of)),
         }
         for expected, (sender, body) in forged.items():
-            status, answer = await _post(sender, invite_url, body)
+            status, answer = await _post(sender, invite_url, body, to=node.address, domain=Domain.of(deployment))
             assert status == 403, (expected, answer)
             assert answer["error"] == expected.strip(), (expected, answer)
 
         # A key with no role sends ~200 KB of nesting: a clean 400, the miner stays up.
         deep = b'{"run_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-        async with SignedClient(stranger, retries=0) as client:
+        async with peer_client(stranger, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
             with pytest.raises(PeerError) as refused:
                 await client.request("POST", invite_url, data=deep)
         assert refused.value.status == 400 and refused.value.body["error"] in ("invalid_json", "invalid_body")
@@ -123,7 +123,7 @@ async def test_forged_invites_are_refused_without_a_transaction(
             async with session.post(invite_url, json=await sign_invite_body(reader, master, run_id, node.address, url_of)) as unsigned:
                 assert unsigned.status == 401
         for bad in ({"run_id": run_id}, {"run_id": run_id, "master_url": "ftp://x", "expiry": 1, "signature": "0x00"}, []):
-            status, answer = await _post(master, invite_url, bad)
+            status, answer = await _post(master, invite_url, bad, to=node.address, domain=Domain.of(deployment))
             assert status == 400, (bad, answer)
 
         assert await reader.node_status(node.address) == NodeStatus.APPROVED

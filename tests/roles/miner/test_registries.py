@@ -17,6 +17,7 @@ import docker
 import pytest
 from typer.testing import CliRunner
 
+from prime.auth.signing import Domain
 from prime.errors import ConfigError
 from prime.protocol.heartbeat import DesiredReplica
 from prime.protocol.tasks import ReplicaState
@@ -32,6 +33,7 @@ from prime.roles.miner.registries import (
     registry_of,
     system_resolve,
 )
+from tests.support.signing import peer_client
 
 DIGEST = "sha256:" + "ab" * 32
 PUBLIC = "93.184.216.34"  # a global address (example.org's old one); never contacted here
@@ -473,7 +475,6 @@ async def test_an_allowed_loopback_registry_is_pulled_from(
 async def test_a_miner_reports_a_refused_image_to_its_master_and_never_pulls_it(
     discovery, anvil, deployment, chain_client, fresh_account, docker_client, tmp_path: Path
 ) -> None:
-    from prime.auth.client import SignedClient
     from tests.fixtures.docker import remove_prime_containers
     from tests.support.miner_env import (
         MASTER_INDEX,
@@ -489,14 +490,14 @@ async def test_a_miner_reports_a_refused_image_to_its_master_and_never_pulls_it(
     node = fresh_account()
     master_account = anvil.accounts[MASTER_INDEX]
     reader = await chain_client()
-    master = await TestMaster(interval_s=0.3).start()
+    master = await TestMaster(anvil.accounts[MASTER_INDEX], Domain.of(deployment), interval_s=0.3).start()
     with recording_listener() as (port, seen):
         image = f"127.0.0.1:{port}/prime-refused:v1"
         master.desired = [desired_entry("refused", image, ["true"])]
         try:
             async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:  # no --allow-registry
                 await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x0b" * 32)
-                async with SignedClient(master_account, retries=0) as client:
+                async with peer_client(master_account, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
                     body = await sign_invite_body(reader, master_account, run_id, node.address, master.url)
                     await client.request("POST", f"{miner.url}/invite", json=body)
                 await master.wait_for(lambda: any(r["state"] == "Failed" for r in master.reports("refused")), timeout_s=60)

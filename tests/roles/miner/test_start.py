@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from prime.chain.types import NodeStatus
 from prime.clients.discovery import DiscoveryClient
 from tests.fixtures.chain import MIN_STAKE_WEI
@@ -24,6 +24,7 @@ from tests.support.miner_env import (
     wait_until,
     write_keystore,
 )
+from tests.support.signing import peer_client
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -46,7 +47,7 @@ async def test_start_registers_the_node_and_announces_it(
     assert info.run_id == run_id and info.provider == provider.address and info.stake == MIN_STAKE_WEI
     assert info.specs.gpu_count == 0 and info.specs.cpu_cores >= 1
 
-    async with SignedClient(anvil.accounts[VALIDATOR_INDEX]) as client:
+    async with peer_client(anvil.accounts[VALIDATOR_INDEX], to=discovery.address, domain=Domain.of(deployment)) as client:
         lookup = DiscoveryClient(client, discovery.url)
         record = await wait_until(lambda: lookup.get_node(node.address), timeout_s=30, what="the node's announcement")
     assert (record.ip, record.port, record.run_id) == ("127.0.0.1", port, run_id)
@@ -114,7 +115,7 @@ async def test_rejected_node_exits_with_the_validators_reason(
     process = await role_processes.start_async("miner", command, port=port, env=miner_env(tmp_path / "home"), timeout_s=90)
     validator = anvil.accounts[VALIDATOR_INDEX]
     report_hash = "0x" + "ab" * 32
-    async with SignedClient(validator) as client:
+    async with peer_client(validator, to=node.address, domain=Domain.of(deployment)) as client:
         answer = await client.request(
             "POST", f"{process.base_url}/challenge/c-1/verdict",
             json={"approved": False, "reason": "row 17 of the product is wrong", "report_hash": report_hash},

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from prime.chain.types import NodeStatus
 from tests.fixtures.docker import remove_prime_containers
 from tests.fixtures.processes import free_port
@@ -26,6 +26,7 @@ from tests.support.miner_env import (
     sign_invite_body,
     write_keystore,
 )
+from tests.support.signing import peer_client
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -37,7 +38,7 @@ async def test_restart_while_a_task_runs_keeps_exactly_one_container(
     node, provider = fresh_account(0), fresh_account()
     master_account = anvil.accounts[MASTER_INDEX]
     reader = await chain_client()
-    master = await TestMaster(interval_s=0.3).start()
+    master = await TestMaster(anvil.accounts[MASTER_INDEX], Domain.of(deployment), interval_s=0.3).start()
     master.desired = [desired_entry("steady", busybox_image, SLEEPER)]
     port = free_port()
     command = miner_command(
@@ -48,7 +49,7 @@ async def test_restart_while_a_task_runs_keeps_exactly_one_container(
     try:
         process = await role_processes.start_async("miner", command, port=port, env=miner_env(tmp_path / "home"), timeout_s=90)
         await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x04" * 32)
-        async with SignedClient(master_account, retries=0) as client:
+        async with peer_client(master_account, to=node.address, domain=Domain.of(deployment), retries=0) as client:
             await client.request(
                 "POST", f"{process.base_url}/invite",
                 json=await sign_invite_body(reader, master_account, run_id, node.address, master.url),

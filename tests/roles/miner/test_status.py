@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from tests.fixtures.docker import remove_prime_containers
 from tests.fixtures.processes import _child_env, prime_command
 from tests.support.miner_env import (
@@ -24,6 +24,7 @@ from tests.support.miner_env import (
     wait_until,
     write_keystore,
 )
+from tests.support.signing import peer_client
 
 pytestmark = pytest.mark.docker
 
@@ -42,7 +43,7 @@ async def test_status_shows_chain_discovery_master_and_tasks(
     node = fresh_account()
     master_account = anvil.accounts[MASTER_INDEX]
     reader = await chain_client()
-    master = await TestMaster(interval_s=0.3).start()
+    master = await TestMaster(anvil.accounts[MASTER_INDEX], Domain.of(deployment), interval_s=0.3).start()
     master.desired = [desired_entry("busy", busybox_image, SLEEPER)]
     data = tmp_path / "data"
     chain_args = ["--rpc-url", anvil.rpc_url, "--deployment", str(deployment.path), "--data-dir", str(data)]
@@ -54,7 +55,7 @@ async def test_status_shows_chain_discovery_master_and_tasks(
             assert registered["local"]["master_url"] is None
 
             await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x05" * 32)
-            async with SignedClient(master_account, retries=0) as client:
+            async with peer_client(master_account, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
                 await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
             await master.wait_for(lambda: any(r["state"] == "Running" for r in master.reports("busy")))
             await wait_until(lambda: miner.state.tasks and miner.state.tasks[0]["state"] == "Running", what="a heartbeat with the task")

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
 from prime.errors import PeerError
 from tests.fixtures.docker import remove_prime_containers
 from tests.support.miner_env import (
@@ -24,6 +25,7 @@ from tests.support.miner_env import (
     running_node,
     wait_until,
 )
+from tests.support.signing import peer_client
 
 pytestmark = pytest.mark.docker
 
@@ -58,14 +60,14 @@ async def test_master_routes_refuse_strangers_and_serve_the_master(
                         assert (await answer.json())["error"] == "unauthorized"
             # Signed by a non-master (a validator, a stranger): 403, and nothing starts.
             for outsider in (validator, stranger):
-                async with SignedClient(outsider, retries=0) as client:
+                async with peer_client(outsider, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
                     for method, path, body in (("GET", "/tasks", None), ("POST", "/tasks", entry), ("DELETE", "/tasks/writer", None),
                                                ("GET", "/tasks/writer/logs", None), ("GET", "/tasks/writer/manifest", None)):
                         status, answer = await _status_of(client, method, base + path, json=body)
                         assert status == 403 and answer["error"] == "forbidden", (outsider.address, method, path, answer)
             assert not docker_client.containers.list(all=True, filters={"label": f"prime.node={node.address}"})
 
-            async with SignedClient(master, retries=0) as client:
+            async with peer_client(master, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
                 status, answer = await _status_of(client, "POST", f"{base}/tasks", json=entry)
                 assert status == 200 and answer["id"] == "writer" and answer["replica"] == 0
 

@@ -52,14 +52,21 @@ class World:
         )
 
 
+DISCOVERY_KEY = Account.create()  # the discovery's own key, named in the run's discovery URI
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def world(anvil, deployment, module_role_processes: RoleProcesses, tmp_path_factory) -> AsyncIterator[World]:
+    from prime.auth.signing import Domain
+    from tests.roles.validator.support import WORLD_DOMAIN
+
+    WORLD_DOMAIN[:] = [Domain.of(deployment)]
     port = free_port()
     discovery = module_role_processes.create(
         "discovery",
         prime_command("discovery", "start", "--host", "127.0.0.1", "--port", str(port), "--rpc-url", anvil.rpc_url,
                       "--deployment", str(deployment.path), "--data-dir", str(tmp_path_factory.mktemp("discovery"))),
-        port=port,
+        port=port, env={"PRIME_PRIVATE_KEY": DISCOVERY_KEY.key.hex()},
     )
     await discovery.start_async()
 
@@ -74,7 +81,7 @@ async def world(anvil, deployment, module_role_processes: RoleProcesses, tmp_pat
     async with await RegistryClient.connect(anvil.rpc_url, deployment, admin) as admin_client:
         await admin_client.grant_validator(validator.address)
     async with await RegistryClient.connect(anvil.rpc_url, deployment, buyer) as owner:
-        run_id = await owner.create_run(Requirements(), discovery.base_url, [master.address])
+        run_id = await owner.create_run(Requirements(), f"{discovery.base_url}#{DISCOVERY_KEY.address}", [master.address])
 
     provider = await RegistryClient.connect(anvil.rpc_url, deployment, provider_account)
     reader = await RegistryClient.connect(anvil.rpc_url, deployment)

@@ -24,6 +24,7 @@ from eth_account.signers.local import LocalAccount
 from prime.auth.client import SignedClient
 from prime.auth.middleware import require, signed_request_middleware
 from prime.auth.permissions import ChainPermissions
+from prime.auth.signing import Domain
 from prime.chain.client import RegistryClient
 from prime.chain.types import NodeInfo, NodeStatus, Specs
 from prime.challenge.params import ChallengeParams
@@ -94,7 +95,7 @@ class InProcessMiner:
         return web.json_response({"ok": True})
 
     async def start(self) -> InProcessMiner:
-        app = make_app(name="test-miner", middlewares=[signed_request_middleware()])
+        app = make_app(name="test-miner", middlewares=[signed_request_middleware(self.node, domain_of_world())])
         add_challenge_routes(app, self.service, self._guard)
         app.router.add_post("/challenge/{id}/verdict", require(self._is_validator)(self._verdict))
         self._runner = await serve(app, host="127.0.0.1", port=0)
@@ -107,9 +108,19 @@ class InProcessMiner:
             self._runner = None
 
 
+WORLD_DOMAIN: list[Domain] = []  # the session deployment's network, set by the world fixture
+
+
+def domain_of_world() -> Domain:
+    return WORLD_DOMAIN[0]
+
+
 async def announce(node: LocalAccount, discovery_url: str, port: int, run_id: int) -> None:
-    async with SignedClient(node) as client:
-        await DiscoveryClient(client, discovery_url).announce("127.0.0.1", port, run_id)
+    """Announce ``node`` to the world's discovery (``discovery_url``: its base URL)."""
+    from tests.roles.validator.conftest import DISCOVERY_KEY
+
+    async with SignedClient(node, domain=domain_of_world()) as client:
+        await DiscoveryClient(client, f"{discovery_url}#{DISCOVERY_KEY.address}").announce("127.0.0.1", port, run_id)
 
 
 async def register(provider: RegistryClient, run_id: int, node: LocalAccount, specs: Specs = CPU_SPECS) -> None:

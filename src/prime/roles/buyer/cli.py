@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 
 from prime.config import DEFAULT_PASSWORD_ENV, DEFAULT_RPC_URL, DeploymentPath, KeyFile, PasswordEnv, RpcUrl
-from prime.errors import ConfigError, PrimeError
+from prime.errors import ConfigError, PeerError, PrimeError
 
 app = typer.Typer(no_args_is_help=True)
 run_app = typer.Typer(no_args_is_help=True, help="Read a run's record on chain.")
@@ -74,7 +74,7 @@ def _with_registry(rpc_url: str, deployment: Path | None, account: Any, action: 
 
 @app.command("create-run")
 def create_run(
-    discovery_uri: Annotated[str, typer.Option("--discovery-uri", envvar="PRIME_DISCOVERY_URI", help="URL of the discovery service nodes announce to.")],
+    discovery_uri: Annotated[str, typer.Option("--discovery-uri", envvar="PRIME_DISCOVERY_URI", help="URL of the discovery service nodes announce to; http://host:port#0xADDRESS names the key its answers are signed with.")],
     master: Annotated[Optional[list[str]], typer.Option("--master", help="Address of a master node of the run (repeatable).")] = None,
     min_gpus: Annotated[int, typer.Option("--min-gpus", min=0, help="GPUs each node needs at least.")] = 0,
     gpu_model: Annotated[str, typer.Option("--gpu-model", help="Required GPU model (case-insensitive substring, e.g. H100); empty = any.")] = "",
@@ -102,6 +102,7 @@ def create_run(
         raise PrimeError(f"The requirements are out of range: {exc}") from None
     masters = [to_address(m) for m in master or []]
     account = _account(key_file, password_env)
+    discovery_uri = _signed_discovery_uri(discovery_uri, account)
 
     async def action(client: Any) -> tuple[Any, Any]:
         result = await client.create_run_tx(req, discovery_uri, masters)
@@ -117,6 +118,32 @@ def create_run(
     err.print(f"Run {run.run_id} created by {account.address} (transaction {result.tx_hash}).", highlight=False)
     if not masters:
         err.print(f"It has no master yet: `prime buyer add-master {run.run_id} ADDRESS`.", highlight=False)
+
+
+def _signed_discovery_uri(uri: str, account: Any) -> str:
+    """``uri`` with the discovery service's signing address: as given, or asked of the service itself.
+
+    Asking is the owner's one act of trust (the address is shown); from then on every node,
+    master and validator checks each discovery answer against the address stored on chain.
+    """
+    from prime.auth.client import SignedClient
+    from prime.clients.discovery import discovery_uri, split_discovery_uri
+    base, signer = split_discovery_uri(uri)
+    if signer is not None:
+        return discovery_uri(base, signer)
+    if "#" in uri:
+        raise PrimeError(f"--discovery-uri {uri!r} ends in something that is not a 0x address after '#'; write it like http://127.0.0.1:8090#0xADDRESS.")
+
+    async def ask() -> str:
+        async with SignedClient(account, timeout_s=10, retries=1) as client:
+            return (await client.identify(base)).address
+
+    try:
+        signer = asyncio.run(ask())
+    except PeerError as exc:
+        raise PrimeError(f"Could not ask discovery at {base} for its signing address ({exc}); start it first, or give it as {base}#0xADDRESS.") from None
+    Console(stderr=True, soft_wrap=True).print(f"Discovery at {base} signs as {signer}; the run will only trust answers signed by that key.", highlight=False)
+    return discovery_uri(base, signer)
 
 
 def _master_change(run_id: int, address: str, *, add: bool, rpc_url: str, deployment: Path | None, key_file: Path | None, password_env: str, json_output: bool) -> None:

@@ -45,6 +45,13 @@ class MasterClient:
         self._client = client
         self.base_url = normalize_master_url(base_url)
         self._base = URL(self.base_url)
+        self._master: str | None = None  # the master's address, learned from its /health on first use
+
+    async def _audience(self) -> str:
+        """The master's address: requests are addressed to it, and its answers must be signed by it."""
+        if self._master is None:
+            self._master = (await self._client.identify(self.base_url)).address
+        return self._master
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -66,7 +73,7 @@ class MasterClient:
 
     async def _call(self, method: str, what: str, *parts: str, json_body: Any = None, params: dict | None = None) -> Any:
         try:
-            return await self._client.request(method, self._url(*parts), json=json_body, params=params)
+            return await self._client.request(method, self._url(*parts), audience=await self._audience(), json=json_body, params=params)
         except PeerError as exc:
             raise self.explain(exc, what) from None
 
@@ -108,7 +115,7 @@ class MasterClient:
         try:
             # No read timeout while following: a quiet task may print nothing for hours.
             async with self._client.stream(
-                "GET", self._url("tasks", task_id, "logs"), params=params,
+                "GET", self._url("tasks", task_id, "logs"), audience=await self._audience(), params=params,
                 read_timeout_s=None if follow else self._client.timeout_s,
             ) as response:
                 buffer = b""
@@ -148,7 +155,7 @@ class MasterClient:
         received = 0
         try:
             async with self._client.stream(
-                "GET", self._url("tasks", task_id, "files", *path.split("/")), params={"replica": replica}
+                "GET", self._url("tasks", task_id, "files", *path.split("/")), audience=await self._audience(), params={"replica": replica}
             ) as response:
                 with open(tmp, "wb") as out:
                     async for chunk in response.content.iter_chunked(CHUNK):
@@ -189,6 +196,8 @@ class MasterClient:
         status, body = exc.status, exc.body
         detail = body.get("detail") if isinstance(body, dict) else None
         error = body.get("error") if isinstance(body, dict) else None
+        if status is not None and 200 <= status < 300:  # an answer that was not used (unsigned, too large, not JSON)
+            return PrimeError(f"{exc} Could not {what}.")
         if status is None:
             return MasterUnreachable(
                 f"Cannot reach the master at {self.base_url} to {what}; check --master-url (or PRIME_MASTER_URL) and that the master is running."

@@ -18,7 +18,7 @@ from aiohttp import web
 from eth_utils import to_checksum_address
 from prometheus_client import CollectorRegistry, Counter
 
-from prime.auth.middleware import SIGNER, signed_request_middleware
+from prime.auth.middleware import SIGNER, SignedService
 from prime.errors import ChainError
 from prime.protocol.discovery import UNKNOWN_NODE, Announcement, NodeAddress, RunNodes
 from prime.protocol.errors import InvalidJson, ValidationError
@@ -93,10 +93,11 @@ async def chain_unavailable_middleware(
 
 
 def build_app(
-    store: DiscoveryStore, permissions: Permissions, *, clock: Callable[[], float] = time.time
+    store: DiscoveryStore, permissions: Permissions, signing: SignedService, *, clock: Callable[[], float] = time.time
 ) -> web.Application:
-    """The discovery aiohttp application over ``store``, asking ``permissions`` who may do what."""
-    app = make_app(name="discovery", middlewares=[signed_request_middleware(), chain_unavailable_middleware])
+    """The discovery aiohttp application over ``store``, asking ``permissions`` who may do what;
+    its answers (where nodes are) are signed by ``signing``'s key, the one the run names on chain."""
+    app = make_app(name="discovery", middlewares=[signing.middleware(), chain_unavailable_middleware], identity=signing.identity())
     metrics = DiscoveryMetrics(app[METRICS])
     routes = web.RouteTableDef()
 

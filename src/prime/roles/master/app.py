@@ -18,7 +18,7 @@ from typing import overload
 
 from aiohttp import web
 
-from prime.auth.middleware import SIGNER, any_of, require, signed_request_middleware
+from prime.auth.middleware import SIGNER, SignedService, any_of, require
 from prime.auth.permissions import ChainPermissions
 from prime.errors import ChainError
 from prime.protocol.answers import SyncedFiles, TaskLogLine
@@ -44,9 +44,9 @@ LOGS = web.AppKey("prime.master.logs", LogMerger)
 BLOBS = web.AppKey("prime.master.blobs", BlobStore)
 
 
-def new_app() -> web.Application:
-    """The bare app (signature checks, JSON errors, /health, /metrics); ``add_routes`` adds the API."""
-    return make_app(name="master", middlewares=[signed_request_middleware()], client_max_size=CLIENT_MAX_SIZE)
+def new_app(signing: SignedService) -> web.Application:
+    """The bare app (signature checks, signed answers, JSON errors, /health, /metrics); ``add_routes`` adds the API."""
+    return make_app(name="master", middlewares=[signing.middleware()], client_max_size=CLIENT_MAX_SIZE, identity=signing.identity())
 
 
 def add_routes(

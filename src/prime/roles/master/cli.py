@@ -136,7 +136,8 @@ async def _get_nodes(account: Any, master_url: str) -> dict[str, Any]:
 
     async with SignedClient(account, timeout_s=10, retries=1) as client:
         try:
-            answer = await client.request("GET", f"{master_url}/nodes")
+            master = await client.identify(master_url)  # whom to address; its answer must be signed by it
+            answer = await client.request("GET", f"{master_url}/nodes", audience=master.address)
         except PeerError as exc:
             if exc.status == 403:
                 raise PrimeError(f"The master refused {account.address}: only the run's owner or a master may list its nodes; use that key.") from None

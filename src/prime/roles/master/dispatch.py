@@ -26,7 +26,7 @@ class TaskPusher:
         """POST {miner}/tasks with the replica's desired entry; PeerError on failure."""
         url = await self.locator.url_for(node)
         try:
-            await self.client.request("POST", f"{url}/tasks", json=desired.to_json())
+            await self.client.request("POST", f"{url}/tasks", audience=node, json=desired.to_json())
         except PeerError as exc:
             await self._maybe_moved(node, url, exc)
             raise
@@ -35,7 +35,7 @@ class TaskPusher:
         """DELETE {miner}/tasks/{id}; a miner that does not know the task (404) counts as stopped."""
         url = await self.locator.url_for(node)
         try:
-            await self.client.request("DELETE", f"{url}/tasks/{quote(task_id, safe='')}")
+            await self.client.request("DELETE", f"{url}/tasks/{quote(task_id, safe='')}", audience=node)
         except PeerError as exc:
             if exc.status == 404:
                 return

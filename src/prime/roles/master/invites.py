@@ -66,7 +66,7 @@ class InviteSender:
         except PeerError as exc:
             raise InviteError(f"Could not find node {node} in discovery: {exc}") from None
         try:
-            answer = await self.client.request("POST", f"{url}/invite", json=self.invite_body(node, expiry))
+            answer = await self.client.request("POST", f"{url}/invite", audience=node, json=self.invite_body(node, expiry))
         except PeerError as exc:
             raise InviteError(f"The invite to {node} at {url} failed: {exc}") from None
         return self.check_ack(node, expiry, url, answer)

@@ -164,7 +164,7 @@ class LogMerger:
             url = await self.locator.url_for(node)
             target = f"{url}/tasks/{quote(task_id, safe='')}/logs"
             async with self.client.stream(
-                "GET", target, params=params, read_timeout_s=None if follow else self.client.timeout_s
+                "GET", target, audience=node, params=params, read_timeout_s=None if follow else self.client.timeout_s
             ) as resp:
                 if opened is not None:
                     opened.add(key)

@@ -59,7 +59,10 @@ async def start_master(
 ) -> RunningMaster:
     """Check, load, wire and listen; the caller owns the returned handles (``close()``)."""
     from prime.auth.client import SignedClient
+    from prime.auth.middleware import SignedService
     from prime.auth.permissions import ChainPermissions
+    from prime.auth.replay import ReplayCache
+    from prime.auth.signing import Domain
     from prime.chain.client import RegistryClient
     from prime.chain.deploy import Deployment
     from prime.chain.events import EventFollower
@@ -106,9 +109,12 @@ async def start_master(
         blobs = BlobStore(data_dir / "blobs")
         state = store.load(settings.state)
 
-        app = new_app()
+        domain = Domain(registry.chain_id, registry.address)
+        replay = ReplayCache.persistent(data_dir / "nonces")
+        resources.callback(replay.close)
+        app = new_app(SignedService(account, domain, replay))
         metrics = MasterMetrics(app[METRICS], lambda: state)
-        peer_client = SignedClient(account, timeout_s=settings.peer_timeout_s, retries=2)
+        peer_client = SignedClient(account, domain=domain, timeout_s=settings.peer_timeout_s, retries=2)
         resources.push_async_callback(peer_client.close)
         permissions = ChainPermissions(registry)
         clock = time.time

@@ -118,7 +118,7 @@ class StorageSync:
         url = await self.locator.url_for(node)
         base = f"{url}/tasks/{quote(task_id, safe='')}"
         try:
-            answer = await self.client.request("GET", f"{base}/manifest", params={"replica": replica})
+            answer = await self.client.request("GET", f"{base}/manifest", audience=node, params={"replica": replica})
         except PeerError as exc:
             if exc.status is None:
                 await self._relocate(node)
@@ -132,7 +132,7 @@ class StorageSync:
             if digest == EMPTY_SHA256 and size == 0:
                 await self.blobs.write(digest, 0, _no_chunks())  # nothing to fetch
             else:
-                async with self.client.stream("GET", f"{base}/blobs/{digest}", params={"replica": replica}) as resp:
+                async with self.client.stream("GET", f"{base}/blobs/{digest}", audience=node, params={"replica": replica}) as resp:
                     await self.blobs.write(digest, size, resp.content.iter_chunked(256 * 1024))
                 fetched += 1
                 fetched_bytes += size

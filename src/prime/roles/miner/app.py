@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from prime.auth.middleware import SIGNER, require, signed_request_middleware
+from prime.auth.middleware import SIGNER, SignedService, require
 from prime.challenge.service import ChallengeService, add_challenge_routes
 from prime.protocol.answers import Ok
 from prime.protocol.challenge import VerdictNote
@@ -41,6 +41,7 @@ _CHALLENGE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def build_miner_app(
     *,
+    signing: SignedService,
     permissions: Any,  # ChainPermissions: is_validator(addr), is_master(run_id, addr)
     run_id: int,
     challenge: ChallengeService,
@@ -49,7 +50,7 @@ def build_miner_app(
     on_verdict: Callable[[Verdict], Awaitable[None] | None],
 ) -> web.Application:
     """The miner's aiohttp application (background loops are added by the caller)."""
-    app = make_app(name="miner", middlewares=[signed_request_middleware()], client_max_size=CLIENT_MAX_SIZE)
+    app = make_app(name="miner", middlewares=[signing.middleware()], client_max_size=CLIENT_MAX_SIZE, identity=signing.identity())
 
     async def validator(request: web.Request, signer: str) -> bool:
         return await permissions.is_validator(signer)

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import psutil
@@ -215,8 +215,12 @@ class HeartbeatLoop:
         max_backoff_s: float = 60.0,
         min_stale_s: float = 120.0,
         counter: Any = None,
+        still_master: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
         self.client = client
+        # Asked before an answer is obeyed: is the master that signed it still a master of the run
+        # on chain (ChainPermissions.is_master, briefly cached)? None: not checked (unit tests).
+        self.still_master = still_master
         self.converger = converger
         self.store = store
         self.health = health
@@ -242,11 +246,15 @@ class HeartbeatLoop:
 
     async def beat(self) -> HeartbeatResponse | None:
         """One heartbeat (None when there is no master yet); raises on failure."""
-        url = self.store.state.master_url
-        if not url or not self.active:
+        url, master = self.store.state.master_url, self.store.state.master
+        if not url or not master or not self.active:
             return None
         request = self.build_request(await self.converger.executor.snapshot())
-        answer = await self.client.request("POST", f"{url}/heartbeat", json=request.to_json())
+        # Addressed to the master the node joined, and its answer (which containers to run) must
+        # be signed by that same key: nobody on the path can make this node run anything.
+        answer = await self.client.request("POST", f"{url}/heartbeat", audience=master, json=request.to_json())
+        if self.still_master is not None and not await self.still_master(master):
+            raise PeerError(f"{master} is no longer a master of this run on chain; its heartbeat answer is not obeyed.")
         try:
             response = HeartbeatResponse.from_json(answer)
         except ValidationError as exc:
@@ -263,7 +271,7 @@ class HeartbeatLoop:
         return max(self.min_stale_s, 3 * self.interval_s + 30.0)
 
     async def run(self) -> None:
-        """Beat forever; failures back off exponentially (with jitter) up to ``max_backoff_s``."""
+        """Beat forever; failures are retried sooner at first, then every interval (never slower)."""
         import random
 
         self.health.register(LOOP_NAME, self._stale_after())
@@ -285,7 +293,11 @@ class HeartbeatLoop:
                         log.warning("heartbeat to %s failed (%d in a row): %s", self.store.state.master_url, failures, message)
                     with contextlib.suppress(OSError):
                         await self.store.heartbeat_failed(message)
-                    delay = min(self.max_backoff_s, self.interval_s * 2 ** min(failures, 16)) * random.uniform(0.8, 1.2)
+                    # Quick first retries, then one try per heartbeat interval, never slower: a master
+                    # that comes back (or a path that heals) hears from this node within one interval,
+                    # so it is never judged dead for this node's own backoff.
+                    delay = min(self.max_backoff_s, self.interval_s, self.interval_s / 8 * 2 ** min(failures, 16))
+                    delay *= random.uniform(0.8, 1.0)
                 else:
                     if failures:
                         log.info("heartbeats to %s work again", self.store.state.master_url)

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,10 @@ from rich.console import Console
 
 from prime import hardware
 from prime.auth.client import SignedClient
+from prime.auth.middleware import SignedService
 from prime.auth.permissions import ChainPermissions
+from prime.auth.replay import ReplayCache
+from prime.auth.signing import Domain
 from prime.chain.client import RegistryClient
 from prime.chain.types import NodeInfo, NodeStatus, RunInfo, Specs
 from prime.challenge.service import ChallengeService
@@ -116,11 +119,13 @@ def build_task_runtime(
     on_progress: Callable[[Any], None] | None = None,
     counter: Any = None,
     clock: Callable[[], float] = time.monotonic,
+    still_master: Callable[[str], Awaitable[bool]] | None = None,
 ) -> TaskRuntime:
     """Wire the executor, the converger and the heartbeat loop (no chain, no HTTP server)."""
     policy = core.Policy(retention_s=retention_s)
     converger = Converger(executor, gpus, policy=policy, on_progress=on_progress, clock=clock)
-    heartbeat = HeartbeatLoop(client=client, converger=converger, store=store, health=health, counter=counter)
+    heartbeat = HeartbeatLoop(client=client, converger=converger, store=store, health=health, counter=counter,
+                              still_master=still_master)
     return TaskRuntime(executor, converger, heartbeat)
 
 
@@ -166,6 +171,7 @@ class MinerNode:
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         self._clients: list[Any] = []
+        self._replay: ReplayCache | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
         self._failure: PrimeError | None = None
@@ -259,12 +265,17 @@ class MinerNode:
             on_joined=self._joined,
         )
         health = LoopHealth()  # the heartbeat reports into the app's own once the app exists (below)
+        domain = Domain(self.registry.chain_id, self.registry.address)
         runtime = build_task_runtime(
-            self.executor, self.store, self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)), self.gpus, health,
-            retention_s=options.finished_retention_s, on_progress=self.out.pull_printer(),
+            self.executor, self.store, self._client(SignedClient(self.node_account, domain=domain, timeout_s=10.0, retries=2)),
+            self.gpus, health, retention_s=options.finished_retention_s, on_progress=self.out.pull_printer(),
+            still_master=lambda master: permissions.is_master(options.run_id, master),
         )
         self.converger, self.heartbeat = runtime.converger, runtime.heartbeat
+        assert self.data is not None
+        replay = self._replay = ReplayCache.persistent(self.data.path / "nonces")  # replays refused across restarts
         self.app = build_miner_app(
+            signing=SignedService(self.node_account, domain, replay),
             permissions=permissions,
             run_id=options.run_id,
             challenge=self.challenge,
@@ -277,7 +288,8 @@ class MinerNode:
             "prime_miner_heartbeats", "Heartbeats sent to the master, by result.", ["result"], registry=self.app[METRICS]
         )
 
-        discovery = DiscoveryClient(self._client(SignedClient(self.node_account, timeout_s=10.0, retries=2)), self.run.discovery_uri)
+        discovery = DiscoveryClient(self._client(SignedClient(self.node_account, domain=domain, timeout_s=10.0, retries=2)),
+                                    self.run.discovery_uri)
         announcer = Announcer(
             lambda ip, port: discovery.announce(ip, port, options.run_id),
             lambda: choose_announce_ip(options.public_ip, options.host, run.discovery_uri),
@@ -366,6 +378,9 @@ class MinerNode:
         if self.registry is not None:
             await self.registry.close()
             self.registry = None
+        if self._replay is not None:
+            self._replay.close()
+            self._replay = None
         if self.data is not None:
             self.data.close()
             self.data = None

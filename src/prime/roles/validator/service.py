@@ -38,6 +38,7 @@ from prime.auth.client import (
     SignedClient,
     read_bounded,
 )
+from prime.auth.signing import Domain
 from prime.auth.transport import AiohttpTransport, Timeout, Transport, TransportError
 from prime.chain.client import RegistryClient, RevertError
 from prime.chain.events import EventFollower
@@ -141,6 +142,7 @@ class ValidatorService:
                  settings: ValidatorSettings | None = None, *, clock=time.time, transport: Transport | None = None) -> None:
         self.registry = registry
         self.account = account
+        self.domain = Domain(registry.chain_id, registry.address)  # what its signed requests are addressed within
         self.store = store
         self.settings = settings or ValidatorSettings()
         self.clock = clock
@@ -170,7 +172,8 @@ class ValidatorService:
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         self._wake = asyncio.Event()
         self.store.retry_all_now(self.clock())
-        self._peers = SignedClient(self.account, timeout_s=self.settings.peer_timeout_s, retries=2, transport=self.transport)
+        self._peers = SignedClient(self.account, domain=self.domain, timeout_s=self.settings.peer_timeout_s, retries=2,
+                                   transport=self.transport)
         self._probe = AiohttpTransport() if self.transport is None else None
         yield
         await self.stop_running()
@@ -356,10 +359,10 @@ class ValidatorService:
         started = time.monotonic()
         try:
             # No client-side retries: a resent POST /challenge would only meet the first one (409).
-            async with SignedClient(self.account, timeout_s=commit_limit_s, retries=0,
+            async with SignedClient(self.account, domain=self.domain, timeout_s=commit_limit_s, retries=0,
                                     max_response_bytes=opened_rows_limit(plan), transport=self.transport) as client:
                 report = await asyncio.wait_for(
-                    run_challenge(client, url, specs=node.specs, params_overrides=fixed_overrides(plan)),
+                    run_challenge(client, url, node=validation.node, specs=node.specs, params_overrides=fixed_overrides(plan)),
                     timeout=2 * commit_limit_s + self.settings.open_timeout_s,
                 )
         except (TimeoutError, PeerError) as exc:
@@ -408,7 +411,8 @@ class ValidatorService:
                            validation.report_hash or "").to_json()
         url = f"{validation.miner_url}/challenge/{validation.challenge_id}/verdict"
         try:
-            await asyncio.wait_for(self._peers.request("POST", url, json=body), timeout=4 * self.settings.peer_timeout_s)
+            await asyncio.wait_for(self._peers.request("POST", url, audience=validation.node, json=body),
+                                   timeout=4 * self.settings.peer_timeout_s)
         except (TimeoutError, PeerError) as exc:
             log.info("could not tell %s its verdict: %s", validation.node, exc or "timed out")
 
