@@ -14,11 +14,12 @@ import msgspec
 from msgspec import Meta
 
 from prime.protocol.storage import ManifestEntry
+from prime.protocol.tasks import Time
 
 # What a miner's executor reports of a replica (prime.roles.miner.executor.TaskState values).
 ContainerState = Literal["Pulling", "Running", "Completed", "Failed", "Stopped"]
 LogStream = Annotated[str, Meta(description='"stdout" or "stderr" ("error" for a line the master adds about a miner it could not read)')]
-Replica = Annotated[int, Meta(ge=0)]
+Replica = Annotated[int, Meta(ge=0, le=2**31)]
 Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -52,11 +53,11 @@ class ContainerStatus(msgspec.Struct, frozen=True):
     task_id: str
     replica: Replica
     state: ContainerState
-    exit_code: int | None = None
+    exit_code: Annotated[int, Meta(ge=-(2**31), le=2**31)] | None = None
     reason: str | None = None
     container_id: str | None = None
     spec_hash: str | None = None
-    restarts: Annotated[int, Meta(ge=0)] = 0
+    restarts: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
     gpus: str | None = None
 
 
@@ -93,7 +94,7 @@ class TaskLogLine(msgspec.Struct, frozen=True):
     node: str | None
     stream: LogStream
     line: str
-    ts: str | float | None = None  # the miner's RFC 3339 time; unix seconds on the master's own "error" lines
+    ts: str | Time | None = None  # the miner's RFC 3339 time; unix seconds on the master's own "error" lines
 
 
 class SyncedFile(msgspec.Struct, frozen=True):
@@ -101,9 +102,9 @@ class SyncedFile(msgspec.Struct, frozen=True):
 
     replica: Replica
     path: str
-    size: Annotated[int, Meta(ge=0)]
+    size: Annotated[int, Meta(ge=0, le=2**63 - 1)]
     sha256: Sha256
-    synced_at: float
+    synced_at: Time
 
 
 class SyncedFiles(msgspec.Struct, frozen=True):

@@ -9,6 +9,28 @@ can answer ``400 {"error": "invalid_request", "detail": err.detail}``.
 Why msgspec: decoding a typical heartbeat is ~10x faster than the hand-written readers it
 replaced, it refuses unknown fields, wrong types, out-of-range and non-finite numbers and
 over-long strings and lists while parsing, and it generates the OpenAPI schemas.
+
+Bounds (every body read from a peer, server or client side, goes through here):
+
+- Bytes: the caller bounds the body before it gets here (the app's ``client_max_size`` on
+  servers, 413; ``SignedClient``'s ``max_response_bytes`` or ``read_bounded`` on clients).
+- Nesting depth: a typed decode (``decode``) can only nest as deep as its type does (a
+  message's structs, lists and dicts), so it refuses a deeper body at its first wrong token,
+  without recursing. An untyped parse (``parse``: JSON of unknown shape, e.g. a log line) is
+  refused past ``MAX_DEPTH`` levels before it is parsed, by ``deeper_than``: a C-speed scan
+  (escapes and strings dropped, brackets kept, innermost pairs removed ``MAX_DEPTH`` times).
+  prime/__init__.py also undoes py_ecc's recursion limit of 100,000, with which deep JSON
+  overflows the C stack (SIGSEGV) instead of raising; a ``RecursionError`` still left is a
+  ``ValidationError`` here.
+- Numbers: every numeric field of the protocol has ``Meta(ge=, le=)`` bounds (floats finite),
+  so a 401-digit integer in a float field or a 5,000-digit one in an int field is "Is out of
+  range", never an ``OverflowError``.
+- Text: msgspec refuses invalid UTF-8 and lone UTF-16 surrogates (``"\\ud800"``) while parsing;
+  already-parsed data (``decode`` of Python values, e.g. from ``json.loads``) is encoded once
+  after it is converted, so a str holding a lone surrogate (which SQLite, Docker and every
+  UTF-8 writer refuse) is refused here too.
+
+Every failure is one ``ValidationError`` (``InvalidJson`` for bytes that are not JSON at all).
 """
 
 from __future__ import annotations
@@ -21,12 +43,43 @@ import msgspec
 
 from prime.protocol.errors import InvalidJson, ValidationError
 
-__all__ = ["NO_NUL", "Answer", "InvalidJson", "Message", "ValidationError", "decode", "decoder", "encode", "from_msgspec", "to_builtins"]
+__all__ = ["MAX_DEPTH", "NO_NUL", "Answer", "InvalidJson", "Message", "ValidationError", "decode", "decoder",
+           "deeper_than", "encode", "from_msgspec", "parse", "to_builtins"]
 
 T = TypeVar("T")
 
 # A string with no NUL character: every text field of the protocol carries this pattern.
 NO_NUL = r"^[^\x00]*$"
+
+# How deep an untyped parse (``parse``) may nest arrays and objects; no message of the
+# protocol nests deeper than about 8.
+MAX_DEPTH = 64
+
+_ESCAPE = re.compile(rb"\\.", re.S)
+_STRING = re.compile(rb'"[^"]*"')
+_BRACKETS = bytes.maketrans(b"[]{}", b"()()")
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def deeper_than(data: bytes | bytearray | memoryview, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON ``data`` nests arrays/objects more than ``limit`` levels deep.
+
+    Cheap and without recursion: escapes, then strings, are dropped, the brackets left are
+    the structure, and each pass removes every innermost pair (one level); a structure still
+    there after ``limit`` passes is deeper. Malformed bytes are left to the parser to refuse.
+    """
+    raw = bytes(data)
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    shape = _STRING.sub(b"", _ESCAPE.sub(b"", raw)).translate(_BRACKETS, _NOT_BRACKET)
+    if b"(" * (limit + 1) in shape:
+        return True
+    for _ in range(limit):
+        fewer = shape.replace(b"()", b"")
+        if len(fewer) == len(shape):
+            return False
+        shape = fewer
+    return b"()" in shape
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?:key in )?(?P<path>[^`]*)`)?$", re.S)
@@ -105,18 +158,59 @@ def decoder(tp: type[T]) -> msgspec.json.Decoder[T]:
     return found
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _not_json(exc: msgspec.DecodeError, data: Any, prefix: str) -> InvalidJson:
+    text = str(exc)
+    if ("truncated" in text or "surrogate" in text) and isinstance(data, (bytes, bytearray, memoryview)) \
+            and _SURROGATE_ESCAPE.search(data):
+        # msgspec calls a lone "\ud800" "truncated": say what it is
+        return InvalidJson(prefix or "body", "Is not valid JSON (a string holds a lone UTF-16 surrogate, which is no character).")
+    return InvalidJson(prefix or "body", f"Is not valid JSON ({text}).")
+
+
+def _too_deep(prefix: str) -> ValidationError:
+    return ValidationError(prefix or "body", f"Is nested too deeply (at most {MAX_DEPTH} levels of arrays and objects).")
+
+
 def decode(data: Any, tp: type[T], prefix: str = "") -> T:
-    """``data`` as a ``tp``: raw JSON bytes/str, or JSON already parsed into Python values."""
+    """``data`` as a ``tp``: raw JSON bytes/str, or JSON already parsed into Python values.
+
+    Parsed values are converted (``msgspec.convert``, strict), then encoded once to refuse a
+    str holding a lone surrogate, which convert lets through and no UTF-8 writer takes."""
     try:
         if isinstance(data, (bytes, bytearray, memoryview, str)):
             return decoder(tp).decode(data)
-        return msgspec.convert(data, tp, strict=True)
+        value = msgspec.convert(data, tp, strict=True)
+        try:
+            _encoder.encode(value)
+        except UnicodeEncodeError:
+            raise ValidationError(prefix or "body", "Must not hold a lone UTF-16 surrogate (no character).") from None
+        return value
     except msgspec.ValidationError as exc:
         raise from_msgspec(exc, prefix) from None
     except msgspec.DecodeError as exc:
-        raise InvalidJson(prefix or "body", f"Is not valid JSON ({exc}).") from None
+        raise _not_json(exc, data, prefix) from None
     except RecursionError:
-        raise ValidationError(prefix or "body", "Is nested too deeply.") from None
+        raise _too_deep(prefix) from None
+    except UnicodeEncodeError:  # a check of a converted str (a pattern, a length in bytes)
+        raise ValidationError(prefix or "body", "Must not hold a lone UTF-16 surrogate (no character).") from None
+
+
+def parse(data: bytes | bytearray | memoryview | str, prefix: str = "") -> Any:
+    """JSON of no particular shape (dicts, lists, str, int, float, bool, None) from a peer's
+    bytes: refused past ``MAX_DEPTH`` levels before it is parsed, and like ``decode`` for the
+    rest (invalid UTF-8, lone surrogates, NaN). ``InvalidJson`` / ``ValidationError`` otherwise."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if deeper_than(raw):
+        raise _too_deep(prefix)
+    try:
+        return _plain.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise _not_json(exc, raw, prefix) from None
+    except RecursionError:
+        raise _too_deep(prefix) from None
 
 
 _encoder = msgspec.json.Encoder()

@@ -6,7 +6,6 @@ the full list of replicas the node should run (anything not listed should be sto
 
 from __future__ import annotations
 
-import sys
 from typing import Annotated
 
 import msgspec
@@ -30,8 +29,10 @@ MAX_REPORTED_TASKS = 4096
 MAX_REPORTED_GPUS = 256
 MAX_LOAD_KEYS = 32
 
-# Finite floats only: ±inf and NaN fail these bounds (JSON itself has no literal for them).
-Finite = Annotated[float, Meta(ge=-sys.float_info.max, le=sys.float_info.max)]
+# A measurement: finite (±inf and NaN fail these bounds; JSON itself has no literal for them)
+# and within ±2**53, where a float still counts whole numbers exactly (MiB, bytes, percent).
+MAX_MEASURE = 2.0**53
+Finite = Annotated[float, Meta(ge=-MAX_MEASURE, le=MAX_MEASURE)]
 
 # What a node may report about a replica (only the master assigns, and only it loses replicas).
 _REPORTABLE = ("Pulling", "Running", "Completed", "Failed", "Stopped")
@@ -55,7 +56,7 @@ class ReplicaReport(Message, frozen=True):
 class GpuSample(Message, frozen=True):
     index: Annotated[int, Meta(ge=0, le=MAX_REPORTED_GPUS)]
     util: Annotated[float, Meta(ge=0, le=100)] | None = None          # percent
-    mem_used_mib: Annotated[float, Meta(ge=0, le=sys.float_info.max)] | None = None
+    mem_used_mib: Annotated[float, Meta(ge=0, le=MAX_MEASURE)] | None = None
     temp_c: Annotated[float, Meta(ge=-100, le=300)] | None = None
 
 

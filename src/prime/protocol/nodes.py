@@ -169,15 +169,15 @@ class NodeView(Answer, frozen=True):
     state: NodeState
     joined_on_chain: bool = False
     chain_status: ChainStatusLabel | None = None
-    chain_block: Annotated[int, Meta(ge=0)] | None = None
+    chain_block: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
     hardware: Hardware | None = None
     url: Annotated[str, Meta(max_length=2048)] | None = None
     approved_at: Time | None = None
     invited_at: Time | None = None
     invite_expiry: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
-    invite_failures: Annotated[int, Meta(ge=0)] = 0
+    invite_failures: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
     next_invite_at: Time | None = None
-    invites_sent: Annotated[int, Meta(ge=0)] = 0
+    invites_sent: Annotated[int, Meta(ge=0, le=2**63 - 1)] = 0
     member_since: Time | None = None
     last_heartbeat: Time | None = None
     state_since: Time | None = None
