@@ -266,3 +266,22 @@ async def _state_is(world: World, miner: FakeMiner, state: str) -> bool:
 
 async def _pushed_attempt(miner: FakeMiner, task_id: str, attempt: int) -> dict[str, Any] | None:
     return next((s for s in miner.received.starts if s["id"] == task_id and s["attempt"] == attempt), None)
+
+
+async def test_a_task_request_replayed_after_a_master_crash_is_refused(world: World) -> None:
+    """A captured POST /tasks, sent again after the master was killed and restarted: 401, no second task."""
+    body = json.dumps({"image": "busybox:latest", "cmd": ["true"]}).encode()
+    captured = await headers_for(world.owner, world.url, "POST", "/tasks", body)
+    captured["Content-Type"] = "application/json"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(world.url + "/tasks", data=body, headers=captured) as answer:
+            assert answer.status == 201
+    before = (await owner_call(world, "GET", "/tasks"))[1]["tasks"]
+
+    world.master.kill()  # SIGKILL: the nonce must already be on disk
+    await world.master.start_async()
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(world.url + "/tasks", data=body, headers=captured) as answer:
+            assert answer.status == 401 and "already used" in (await answer.json())["detail"]
+    assert (await owner_call(world, "GET", "/tasks"))[1]["tasks"] == before

@@ -132,7 +132,6 @@ def build_task_runtime(
 def docker_executor(options: MinerOptions, data_dir: Path, address: str) -> DockerExecutor:
     """The production executor (its Docker client is made at first use)."""
     registries = RegistryPolicy.from_flags(options.allow_registries)
-    log.info("pulling images from %s", registries.describe())
     return DockerExecutor(None, data_dir, address, network_mode=options.task_network, registries=registries)
 
 
@@ -248,6 +247,9 @@ class MinerNode:
         """Adopt containers, serve the API, start the loops."""
         assert self.run is not None, "prepare() first"
         run, options = self.run, self.options  # run: narrowed for the announcer's lambda below
+        registries = getattr(self.executor, "registries", None)
+        if registries is not None:  # said once the data dir is ours (a refused start prints one sentence only)
+            log.info("pulling images from %s", registries.describe())
         # Containers from before a restart are adopted: found by their labels, never restarted here.
         self.out.adopted([s for s in await self.executor.snapshot() if s.container_id is not None])
         permissions = ChainPermissions(self.registry)
