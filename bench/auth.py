@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -27,7 +29,9 @@ from prime.auth.signing import (
     Domain,
     canonical_message,
     recover_signer,
+    sign_answer,
     sign_headers,
+    verify_answer,
 )
 from prime.web import bound_port, make_app, serve
 
@@ -102,7 +106,21 @@ def main() -> None:
     counter = iter(range(10**9))
     for i in range(200_000):  # a window's worth of live nonces already stored
         cache.remember(account.address, f"warm-nonce-{i:08d}", now)
-    rate("ReplayCache.remember (200k live nonces)", lambda: cache.remember(account.address, f"bench-nonce-{next(counter):010d}", now), seconds)
+    memory = rate("ReplayCache.remember (200k live nonces)", lambda: cache.remember(account.address, f"bench-nonce-{next(counter):010d}", now), seconds)
+    with tempfile.TemporaryDirectory(prefix="prime-bench-nonces-") as tmp:
+        kept = ReplayCache.persistent(Path(tmp), 60, max_entries=2_000_000)
+        disk = rate("ReplayCache.persistent remember (journal on disk)",
+                    lambda: kept.remember(account.address, f"bench-nonce-{next(counter):010d}", now), seconds)
+        kept.close()
+        started = time.perf_counter()
+        reloaded = ReplayCache.persistent(Path(tmp), 60, max_entries=2_000_000)
+        print(f"{'  reload of ' + format(len(reloaded), ',') + ' live nonces after a restart':<55} {time.perf_counter() - started:>10.3f} s")
+    print(f"{'  journal cost vs memory only':<55} {memory / disk:>10.1f} x")
+    answer = b'{"interval_s":30.0,"desired":[]}'
+    rate("sign_answer (server side, per answer)", lambda: sign_answer(account, "n" * 24, 200, answer, DOMAIN), seconds)
+    signed = sign_answer(account, "n" * 24, 200, answer, DOMAIN)
+    rate("verify_answer (client side, per answer)",
+         lambda: verify_answer(signed, "n" * 24, 200, answer, expected=account.address, domain=DOMAIN), seconds)
 
     asyncio.run(end_to_end(seconds))
 
