@@ -75,3 +75,18 @@ def test_retry_delay_doubles_up_to_the_cap() -> None:
 def test_only_an_attempt_after_the_deadline_gives_up() -> None:
     assert not give_up_now(99.9, 100.0)
     assert give_up_now(100.0, 100.0)
+
+
+def test_an_answer_that_cannot_be_read_is_a_rejection_naming_it() -> None:
+    """Issue 11: what reading a miner's answer raises (OverflowError, RecursionError, a decode
+    error) is the miner's failure, judged at once, not an error of the validator's."""
+    from prime.challenge.params import plan_challenge
+    from prime.roles.validator.verdict import UNREADABLE_ANSWER, unreadable
+
+    plan = plan_challenge({"gpu_count": 0, "ram_mib": 4096}, {"n": 64})
+    for exc in (OverflowError("int too large to convert to float"), RecursionError("deep"), ValueError("bad")):
+        assert isinstance(exc, UNREADABLE_ANSWER)
+        verdict = unreadable(plan, 0.5, exc)
+        assert not verdict.approved and verdict.check == "response" and verdict.result == "rejected"
+        assert verdict.reason.startswith("response check failed: the miner's answer could not be read")
+        assert type(exc).__name__ in verdict.reason and verdict.report["checks"]["response"]

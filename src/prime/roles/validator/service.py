@@ -57,6 +57,7 @@ from prime.roles.validator.store import (
 )
 from prime.roles.validator.verdict import (
     UNREACHABLE,
+    UNREADABLE_ANSWER,
     Failure,
     Verdict,
     from_challenge,
@@ -64,6 +65,7 @@ from prime.roles.validator.verdict import (
     give_up_now,
     retry_delay,
     too_slow,
+    unreadable,
 )
 from prime.web import METRICS, add_loop, make_app
 
@@ -374,6 +376,12 @@ class ValidatorService:
             if isinstance(exc, PeerError) and exc.status is not None:
                 return Failure("response", detail), url  # busy (409) or a server error
             return Failure(UNREACHABLE, detail), url
+        except UNREADABLE_ANSWER as exc:
+            # Whatever escapes reading the miner's answers (a number out of range, malformed or
+            # too deep JSON) is the miner's failure, judged now; never an error of ours, which
+            # would only defer the node and retry it for ever (issue 11).
+            log.warning("the answer of %s could not be read: %s: %s", validation.node, type(exc).__name__, exc)
+            return unreadable(plan, time.monotonic() - started, exc), url
         return from_challenge(report), url
 
     # -- reporting ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from eth_utils import keccak
 
 from prime.challenge.params import ChallengePlan
@@ -82,6 +83,18 @@ def too_slow(plan: ChallengePlan, elapsed_s: float, detail: str) -> Verdict:
         f"the claimed hardware needs ({detail})"
     )
     return from_challenge(build_report(plan, checks={"time": problem}, elapsed_s=elapsed_s))
+
+
+# What reading a peer's answer can raise beyond PeerError: msgspec's errors and prime's
+# ValidationError are ValueErrors; OverflowError, RecursionError and UnicodeError for numbers,
+# nesting and text no message can hold.
+UNREADABLE_ANSWER: tuple[type[Exception], ...] = (ValueError, OverflowError, RecursionError, UnicodeError, msgspec.DecodeError)
+
+
+def unreadable(plan: ChallengePlan, elapsed_s: float, exc: BaseException) -> Verdict:
+    """The miner answered something that could not be read: rejected, naming what."""
+    problem = f"the miner's answer could not be read ({type(exc).__name__}: {str(exc)[:300]})"
+    return from_challenge(build_report(plan, checks={"response": problem}, elapsed_s=elapsed_s))
 
 
 def gave_up(node: str, run_id: int, *, kind: str, detail: str, attempts: int, first_seen: float,
