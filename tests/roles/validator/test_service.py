@@ -232,3 +232,45 @@ async def test_validator_refuses_to_start_without_the_validator_role(world: Worl
     assert code != 0
     assert "does not have the validator role" in err and stranger.address in err
     assert "Traceback" not in err + out
+
+
+async def test_a_node_address_discovery_did_not_sign_is_never_used(
+        world: World, role_processes: RoleProcesses, start_miner, anvil, deployment, tmp_path: Path) -> None:
+    """A run whose discovery is reached through something that rewrites the answers: the validator
+    refuses the rewritten address (its signature no longer matches) and never challenges there."""
+    from aiohttp import web
+
+    from prime.chain.types import Requirements
+    from prime.web import bound_port, serve
+    from tests.roles.validator.conftest import DISCOVERY_KEY
+
+    async def tamper(request: web.Request) -> web.StreamResponse:
+        async with aiohttp.ClientSession() as session:
+            async with session.request(request.method, world.discovery.base_url + request.path_qs,
+                                       headers=request.headers, data=await request.read()) as upstream:
+                body = await upstream.read()
+                if request.method == "GET":  # where the node is: sent elsewhere
+                    body = body.replace(b'"port":', b'"port":1,"x":')
+                headers = {k: v for k, v in upstream.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
+                return web.Response(status=upstream.status, body=body, headers=headers)
+
+    proxy = web.Application()
+    proxy.router.add_route("*", "/{tail:.*}", tamper)
+    runner = await serve(proxy, host="127.0.0.1", port=0)
+    try:
+        proxy_uri = f"http://127.0.0.1:{bound_port(runner)}#{DISCOVERY_KEY.address}"
+        async with await RegistryClient.connect(anvil.rpc_url, deployment, anvil.accounts[2]) as owner:
+            run_id = await owner.create_run(Requirements(), proxy_uri, [anvil.accounts[3].address])
+        validator = await start_validator(world, role_processes, tmp_path / "validator", "--unreachable-after", "3")
+        miner = await start_miner(honest())  # would pass, if the validator went to the right address
+        await register(world.provider, run_id, miner.node)
+        await announce(miner.node, world.discovery.base_url, miner.port, run_id)  # through the real discovery
+
+        info = await wait_validated(world.reader, miner.address, timeout_s=60)
+        (row,) = by_node(await reports(tmp_path / "validator"))[miner.address]
+        assert info.status == NodeStatus.REJECTED and row["failed_check"] == "unreachable"
+        assert "does not match" in row["reason"], row["reason"]
+        assert miner.challenges == 0  # nothing was ever sent to the node on the strength of that answer
+        assert validator.running
+    finally:
+        await runner.cleanup()
