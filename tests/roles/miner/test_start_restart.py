@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from prime.auth.signing import Domain
@@ -26,7 +27,7 @@ from tests.support.miner_env import (
     sign_invite_body,
     write_keystore,
 )
-from tests.support.signing import peer_client
+from tests.support.signing import peer_client, signed
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -58,9 +59,17 @@ async def test_restart_while_a_task_runs_keeps_exactly_one_container(
         (before,) = docker_client.containers.list(all=True, filters=labels)
         provider_nonce = await reader.w3.eth.get_transaction_count(provider.address)
 
+        # A request the master signed, captured on the wire: used once before the crash...
+        captured = signed(master_account, "GET", "/tasks", to=node.address, domain=Domain.of(deployment))
+        async with aiohttp.ClientSession() as session, session.get(f"{process.base_url}/tasks", headers=captured) as answer:
+            assert answer.status == 200
+
         process.kill()  # a crash: no tidy shutdown
         beats_before_restart = len(master.heartbeats)
         await process.start_async(timeout_s=90)
+        # ...and refused after it: the miner's nonces outlive the process.
+        async with aiohttp.ClientSession() as session, session.get(f"{process.base_url}/tasks", headers=captured) as answer:
+            assert answer.status == 401 and "already used" in (await answer.json())["detail"]
         await master.wait_for(lambda: len(master.heartbeats) >= beats_before_restart + 3)
         await master.wait_for(lambda: master.reports("steady")[-1]["state"] == "Running")
 
