@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from prime.protocol.errors import InvalidJson, ValidationError
+
 log = logging.getLogger("prime.web")
 
 
@@ -62,6 +64,11 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         return _from_http_exception(exc)
     except json.JSONDecodeError as exc:  # a handler calling request.json() on a bad body
         return json_error(400, "invalid_json", f"the body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+    except ValidationError as exc:  # a message the handler decoded (prime.protocol.codec) and did not answer itself
+        return json_error(400, "invalid_json" if isinstance(exc, InvalidJson) else "invalid_request", exc.detail)
+    except RecursionError:  # JSON nested deeper than the interpreter goes (no handler parses untyped JSON any more)
+        log.warning("%s %s: a body nested too deeply", request.method, request.path)
+        return json_error(400, "invalid_json", "the body is nested too deeply")
     except asyncio.CancelledError:
         raise  # the client went away or the server is stopping
     except Exception as exc:

@@ -96,6 +96,20 @@ class Param:
 # A 0/1 switch in a query string (the handlers also accept true/false/yes/no).
 FLAG = Param(bool, "0 or 1 (also true/false, yes/no)")
 
+MAX_INT_DIGITS = 20  # more digits than any bound a query parameter has (int() of 5,000 digits is slow, then refused)
+
+
+def ascii_int(raw: str, *, minimum: int = 0, maximum: int) -> int | None:
+    """``raw`` (a query or path parameter) as a whole number from ``minimum`` to ``maximum``, or None.
+
+    ASCII digits only: ``str.isdigit`` also takes "²" (which ``int`` refuses: a 500) and "١٢"
+    (which ``int`` reads as 12); no sign, no spaces, at most ``MAX_INT_DIGITS`` digits.
+    """
+    if not raw or len(raw) > MAX_INT_DIGITS or not raw.isascii() or not raw.isdigit():
+        return None
+    value = int(raw)
+    return value if minimum <= value <= maximum else None
+
 
 @dataclass(frozen=True)
 class Endpoint:

@@ -21,6 +21,7 @@ from yarl import URL
 from prime.auth.client import SignedClient
 from prime.auth.transport import Transport
 from prime.errors import PeerError, PrimeError
+from prime.protocol.codec import parse
 from prime.protocol.errors import ValidationError
 from prime.protocol.storage import validate_relative_path
 from prime.protocol.tasks import is_task_id
@@ -28,6 +29,9 @@ from prime.protocol.tasks import is_task_id
 CHUNK = 256 * 1024
 # The owner's own master may list many tasks with large specs: a larger bound than peers get.
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
+
+# The longest log line read from the master (its own lines are at most 1 MiB of text, as JSON).
+MAX_LOG_LINE_BYTES = 8 * 1024 * 1024
 
 
 class MasterRefused(PrimeError):
@@ -122,6 +126,9 @@ class MasterClient:
                 async for chunk in response.content.iter_any():
                     buffer += chunk
                     *lines, buffer = buffer.split(b"\n")
+                    if len(buffer) > MAX_LOG_LINE_BYTES:  # a line that never ends: shown cut, not held
+                        lines.append(buffer)
+                        buffer = b""
                     for raw in lines:
                         if raw.strip():
                             yield parse_log_line(raw)
@@ -250,10 +257,13 @@ def check_task_id(task_id: str) -> None:
 
 
 def parse_log_line(raw: bytes) -> dict[str, Any]:
-    text = raw.decode("utf-8", "replace").rstrip("\r")
+    """One NDJSON line of the master's log stream; anything else (not JSON, nested past
+    codec.MAX_DEPTH, a lone surrogate no terminal can print) comes through as {"line": text}."""
+    raw = raw[:MAX_LOG_LINE_BYTES].rstrip(b"\r")
+    text = raw.decode("utf-8", "replace")
     try:
-        value = json.loads(text)
-    except ValueError:
+        value = parse(raw)
+    except ValidationError:
         return {"line": text}
     return value if isinstance(value, dict) else {"line": text}
 

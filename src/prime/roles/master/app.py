@@ -32,6 +32,7 @@ from prime.roles.master.cas import BlobStore
 from prime.roles.master.logs import LogMerger
 from prime.roles.master.service import HeartbeatDenied, MasterService
 from prime.web import FLAG, NDJSON, ApiError, Binary, Param, api, json_error, make_app
+from prime.web.openapi import ascii_int
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,10 @@ def _int_query(request: web.Request, name: str, *, default: int | None, maximum:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) > maximum:
+    value = ascii_int(raw, maximum=maximum)  # ASCII digits only: "²" and "١٢" are isdigit() too
+    if value is None:
         raise ApiError(400, "invalid_request", {"field": name, "message": f"Must be a whole number from 0 to {maximum}."})
-    return int(raw)
+    return value
 
 
 # --- nodes ----------------------------------------------------------------------------------------

@@ -15,21 +15,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import quote
+
+from msgspec import Meta
 
 from prime.auth.client import SignedClient
 from prime.errors import PeerError
-from prime.protocol.tasks import Task
+from prime.protocol.codec import Answer, ValidationError, decode
+from prime.protocol.tasks import Task, Time
 from prime.roles.master.locator import NodeLocator
 
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 1024 * 1024
+
+
+class MinerLogLine(Answer, frozen=True):
+    """One NDJSON line of a miner's ``GET /tasks/{id}/logs`` as the master reads it (fields a
+    newer miner adds are ignored; a line that is not one of these is passed on as text)."""
+
+    stream: Annotated[str, Meta(max_length=64)] = "stdout"
+    line: str = ""
+    ts: Annotated[str, Meta(max_length=64)] | Time | None = None
 _DONE = object()
 
 
@@ -193,13 +204,12 @@ class LogMerger:
         if not raw:
             return None
         try:
-            data = json.loads(raw[:MAX_LINE_BYTES])
-        except ValueError:
-            data = {"stream": "stdout", "line": raw[:MAX_LINE_BYTES].decode("utf-8", "replace"), "ts": None}
-        if not isinstance(data, dict):
-            return None
-        return {"replica": replica, "node": node, "stream": data.get("stream", "stdout"),
-                "line": data.get("line", ""), "ts": data.get("ts")}
+            # typed: a line of the miner's shape, its strings checked (no lone surrogates), no depth to nest in
+            line = decode(raw[:MAX_LINE_BYTES], MinerLogLine)
+        except ValidationError:  # not a miner log line: passed on as text
+            return {"replica": replica, "node": node, "stream": "stdout",
+                    "line": raw[:MAX_LINE_BYTES].decode("utf-8", "replace"), "ts": None}
+        return {"replica": replica, "node": node, "stream": line.stream, "line": line.line, "ts": line.ts}
 
     @staticmethod
     def _error(replica: int, node: str, message: str) -> dict[str, Any]:

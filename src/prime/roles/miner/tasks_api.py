@@ -25,7 +25,7 @@ from aiohttp import web
 
 from prime.auth.middleware import require
 from prime.protocol.answers import ContainerList, ContainerLogLine, DataManifest, ReplicaStarted, TaskStopped
-from prime.protocol.errors import ValidationError
+from prime.protocol.errors import InvalidJson, ValidationError
 from prime.protocol.heartbeat import DesiredReplica
 from prime.protocol.tasks import ReplicaState, is_task_id
 from prime.roles.miner import storage
@@ -33,6 +33,7 @@ from prime.roles.miner.core import Unplaceable
 from prime.roles.miner.executor import TaskNotFound
 from prime.roles.miner.heartbeat import Converger
 from prime.web import FLAG, NDJSON, Binary, Param, api, json_error
+from prime.web.openapi import ascii_int
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,10 @@ def _int_param(request: web.Request, name: str, default: int | None, *, minimum:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isascii() or not raw.isdigit() or len(raw) > 12 or not minimum <= int(raw) <= maximum:
+    value = ascii_int(raw, minimum=minimum, maximum=maximum)
+    if value is None:
         raise web.HTTPBadRequest(text=f"{name} must be a whole number from {minimum} to {maximum}")
-    return int(raw)
+    return value
 
 
 def _flag(request: web.Request, name: str) -> bool:
@@ -79,12 +81,11 @@ class TasksApi:
         {id, replica, state} at once; the image pull and start go on in the background.
         """
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return json_error(400, "invalid_json", "the body must be a JSON object")
-        try:
-            desired = DesiredReplica.from_json(body, "body")
+            # typed decoding from the bytes (no untyped parse to nest in, numbers and text checked)
+            desired = DesiredReplica.from_json(await request.read(), "body")
             placement = self.converger.push(desired)
+        except InvalidJson as exc:
+            return json_error(400, "invalid_json", exc.detail)
         except ValidationError as exc:
             return json_error(400, "invalid_request", exc.detail)
         except (Unplaceable, ValueError) as exc:
