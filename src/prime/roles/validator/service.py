@@ -77,6 +77,7 @@ RESULTS = ("approved", "rejected", "unreachable")
 # miner too slow: a late answer is still measured and reported with its real time.
 MIN_COMMIT_GRACE_S = 10.0
 RUN_INFO_TTL_S = 60.0
+VERDICT_ANSWER_LIMIT = 4096  # bytes of the miner's {"ok": true} (or error) to a verdict note
 
 
 @dataclass(frozen=True)
@@ -419,7 +420,8 @@ class ValidatorService:
                            validation.report_hash or "").to_json()
         url = f"{validation.miner_url}/challenge/{validation.challenge_id}/verdict"
         try:
-            await asyncio.wait_for(self._peers.request("POST", url, audience=validation.node, json=body),
+            await asyncio.wait_for(self._peers.request("POST", url, audience=validation.node, json=body,
+                                                       max_response_bytes=VERDICT_ANSWER_LIMIT),
                                    timeout=4 * self.settings.peer_timeout_s)
         except (TimeoutError, PeerError) as exc:
             log.info("could not tell %s its verdict: %s", validation.node, exc or "timed out")
