@@ -60,7 +60,19 @@ def build_app() -> tuple[web.Application, dict[str, int]]:
     app.router.add_get("/down", down)
     app.router.add_get("/blob", blob)
     app.router.add_get("/text", not_json)
+    async def hostile(request: web.Request) -> web.Response:
+        deep = b"[" * 30_000 + b"]" * 30_000
+        bodies = {
+            "deep-error": (400, b'{"error": "x", "detail": ' + deep + b"}"),
+            "deep-answer": (200, deep),
+            "surrogate-error": (400, b'{"error": "x", "detail": "\\ud800 lone"}'),
+            "nan-answer": (200, b'{"value": NaN}'),
+        }
+        status, body = bodies[request.match_info["kind"]]
+        return web.Response(status=status, body=body, content_type="application/json")
+
     app.router.add_delete("/empty", empty)
+    app.router.add_get("/hostile/{kind}", hostile)
     return app, hits
 
 
@@ -181,3 +193,17 @@ async def test_stream_raises_on_error_status(serve, alice) -> None:
             async with client.stream("GET", server.make_url("/down")):
                 pytest.fail("an error answer must not be yielded")
     assert caught.value.status == 503 and hits["down"] == 2
+
+
+async def test_hostile_answers_are_one_peer_error_each(serve, alice) -> None:
+    """A peer's answer nested 30,000 deep, NaN, or an error with a lone surrogate: a PeerError whose
+    message can be printed, never a RecursionError or a crash of the caller."""
+    app, _ = build_app()
+    server = await serve(app)
+    async with peer_client(alice, to=PEER.address, retries=0) as client:
+        for kind in ("deep-error", "deep-answer", "surrogate-error", "nan-answer"):
+            with pytest.raises(PeerError) as failed:
+                await client.request("GET", server.make_url(f"/hostile/{kind}"))
+            str(failed.value).encode("utf-8")  # printable as it is (no lone surrogate in it)
+        # and the client still works afterwards
+        assert (await client.request("GET", server.make_url("/whoami/x")))["signer"] == alice.address

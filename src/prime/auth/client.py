@@ -52,6 +52,8 @@ from prime.auth.transport import (
     TransportError,
 )
 from prime.errors import PeerError
+from prime.protocol.codec import parse
+from prime.protocol.errors import ValidationError
 
 _UNSET: Any = object()
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
@@ -74,8 +76,8 @@ def _peer_name(u: URL) -> str:
 def _describe_error(body: bytes) -> tuple[Any, str]:
     """(parsed body, short text) of an error answer."""
     try:
-        parsed = jsonlib.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+        parsed = parse(body) if body else None  # bounded in depth, no lone surrogates: safe to print
+    except ValidationError:
         text = body[:300].decode("utf-8", "replace").strip()
         return text, text or "no details"
     if isinstance(parsed, dict) and "error" in parsed:
@@ -87,7 +89,7 @@ def _describe_error(body: bytes) -> tuple[Any, str]:
 
 def _parse_identity(raw: bytes) -> PeerIdentity | None:
     try:
-        parsed = jsonlib.loads(raw) if raw else None
+        parsed = parse(raw) if raw else None
         identity = parsed.get("identity") if isinstance(parsed, dict) else None
         if not isinstance(identity, dict):
             return None
@@ -95,7 +97,7 @@ def _parse_identity(raw: bytes) -> PeerIdentity | None:
         if not isinstance(address, str) or not re.fullmatch(r"0x[0-9a-fA-F]{40}", address):
             return None
         return PeerIdentity(address, Domain(identity["chain_id"], identity["registry"]))
-    except (ValueError, KeyError, TypeError, RecursionError):
+    except (ValidationError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -306,8 +308,8 @@ class SignedClient:
         if not raw.strip():
             return None
         try:
-            return jsonlib.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError):
+            return parse(raw)
+        except ValidationError:
             u = build_url(url, params)
             raise PeerError(
                 f"{_peer_name(u)} answered {method.upper()} {u.path} with something that is not JSON (or nested too deep).", status=200, body=raw[:300]

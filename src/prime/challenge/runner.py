@@ -182,8 +182,9 @@ async def run_challenge(client: ChallengeClient, miner_url: str, *, node: str, s
                         rng: secrets.SystemRandom | None = None) -> ChallengeReport:
     """Challenge the miner at ``miner_url`` and return the report (approved or not).
 
-    ``client`` is a prime.auth.client.SignedClient (anything with its ``stream``, see
-    ChallengeClient). Raises PeerError only when the miner could not be asked at all
+    ``client`` is a prime.auth.client.SignedClient (anything with its ``request_bytes``, see
+    ChallengeClient); ``node`` is the node's address, whose key must sign every answer (an
+    answer signed by anyone else is the miner's failure). Raises PeerError only when the miner could not be asked at all
     (unreachable, busy with another challenge, 5xx): a retry later is the right answer
     then, not a rejection. Whatever the miner answers otherwise ends in a report.
     """
