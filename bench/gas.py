@@ -43,6 +43,7 @@ async def measure() -> list[tuple[str, int]]:
             validator_c, buyer_c, master_c, provider_c = (admin_c.with_account(a) for a in (validator, buyer, master, provider))
             record("grantRole (validator)", await admin_c.grant_validator(validator))
             record("setMinStake", await admin_c.set_min_stake(10**16))
+            record("setRevalidationPenaltyBps", await admin_c.set_revalidation_penalty_bps(1000))
 
             run = await buyer_c.create_run_tx(REQ, "http://127.0.0.1:8090", [master])
             record("createRun (1 master)", run)
@@ -52,7 +53,7 @@ async def measure() -> list[tuple[str, int]]:
             record("addMaster", await buyer_c.add_master(run_id, extra[0]))
             record("removeMaster", await buyer_c.remove_master(run_id, extra[0]))
 
-            nodes = [Account.create() for _ in range(4)]
+            nodes = [Account.create() for _ in range(5)]
             for i, node in enumerate(nodes):
                 result = await provider_c.register_node(run_id, node, SPECS)
                 if i == 0:
@@ -61,9 +62,11 @@ async def measure() -> list[tuple[str, int]]:
             await validator_c.report_validation(nodes[1], True, b"\x01" * 32)
             await validator_c.report_validation(nodes[2], True, b"\x01" * 32)
             record("reportValidation (reject)", await validator_c.report_validation(nodes[3], False, b"\x02" * 32))
+            await validator_c.report_validation(nodes[4], True, b"\x01" * 32)
 
             expiry = await admin_c.block_timestamp() + 3600
-            for label, node in zip(("joinRun (first node)", "joinRun (next node)", None), nodes[:3], strict=True):
+            joins = ("joinRun (first node)", "joinRun (next node)", None, None)
+            for label, node in zip(joins, [*nodes[:3], nodes[4]], strict=True):
                 result = await provider_c.join_run(run_id, node, expiry, master_c.sign_invite(master, run_id, node, expiry))
                 if label:
                     record(label, result)
@@ -71,6 +74,7 @@ async def measure() -> list[tuple[str, int]]:
             record("leaveRun (active)", await provider_c.leave_run(nodes[0]))
             record("ejectNode", await master_c.eject_node(run_id, nodes[1]))
             record("slash", await admin_c.slash(nodes[2], 10**15))
+            record("reportRevalidationFailure (active, 10 %)", await validator_c.report_revalidation_failure(nodes[4], b"\x03" * 32))
             record("withdrawStake (left)", await provider_c.withdraw_stake(nodes[0]))
             record("withdrawStake (rejected)", await provider_c.withdraw_stake(nodes[3]))
             record("endRun", await buyer_c.end_run(run_id))

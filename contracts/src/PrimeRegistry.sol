@@ -16,6 +16,7 @@ import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/Messa
 ///   None -> Registered -> Approved -> Active -> Left | Ejected
 ///                     \-> Rejected
 ///   Registered/Approved/Active -> Left     (leaveRun: deregistering is always possible)
+///   Approved/Active -> Ejected               (reportRevalidationFailure: a validator's re-challenge failed)
 ///   Left/Ejected/Rejected      -> stake withdrawable by the provider (withdrawStake)
 ///
 /// Re-registration: a node whose record is finished (Left, Ejected or Rejected) may register
@@ -92,7 +93,12 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         Disk
     }
 
+    /// The most a basis-point share can be: 10000 = all of it.
+    uint256 public constant MAX_BPS = 10_000;
+
     uint256 public minStake;
+    /// Share of a node's stake, in basis points, that reportRevalidationFailure slashes (default 10 %).
+    uint256 public revalidationPenaltyBps;
     /// Number of runs created so far; run ids are 1..runCount (0 means "no run").
     uint256 public runCount;
 
@@ -114,6 +120,12 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
     event StakeWithdrawn(address indexed node, address indexed provider, uint256 amount);
     event NodeSlashed(address indexed node, uint256 amount, uint256 remainingStake);
     event MinStakeChanged(uint256 minStake);
+    /// A validator re-challenged a node and it failed: the node is ejected and `penalty` wei of its
+    /// stake went to the validator; `reportHash` is the keccak of the failed challenge's report.
+    event RevalidationFailed(
+        uint256 indexed runId, address indexed node, address indexed validator, bytes32 reportHash, uint256 penalty
+    );
+    event RevalidationPenaltyChanged(uint256 penaltyBps);
 
     error ZeroAddress();
     error RunNotFound(uint256 runId);
@@ -139,12 +151,17 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
     error NothingToWithdraw(address node);
     error SlashExceedsStake(address node, uint256 amount, uint256 stake);
     error TransferFailed(address to, uint256 amount);
+    error NotRevalidatable(address node, NodeStatus status);
+    error MissingEvidence(address node);
+    error PenaltyTooHigh(uint256 penaltyBps, uint256 maxBps);
 
     constructor(address admin, uint256 minStake_) {
         if (admin == address(0)) revert ZeroAddress();
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
         minStake = minStake_;
         emit MinStakeChanged(minStake_);
+        revalidationPenaltyBps = 1000;
+        emit RevalidationPenaltyChanged(1000);
     }
 
     // ------------------------------------------------------------------ runs
@@ -269,6 +286,35 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         emit NodeEjected(runId, node, msg.sender);
     }
 
+    /// A validator's re-challenge of an approved or active node failed: the node is ejected from its
+    /// run (an active node frees its slot, as with ejectNode) and `revalidationPenaltyBps` of its
+    /// stake is slashed and paid to the calling validator, as `slash` pays the calling admin; the
+    /// rest stays withdrawable by the provider. `reportHash` (the keccak of the failed report, not
+    /// zero) is the evidence: it replaces the node's report hash and is in RevalidationFailed.
+    /// Events: NodeEjected (its `master` is the validator), NodeSlashed (when the penalty is not
+    /// zero) and RevalidationFailed. Constant gas: no loop.
+    function reportRevalidationFailure(address node, bytes32 reportHash)
+        external
+        onlyRole(VALIDATOR_ROLE)
+        nonReentrant
+    {
+        Node storage n = _nodes[node];
+        NodeStatus status = n.status;
+        if (status != NodeStatus.Approved && status != NodeStatus.Active) revert NotRevalidatable(node, status);
+        if (reportHash == bytes32(0)) revert MissingEvidence(node);
+        uint256 runId = n.runId;
+        if (status == NodeStatus.Active) _runs[runId].nodeCount -= 1;
+        n.status = NodeStatus.Ejected;
+        n.reportHash = reportHash;
+        uint256 stake = n.stake;
+        uint256 penalty = (stake * revalidationPenaltyBps) / MAX_BPS;
+        n.stake = stake - penalty; // effects before the interaction
+        emit NodeEjected(runId, node, msg.sender);
+        if (penalty != 0) emit NodeSlashed(node, penalty, stake - penalty);
+        emit RevalidationFailed(runId, node, msg.sender, reportHash, penalty);
+        if (penalty != 0) _pay(msg.sender, penalty);
+    }
+
     /// Pays the node's stake back to its provider once the node is out (Left, Ejected or Rejected).
     function withdrawStake(address node) external nonReentrant {
         Node storage n = _operatedNode(node);
@@ -299,6 +345,13 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
     function setMinStake(uint256 minStake_) external onlyRole(DEFAULT_ADMIN_ROLE) {
         minStake = minStake_;
         emit MinStakeChanged(minStake_);
+    }
+
+    /// Sets the share of the stake a failed re-validation slashes, in basis points (0 to MAX_BPS).
+    function setRevalidationPenaltyBps(uint256 penaltyBps) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (penaltyBps > MAX_BPS) revert PenaltyTooHigh(penaltyBps, MAX_BPS);
+        revalidationPenaltyBps = penaltyBps;
+        emit RevalidationPenaltyChanged(penaltyBps);
     }
 
     // ----------------------------------------------------------------- views

@@ -102,6 +102,11 @@ _ERROR_SENTENCES: dict[str, Any] = {
     "NothingToWithdraw": lambda node: f"Node {node} has no stake left to withdraw.",
     "SlashExceedsStake": lambda node, amount, stake: f"Cannot slash {amount} wei from node {node}: its stake is {stake} wei and the amount must be between 1 and the stake.",
     "TransferFailed": lambda to, amount: f"Paying {amount} wei to {to} failed; that address does not accept ETH.",
+    "NotRevalidatable": lambda node, st: (
+        f"Node {node} cannot be reported for a failed re-validation in status {_status(st)}; only approved or active nodes can."
+    ),
+    "MissingEvidence": lambda node: f"A re-validation failure of node {node} needs the failed report's hash as evidence, not zero.",
+    "PenaltyTooHigh": lambda bps, max_bps: f"A penalty of {bps} basis points is more than the whole stake; give 0 to {max_bps}.",
     "AccessControlUnauthorizedAccount": lambda account, role: f"Account {account} does not have the {_role_name(role)} role needed for this.",
     "AccessControlBadConfirmation": lambda: "An account can only renounce a role for itself.",
     "ReentrancyGuardReentrantCall": lambda: "Reentrant call refused.",

@@ -1,4 +1,4 @@
-"""`prime chain deploy|anvil|info|grant-validator|set-min-stake`: the registry's operator tools."""
+"""`prime chain deploy|anvil|info|grant-validator|set-min-stake|set-revalidation-penalty`: the registry's operator tools."""
 
 from __future__ import annotations
 
@@ -139,6 +139,8 @@ def info(rpc_url: RpcUrl = DEFAULT_RPC_URL, deployment: DeploymentPath = None) -
             typer.echo(f"chain id:  {client.chain_id}")
             typer.echo(f"block:     {await client.block_number()}")
             typer.echo(f"min stake: {await client.min_stake()} wei")
+            bps = await client.revalidation_penalty_bps()
+            typer.echo(f"revalidation penalty: {bps} bps ({bps / 100:g} % of the stake)")
             typer.echo(f"runs:      {await client.run_count()}")
 
     asyncio.run(run())
@@ -186,3 +188,15 @@ def set_min_stake(
     """Change the minimum stake for new registrations; the key must be the registry's admin."""
     wei = parse_wei(amount)
     _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.set_min_stake(wei))
+
+
+@app.command("set-revalidation-penalty")
+def set_revalidation_penalty(
+    bps: Annotated[int, typer.Argument(min=0, max=10_000, help="Basis points of the stake (0-10000; 1000 = 10 %).")],
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+) -> None:
+    """Change the share of a node's stake that a failed re-validation slashes; the key must be the registry's admin."""
+    _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.set_revalidation_penalty_bps(bps))

@@ -255,6 +255,10 @@ class RegistryClient:
     async def withdraw_stake(self, node: str | LocalAccount) -> TxResult:
         return await self._transact("withdrawStake", [to_address(node)])
 
+    async def report_revalidation_failure(self, node: str | LocalAccount, report_hash: bytes | str) -> TxResult:
+        """Validator only: ``node`` failed a re-challenge; ejects it and slashes the revalidation penalty."""
+        return await self._transact("reportRevalidationFailure", [to_address(node), _to_bytes32(report_hash)])
+
     # -- admin
 
     async def slash(self, node: str | LocalAccount, amount: int) -> TxResult:
@@ -262,6 +266,10 @@ class RegistryClient:
 
     async def set_min_stake(self, min_stake_wei: int) -> TxResult:
         return await self._transact("setMinStake", [int(min_stake_wei)])
+
+    async def set_revalidation_penalty_bps(self, penalty_bps: int) -> TxResult:
+        """Admin only: the share of the stake (basis points, 0..10000) a failed re-validation slashes."""
+        return await self._transact("setRevalidationPenaltyBps", [int(penalty_bps)])
 
     async def grant_validator(self, account: str | LocalAccount) -> TxResult:
         return await self._transact("grantRole", [VALIDATOR_ROLE, to_address(account)])
@@ -310,6 +318,10 @@ class RegistryClient:
 
     async def min_stake(self) -> int:
         return int(await self._call("minStake"))
+
+    async def revalidation_penalty_bps(self) -> int:
+        """The share of a node's stake, in basis points, that a failed re-validation slashes."""
+        return int(await self._call("revalidationPenaltyBps"))
 
     async def run_count(self) -> int:
         """Runs created so far; run ids are 1..run_count()."""
