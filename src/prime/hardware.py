@@ -8,13 +8,23 @@ the heartbeat's ``gpu_sample()`` stays cheap.
 
 GPU indices are NVML's, which are also what the NVIDIA container runtime means
 by ``device_ids``, so a task can be pinned to exact cards on hosts with mixed
-models.
+models. NVML lists GPUs in PCI bus order; CUDA's ordinals follow it only with
+CUDA_DEVICE_ORDER=PCI_BUS_ID and no CUDA_VISIBLE_DEVICES, so the challenge prover
+maps NVML GPUs to CUDA devices by UUID or PCI bus id (prime.challenge.prover).
+
+What NVML says is checked before it is believed: a GPU whose UUID is not of NVML's
+canonical form (``GPU-``/``MIG-`` and a lowercase 8-4-4-4-12 hex UUID; empty, non-ASCII
+or overlong ones included) is left out with the reason in ``gpu_error``, and a driver
+or CUDA version of another form is reported as unknown (None) with its reason. The UUIDs
+of the offered GPUs and the driver's identity go into every challenge commitment
+(``identity``), where the validator records them in its report.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import shutil
 import threading
 from dataclasses import asdict, dataclass, field
@@ -25,6 +35,12 @@ from typing import Any
 import psutil
 
 from prime.errors import PrimeError
+from prime.protocol.challenge import (
+    CUDA_VERSION_PATTERN,
+    DRIVER_VERSION_PATTERN,
+    GPU_UUID_PATTERN,
+    DriverIdentity,
+)
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -41,6 +57,8 @@ class GpuInfo:
     memory_used_mib: int
     utilization_pct: int | None
     temperature_c: int | None
+    # "0000:3b:00.0" (domain:bus:device.function, lowercase hex); None where NVML has none
+    pci_bus_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +95,54 @@ class HardwareInfo:
 def _text(value: str | bytes) -> str:
     # Older nvidia-ml-py returns bytes, newer str.
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _shown(value: object, limit: int = 48) -> str:
+    """A hostile reading as printable ASCII, cut to ``limit`` characters, for a reason sentence."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    shown = ascii(text[:limit])
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
+
+
+_UUID = re.compile(GPU_UUID_PATTERN)
+_DRIVER = re.compile(DRIVER_VERSION_PATTERN)
+_CUDA = re.compile(CUDA_VERSION_PATTERN)
+_PCI = re.compile(r"^([0-9A-Fa-f]{1,8}):([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2})\.([0-7])$(?!\n)")
+
+
+def canonical_gpu_uuid(raw: object) -> str | None:
+    """``raw`` in NVML's canonical form ("GPU-" + lowercase 8-4-4-4-12 hex), or None when it is not a UUID.
+
+    Only the hex digits' case is normalised; anything else (empty, non-ASCII, overlong,
+    another shape) is refused rather than repaired, since a card that reports such a UUID
+    cannot be told apart from another.
+    """
+    if not isinstance(raw, str | bytes):
+        return None
+    text = _text(raw)
+    if len(text) > 64 or not text.isascii():
+        return None
+    prefix, _, rest = text.partition("-")
+    candidate = f"{prefix}-{rest.lower()}"
+    return candidate if _UUID.match(candidate) else None
+
+
+def canonical_pci_bus_id(raw: object) -> str | None:
+    """NVML's "00000000:3B:00.0" as "0000:3b:00.0" (the form CUDA and sysfs print); None if malformed."""
+    if not isinstance(raw, str | bytes):
+        return None
+    match = _PCI.match(_text(raw)) if len(raw) <= 32 else None
+    if match is None:
+        return None
+    domain, bus, device, function = match.groups()
+    return f"{int(domain, 16):04x}:{int(bus, 16):02x}:{int(device, 16):02x}.{function}"
+
+
+def _driver_version_text(raw: object) -> str:
+    text = _text(raw) if isinstance(raw, str | bytes) else ""
+    if not _DRIVER.match(text):
+        raise ValueError(f"the NVIDIA driver reported a version of no known form ({_shown(raw)})")
+    return text
 
 
 class Nvml:
@@ -135,21 +201,44 @@ class Nvml:
             except nvml.NVMLError as exc:
                 # One broken card (fallen off the bus, ...) must not hide the others.
                 problems.append(f"GPU {index} could not be read: {exc}")
-        driver = _optional(nvml, lambda: _text(nvml.nvmlSystemGetDriverVersion()))
-        cuda = _optional(nvml, lambda: _cuda_version_text(int(nvml.nvmlSystemGetCudaDriverVersion())))
+            except ValueError as exc:  # a UUID of no known form: this card is not offered
+                problems.append(f"GPU {index} {exc}")
+        seen: dict[str, int] = {}
+        for gpu in list(gpus):
+            if gpu.uuid in seen:  # two cards cannot share a UUID: neither is believed
+                problems.append(f"GPUs {seen[gpu.uuid]} and {gpu.index} report the same UUID {gpu.uuid}: "
+                                "both left out; check the driver")
+                gpus = [g for g in gpus if g.uuid != gpu.uuid]
+            else:
+                seen[gpu.uuid] = gpu.index
+        driver = cuda = None
+        try:
+            driver = _optional(nvml, lambda: _driver_version_text(nvml.nvmlSystemGetDriverVersion()))
+        except ValueError as exc:
+            problems.append(str(exc))
+        try:
+            cuda = _optional(nvml, lambda: _cuda_version_text(nvml.nvmlSystemGetCudaDriverVersion()))
+        except ValueError as exc:
+            problems.append(str(exc))
         return gpus, driver, cuda, "; ".join(problems) or None
 
     def _gpu_info(self, nvml: ModuleType, index: int) -> GpuInfo:
         handle = self._handle(nvml, index)
+        raw_uuid = nvml.nvmlDeviceGetUUID(handle)
+        uuid = canonical_gpu_uuid(raw_uuid)
+        if uuid is None:
+            raise ValueError(f"reported a UUID of no known form ({_shown(raw_uuid)}): left out; "
+                             "update or reinstall the NVIDIA driver")
         memory = nvml.nvmlDeviceGetMemoryInfo(handle)
         return GpuInfo(
             index=index,
-            uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+            uuid=uuid,
             model=_text(nvml.nvmlDeviceGetName(handle)),
             memory_total_mib=int(memory.total) // MIB,
             memory_used_mib=int(memory.used) // MIB,
             utilization_pct=_utilization(nvml, handle),
             temperature_c=_temperature(nvml, handle),
+            pci_bus_id=_pci_bus_id(nvml, handle),
         )
 
     def sample(self, indices: list[int]) -> list[GpuSample]:
@@ -184,6 +273,13 @@ def _optional(nvml: ModuleType, read: Any) -> Any:
         return None
 
 
+def _pci_bus_id(nvml: ModuleType, handle: Any) -> str | None:
+    try:
+        return canonical_pci_bus_id(nvml.nvmlDeviceGetPciInfo(handle).busId)
+    except (nvml.NVMLError, AttributeError):  # not supported, or bindings without it
+        return None
+
+
 def _utilization(nvml: ModuleType, handle: Any) -> int | None:
     return _optional(nvml, lambda: int(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
 
@@ -196,9 +292,14 @@ def _memory_used_mib(nvml: ModuleType, handle: Any) -> int | None:
     return _optional(nvml, lambda: int(nvml.nvmlDeviceGetMemoryInfo(handle).used) // MIB)
 
 
-def _cuda_version_text(version: int) -> str:
+def _cuda_version_text(raw: object) -> str:
     # NVML encodes CUDA 12.4 as 12040.
-    return f"{version // 1000}.{(version % 1000) // 10}"
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1000 <= raw < 1_000_000:
+        raise ValueError(f"the NVIDIA driver reported a CUDA version of no known form ({_shown(raw)})")
+    text = f"{raw // 1000}.{(raw % 1000) // 10}"
+    if not _CUDA.match(text):  # pragma: no cover - the range above keeps it in form
+        raise ValueError(f"the NVIDIA driver reported a CUDA version of no known form ({_shown(raw)})")
+    return text
 
 
 _default_nvml = Nvml()
@@ -251,6 +352,19 @@ def probe(data_dir: str | Path = ".", *, nvml: Nvml | None = None) -> HardwareIn
 def gpu_sample(indices: list[int], *, nvml: Nvml | None = None) -> list[GpuSample]:
     """A cheap reading of the given GPUs for a heartbeat (NVML is initialised once per process)."""
     return (nvml or _default_nvml).sample(indices)
+
+
+def identity(info: HardwareInfo, selected: list[int]) -> tuple[list[str], DriverIdentity | None]:
+    """The UUIDs of the ``selected`` GPUs (in that order) and the driver, as a commitment reports them.
+
+    No GPUs selected (a CPU node, ``--gpu none``): nothing, not even the driver.
+    """
+    if not selected:
+        return [], None
+    by_index = {gpu.index: gpu for gpu in info.gpus}
+    uuids = [by_index[i].uuid for i in selected if i in by_index]
+    driver = DriverIdentity(version=info.driver_version, cuda=info.cuda_version) if info.driver_version else None
+    return uuids, driver
 
 
 def select_gpus(info: HardwareInfo, selection: str) -> list[int]:

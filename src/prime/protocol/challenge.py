@@ -88,8 +88,36 @@ class ChallengeRequest(Message, frozen=True, forbid_unknown_fields=True):
         return 2 * self.n * self.n * self.inner
 
 
-class CommitmentAnswer(Message, frozen=True, forbid_unknown_fields=True):
-    """The miner's answer once C is computed: the Merkle root over C's rows."""
+# GPU identity in a commitment: the NVML UUIDs of exactly the GPUs that computed C (in the
+# miner's --gpu order) and the driver's identity. Canonical form only: "GPU-" or "MIG-" and
+# a lowercase 8-4-4-4-12 hex UUID (what NVML prints), so two spellings of one card cannot
+# pass for two cards.
+MAX_GPUS: Final = 64  # GPUs one commitment may name; 64 of them keep it under COMMITMENT_ANSWER_LIMIT
+GPU_UUID_LENGTH: Final = 40
+GPU_UUID_PATTERN: Final = r"^(GPU|MIG)-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$(?!\n)"
+MAX_DRIVER_VERSION_LENGTH: Final = 32
+DRIVER_VERSION_PATTERN: Final = r"^[0-9A-Za-z][0-9A-Za-z._-]{0,31}$(?!\n)"  # "550.54.15"
+CUDA_VERSION_PATTERN: Final = r"^[0-9]{1,3}\.[0-9]{1,3}$(?!\n)"  # "12.4"
+
+GpuUuid = Annotated[str, msgspec.Meta(min_length=GPU_UUID_LENGTH, max_length=GPU_UUID_LENGTH,
+                                      pattern=GPU_UUID_PATTERN,
+                                      description="GPU-/MIG- and a lowercase 8-4-4-4-12 hex UUID, as NVML reports it")]
+GpuUuids = Annotated[list[GpuUuid], msgspec.Meta(max_length=MAX_GPUS)]
+
+
+class DriverIdentity(Message, frozen=True, forbid_unknown_fields=True):
+    """The NVIDIA driver that ran the GPUs: its version (NVML) and the CUDA version it supports."""
+
+    version: Annotated[str, msgspec.Meta(max_length=MAX_DRIVER_VERSION_LENGTH, pattern=DRIVER_VERSION_PATTERN)]
+    cuda: Annotated[str, msgspec.Meta(max_length=7, pattern=CUDA_VERSION_PATTERN)] | None = None
+
+
+class CommitmentAnswer(Message, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The miner's answer once C is computed: the Merkle root over C's rows.
+
+    ``gpu_uuids`` and ``driver`` name the GPUs that computed C; a CPU node (and a miner
+    from before they existed) sends neither, and omit_defaults leaves them out of its JSON.
+    """
 
     id: ChallengeId
     root: Hash
@@ -98,6 +126,12 @@ class CommitmentAnswer(Message, frozen=True, forbid_unknown_fields=True):
     repeat: Repeat
     elapsed_s: Seconds
     backend: Backend
+    gpu_uuids: GpuUuids = msgspec.field(default_factory=list)
+    driver: DriverIdentity | None = None
+
+    def __post_init__(self) -> None:
+        if len(set(self.gpu_uuids)) != len(self.gpu_uuids):
+            raise ValueError("gpu_uuids must be distinct")
 
 
 # ------------------------------------------------------------------ POST /challenge/{id}/open

@@ -27,7 +27,8 @@ def test_probe_json_describes_this_machine(tmp_path: Path) -> None:
     assert data["data_dir"] == str(tmp_path)
     assert isinstance(data["gpus"], list)
     for gpu in data["gpus"]:
-        assert set(gpu) == {"index", "uuid", "model", "memory_total_mib", "memory_used_mib", "utilization_pct", "temperature_c"}
+        assert set(gpu) == {"index", "uuid", "model", "memory_total_mib", "memory_used_mib", "utilization_pct", "temperature_c",
+                            "pci_bus_id"}
 
 
 def test_probe_table_for_people(tmp_path: Path) -> None:
