@@ -1,4 +1,4 @@
-"""`prime validator start|reports`."""
+"""`prime validator start|reports|revalidations`."""
 
 from __future__ import annotations
 
@@ -60,6 +60,10 @@ def start(
     from_block: Annotated[int | None, typer.Option(
         "--from-block", envvar="PRIME_FROM_BLOCK", min=0,
         help="First block to read when no cursor is saved yet (default: the registry's deployment block).")] = None,
+    revalidate_every: Annotated[float, typer.Option(
+        "--revalidate-every", envvar="PRIME_REVALIDATE_EVERY", min=0.0,
+        help="Mean seconds between re-challenges of each active node, at random (exponential) times; "
+             "a failure ejects and slashes it on chain. 0: never.")] = 6 * 3600.0,
 ) -> None:
     """Challenge every newly registered node with a proof of compute and approve or reject it on chain."""
     from prime.keys import load_account
@@ -72,6 +76,7 @@ def start(
     settings = ValidatorSettings(
         poll_interval_s=poll_interval, concurrency=concurrency, unreachable_after_s=unreachable_after,
         challenge_n=challenge_n, challenge_timeout_s=challenge_timeout, from_block=from_block,
+        revalidate_every_s=revalidate_every,
     )
     configure_logging()
     asyncio.run(serve(rpc_url=rpc_url, deployment_path=Path(deployment), account=account, data_dir=Path(data_dir),
@@ -145,4 +150,49 @@ def reports(
             cells += [_figures(row.report), _short(row.report_hash)]
         cells += [_short(row.tx_hash, 6), _when(row.reported_at or row.decided_at or row.seen_at)]
         table.add_row(*cells)
+    console.print(table)
+
+
+@app.command()
+def revalidations(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """List this validator's re-challenges of active nodes: passed, or failed and reported on chain."""
+    from prime.roles.validator.store import DB_FILE, ValidatorStore
+    from prime.store import Database
+
+    path = Path(data_dir).expanduser() / DB_FILE
+    if not path.is_file():
+        raise PrimeError(f"There are no validator reports in {data_dir}; pass the --data-dir the validator runs with.")
+    try:
+        store = ValidatorStore(Database(path))
+    except PrimeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged file: one sentence, no traceback
+        raise PrimeError(f"Cannot read the validator database {path} ({exc}); check the file.") from None
+    try:
+        rows = store.revalidations()
+    finally:
+        store.close()
+    if json_output:
+        typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
+        return
+    console = Console() if Console().is_terminal else Console(width=200)
+    if not rows:
+        console.print("No re-validations yet.")
+        return
+    table = Table(title=f"Re-validations ({len(rows)})")
+    table.add_column("Node", overflow="fold", min_width=21)
+    table.add_column("Run", no_wrap=True)
+    table.add_column("Result", no_wrap=True)
+    table.add_column("Reason", overflow="fold", ratio=3)
+    table.add_column("Tx", overflow="fold", ratio=1)
+    table.add_column("Time", overflow="fold", ratio=1)
+    colors = {"passed": "green", "failed": "red", "pending": "yellow", "skipped": "dim", "superseded": "dim"}
+    for row in rows:
+        result = row.result
+        reason = row.reason or row.note or row.last_error or "-"
+        table.add_row(row.node, str(row.run_id), f"[{colors.get(result, 'white')}]{result}[/]", escape(reason),
+                      _short(row.tx_hash, 6), _when(row.reported_at or row.decided_at or row.started_at))
     console.print(table)

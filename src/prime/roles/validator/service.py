@@ -9,6 +9,8 @@ Two background loops (both visible in ``/health``):
   A node that cannot be challenged yet gives its slot back and is retried later with
   backoff, so a slow or absent miner never holds up the rest; after its deadline a failed
   attempt is a rejection ("unreachable").
+- ``revalidate`` (unless ``revalidate_every_s`` is 0): active nodes re-challenged at random
+  times, a failure ejected and slashed on chain (prime.roles.validator.revalidate).
 
 ``/metrics`` counts verdicts by result (approved, rejected, unreachable), failed attempts by
 kind, mined reports, and open and running validations.
@@ -96,6 +98,7 @@ class ValidatorSettings:
     retry_base_s: float = 1.0
     retry_max_s: float = 60.0
     chain_retry_s: float = 5.0
+    revalidate_every_s: float = 6 * 3600.0  # mean time between re-challenges of an active node; 0: never
 
     def challenge_overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {}
@@ -170,6 +173,10 @@ class ValidatorService:
         app.cleanup_ctx.append(self._lifecycle)
         add_loop(app, "follow", self.follow_once, interval_s=self.settings.poll_interval_s)
         add_loop(app, "dispatch", self.dispatch_once, interval_s=0.1)
+        if self.settings.revalidate_every_s > 0:  # re-challenges of active nodes (prime.roles.validator.revalidate)
+            from prime.roles.validator.revalidate import Revalidator
+
+            Revalidator(self, mean_s=self.settings.revalidate_every_s).install(app)
         return app
 
     async def _lifecycle(self, app: web.Application) -> AsyncIterator[None]:

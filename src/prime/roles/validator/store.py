@@ -13,7 +13,18 @@ Why this survives a crash at any point:
 - The verdict and its report are written before the transaction is sent; a restart finds
   the row ``decided`` and sends the same verdict again, never a second challenge.
 - Only ``pending`` rows are ever challenged, so a node whose report exists is never
-  challenged again.
+  challenged again by its first validation.
+
+Re-validations (prime.roles.validator.revalidate) have their own table, one row per
+re-challenge of an approved registration::
+
+    pending ──passed──▶ passed                      (nothing on chain)
+       ├──failed──▶ decided ──reportRevalidationFailure mined──▶ reported
+       │                └── the node was out before the report ──▶ superseded
+       └── the node is no longer active on chain ──▶ skipped
+
+A failed verdict is written before its transaction is sent, as for first validations, so a
+restart sends the same report again and never re-challenges a node it has already judged.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ CURSOR_NAME = "node_registered"
 
 PENDING, DECIDED, REPORTED, SUPERSEDED, SKIPPED = "pending", "decided", "reported", "superseded", "skipped"
 OPEN_STATES = (PENDING, DECIDED)  # still work to do
+PASSED = "passed"  # a re-validation the node passed
+REVALIDATION_DONE = (REPORTED, SUPERSEDED, SKIPPED)  # the registration is out: never re-challenged again
 
 # Append-only: prime.store.Database.migrate applies each entry once, in order.
 MIGRATIONS: list[str] = [
@@ -68,6 +81,34 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX validations_due ON validations (state, next_attempt_at);
     CREATE INDEX validations_node ON validations (node);
+    """,
+    """
+    CREATE TABLE revalidations (
+        id              TEXT PRIMARY KEY,   -- "{registration id}#{n}": the n-th re-challenge of it
+        registration_id TEXT NOT NULL,      -- the validations row of the node's approval
+        node            TEXT NOT NULL,
+        run_id          INTEGER NOT NULL,
+        state           TEXT NOT NULL,      -- pending | passed | decided | reported | superseded | skipped
+        started_at      REAL NOT NULL,
+        deadline_at     REAL NOT NULL,      -- after this a failed attempt is a failure ("unreachable")
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL,
+        last_error      TEXT,
+        last_kind       TEXT,
+        miner_url       TEXT,
+        challenge_id    TEXT,
+        passed          INTEGER,
+        failed_check    TEXT,
+        reason          TEXT,
+        report_hash     TEXT,
+        report_json     TEXT,
+        decided_at      REAL,
+        tx_hash         TEXT,               -- of reportRevalidationFailure
+        reported_at     REAL,
+        note            TEXT
+    );
+    CREATE INDEX revalidations_registration ON revalidations (registration_id, state);
+    CREATE INDEX revalidations_node ON revalidations (node);
     """,
 ]
 
@@ -146,6 +187,65 @@ def _row(row: sqlite3.Row) -> Validation:
         approved=None if approved is None else bool(approved), failed_check=row["failed_check"],
         reason=row["reason"], report_hash=row["report_hash"],
         report=json.loads(report) if report else None, decided_at=row["decided_at"],
+        tx_hash=row["tx_hash"], reported_at=row["reported_at"], note=row["note"],
+    )
+
+
+@dataclass(frozen=True)
+class Revalidation:
+    """One row of ``revalidations``: one re-challenge of an approved node."""
+
+    id: str
+    registration_id: str
+    node: str
+    run_id: int
+    state: str
+    started_at: float
+    deadline_at: float
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    last_kind: str | None
+    miner_url: str | None
+    challenge_id: str | None
+    passed: bool | None
+    failed_check: str | None
+    reason: str | None
+    report_hash: str | None
+    report: dict[str, Any] | None
+    decided_at: float | None
+    tx_hash: str | None
+    reported_at: float | None
+    note: str | None
+
+    @property
+    def result(self) -> str:
+        """passed | failed | pending | skipped | superseded."""
+        if self.state in (PENDING, SKIPPED, SUPERSEDED, PASSED):
+            return self.state
+        return "failed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "registration_id": self.registration_id, "node": self.node, "run_id": self.run_id,
+            "state": self.state, "result": self.result, "passed": self.passed, "failed_check": self.failed_check,
+            "reason": self.reason, "report_hash": self.report_hash, "report": self.report, "tx_hash": self.tx_hash,
+            "miner_url": self.miner_url, "challenge_id": self.challenge_id, "attempts": self.attempts,
+            "last_error": self.last_error, "started_at": self.started_at, "decided_at": self.decided_at,
+            "reported_at": self.reported_at, "note": self.note,
+        }
+
+
+def _revalidation(row: sqlite3.Row) -> Revalidation:
+    passed = row["passed"]
+    report = row["report_json"]
+    return Revalidation(
+        id=row["id"], registration_id=row["registration_id"], node=row["node"], run_id=int(row["run_id"]),
+        state=row["state"], started_at=float(row["started_at"]), deadline_at=float(row["deadline_at"]),
+        attempts=int(row["attempts"]), next_attempt_at=float(row["next_attempt_at"]), last_error=row["last_error"],
+        last_kind=row["last_kind"], miner_url=row["miner_url"], challenge_id=row["challenge_id"],
+        passed=None if passed is None else bool(passed), failed_check=row["failed_check"], reason=row["reason"],
+        report_hash=row["report_hash"], report=json.loads(report) if report else None, decided_at=row["decided_at"],
         tx_hash=row["tx_hash"], reported_at=row["reported_at"], note=row["note"],
     )
 
@@ -282,3 +382,85 @@ class ValidatorStore:
     def count_open(self) -> int:
         row = self.db.query_one("SELECT COUNT(*) AS n FROM validations WHERE state IN (?, ?)", OPEN_STATES)
         return int(row["n"]) if row else 0
+
+    # -- re-validations ----------------------------------------------------------------------
+
+    def revalidation_candidates(self) -> list[Validation]:
+        """Each node's latest registration that may be active: decided on chain (by this validator
+        or another), not rejected by this one, and not taken out by a re-validation already."""
+        rows = self.db.query(
+            "SELECT v.* FROM validations v WHERE v.state NOT IN (?, ?) AND NOT (v.state = ? AND v.approved = 0) "
+            "AND NOT EXISTS (SELECT 1 FROM validations w WHERE w.node = v.node AND "
+            "(w.block > v.block OR (w.block = v.block AND w.log_index > v.log_index))) "
+            "AND NOT EXISTS (SELECT 1 FROM revalidations r WHERE r.registration_id = v.id AND r.state IN (?, ?, ?)) "
+            "ORDER BY v.block, v.log_index",
+            (*OPEN_STATES, REPORTED, *REVALIDATION_DONE),
+        )
+        return [_row(r) for r in rows]
+
+    def start_revalidation(self, registration: Validation, *, now: float, deadline_s: float) -> Revalidation:
+        """A new pending re-challenge of ``registration`` (the node was active on chain just now)."""
+        with self.db.transaction():
+            row = self.db.query_one("SELECT COUNT(*) AS n FROM revalidations WHERE registration_id = ?", (registration.id,))
+            ident = f"{registration.id}#{(int(row['n']) if row else 0) + 1}"
+            self.db.execute(
+                "INSERT INTO revalidations (id, registration_id, node, run_id, state, started_at, deadline_at, "
+                "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (ident, registration.id, registration.node, registration.run_id, PENDING, now, now + deadline_s, now),
+            )
+        started = self.get_revalidation(ident)
+        assert started is not None
+        return started
+
+    def open_revalidation(self, registration_id: str) -> Revalidation | None:
+        """The re-challenge of this registration still in progress (pending or decided), if any."""
+        row = self.db.query_one("SELECT * FROM revalidations WHERE registration_id = ? AND state IN (?, ?) "
+                                "ORDER BY started_at DESC LIMIT 1", (registration_id, *OPEN_STATES))
+        return _revalidation(row) if row else None
+
+    def get_revalidation(self, revalidation_id: str) -> Revalidation | None:
+        row = self.db.query_one("SELECT * FROM revalidations WHERE id = ?", (revalidation_id,))
+        return _revalidation(row) if row else None
+
+    def revalidation_failed_attempt(self, revalidation_id: str, *, kind: str, error: str, retry_at: float,
+                                    miner_url: str | None = None) -> None:
+        self.db.execute(
+            "UPDATE revalidations SET attempts = attempts + 1, last_kind = ?, last_error = ?, next_attempt_at = ?, "
+            "miner_url = COALESCE(?, miner_url) WHERE id = ? AND state = ?",
+            (kind, error, retry_at, miner_url, revalidation_id, PENDING),
+        )
+
+    def defer_revalidation(self, revalidation_id: str, *, error: str, retry_at: float) -> None:
+        self.db.execute("UPDATE revalidations SET last_error = ?, next_attempt_at = ? WHERE id = ?",
+                        (error, retry_at, revalidation_id))
+
+    def decide_revalidation(self, revalidation_id: str, verdict: Verdict, *, now: float, miner_url: str | None) -> bool:
+        """Record the re-challenge's verdict: ``passed``, or ``decided`` (a failure to report on chain)."""
+        cur = self.db.execute(
+            "UPDATE revalidations SET state = ?, passed = ?, failed_check = ?, reason = ?, report_hash = ?, "
+            "report_json = ?, challenge_id = ?, miner_url = COALESCE(?, miner_url), decided_at = ?, "
+            "attempts = attempts + 1 WHERE id = ? AND state = ?",
+            (PASSED if verdict.approved else DECIDED, int(verdict.approved), verdict.check, verdict.reason,
+             "0x" + verdict.report_hash.hex(), json.dumps(verdict.report, sort_keys=True, separators=(",", ":")),
+             verdict.challenge_id, miner_url, now, revalidation_id, PENDING),
+        )
+        return cur.rowcount == 1
+
+    def revalidation_reported(self, revalidation_id: str, *, tx_hash: str | None, now: float, state: str = REPORTED,
+                              note: str | None = None) -> None:
+        self.db.execute(
+            "UPDATE revalidations SET state = ?, tx_hash = ?, reported_at = ?, note = COALESCE(?, note) "
+            "WHERE id = ? AND state = ?",
+            (state, tx_hash, now, note, revalidation_id, DECIDED),
+        )
+
+    def skip_revalidation(self, revalidation_id: str, *, note: str, now: float) -> None:
+        self.db.execute("UPDATE revalidations SET state = ?, note = ?, reported_at = ? WHERE id = ? AND state = ?",
+                        (SKIPPED, note, now, revalidation_id, PENDING))
+
+    def revalidations(self, *, node: str | None = None) -> list[Revalidation]:
+        if node is not None:
+            rows = self.db.query("SELECT * FROM revalidations WHERE lower(node) = lower(?) ORDER BY started_at", (node,))
+        else:
+            rows = self.db.query("SELECT * FROM revalidations ORDER BY started_at")
+        return [_revalidation(r) for r in rows]
