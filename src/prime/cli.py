@@ -12,6 +12,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from prime.config import ConfigPath, apply_config
 from prime.errors import PrimeError
@@ -66,7 +67,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except PrimeError as exc:
-        err_console.print(f"[bold red]Error:[/] {exc.message}", highlight=False)
+        # escaped: a sentence may hold brackets ("pipx install 'prime[gpu]'", "[::1]:8093"), never markup
+        err_console.print(f"[bold red]Error:[/] {escape(exc.message)}", highlight=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("Interrupted.")

@@ -49,7 +49,12 @@ CHECK_ORDER = ("response", "merkle", "entries", "time")
 
 @dataclass
 class ChallengeReport:
-    """Outcome of one challenge; ``checks`` maps each check that ran to None (passed) or why it failed."""
+    """Outcome of one challenge; ``checks`` maps each check that ran to None (passed) or why it failed.
+
+    ``gpu_uuids`` and ``driver`` are what the miner's commitment named as the GPUs that
+    computed C (canonical NVML UUIDs, in its --gpu order) and their driver ({version, cuda});
+    empty and None for a CPU node, an older miner, or no decodable commitment.
+    """
 
     approved: bool
     reason: str
@@ -68,6 +73,8 @@ class ChallengeReport:
     miner_elapsed_s: float | None = None
     pass_probability: float = 0.0
     checks: dict[str, str | None] = field(default_factory=dict)
+    gpu_uuids: list[str] = field(default_factory=list)
+    driver: dict[str, str | None] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -88,8 +95,11 @@ class ChallengeReport:
 
 def build_report(plan: ChallengePlan, *, checks: Mapping[str, str | None], elapsed_s: float,
                  root: str = "", miner_elapsed_s: float | None = None,
-                 draws: list[Draw] | None = None) -> ChallengeReport:
-    """Approve only if every check that ran passed; the reason is the first failure."""
+                 draws: list[Draw] | None = None, commitment: CommitmentAnswer | None = None) -> ChallengeReport:
+    """Approve only if every check that ran passed; the reason is the first failure.
+
+    ``commitment`` (the decoded answer, when there was one) gives the GPUs it named.
+    """
     ordered = {name: checks[name] for name in CHECK_ORDER if name in checks}
     failures = [msg for msg in ordered.values() if msg is not None]
     draws = draws or []
@@ -99,7 +109,9 @@ def build_report(plan: ChallengePlan, *, checks: Mapping[str, str | None], elaps
         id=p.id, seed=p.seed, n=p.n, dtype=p.dtype, repeat=p.repeat, k=plan.k, m=plan.m,
         elapsed_s=elapsed_s, bound_s=plan.bound_s, checked_rows=len(rows_to_open(draws)),
         checked_entries=sum(len(d.cols) for d in draws), root=root, miner_elapsed_s=miner_elapsed_s,
-        pass_probability=plan.pass_probability, checks=ordered)
+        pass_probability=plan.pass_probability, checks=ordered,
+        gpu_uuids=list(commitment.gpu_uuids) if commitment else [],
+        driver=msgspec.to_builtins(commitment.driver) if commitment and commitment.driver else None)
 
 
 def read_commitment(plan: ChallengePlan, raw: bytes) -> tuple[CommitmentAnswer | None, str | None]:
@@ -221,7 +233,7 @@ async def run_challenge(client: ChallengeClient, miner_url: str, *, node: str, s
         checks = {"response": f"the miner failed to open its rows: {why}",
                   "time": check_time(elapsed, plan.bound_s)}
         return build_report(plan, checks=checks, elapsed_s=elapsed, root=root.hex(),
-                            miner_elapsed_s=claimed, draws=draws)
+                            miner_elapsed_s=claimed, draws=draws, commitment=commitment)
     checks = evaluate_openings(plan, root, draws, opened, elapsed)
     return build_report(plan, checks=checks, elapsed_s=elapsed, root=root.hex(), miner_elapsed_s=claimed,
-                        draws=draws)
+                        draws=draws, commitment=commitment)

@@ -8,6 +8,8 @@ anything they refuse is 400 ``invalid_body`` (raised as prime.web.ApiError, so t
 must have prime.web's error middleware, as every ``make_app`` app does). The matmul
 runs in a worker thread so the event loop keeps serving /health and heartbeats. The
 committed rows are held until they are opened or ``open_timeout_s`` passes, then freed.
+Every commitment names the GPUs that computed it (``gpu_uuids``, in the miner's ``--gpu``
+order, and the ``driver``); a CPU node names none.
 
 No chain and no signature logic here: ``add_challenge_routes`` wraps both handlers with
 the ``require_validator`` decorator it is given (prime.auth.middleware.require(check)).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -32,6 +34,8 @@ from prime.protocol.challenge import (
     MAX_ELAPSED_S,
     ChallengeRequest,
     CommitmentAnswer,
+    DriverIdentity,
+    GpuUuids,
     OpeningAnswer,
     OpenRequest,
     decoder,
@@ -77,8 +81,15 @@ class ChallengeService:
 
     def __init__(self, prover: Prover | None = None, *, memory_limit_bytes: int | None = None,
                  open_timeout_s: float = DEFAULT_OPEN_TIMEOUT_S,
-                 max_open_rows: int = DEFAULT_MAX_OPEN_ROWS) -> None:
+                 max_open_rows: int = DEFAULT_MAX_OPEN_ROWS,
+                 gpu_uuids: Sequence[str] = (), driver: DriverIdentity | None = None) -> None:
         self.prover: Prover = prover or MatmulProver()
+        # The probe's canonical UUIDs of the GPUs the prover computes on (hardware.identity),
+        # checked against the message's bounds now rather than failing every challenge later.
+        self.gpu_uuids = list(msgspec.convert(list(gpu_uuids), GpuUuids))
+        if len(set(self.gpu_uuids)) != len(self.gpu_uuids):
+            raise ValueError("gpu_uuids must be distinct")
+        self.driver = driver if self.gpu_uuids else None
         self.memory_limit_bytes = memory_limit_bytes
         self.open_timeout_s = open_timeout_s
         self.max_open_rows = max_open_rows
@@ -157,7 +168,8 @@ class ChallengeService:
         return _json(CommitmentAnswer(
             id=params.id, root=commitment.root, n=params.n, dtype=params.dtype, repeat=params.repeat,
             elapsed_s=min(round(time.perf_counter() - started, 6), MAX_ELAPSED_S),
-            backend=str(commitment.backend)[:MAX_BACKEND_LENGTH]))
+            backend=str(commitment.backend)[:MAX_BACKEND_LENGTH], gpu_uuids=list(self.gpu_uuids),
+            driver=self.driver))
 
     @api(request=OpenRequest, response=OpeningAnswer, errors=(400, 401, 403, 404, 409, 413, 500, 503),
          path={"id": Param(str, "the challenge's id", required=True)},

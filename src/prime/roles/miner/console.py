@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from prime.chain.types import Specs
 
@@ -61,7 +62,7 @@ class MinerConsole:
 
     def errors(self, messages: list[str]) -> None:
         for message in messages:
-            self.say(f"Error: {message}", "bold red")
+            self.say(f"Error: {escape(message)}", "bold red")
 
     def node(self, address: str, provider: str, specs: Specs, gpus: list[int]) -> None:
         self.say(f"Node {address} (provider {provider}): {describe_specs(specs)}; GPUs offered: {', '.join(map(str, gpus)) or 'none'}.")

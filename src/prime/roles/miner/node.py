@@ -56,7 +56,7 @@ from prime.roles.miner.console import MinerConsole
 from prime.roles.miner.executor import DockerExecutor
 from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
 from prime.roles.miner.invite import InviteHandler
-from prime.roles.miner.preflight import run_preflight
+from prime.roles.miner.preflight import challenge_prover, run_preflight
 from prime.roles.miner.registration import check_run, ensure_registered
 from prime.roles.miner.registries import RegistryPolicy
 from prime.roles.miner.state import (
@@ -216,6 +216,11 @@ class MinerNode:
         failures = await asyncio.to_thread(
             _preflight, bool(self.gpus), self.data_dir, options.port, options.host, options.docker_base_url
         )
+        if self.prover is None:  # a caller's prover (tests' cheating ones) is used as it is
+            # GPUs offered: torch/cupy on exactly those (imports torch: seconds, so in a thread), or refused.
+            self.prover, failure = await asyncio.to_thread(challenge_prover, self.gpus, self.hardware, options.gpu)
+            if failure:
+                failures.insert(0, failure)
         if failures:
             self.out.errors(failures[1:])
             raise PrimeError(failures[0])
@@ -253,11 +258,14 @@ class MinerNode:
         # Containers from before a restart are adopted: found by their labels, never restarted here.
         self.out.adopted([s for s in await self.executor.snapshot() if s.container_id is not None])
         permissions = ChainPermissions(self.registry)
-        self.challenge = ChallengeService(self.prover)
+        # the offered GPUs' UUIDs and the driver, named in every commitment
+        gpu_uuids, driver = hardware.identity(self.hardware, self.gpus) if self.hardware else ([], None)
+        self.challenge = ChallengeService(self.prover, gpu_uuids=gpu_uuids, driver=driver)
         # Probe the compute backend (imports torch/cupy, looks for GPUs) now, in a thread:
         # done lazily inside the first challenge it would count against the time bound.
         backend = await asyncio.to_thread(lambda: getattr(self.challenge.prover, "name", "custom"))
-        self.out.backend(backend)
+        self.out.backend(f"{backend} on GPU{'s' if len(self.gpus) > 1 else ''} {', '.join(map(str, self.gpus))}"
+                         if self.gpus else backend)
         invite = InviteHandler(
             node_account=self.node_account,
             registry=self.registry,

@@ -2,7 +2,10 @@
 
 Operators of systems like this one lost hours to a Docker engine that was not
 running, GPUs requested without the NVIDIA container runtime, an unwritable data
-directory and a port already taken; the miner says so up front instead.
+directory and a port already taken; the miner says so up front instead. GPUs offered
+without a GPU challenge backend (torch or cupy with CUDA) would fail the validator's
+GPU-sized challenge on numpy after the stake is paid; ``challenge_prover`` refuses that
+first, and builds the prover on exactly the offered GPUs otherwise.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ import docker
 import docker.errors
 
 from prime.errors import PrimeError
+
+GPU_BACKEND_FIX = "install the GPU backend: pipx install 'prime[gpu]' (or pip install 'prime[gpu]')"
 
 
 def docker_client_or_failure(base_url: str | None = None, timeout_s: int = 10) -> tuple[docker.DockerClient | None, str | None]:
@@ -113,6 +119,32 @@ def check_port(port: int, host: str = "127.0.0.1") -> str | None:
                 return f"Port {port} needs privileges this user lacks; choose a port above 1023 with --port."
             return f"Port {port} on {host} cannot be used ({exc.strerror}); choose another port with --port."
     return None
+
+
+def challenge_prover(gpus: Sequence[int], info: Any, selection: str = "all",
+                     find_backend: Callable[..., Any] | None = None) -> tuple[Any | None, str | None]:
+    """The prover that answers the validators' challenges, or None and the sentence that says how to fix it.
+
+    No GPUs offered (``--gpu none``, or none found): numpy on the CPU, as always. GPUs
+    offered: torch (else cupy) on exactly those GPUs (``find_backend``, by default
+    prime.challenge.devices.gpu_backend, takes the NVML indices and the probe's GPUs);
+    none usable is refused, as is a selection CUDA cannot be matched to.
+    """
+    from prime.challenge.devices import NoGpuBackend, gpu_backend
+    from prime.challenge.prover import MatmulProver, NumpyBackend
+
+    if not gpus:
+        return MatmulProver(NumpyBackend()), None
+    try:
+        backend = (find_backend or gpu_backend)(list(gpus), list(info.gpus))
+    except NoGpuBackend as exc:
+        listed = ", ".join(map(str, gpus))
+        offered = f"GPU{'s' if len(gpus) > 1 else ''} {listed} {'are' if len(gpus) > 1 else 'is'} offered (--gpu {selection})"
+        return None, (f"{offered} but no GPU challenge backend can use {'them' if len(gpus) > 1 else 'it'} "
+                      f"({exc.message.rstrip('.')}); {GPU_BACKEND_FIX}, or start the miner with --gpu none.")
+    except PrimeError as exc:
+        return None, exc.message
+    return MatmulProver(backend), None
 
 
 def run_preflight(
