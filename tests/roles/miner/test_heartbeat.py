@@ -111,9 +111,13 @@ async def test_heartbeat_failures_are_recorded_and_heartbeats_resume(
         try:
             await back.wait_for(lambda: len(back.heartbeats) >= 1)
             await wait_until(lambda: miner.state.last_heartbeat_error is None, what="the error to clear")
-            async with peer_client(node, to=miner.address, domain=Domain.of(deployment)) as client:
-                health = await client.request("GET", f"{miner.url}/health")
-            assert health["status"] == "ok" and health["loops"]["heartbeat"]["consecutive_failures"] == 0
+
+            async def healthy() -> bool:  # the loop ticks /health just after the beat that cleared the error
+                async with peer_client(node, to=miner.address, domain=Domain.of(deployment)) as client:
+                    health = await client.request("GET", f"{miner.url}/health")
+                return health["status"] == "ok" and health["loops"]["heartbeat"]["consecutive_failures"] == 0
+
+            await wait_until(healthy, what="/health to show the heartbeat loop recovered")
         finally:
             await back.stop()
 
