@@ -139,7 +139,11 @@ class Revalidator:
             task = asyncio.create_task(self.turn(row), name=f"revalidate {row.node}")
             self._running[ident] = task
             task.add_done_callback(functools.partial(self._finished, ident, row.node))
-        wait_s = min(1.0, max(0.01, min(self._due.values()) - now)) if self._due else 1.0
+        # Until the next turn, at most 1 s; a turn overdue because its node is busy waits 0.25 s.
+        future = [at for at in self._due.values() if at > now]
+        wait_s = min(1.0, max(0.01, min(future) - now)) if future else 1.0
+        if len(future) < len(self._due):
+            wait_s = min(wait_s, 0.25)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=wait_s)
         self._wake.clear()
