@@ -1,4 +1,4 @@
-"""Parameter validation, sample sizes, throughput table, time bound and planning."""
+"""Parameter validation, sample sizes, time bound and planning (the class table: test_classes.py)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ import pytest
 
 from prime.challenge.params import (
     DEFAULT_K,
-    UNKNOWN_GPU,
+    MAX_MEMORY_SHARE,
     ChallengeParamError,
     ChallengeParams,
     checked_params,
-    gpu_throughput,
+    claimed_class,
     pass_probability_bound,
     plan_challenge,
     prover_bytes,
     rows_needed,
     time_bound_s,
 )
-from prime.protocol.challenge import MAX_INNER, MAX_N
+from prime.protocol.challenge import MAX_N, MAX_REPEAT
 
 GOOD = {"id": "c-1", "seed": 7, "n": 64, "dtype": "float32", "repeat": 1}
 
@@ -36,8 +36,8 @@ def test_round_trip() -> None:
     ({"n": "64"}, r"Expected `int`, got `str` - at `\$.n`"),
     ({"n": True}, r"Expected `int`, got `bool` - at `\$.n`"),
     ({"dtype": "float64"}, r"Invalid enum value 'float64' - at `\$.dtype`"),
-    ({"repeat": 65}, r"`\$.repeat`"),
-    ({"n": 32768, "repeat": 8}, r"n \* repeat"),
+    ({"repeat": MAX_REPEAT + 1}, r"`\$.repeat`"),
+    ({"n": 32768, "repeat": 128}, r"n \* repeat"),
     ({"seed": -1}, r"`\$.seed`"),
     ({"seed": 1 << 64}, "seed must be below"),
     ({"id": "../etc"}, r"`\$.id`"),
@@ -55,47 +55,37 @@ def test_k_gives_the_promised_detection_probability() -> None:
     assert pass_probability_bound(DEFAULT_K, 0.1) <= 1e-6 < pass_probability_bound(DEFAULT_K - 1, 0.1)
 
 
-def test_gpu_table_prefers_the_specific_name() -> None:
-    assert gpu_throughput("NVIDIA A100-SXM4-80GB").half == 312.0
-    assert gpu_throughput("NVIDIA A10").half == 125.0
-    assert gpu_throughput("NVIDIA L40S").fp32 == 91.6
-    assert gpu_throughput("NVIDIA L4").fp32 == 30.3
-    assert gpu_throughput("NVIDIA GeForce RTX 4090").fp32 == 82.6
-    assert gpu_throughput("nvidia h100 80gb hbm3").half == 756.0
-    assert gpu_throughput("Imaginary X9") == UNKNOWN_GPU
-    assert gpu_throughput("") == UNKNOWN_GPU
+H100 = {"gpu_count": 1, "gpu_model": "NVIDIA H100 80GB HBM3", "gpu_memory_mib": 81559, "cpu_cores": 32,
+        "ram_mib": 1 << 19}
 
 
 def test_time_bound_follows_the_claimed_hardware() -> None:
     p = ChallengeParams(id="x", seed=1, n=8192, dtype="float16", repeat=16)
-    h100x8 = time_bound_s(p, gpu_model="H100", gpu_count=8)
-    h100 = time_bound_s(p, gpu_model="H100", gpu_count=1)
-    t4 = time_bound_s(p, gpu_model="T4", gpu_count=1)
-    cpu = time_bound_s(p)
+    h100x8 = time_bound_s(p, claimed_class({**H100, "gpu_count": 8}))
+    h100 = time_bound_s(p, claimed_class(H100))
+    t4 = time_bound_s(p, claimed_class({**H100, "gpu_model": "Tesla T4", "gpu_memory_mib": 15360}))
+    cpu = time_bound_s(p, claimed_class({"cpu_cores": 4, "ram_mib": 1 << 16}))
     assert h100x8 < h100 < t4 < cpu
-    assert time_bound_s(p, gpu_model="H100", gpu_count=1, slack=8) > h100
-    # float32 is held to the (slower) non-tensor-core figure
-    assert time_bound_s(ChallengeParams(id="x", seed=1, n=8192, dtype="float32", repeat=16),
-                        gpu_model="H100", gpu_count=1) > h100
+    assert time_bound_s(p, claimed_class(H100), overhead_s=2.0) == pytest.approx(h100 + 1.5)
 
 
-def test_plan_for_a_cpu_node_is_small_float32() -> None:
-    plan = plan_challenge({"gpu_count": 0, "ram_mib": 16384})
-    assert plan.params.dtype == "float32" and plan.params.n <= 4096
+def test_plan_for_a_cpu_node_is_float32_sized_by_its_cores() -> None:
+    plan = plan_challenge({"gpu_count": 0, "cpu_cores": 2, "ram_mib": 16384})
+    assert plan.params.dtype == "float32"
     assert plan.k == DEFAULT_K and plan.m >= 1 and plan.bound_s > 2
     assert plan.params.id and 0 <= plan.params.seed < 1 << 64
+    assert plan.notes["class"] == "CPU 2 cores"
 
 
-def test_plan_for_gpus_uses_half_precision_and_fits_claimed_memory() -> None:
-    specs = {"gpu_count": 8, "gpu_model": "H100", "gpu_memory_mib": 81920, "ram_mib": 1 << 20}
+def test_plan_for_gpus_uses_half_precision_and_fits_the_models_memory() -> None:
+    specs = {**H100, "gpu_count": 8}
     plan = plan_challenge(specs)
     assert plan.params.dtype == "float16"
-    assert plan.params.inner <= MAX_INNER
     device = prover_bytes(plan.params, gpu_count=8)[1]
-    assert device <= 0.8 * 81920 * (1 << 20)
-    small = plan_challenge({**specs, "gpu_memory_mib": 4096})
-    assert prover_bytes(small.params, gpu_count=8)[1] <= 0.8 * 4096 * (1 << 20)
-    assert small.params.flops <= plan.params.flops
+    assert device <= MAX_MEMORY_SHARE * 81559 * (1 << 20)
+    # a GPU claim the table refuses gets no challenge at all, never a small one
+    with pytest.raises(ChallengeParamError, match="no challenge for this claim"):
+        plan_challenge({**specs, "gpu_memory_mib": 1100})
 
 
 def test_plan_accepts_overrides_and_rejects_unknown_ones() -> None:

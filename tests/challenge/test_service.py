@@ -117,7 +117,7 @@ async def post(session: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple
     ({"json": challenge(dtype="int8")}, "invalid_body"),
     ({"json": challenge(id="no spaces")}, "invalid_body"),
     ({"json": challenge(seed=1 << 64)}, "invalid_body"),
-    ({"json": challenge(n=32768, repeat=8)}, "invalid_body"),
+    ({"json": challenge(n=32768, repeat=128)}, "invalid_body"),  # n·repeat = 2**22 > MAX_INNER
     ({"json": challenge(extra=1)}, "invalid_body"),
     ({"json": {"id": "c1", "n": 8}}, "invalid_body"),
     ({"json": [1, 2, 3]}, "invalid_body"),

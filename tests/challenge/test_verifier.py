@@ -88,7 +88,8 @@ def test_exact_entries_match_a_dense_product() -> None:
     b = gen.matrix_values(3, gen.MATRIX_B, np.arange(120), np.arange(40)).astype(np.float64)
     draws = [Draw(0, (0, 39)), Draw(17, (5, 5)), Draw(39, (21, 0))]
     expected = exact_entries(params, draws)
-    assert np.array_equal(expected, [[(a @ b)[d.row, c] for c in d.cols] for d in draws])
+    dense = a @ b  # float64: exact products, the sums' error ~K·2**-53
+    assert np.allclose(expected, [[dense[d.row, c] for c in d.cols] for d in draws], rtol=0, atol=1e-12)
 
 
 def honest(params: ChallengeParams) -> tuple[MatmulProver, Any]:
@@ -108,19 +109,22 @@ def test_entry_check_catches_a_single_wrong_value_and_nan() -> None:
     ops = openings_for(prover, commitment, [4])
     assert check_entries(params, draws, ops) is None
     wrong = ops[4].values.copy()
-    wrong[7] += np.float32(2.0**-8)  # the smallest step an honest float32 result can differ by
+    wrong[7] += np.float32(2.0**-12)  # far below 2**-11 (an fp16 input's error), far above 2**-24·sqrt(K)
     assert "C[4, 7]" in check_entries(params, draws, {4: RowOpening(4, wrong, ops[4].path)})
     wrong[7] = np.nan
     assert check_entries(params, draws, {4: RowOpening(4, wrong, ops[4].path)}) is not None
 
 
-def test_tolerance_admits_one_rounding_and_nothing_more() -> None:
-    exact = np.array([1000.3984375])  # a multiple of 2**-8, as every entry of C is
+def test_tolerance_admits_one_rounding_plus_float32_accumulation() -> None:
+    exact, scale = np.array([1000.3984375]), np.array([40.0])
     fp16 = np.float16(exact[0])
-    assert abs(float(fp16) - exact[0]) <= tolerance(exact, "float16")[0]
+    assert abs(float(fp16) - exact[0]) <= tolerance(exact, "float16", scale, 4096)[0]
     two_ulps_up = np.nextafter(np.nextafter(fp16, np.float16(np.inf)), np.float16(np.inf))
-    assert abs(float(two_ulps_up) - exact[0]) > tolerance(exact, "float16")[0]
-    assert tolerance(exact, "float32")[0] < 2.0**-8  # float32: only the exact value passes
+    assert abs(float(two_ulps_up) - exact[0]) > tolerance(exact, "float16", scale, 4096)[0]
+    # float32: 2·2**-24·|c| + 4·sqrt(K)·2**-24·s, far below an fp16 input's ~2**-11.7·s
+    assert tolerance(exact, "float32", scale, 4096)[0] == pytest.approx(
+        2 * 2.0**-24 * exact[0] + 4 * 64 * 2.0**-24 * scale[0])
+    assert tolerance(exact, "float32", scale, 1 << 17)[0] < 2.0**-13 * scale[0]
 
 
 def test_opening_check_reports_missing_extra_short_and_forged_rows() -> None:

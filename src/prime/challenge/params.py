@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
 
+from prime.challenge.classes import MIN_RAM_MIB, check_claim, claimed_variant
 from prime.protocol.challenge import DTYPES, MAX_INNER, MAX_REPEAT, ChallengeRequest
 
 # Unit roundoff of each output dtype (half an ulp at 1.0).
@@ -70,73 +71,163 @@ def checked_params(fields: Mapping[str, Any]) -> ChallengeParams:
         raise ChallengeParamError(f"invalid challenge: {exc}") from None
 
 
-# ------------------------------------------------------------------ expected throughput
+# ------------------------------------------------------------------ what a claim must prove
+# A challenge is sized by the claimed class (classes.py), never by a small claim: the work
+# is what the class must do in TARGET_COMPUTE_S at REQUIRED_SHARE of its dense peak.
+REQUIRED_SHARE = 0.6  # of the vendor dense peak; honest large GEMMs reach 65-80 %
+CPU_CORE_PEAK = 4e10  # FLOP/s per core, numpy float32 (this 2-core VM: 60 alone, 36 per core with both)
+CPU_REQUIRED_SHARE = 0.6  # so a CPU node must show 2.4e10 FLOP/s per claimed core
+TARGET_COMPUTE_S = 3.0  # seconds of pure compute at the required share
+DEFAULT_OVERHEAD_S = 0.5  # HTTP round trip, signing, JSON, thread start-up
+HOST_HASH_RATE = 1e9  # bytes of C per second: device-to-host copy + sha256 of rows (1.6e9 here, SHA-NI)
+CPU_GENERATION_RATE = 1e8  # generator elements per second per CPU core (measured ~2-4e8 here)
+GPU_GENERATION_RATE = 1e12  # per GPU: what a GPU prover must reach (a fused generator kernel)
+PLAN_MAX_INNER = 1 << 21  # the validator's cost per challenge is 2·k·K element hashes (~4 s here at 2**21)
+MAX_MEMORY_SHARE = 0.5  # of one GPU's memory (the model's, from the table) the prover's working set may take
+HOST_RAM_SHARE = 0.25  # of the claimed RAM the prover's host arrays may take
+DEFAULT_RAM_MIB = 4096  # planning a CPU node whose RAM is not given
+N_LADDER = (256, 512, 1024, 2048, 4096, 8192, 16384)
+GPU_DTYPE = "float16"  # tensor-core units; elements of 11 significant bits (not fp8/int8-exact)
+CPU_DTYPE = "float32"  # elements of 24 significant bits (not TF32/fp16/bf16-exact)
+
+
 @dataclass(frozen=True)
-class Throughput:
-    """Dense matmul peak per GPU in TFLOP/s: float32 (no TF32) and float16/bfloat16 tensor cores."""
+class ClaimedClass:
+    """What one claim must prove: its units' dtype, aggregate peak and memory."""
 
-    fp32: float
-    half: float
+    label: str
+    dtype: str
+    gpu_count: int
+    peak_flops: float  # aggregate dense peak in the dtype, FLOP/s
+    required_share: float
+    gpu_memory_bytes: int  # per GPU, the table's (0 for a CPU node)
+    ram_bytes: int  # claimed host RAM
+    cpu_cores: int
 
-    def for_dtype(self, dtype: str) -> float:
-        return self.fp32 if dtype == "float32" else self.half
-
-
-# Matched as case-insensitive substrings of the claimed model, first match wins, so more
-# specific names come first ("A100" before "A10", "L40S" before "L40" before "L4").
-# Figures are vendor dense peaks, taking the slower variant (e.g. H100 PCIe, not SXM) so
-# an honest card is never held to a faster sibling's number.
-GPU_THROUGHPUT: tuple[tuple[str, Throughput], ...] = (
-    ("B200", Throughput(75.0, 2250.0)),
-    ("H200", Throughput(67.0, 989.0)),
-    ("H100", Throughput(51.0, 756.0)),
-    ("A100", Throughput(19.5, 312.0)),
-    ("A10G", Throughput(31.2, 70.0)),
-    ("A10", Throughput(31.2, 125.0)),
-    ("A40", Throughput(37.4, 149.7)),
-    ("A6000", Throughput(38.7, 154.8)),
-    ("L40S", Throughput(91.6, 362.0)),
-    ("L40", Throughput(90.5, 181.0)),
-    ("L4", Throughput(30.3, 121.0)),
-    ("4090", Throughput(82.6, 165.2)),
-    ("3090", Throughput(35.6, 71.0)),
-    ("V100", Throughput(15.7, 125.0)),
-    ("T4", Throughput(8.1, 65.0)),
-)
-UNKNOWN_GPU = Throughput(5.0, 20.0)
-# A whole CPU-only node: deliberately low (this 2-core test VM already does ~0.12 TFLOP/s
-# in numpy float32), so no honest CPU fails the bound.
-CPU_NODE = Throughput(0.01, 0.01)
+    @property
+    def required_flops(self) -> float:
+        return self.peak_flops * self.required_share
 
 
-def gpu_throughput(gpu_model: str) -> Throughput:
-    model = (gpu_model or "").upper()
-    for pattern, tput in GPU_THROUGHPUT:
-        if pattern in model:
-            return tput
-    return UNKNOWN_GPU
+def claimed_class(specs: Any) -> ClaimedClass:
+    """The class a claim is held to; ChallengeParamError for a GPU claim the table refuses."""
+    gpus = int(_spec(specs, "gpu_count", 0) or 0)
+    cores = max(1, int(_spec(specs, "cpu_cores", 0) or 0))
+    ram = int(_spec(specs, "ram_mib", 0) or 0) or DEFAULT_RAM_MIB
+    if gpus <= 0:
+        return ClaimedClass(f"CPU {cores} core{'s' if cores > 1 else ''}", CPU_DTYPE, 0, cores * CPU_CORE_PEAK,
+                            CPU_REQUIRED_SHARE, 0, ram << 20, cores)
+    problem = check_claim({"gpu_count": gpus, "gpu_model": _spec(specs, "gpu_model", ""),
+                           "gpu_memory_mib": _spec(specs, "gpu_memory_mib", 0), "cpu_cores": cores,
+                           "ram_mib": max(ram, MIN_RAM_MIB)})
+    found = claimed_variant(specs)
+    if problem is not None or found is None:
+        raise ChallengeParamError(f"no challenge for this claim: {problem or 'unknown GPU'}")
+    model, variant = found
+    return ClaimedClass(f"{gpus}×{model.name} {variant.memory_mib} MiB", GPU_DTYPE, gpus,
+                        gpus * variant.fp16 * 1e12, REQUIRED_SHARE, variant.memory_mib << 20, ram << 20, cores)
 
 
-# Time-bound constants (seconds, elements or bytes per second); all generous on purpose.
-DEFAULT_SLACK = 4.0  # honest kernels reach 50-80 % of peak; 4× covers that with margin
-DEFAULT_OVERHEAD_S = 2.0  # HTTP round trip, JSON, thread start-up, Python
-CPU_GENERATION_RATE = 1e8  # generator elements per second on a CPU (measured ~5e8 here)
-GPU_GENERATION_RATE = 1e10  # per GPU
-HOST_HASH_RATE = 4e8  # bytes of C per second: device-to-host copy + sha256 (≥1.5e9 with SHA-NI)
+def prover_bytes(params: ChallengeParams, *, gpu_count: int = 0) -> tuple[int, int]:
+    """(host bytes, bytes per GPU) our prover allocates for these parameters."""
+    n, k = params.n, params.inner
+    host = 4 * n * n * (2 if gpu_count else (4 if params.repeat > 1 else 3))
+    if not gpu_count:
+        return host, 0
+    rows = -(-n // gpu_count)
+    item = ITEMSIZE[params.dtype]
+    # A band, B, C band in the dtype, C band widened to float32, and the int64
+    # temporaries of one generation chunk (torch: up to ~6 alive at once)
+    device = item * (rows * k + k * n + rows * n) + 4 * rows * n + 6 * 8 * (1 << 24)
+    return host, device
 
 
-def time_bound_s(params: ChallengeParams, *, gpu_model: str = "", gpu_count: int = 0,
-                 slack: float = DEFAULT_SLACK, overhead_s: float = DEFAULT_OVERHEAD_S) -> float:
-    """Seconds within which a node with the claimed GPUs must answer POST /challenge."""
-    gen_elements = 2 * params.n * params.inner
-    if gpu_count > 0:
-        rate = gpu_count * gpu_throughput(gpu_model).for_dtype(params.dtype) * 1e12
-        gen_s = gen_elements / (gpu_count * GPU_GENERATION_RATE)
+@dataclass(frozen=True)
+class TimeBudget:
+    """The honest answer time of a challenge on its claimed class, term by term (seconds)."""
+
+    overhead_s: float
+    generation_s: float
+    hash_s: float
+    compute_s: float  # the work at the class's required share of its peak
+
+    @property
+    def bound_s(self) -> float:
+        return self.overhead_s + self.generation_s + self.hash_s + self.compute_s
+
+
+def time_budget(params: ChallengeParams, cls: ClaimedClass, *, overhead_s: float = DEFAULT_OVERHEAD_S) -> TimeBudget:
+    n, k = params.n, params.inner
+    if cls.gpu_count:
+        gen_s = (-(-n // cls.gpu_count) + n) * k / GPU_GENERATION_RATE  # each GPU: its band of A and all of B
     else:
-        rate = CPU_NODE.for_dtype(params.dtype) * 1e12
-        gen_s = gen_elements / CPU_GENERATION_RATE
-    hash_s = 4 * params.n * params.n / HOST_HASH_RATE
-    return overhead_s + slack * (params.flops / rate + gen_s + hash_s)
+        gen_s = 2 * n * k / (cls.cpu_cores * CPU_GENERATION_RATE)
+    return TimeBudget(overhead_s, gen_s, 4 * n * n / HOST_HASH_RATE, params.flops / cls.required_flops)
+
+
+def time_bound_s(params: ChallengeParams, cls: ClaimedClass, *, overhead_s: float = DEFAULT_OVERHEAD_S) -> float:
+    """bound = overhead + generation + hashing + work / (peak × required share)."""
+    return time_budget(params, cls, overhead_s=overhead_s).bound_s
+
+
+def spoof_margin(params: ChallengeParams, cls: ClaimedClass, bound_s: float) -> float:
+    """The slowest throughput that still passes, as a share of the claimed peak, for a prover
+    whose generation, hashing and round trip cost nothing: work / (peak × bound)."""
+    return params.flops / (cls.peak_flops * bound_s)
+
+
+def passes(params: ChallengeParams, cls: ClaimedClass, bound_s: float, *, flops_per_s: float,
+           fixed_s: float = 0.0) -> bool:
+    """Whether a prover doing the matmul at ``flops_per_s`` (plus ``fixed_s`` of everything else) answers in time."""
+    return fixed_s + params.flops / flops_per_s <= bound_s
+
+
+def memory_share(params: ChallengeParams, cls: ClaimedClass) -> float:
+    """Share of one GPU's memory (GPU classes) or of the claimed RAM (CPU) the prover's working set takes."""
+    host, device = prover_bytes(params, gpu_count=cls.gpu_count)
+    return device / cls.gpu_memory_bytes if cls.gpu_count else host / cls.ram_bytes
+
+
+def _fits(params: ChallengeParams, cls: ClaimedClass) -> bool:
+    host, device = prover_bytes(params, gpu_count=cls.gpu_count)
+    if host > HOST_RAM_SHARE * cls.ram_bytes and params.n > N_LADDER[0]:
+        return False
+    return not cls.gpu_count or device <= MAX_MEMORY_SHARE * cls.gpu_memory_bytes
+
+
+def choose_size(cls: ClaimedClass, *, target_s: float = TARGET_COMPUTE_S,
+                overhead_s: float = DEFAULT_OVERHEAD_S) -> tuple[int, int]:
+    """(n, repeat): the work of ``target_s`` at the class's required rate, shaped for the best spoof margin.
+
+    For each n of the ladder the inner dimension K = n·repeat carries the work (K ≫ n, so
+    hashing n² outputs stays small next to the n²·K multiply-adds), capped by the
+    validator's cost (PLAN_MAX_INNER) and the memory limits; the shape with the largest
+    spoof margin wins. Never below the class's work because a claim is small: the class,
+    not the claimed memory, sets the work (memory only caps the shape).
+    """
+    want = target_s * cls.required_flops
+    candidates: list[tuple[int, int, float, float]] = []  # (n, repeat, flops, margin)
+    for n in N_LADDER:
+        repeat = max(1, min(MAX_REPEAT, PLAN_MAX_INNER // n, MAX_INNER // n, math.ceil(want / (2 * n**3))))
+        params = checked_params({"id": "plan", "seed": 0, "n": n, "dtype": cls.dtype, "repeat": repeat})
+        while repeat > 1 and not _fits(params, cls):
+            repeat = max(1, repeat // 2)
+            params = checked_params({"id": "plan", "seed": 0, "n": n, "dtype": cls.dtype, "repeat": repeat})
+        if _fits(params, cls):
+            margin = spoof_margin(params, cls, time_bound_s(params, cls, overhead_s=overhead_s))
+            candidates.append((n, repeat, float(params.flops), margin))
+    if not candidates:
+        return N_LADDER[0], 1
+    # the work asked for (up to 1.5× of it: the ladder's steps), best margin first; else the
+    # least work above it; else (memory or the validator's cap bind) the most work there is
+    near = [c for c in candidates if want <= c[2] <= 1.5 * want]
+    if near:
+        n, repeat, _, _ = max(near, key=lambda c: (c[3], -c[0]))
+    elif any(c[2] >= want for c in candidates):
+        n, repeat, _, _ = min((c for c in candidates if c[2] >= want), key=lambda c: (c[2], c[0]))
+    else:
+        n, repeat, _, _ = max(candidates, key=lambda c: (c[2], c[3]))
+    return n, repeat
 
 
 # ------------------------------------------------------------------ planning a challenge
@@ -156,10 +247,7 @@ class ChallengePlan:
         return pass_probability_bound(self.k, self.fault_fraction)
 
 
-_OVERRIDE_KEYS = {"id", "seed", "n", "dtype", "repeat", "k", "m", "bound_s", "slack", "overhead_s",
-                  "target_s"}
-N_LADDER = (1024, 2048, 4096, 8192, 16384)
-DEFAULT_TARGET_S = 2.0
+_OVERRIDE_KEYS = {"id", "seed", "n", "dtype", "repeat", "k", "m", "bound_s", "overhead_s", "target_s"}
 
 
 def _spec(specs: Any, name: str, default: Any) -> Any:
@@ -168,62 +256,27 @@ def _spec(specs: Any, name: str, default: Any) -> Any:
     return getattr(specs, name, default)
 
 
-def prover_bytes(params: ChallengeParams, *, gpu_count: int = 0) -> tuple[int, int]:
-    """(host bytes, bytes per GPU) our prover allocates for these parameters."""
-    n, k = params.n, params.inner
-    host = 4 * n * n * (2 if gpu_count else (4 if params.repeat > 1 else 3))
-    if not gpu_count:
-        return host, 0
-    rows = -(-n // gpu_count)
-    item = ITEMSIZE[params.dtype]
-    # A band, B, C band in the dtype, C band widened to float32, and the int64
-    # temporaries of one generation chunk (torch: up to ~6 alive at once)
-    device = item * (rows * k + k * n + rows * n) + 4 * rows * n + 6 * 8 * (1 << 24)
-    return host, device
-
-
-def choose_size(specs: Any, *, dtype: str, target_s: float) -> tuple[int, int]:
-    """(n, repeat) giving about target_s of work at the claimed throughput within the claimed memory."""
-    gpu_count = int(_spec(specs, "gpu_count", 0) or 0)
-    gpu_mem = int(_spec(specs, "gpu_memory_mib", 0) or 0) * (1 << 20)
-    ram = int(_spec(specs, "ram_mib", 0) or 0) * (1 << 20)
-    if gpu_count:
-        rate = gpu_count * gpu_throughput(_spec(specs, "gpu_model", "")).for_dtype(dtype) * 1e12
-    else:
-        rate = CPU_NODE.for_dtype(dtype) * 1e12
-    want = target_s * rate
-    best = (N_LADDER[0], 1)
-    for n in N_LADDER:
-        repeat = max(1, min(MAX_REPEAT, MAX_INNER // n, math.ceil(want / (2 * n**3))))
-        params = checked_params({"id": "plan", "seed": 0, "n": n, "dtype": dtype, "repeat": repeat})
-        host, device = prover_bytes(params, gpu_count=gpu_count)
-        if ram and host > 0.5 * ram:
-            break
-        if gpu_count and gpu_mem and device > 0.8 * gpu_mem:
-            break
-        best = (n, repeat)
-        if params.flops >= want:
-            break
-    return best
-
-
 def plan_challenge(specs: Any, overrides: Mapping[str, Any] | None = None) -> ChallengePlan:
     """Pick a challenge for a node with the claimed specs; ``overrides`` fixes any field.
 
     specs: a prime.chain.types.Specs or a mapping with gpu_count, gpu_model,
-    gpu_memory_mib, ram_mib. overrides: id, seed, n, dtype, repeat, k, m, bound_s,
-    slack, overhead_s, target_s.
+    gpu_memory_mib, cpu_cores, ram_mib (a GPU claim the table refuses raises
+    ChallengeParamError: check classes.check_claim first). overrides: id, seed, n, dtype,
+    repeat, k, m, bound_s, overhead_s, target_s. The bound follows the parameters actually
+    sent (a forced small n gets a small bound).
     """
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - _OVERRIDE_KEYS)
     if unknown:
         raise ChallengeParamError(f"unknown challenge override(s): {', '.join(unknown)}")
-    gpu_count = int(_spec(specs, "gpu_count", 0) or 0)
-    gpu_model = str(_spec(specs, "gpu_model", "") or "")
-    dtype = overrides.get("dtype", "float16" if gpu_count else "float32")
+    cls = claimed_class(specs)
+    dtype = overrides.get("dtype", cls.dtype)
     if dtype not in DTYPES:
         raise ChallengeParamError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    n, repeat = choose_size(specs, dtype=dtype, target_s=float(overrides.get("target_s", DEFAULT_TARGET_S)))
+    if dtype != cls.dtype:
+        cls = replace(cls, dtype=dtype)
+    overhead = float(overrides.get("overhead_s", DEFAULT_OVERHEAD_S))
+    n, repeat = choose_size(cls, target_s=float(overrides.get("target_s", TARGET_COMPUTE_S)), overhead_s=overhead)
     if "n" in overrides and "repeat" not in overrides:
         repeat = 1
     params = checked_params({
@@ -237,10 +290,11 @@ def plan_challenge(specs: Any, overrides: Mapping[str, Any] | None = None) -> Ch
     m = int(overrides.get("m", DEFAULT_M))
     if k < 1 or m < 1:
         raise ChallengeParamError("k and m must be at least 1")
+    budget = time_budget(params, cls, overhead_s=overhead)
     bound = overrides.get("bound_s")
     if bound is None:
-        bound = time_bound_s(params, gpu_model=gpu_model, gpu_count=gpu_count,
-                             slack=float(overrides.get("slack", DEFAULT_SLACK)),
-                             overhead_s=float(overrides.get("overhead_s", DEFAULT_OVERHEAD_S)))
+        bound = budget.bound_s
     return ChallengePlan(params=params, k=k, m=m, bound_s=float(bound),
-                         notes={"gpu_model": gpu_model, "gpu_count": gpu_count})
+                         notes={"class": cls.label, "gpu_count": cls.gpu_count,
+                                "spoof_margin": spoof_margin(params, cls, float(bound)),
+                                "memory_share": memory_share(params, cls)})

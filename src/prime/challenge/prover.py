@@ -98,8 +98,9 @@ def _host_available_bytes() -> int:
 
 
 class NumpyBackend:
-    """CPU: float32 BLAS over repeat blocks of n×n. Exact for every dtype (generator.py),
-    and half-precision results are rounded once at the end."""
+    """CPU: float32 BLAS over repeat blocks of n×n on the generator's integers q (exact
+    inputs for every dtype, float32 accumulation), scaled by a power of two; half-precision
+    results are rounded once at the end."""
 
     name = "numpy"
 
@@ -116,7 +117,7 @@ class NumpyBackend:
         return None
 
     def product(self, params: ChallengeParams) -> np.ndarray:
-        n, seed = params.n, params.seed
+        n, seed, bits = params.n, params.seed, gen.bits_of(params.dtype)
         a_rows = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_ROW, np.arange(n))
         b_cols = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_COL, np.arange(n))
         a = np.empty((n, n), np.float32)
@@ -125,19 +126,19 @@ class NumpyBackend:
         tmp: np.ndarray | None = None  # the second and later blocks' product (repeat > 1 only)
         for r in range(params.repeat):
             block = np.arange(r * n, (r + 1) * n)
-            gen.fill_nibbles(a_rows, gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_COL, block), a,
-                             threads=self.threads)
-            gen.fill_nibbles(gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_ROW, block), b_cols, b,
-                             threads=self.threads)
+            gen.fill_ints(a_rows, gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_COL, block), a,
+                          bits=bits, threads=self.threads)
+            gen.fill_ints(gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_ROW, block), b_cols, b,
+                          bits=bits, threads=self.threads)
             if r == 0:
                 np.matmul(a, b, out=c)
             else:
                 if tmp is None:
                     tmp = np.empty((n, n), np.float32)
                 np.matmul(a, b, out=tmp)
-                c += tmp  # integer-valued and below 2**24: exact
+                c += tmp  # float32 accumulation, like the blocks' own
         del a, b, tmp
-        c *= np.float32(gen.PRODUCT_SCALE)  # nibble products → values; power of two, exact
+        c *= np.float32(gen.value_scale(2 * bits))  # q products → values; a power of two, exact
         return round_to_dtype(c, params.dtype)
 
 
@@ -188,9 +189,10 @@ class TorchBackend(_GpuMemory):
     """CUDA through torch: rows of C split across the GPUs, one thread per GPU.
 
     Each GPU builds its band of A and all of B with the int64 generator, then one matmul
-    over the whole K, so a half-precision result is rounded once. TF32 is allowed (the
-    inputs have 3 significant bits, exact in TF32); reduced-precision split-K reductions
-    are turned off so accumulation stays float32 and the result exact before rounding.
+    over the whole K, so a half-precision result is rounded once. TF32 is turned off: a
+    float32 challenge's elements have 24 significant bits, which TF32 (11) would round
+    away, and the verifier rejects that (docs/protocol.md "Tolerance"); reduced-precision
+    split-K reductions are turned off so half-precision products accumulate in float32.
     """
 
     name = "torch"
@@ -201,28 +203,29 @@ class TorchBackend(_GpuMemory):
 
         self.torch = torch
         self.devices = devices or [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
 
     def free_device_bytes(self, device: Any) -> int | None:
         return int(self.torch.cuda.mem_get_info(device)[0]) if device.type == "cuda" else None
 
-    def matrix(self, row_keys: np.ndarray, col_keys: np.ndarray, dtype: Any, device: Any) -> Any:
-        """Element values (nibble/16) in ``dtype`` on ``device``, generated in row chunks."""
+    def matrix(self, row_keys: np.ndarray, col_keys: np.ndarray, dtype: Any, device: Any, bits: int) -> Any:
+        """Element values (q / 2**bits, exact) in ``dtype`` on ``device``, generated in row chunks."""
         torch = self.torch
         out = torch.empty((row_keys.size, col_keys.size), dtype=dtype, device=device)
         cols = torch.from_numpy(col_keys.astype(np.int64)).to(device)[None, :]
         step = max(1, self.GEN_CHUNK // max(col_keys.size, 1))
         for s in range(0, row_keys.size, step):
             rows = torch.from_numpy(row_keys[s:s + step].astype(np.int64)).to(device)[:, None]
-            out[s:s + step] = gen.nibbles_int64(rows, cols).to(dtype) * gen.VALUE_SCALE
+            out[s:s + step] = gen.ints_int64(rows, cols, bits).to(dtype) * gen.value_scale(bits)
         return out
 
     def product(self, params: ChallengeParams) -> np.ndarray:
         torch = self.torch
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[params.dtype]
-        n, k, seed = params.n, params.inner, params.seed
+        n, k, seed, bits = params.n, params.inner, params.seed, gen.bits_of(params.dtype)
         a_rows, a_cols = gen.matrix_keys(seed, gen.MATRIX_A, n, k)
         b_rows, b_cols = gen.matrix_keys(seed, gen.MATRIX_B, k, n)
         out = np.empty((n, n), np.float32)
@@ -231,8 +234,8 @@ class TorchBackend(_GpuMemory):
         def work(device: Any, rows: np.ndarray) -> None:
             ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
             with ctx:
-                a = self.matrix(a_rows[rows], a_cols, dtype, device)
-                b = self.matrix(b_rows, b_cols, dtype, device)
+                a = self.matrix(a_rows[rows], a_cols, dtype, device, bits)
+                b = self.matrix(b_rows, b_cols, dtype, device, bits)
                 c = a @ b
                 del a, b
                 out[rows[0]:rows[-1] + 1] = c.float().cpu().numpy()
@@ -266,15 +269,15 @@ class CupyBackend(_GpuMemory):
     def product(self, params: ChallengeParams) -> np.ndarray:
         cp = self.cp
         dtype = cp.float16 if params.dtype == "float16" else cp.float32
-        n, k, seed = params.n, params.inner, params.seed
+        n, k, seed, bits = params.n, params.inner, params.seed, gen.bits_of(params.dtype)
         a_rows, a_cols = gen.matrix_keys(seed, gen.MATRIX_A, n, k)
         b_rows, b_cols = gen.matrix_keys(seed, gen.MATRIX_B, k, n)
         out = np.empty((n, n), np.float32)
         splits = _device_rows(n, len(self.devices))
 
         def values(rows: np.ndarray, cols: np.ndarray) -> Any:
-            return (gen.nibbles_uint32(cp, cp.asarray(rows), cp.asarray(cols)).astype(dtype)
-                    * dtype(gen.VALUE_SCALE))
+            return (gen.ints_uint32(cp, cp.asarray(rows), cp.asarray(cols), bits).astype(dtype)
+                    * dtype(gen.value_scale(bits)))
 
         def work(device: int, rows: np.ndarray) -> None:
             with cp.cuda.Device(device):

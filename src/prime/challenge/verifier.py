@@ -4,22 +4,29 @@ Cost: for k sampled rows and m entries per row the validator generates k rows of
 k·m columns of B (O((k + k·m)·K) element hashes), hashes the k opened rows (O(k·n)) and
 takes k·m dot products of length K — never a matrix.
 
-Tolerance (why the entry check is almost an equality). Every element is a nibble/16 with
-at most 3 significant bits, every product a multiple of 2**-8 of magnitude ≤ 1/4, and
-with K ≤ 2**17 every partial sum — in whatever order a BLAS, a GPU split-K or a tensor
-core adds them — is a multiple of 2**-8 of magnitude ≤ 2**15, which float32 (24-bit
-significand) holds exactly. So an honest float32 accumulation yields exactly
-c = Σ a·b, which the validator computes exactly in integers. The only rounding left is
-the final conversion of c to the challenge dtype: |round(c) - c| ≤ u·|c| with u the
-dtype's unit roundoff (2**-24, 2**-11, 2**-8). We accept |got - c| ≤ 2·u·|c|: the factor
-2 admits hardware that truncates instead of rounding to nearest (error < 1 ulp ≤ 2u|c|).
-The classical worst-case bound for inexact summation, γ_K·Σ|a||b| with γ_K ≈ K·u, would
-be up to K·|c| times wider and let a prover guess; exactness makes it unnecessary. For
-float32 the check is equality.
+Tolerance (docs/protocol.md "Tolerance" has the argument with numbers). Elements are
+exact in the challenge's dtype and use all of its significand (generator.py), products are
+exact in float32 for half-precision inputs and in float64 for float32 ones, so the
+validator's float64 reference c = Σ a·b is exact up to ~K·2**-53 — far below anything
+here. An honest prover differs from c by its float32 accumulation, about
+2**-24·sqrt(K/6)·s for sequential round-to-nearest (s = sqrt(Σ (a·b)²), the entry's
+natural scale), plus the final rounding to the output dtype, ≤ u·|c|. We accept
+
+    |got - c| ≤ 2·u·|c| + ACC·s,   ACC = 4·sqrt(K)·2**-24 (float32), 2**-12 (half precision)
+
+(the factor 2 admits hardware that truncates instead of rounding; for float32, 4·sqrt(K)
+is about 10 standard deviations of sequential accumulation and 15× the largest error
+measured with OpenBLAS; 2**-12 for half precision also covers tensor cores that truncate
+each K-step's sum). A product whose inputs were rounded to fewer bits than the dtype's —
+TF32, float16 or bfloat16 units answering a float32 challenge, fp8 or int8 answering a
+float16 one — is off by about 0.6·2**-b·s (b the units' significand bits): 2**-11.7·s for
+11 bits against ACC·s = 2**-14·s at K = 2**16 (5× over), so nearly every checked entry
+fails (tests/challenge/test_dtype_units.py).
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -31,7 +38,9 @@ from prime.challenge.merkle import row_leaf, verify_many, verify_path
 from prime.challenge.params import UNIT_ROUNDOFF, ChallengeParams
 from prime.challenge.prover import RowOpening
 
-TOLERANCE_FACTOR = 2.0
+TOLERANCE_FACTOR = 2.0  # on the output rounding: admits truncating hardware
+ACC_SIGMAS = 4.0  # float32: ACC = 4·sqrt(K)·2**-24 (≈ 10 σ of honest sequential accumulation)
+HALF_ACCUMULATION = 2.0**-12  # float16/bfloat16 challenges (float32 accumulation on tensor cores)
 
 
 @dataclass(frozen=True)
@@ -61,9 +70,10 @@ def rows_to_open(draws: Iterable[Draw]) -> list[int]:
 ENTRY_CHUNK = 1 << 16
 
 
-def exact_entries(params: ChallengeParams, draws: list[Draw]) -> np.ndarray:
-    """Exact C[row, col] for every draw, shape (len(draws), m), as float64."""
-    k_inner, seed = params.inner, params.seed
+def reference_entries(params: ChallengeParams, draws: list[Draw]) -> tuple[np.ndarray, np.ndarray]:
+    """(c, s) for every draw, each of shape (len(draws), m), float64: c = C[row, col] as the
+    exact sum of the exact products, s = sqrt(Σ (a·b)²) over the inner dimension."""
+    k_inner, seed, bits = params.inner, params.seed, gen.bits_of(params.dtype)
     m = len(draws[0].cols) if draws else 0
     if any(len(d.cols) != m for d in draws):
         raise ValueError("every draw must check the same number of columns")
@@ -71,26 +81,47 @@ def exact_entries(params: ChallengeParams, draws: list[Draw]) -> np.ndarray:
     a_cols = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_COL, inner)
     b_rows = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_ROW, inner)
     a_rows = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_ROW, [d.row for d in draws])
-    # columns of B as rows of Bᵀ: Bᵀ[j, t] = nibble(colkey_B(j) ^ rowkey_B(t)), xor is symmetric
+    # columns of B as rows of Bᵀ: Bᵀ[j, t] = z(colkey_B(j) ^ rowkey_B(t)), xor is symmetric
     b_cols = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_COL, [c for d in draws for c in d.cols])
     step = max(1, ENTRY_CHUNK // k_inner)  # draws per step
-    a = np.empty((step, k_inner), np.float32)
-    bt = np.empty((step * m, k_inner), np.float32)
+    a = np.empty((step, k_inner), np.float64)
+    bt = np.empty((step * m, k_inner), np.float64)
     z = np.empty((step * max(m, 1), k_inner), np.uint32)
     t = np.empty_like(z)
-    sums = np.empty((len(draws), m), np.float32)
+    sums = np.empty((len(draws), m), np.float64)
+    scales = np.empty((len(draws), m), np.float64)
     for s in range(0, len(draws), step):
         e = min(len(draws), s + step)
         rows, cols = e - s, (e - s) * m
-        gen.nibbles_into(a_rows[s:e], a_cols, a[:rows], z[:rows], t[:rows])
-        gen.nibbles_into(b_cols[s * m:e * m], b_rows, bt[:cols], z[:cols], t[:cols])
-        # nibble products are integers ≤ 64 and |Σ| ≤ 64·K ≤ 2**23: float32 BLAS is exact
-        sums[s:e] = np.matmul(bt[:cols].reshape(rows, m, k_inner), a[:rows, :, None])[:, :, 0]
-    return sums.astype(np.float64) * gen.PRODUCT_SCALE
+        gen.ints_into(a_rows[s:e], a_cols, a[:rows], z[:rows], t[:rows], bits)
+        gen.ints_into(b_cols[s * m:e * m], b_rows, bt[:cols], z[:cols], t[:cols], bits)
+        # q products have at most 48 bits: exact in float64; the sum's error is ~K·2**-53
+        prod = bt[:cols].reshape(rows, m, k_inner) * a[:rows, None, :]
+        sums[s:e] = prod.sum(axis=-1)
+        np.multiply(prod, prod, out=prod)
+        scales[s:e] = np.sqrt(prod.sum(axis=-1))
+    unit = gen.value_scale(2 * bits)
+    return sums * unit, scales * unit
 
 
-def tolerance(expected: np.ndarray, dtype: str) -> np.ndarray:
-    return TOLERANCE_FACTOR * UNIT_ROUNDOFF[dtype] * np.abs(expected)
+def exact_entries(params: ChallengeParams, draws: list[Draw]) -> np.ndarray:
+    """C[row, col] for every draw, shape (len(draws), m), as float64 (see reference_entries)."""
+    return reference_entries(params, draws)[0]
+
+
+def accumulation_allowance(dtype: str, inner: int) -> float:
+    """ACC: the accumulation error allowed per unit of s (module docstring)."""
+    if dtype == "float32":
+        return ACC_SIGMAS * math.sqrt(inner) * UNIT_ROUNDOFF["float32"]
+    return HALF_ACCUMULATION
+
+
+def tolerance(expected: np.ndarray, dtype: str, scale: np.ndarray | None = None, inner: int = 1) -> np.ndarray:
+    """|got - c| allowed: 2·u·|c| + ACC·s (s = ``scale``; without one, the rounding term only)."""
+    rounding = TOLERANCE_FACTOR * UNIT_ROUNDOFF[dtype] * np.abs(expected)
+    if scale is None:
+        return rounding
+    return rounding + accumulation_allowance(dtype, inner) * np.asarray(scale)
 
 
 def check_openings(root: bytes, n: int, requested: list[int],
@@ -130,9 +161,9 @@ def check_entries(params: ChallengeParams, draws: list[Draw],
     for d in draws:
         if openings[d.row].values.shape != (params.n,):
             return f"row {d.row} has the wrong length"
-    expected = exact_entries(params, draws)
+    expected, scale = reference_entries(params, draws)
     got = np.array([[openings[d.row].values[c] for c in d.cols] for d in draws], dtype=np.float64)
-    bad = ~(np.abs(got - expected) <= tolerance(expected, params.dtype))  # NaN counts as bad
+    bad = ~(np.abs(got - expected) <= tolerance(expected, params.dtype, scale, params.inner))  # NaN is bad
     if bad.any():
         di, ci = map(int, np.argwhere(bad)[0])
         d = draws[di]

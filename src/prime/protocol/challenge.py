@@ -26,10 +26,11 @@ from prime.protocol.codec import Message  # immutable, unknown fields refused
 
 # ------------------------------------------------------------------ limits
 MAX_N: Final = 32768
-MAX_REPEAT: Final = 64
-# K = n·repeat ≤ 2**17 keeps every partial sum exact in float32 and |C| ≤ 2**15, below
-# float16's max (docs/protocol.md, "Tolerance").
-MAX_INNER: Final = 1 << 17
+MAX_REPEAT: Final = 4096
+# K = n·repeat: the validator's cost per checked entry is O(K) (2**21: ~2·132·2**21 element
+# hashes per challenge); |C| ~ 0.6·sqrt(K) stays far below float16's max (docs/protocol.md,
+# "Tolerance" and "Sizing").
+MAX_INNER: Final = 1 << 21
 SEED_LIMIT: Final = 1 << 64
 MAX_OPEN_ROWS: Final = 4096
 HASH_BYTES: Final = 32
