@@ -229,6 +229,21 @@ def test_torch_devices_without_identity_fields() -> None:
     assert dev.torch_cuda_devices(torch) == [CudaDevice(0), CudaDevice(1)]
 
 
+def test_torch_uuid_objects_read_by_their_text_or_their_bytes() -> None:
+    class CUuuid:  # torch's _CUuuid: str() the bare form, .bytes the 16 raw bytes
+        def __init__(self, text: str, raw: Any) -> None:
+            self.text, self.bytes = text, raw
+
+        def __str__(self) -> str:
+            return self.text
+
+    raw = bytes.fromhex(uuid(9).replace("-", ""))
+    for value in (CUuuid(uuid(9), b""), CUuuid("?", raw), CUuuid("?", list(raw))):
+        torch = types.SimpleNamespace(cuda=types.SimpleNamespace(
+            device_count=lambda: 1, get_device_properties=lambda o, v=value: types.SimpleNamespace(uuid=v)))
+        assert dev.torch_cuda_devices(torch) == [CudaDevice(0, uuid(9))]
+
+
 def test_real_torch_if_installed_enumerates_without_failing() -> None:
     torch = pytest.importorskip("torch")
     found = dev.torch_cuda_devices(torch)

@@ -132,7 +132,11 @@ def torch_cuda_devices(torch: Any) -> list[CudaDevice]:
         uuid = pci = None
         try:
             props = torch.cuda.get_device_properties(ordinal)
-            uuid = uuid_key(getattr(props, "uuid", None))
+            raw = getattr(props, "uuid", None)
+            uuid = uuid_key(raw)
+            raw_bytes = getattr(raw, "bytes", None)  # torch's _CUuuid also holds the 16 raw bytes
+            if uuid is None and isinstance(raw_bytes, bytes | bytearray | list | tuple):
+                uuid = uuid_key(bytes(raw_bytes))
             pci = pci_key(getattr(props, "pci_domain_id", None), getattr(props, "pci_bus_id", None),
                           getattr(props, "pci_device_id", None))
         except Exception:  # noqa: BLE001 - an older torch without them: matched by position or refused

@@ -207,3 +207,14 @@ def test_prime_miner_start_with_gpus_and_no_backend_is_refused_in_one_sentence(t
 def test_prime_miner_start_with_gpu_none_gets_past_it(tmp_path: Path) -> None:
     line = _error(_start(tmp_path, "none"))  # fails later, at the deployment file nothing wrote
     assert "GPU challenge backend" not in line and "--gpu" not in line
+
+
+def test_the_gpu_extra_installs_a_bounded_torch_and_the_readme_says_how() -> None:
+    import tomllib
+
+    root = Path(__file__).resolve().parents[3]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [dep for dep in extras["gpu"] if dep.startswith("torch")] == ["torch>=2.4"]
+    readme = (root / "README.md").read_text()
+    assert "pipx install 'prime[gpu]'" in readme and "--index-url https://download.pytorch.org/whl/cu" in readme
+    assert FIX in " ".join(readme.split())  # the refusal sentence, as the README quotes it
