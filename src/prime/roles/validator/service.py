@@ -45,6 +45,7 @@ from prime.auth.transport import AiohttpTransport, Timeout, Transport, Transport
 from prime.chain.client import RegistryClient, RevertError
 from prime.chain.events import EventFollower
 from prime.chain.types import ChainEvent, NodeInfo, NodeStatus, RunInfo
+from prime.challenge.classes import check_claim
 from prime.challenge.params import ChallengePlan, plan_challenge
 from prime.challenge.runner import run_challenge
 from prime.clients.discovery import DiscoveryClient
@@ -65,6 +66,7 @@ from prime.roles.validator.verdict import (
     from_challenge,
     gave_up,
     give_up_now,
+    refused_claim,
     retry_delay,
     too_slow,
     unreadable,
@@ -354,6 +356,9 @@ class ValidatorService:
     async def challenge(self, validation: Validation, node: NodeInfo, run: RunInfo) -> tuple[Verdict | Failure, str | None]:
         """Find the node and challenge it: a verdict, or why it could not be challenged now."""
         assert self._peers is not None
+        claim = check_claim(node.specs)  # a claim the table refuses is rejected before any challenge
+        if claim is not None:
+            return refused_claim(validation.node, validation.run_id, node.specs, claim), None
         try:
             address = await DiscoveryClient(self._peers, run.discovery_uri).get_node(validation.node)
         except PeerError as exc:

@@ -97,6 +97,18 @@ def unreadable(plan: ChallengePlan, elapsed_s: float, exc: BaseException) -> Ver
     return from_challenge(build_report(plan, checks={"response": problem}, elapsed_s=elapsed_s))
 
 
+CLAIM = "claim"  # the failed check of a claim refused before any challenge (classes.check_claim)
+
+
+def refused_claim(node: str, run_id: int, specs: Any, problem: str) -> Verdict:
+    """Rejected before any challenge: the claimed hardware is not one the table can hold it to."""
+    fields = ("gpu_count", "gpu_model", "gpu_memory_mib", "cpu_cores", "ram_mib", "disk_gib")
+    claimed = {f: (specs.get(f) if isinstance(specs, Mapping) else getattr(specs, f, None)) for f in fields}
+    report = {"approved": False, "reason": CLAIM, "detail": problem, "node": node, "run_id": run_id,
+              "specs": claimed}
+    return Verdict(False, CLAIM, f"{CLAIM} check failed: {problem}", report)
+
+
 def gave_up(node: str, run_id: int, *, kind: str, detail: str, attempts: int, first_seen: float,
             deadline: float) -> Verdict:
     """Rejected after the deadline because no attempt could run a challenge."""
