@@ -325,6 +325,17 @@ def _routes(app: web.Application) -> list[_Route]:
     return found
 
 
+# What the path segments of that name must look like wherever a route uses them (the handlers
+# check the same rules: prime.protocol's ADDRESS_RE, TASK_ID_RE, SHA256_RE, discovery's run id).
+PATH_SCHEMAS: dict[str, dict[str, Any]] = {
+    "address": {"type": "string", "pattern": "^0x[0-9a-fA-F]{40}$"},
+    "run_id": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+    "task_id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"},
+    "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"},
+    "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+}
+
+
 def _operation(route: _Route, op_id: str, schemas: _Schemas, index: dict[int, int]) -> dict[str, Any]:
     summary, description = _doc_parts(route.handler)
     ep = route.endpoint
@@ -337,7 +348,7 @@ def _operation(route: _Route, op_id: str, schemas: _Schemas, index: dict[int, in
     parameters: list[dict[str, Any]] = []
     for name in route.params:
         declared = ep.path.get(name) if ep is not None else None
-        schema = schemas[index[id(declared)]] if declared is not None else {"type": "string"}
+        schema = schemas[index[id(declared)]] if declared is not None else dict(PATH_SCHEMAS.get(name, {"type": "string"}))
         param: dict[str, Any] = {"name": name, "in": "path", "required": True, "schema": schema}
         if declared is not None and declared.description:
             param["description"] = declared.description
