@@ -196,8 +196,10 @@ def test_a_cpu_only_torch_and_a_broken_cupy(monkeypatch: pytest.MonkeyPatch, env
     assert err.value.message == ("torch 2.5.1 sees no CUDA device (a CPU-only build); "
                                  "cupy cannot start CUDA (cudaErrorInsufficientDriver)")
     monkeypatch.setitem(sys.modules, "torch", fake_torch([0], available=False, cuda_build="12.4"))
-    with pytest.raises(NoGpuBackend, match=r"built for CUDA 12\.4, which this driver does not run"):
+    with pytest.raises(NoGpuBackend, match=r"built for CUDA 12\.4, which this driver does not run\)$"):
         gpu_backend([0], FOUR, environ=environ, prefer="torch")
+    with pytest.raises(NoGpuBackend, match=r"; or CUDA_VISIBLE_DEVICES='' hides every GPU\)$"):
+        gpu_backend([0], FOUR, environ={**environ, "CUDA_VISIBLE_DEVICES": ""}, prefer="torch")
 
 
 def test_cupy_gets_the_mapped_ordinals(monkeypatch: pytest.MonkeyPatch, environ: dict[str, str]) -> None:

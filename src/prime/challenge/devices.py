@@ -191,6 +191,8 @@ def gpu_backend(selected: Sequence[int], gpus: Sequence[Any], *, prefer: str | N
                 if not module.cuda.is_available() or int(module.cuda.device_count()) == 0:
                     built = getattr(getattr(module, "version", None), "cuda", None)
                     why = f"built for CUDA {built}, which this driver does not run" if built else "a CPU-only build"
+                    if "CUDA_VISIBLE_DEVICES" in env:  # or nothing is visible to it
+                        why += f"; or CUDA_VISIBLE_DEVICES={ascii(env['CUDA_VISIBLE_DEVICES'][:64])} hides every GPU"
                     reasons.append(f"torch {getattr(module, '__version__', '?')} sees no CUDA device ({why})")
                     continue
                 ordinals = cuda_ordinals(selected, gpus, torch_cuda_devices(module), backend="torch", environ=env)
