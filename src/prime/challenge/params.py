@@ -114,12 +114,14 @@ def claimed_class(specs: Any) -> ClaimedClass:
     gpus = int(_spec(specs, "gpu_count", 0) or 0)
     cores = max(1, int(_spec(specs, "cpu_cores", 0) or 0))
     ram = int(_spec(specs, "ram_mib", 0) or 0) or DEFAULT_RAM_MIB
-    if gpus <= 0:
+    if gpus == 0:
         return ClaimedClass(f"CPU {cores} core{'s' if cores > 1 else ''}", CPU_DTYPE, 0, cores * CPU_CORE_PEAK,
                             CPU_REQUIRED_SHARE, 0, ram << 20, cores)
-    problem = check_claim({"gpu_count": gpus, "gpu_model": _spec(specs, "gpu_model", ""),
-                           "gpu_memory_mib": _spec(specs, "gpu_memory_mib", 0), "cpu_cores": cores,
-                           "ram_mib": max(ram, MIN_RAM_MIB)})
+    claim = {"cpu_cores": cores, "ram_mib": max(ram, MIN_RAM_MIB)}  # defaults where a mapping leaves them out
+    for name in ("gpu_count", "gpu_model", "gpu_memory_mib", "cpu_cores", "ram_mib"):
+        if _spec(specs, name, None) is not None:
+            claim[name] = _spec(specs, name, None)
+    problem = check_claim(claim)
     found = claimed_variant(specs)
     if problem is not None or found is None:
         raise ChallengeParamError(f"no challenge for this claim: {problem or 'unknown GPU'}")
