@@ -12,8 +12,17 @@ the validator's decode path (runner.read_openings: msgspec, length checks, fromb
 "+hex" is the same with the decoding the rows cost before (one JSON object per row with
 the values as hex, json.loads + bytes.fromhex), measured on the same rows in the same run.
 
-    python bench/challenge.py                     # n = 1024, 2048, 4096, 8192
+Before that, the class table (issue 12): per class of docs/protocol.md's GPU table (1, 2
+and 8 GPUs of each model variant) and CPU nodes of 1, 2, 8 and 64 cores, the planned
+challenge (n, K, work in TFLOP), the share of one GPU's memory (or of the claimed RAM) it
+takes, the bound, the spoof margin (the slowest throughput that passes with no fixed
+costs at all, as a share of the claimed peak) and, for the CPU class with this machine's
+cores, the honest time of the planned challenge here and the share of the class's peak
+it reached.
+
+    python bench/challenge.py                     # classes, then n = 1024, 2048, 4096, 8192
     python bench/challenge.py --sizes 1024,2048   # shorter
+    python bench/challenge.py --classes-only
 """
 
 from __future__ import annotations
@@ -29,11 +38,18 @@ from typing import Any
 
 import numpy as np
 
+from prime.challenge.classes import GPU_MODELS
+from prime.challenge.generator import worker_count
 from prime.challenge.params import (
     DEFAULT_K,
     DEFAULT_M,
     checked_params,
+    claimed_class,
+    memory_share,
     pass_probability_bound,
+    plan_challenge,
+    spoof_margin,
+    time_budget,
 )
 from prime.challenge.prover import (
     MatmulProver,
@@ -138,6 +154,35 @@ def bench_size(n: int, *, dtype: str, repeat: int, k: int, m: int, runs: int) ->
     }
 
 
+def class_specs() -> list[dict[str, Any]]:
+    cpus = [{"gpu_count": 0, "cpu_cores": c, "ram_mib": 16384} for c in sorted({1, 2, 8, 64, worker_count()})]
+    gpus = [{"gpu_count": g, "gpu_model": m.name, "gpu_memory_mib": v.memory_mib, "cpu_cores": 64, "ram_mib": 512000}
+            for m in GPU_MODELS for v in m.variants for g in (1, 2, 8)]
+    return cpus + gpus
+
+
+def honest_time(specs: dict[str, Any]) -> float:
+    plan = plan_challenge(specs)
+    prover = MatmulProver(NumpyBackend())
+    return min(prover.commit(plan.params).elapsed_s for _ in range(2))
+
+
+def print_classes(measure: bool) -> None:
+    print(f"{'class':<24} {'dtype':>8} {'n':>6} {'K':>8} {'TFLOP':>8} {'mem %':>6} {'gen s':>6} {'hash s':>6} "
+          f"{'compute s':>9} {'bound s':>8} {'margin':>7} {'honest s':>9} {'of peak':>8}")
+    for specs in class_specs():
+        cls = claimed_class(specs)
+        plan = plan_challenge(specs)
+        p, b = plan.params, time_budget(plan.params, claimed_class(specs))
+        honest = share = ""
+        if measure and not cls.gpu_count and cls.cpu_cores == worker_count():
+            t = honest_time(specs)
+            honest, share = f"{t:9.3f}", f"{p.flops / t / cls.peak_flops * 100:7.1f}%"
+        print(f"{cls.label:<24} {p.dtype:>8} {p.n:>6} {p.inner:>8} {p.flops / 1e12:>8.2f} "
+              f"{memory_share(p, cls) * 100:>6.1f} {b.generation_s:>6.2f} {b.hash_s:>6.2f} {b.compute_s:>9.2f} "
+              f"{plan.bound_s:>8.2f} {spoof_margin(p, cls, plan.bound_s) * 100:>6.1f}% {honest:>9} {share:>8}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1024,2048,4096,8192")
@@ -146,7 +191,13 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--m", type=int, default=DEFAULT_M)
     parser.add_argument("--runs", type=int, default=0, help="timed runs per figure (default: 3 below n=4096, else 1)")
+    parser.add_argument("--classes-only", action="store_true", help="print the class table only")
+    parser.add_argument("--no-measure", action="store_true", help="class table without the honest CPU run")
     args = parser.parse_args()
+    print_classes(measure=not args.no_measure)
+    if args.classes_only:
+        return
+    print()
     sizes = [int(s) for s in args.sizes.split(",") if s]
     warm_memory(max(sizes))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, numpy {np.__version__}")
