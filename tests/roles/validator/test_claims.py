@@ -27,10 +27,16 @@ UNKNOWN = Specs(gpu_count=1, gpu_model="Imaginary X9000", gpu_memory_mib=81559, 
 HONEST_CPU = Specs(gpu_count=0, gpu_model="", gpu_memory_mib=0, cpu_cores=worker_count(), ram_mib=4096, disk_gib=10)
 
 
-async def start_validator(world: World, role_processes: RoleProcesses, data_dir: Path) -> RoleProcess:
+async def start_validator(world: World, role_processes: RoleProcesses, data_dir: Path, *,
+                          planned: bool = False) -> RoleProcess:
+    """A validator from the current head; ``planned``: without the suite's --challenge-n 64, so
+    challenges are sized from the claimed class as in production."""
     port = free_port()
     head = await world.reader.block_number()
     command = world.validator_command(port, data_dir, "--from-block", str(head + 1))
+    if planned:
+        at = command.index("--challenge-n")
+        del command[at:at + 2]
     return await role_processes.start_async("validator", command, port=port, env=VALIDATOR_ENV, timeout_s=60)
 
 
@@ -60,3 +66,20 @@ async def test_claims_the_table_refuses_are_rejected_on_chain_without_a_challeng
         assert row["report"]["specs"]["gpu_count"] == claims[name].gpu_count
         assert on_chain[name].report_hash.hex() == row["report_hash"].removeprefix("0x")
         assert miners[name].challenges == 0  # refused before any challenge
+
+
+async def test_an_honest_cpu_node_passes_the_challenge_planned_for_its_claimed_cores(
+        world: World, role_processes: RoleProcesses, start_miner, tmp_path: Path) -> None:
+    await start_validator(world, role_processes, tmp_path / "validator", planned=True)
+    miner = await start_miner(MatmulProver(NumpyBackend()))
+    await register(world.provider, world.run_id, miner.node, HONEST_CPU)
+    await announce(miner.node, world.discovery.base_url, miner.port, world.run_id)
+
+    info = await wait_validated(world.reader, miner.address)
+    (row,) = by_node(await reports(tmp_path / "validator"))[miner.address]
+    assert info.status == NodeStatus.APPROVED, row["reason"]
+    report = row["report"]
+    # sized from the claimed cores (3 s of work at 3e10 FLOP/s per core), not forced small
+    assert report["dtype"] == "float32" and report["n"] * report["n"] * report["n"] * report["repeat"] * 2 >= (
+        3.0 * HONEST_CPU.cpu_cores * 3e10)
+    assert report["elapsed_s"] <= report["bound_s"]
