@@ -13,7 +13,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from prime.challenge.params import ChallengeParams
 from prime.challenge.prover import Commitment, MatmulProver, NumpyBackend, Prover
 from prime.challenge.service import ChallengeService, add_challenge_routes
 from prime.clients.discovery import DiscoveryClient
-from prime.protocol.challenge import VerdictNote
+from prime.protocol.challenge import DriverIdentity, VerdictNote
 from prime.web import bound_port, make_app, serve
 
 # A CPU-only node: float32 challenges, sized by --challenge-n in the tests.
@@ -55,9 +55,11 @@ class HeldProver(MatmulProver):
 class InProcessMiner:
     """POST /challenge, /challenge/{id}/open and /challenge/{id}/verdict for one node key."""
 
-    def __init__(self, node: LocalAccount, prover: Prover, permissions: ChainPermissions) -> None:
+    def __init__(self, node: LocalAccount, prover: Prover, permissions: ChainPermissions, *,
+                 gpu_uuids: Sequence[str] = (), driver: DriverIdentity | None = None) -> None:
         self.node = node
-        self.service = ChallengeService(prover)
+        # gpu_uuids/driver: what its commitments name, as a miner's probe would fill them (CPU provers too)
+        self.service = ChallengeService(prover, gpu_uuids=gpu_uuids, driver=driver)
         self.permissions = permissions
         self.challenges = 0  # POST /challenge requests that passed signature and validator checks
         self.verdicts: list[dict[str, Any]] = []

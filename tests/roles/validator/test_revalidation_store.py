@@ -97,7 +97,7 @@ def test_an_existing_database_is_migrated_and_keeps_its_rows(tmp_path: Path) -> 
                 "VALUES ('x:0', '0x01', 1, 5, 0, 'pending', 0, 60, 0)")
     old.close()
     store = ValidatorStore(Database(tmp_path / "v.sqlite"))
-    assert store.db.schema_version == len(MIGRATIONS) == 2
+    assert store.db.schema_version == len(MIGRATIONS) == 3
     assert [r.id for r in store.all()] == ["x:0"] and store.revalidations() == []
 
 

@@ -12,6 +12,10 @@ Two background loops (both visible in ``/health``):
 - ``revalidate`` (unless ``revalidate_every_s`` is 0): active nodes re-challenged at random
   times, a failure ejected and slashed on chain (prime.roles.validator.revalidate).
 
+Nodes sharing an announced IP or a GPU UUID are challenged at the same moment
+(prime.roles.validator.grouping); one GPU UUID is accepted on one active node only
+(prime.roles.validator.uniqueness).
+
 ``/metrics`` counts verdicts by result (approved, rejected, unreachable), failed attempts by
 kind, mined reports, and open and running validations.
 """
@@ -51,6 +55,7 @@ from prime.challenge.runner import run_challenge
 from prime.clients.discovery import DiscoveryClient
 from prime.errors import ChainError, PeerError, PrimeError
 from prime.protocol.challenge import MAX_REASON_LENGTH, VerdictNote
+from prime.roles.validator.grouping import JointStart
 from prime.roles.validator.store import (
     DECIDED,
     SUPERSEDED,
@@ -58,6 +63,7 @@ from prime.roles.validator.store import (
     Validation,
     ValidatorStore,
 )
+from prime.roles.validator.uniqueness import UuidGuard
 from prime.roles.validator.verdict import (
     UNREACHABLE,
     UNREADABLE_ANSWER,
@@ -101,6 +107,8 @@ class ValidatorSettings:
     retry_max_s: float = 60.0
     chain_retry_s: float = 5.0
     revalidate_every_s: float = 6 * 3600.0  # mean time between re-challenges of an active node; 0: never
+    joint_settle_s: float = 1.0  # a joint challenge starts this long after its group's latest member is ready
+    joint_max_wait_s: float = 5.0  # ... and never later than this after its first; 0 settle: no grouping
 
     def challenge_overrides(self) -> dict[str, Any]:
         overrides: dict[str, Any] = {}
@@ -165,6 +173,8 @@ class ValidatorService:
         self._runs: dict[int, tuple[float, RunInfo]] = {}
         self._peers: SignedClient | None = None
         self._probe: AiohttpTransport | None = None  # unsigned GET /health, when no transport is given
+        self.joint = JointStart(settle_s=self.settings.joint_settle_s, max_wait_s=self.settings.joint_max_wait_s)
+        self.uuids = UuidGuard(store, registry, clock=clock)
 
     # -- the app -----------------------------------------------------------------------------
 
@@ -370,6 +380,7 @@ class ValidatorService:
         if problem is not None:
             return Failure(UNREACHABLE, problem), url
         plan = plan_challenge(node.specs, self.settings.challenge_overrides())
+        await self.joint.wait_turn(address.ip, self.store.gpu_uuids_of(validation.node), label=validation.node)
         commit_limit_s = plan.bound_s + max(MIN_COMMIT_GRACE_S, plan.bound_s)
         started = time.monotonic()
         try:
@@ -395,7 +406,7 @@ class ValidatorService:
             # would only defer the node and retry it for ever (issue 11).
             log.warning("the answer of %s could not be read: %s: %s", validation.node, type(exc).__name__, exc)
             return unreadable(plan, time.monotonic() - started, exc), url
-        return from_challenge(report), url
+        return from_challenge(await self.uuids.check(validation, node.specs, report)), url
 
     # -- reporting ---------------------------------------------------------------------------
 

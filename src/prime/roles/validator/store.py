@@ -25,6 +25,10 @@ re-challenge of an approved registration::
 
 A failed verdict is written before its transaction is sent, as for first validations, so a
 restart sends the same report again and never re-challenges a node it has already judged.
+
+GPU UUIDs (``gpu_uuids``): the UUIDs each passing challenge reported, one row per (UUID,
+node); a node's set is replaced by its latest passing challenge, so a re-validation of the
+same node never conflicts with itself (prime.roles.validator.uniqueness decides who holds one).
 """
 
 from __future__ import annotations
@@ -109,6 +113,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX revalidations_registration ON revalidations (registration_id, state);
     CREATE INDEX revalidations_node ON revalidations (node);
+    """,
+    """
+    CREATE TABLE gpu_uuids (
+        uuid            TEXT NOT NULL,      -- canonical GPU-/MIG- UUID a passing challenge reported
+        node            TEXT NOT NULL,
+        validation_id   TEXT NOT NULL,      -- the registration (validations row) it was reported for
+        recorded_at     REAL NOT NULL,
+        PRIMARY KEY (uuid, node)
+    );
+    CREATE INDEX gpu_uuids_node ON gpu_uuids (node);
     """,
 ]
 
@@ -464,3 +478,29 @@ class ValidatorStore:
         else:
             rows = self.db.query("SELECT * FROM revalidations ORDER BY started_at")
         return [_revalidation(r) for r in rows]
+
+    # -- GPU UUIDs ---------------------------------------------------------------------------
+
+    def record_gpu_uuids(self, node: str, validation_id: str, uuids: Iterable[str], *, now: float) -> None:
+        """``node``'s GPUs are ``uuids`` (from a passing challenge for ``validation_id``): its set replaced."""
+        with self.db.transaction():
+            self.db.execute("DELETE FROM gpu_uuids WHERE lower(node) = lower(?)", (node,))
+            for uuid in dict.fromkeys(uuids):
+                self.db.execute("INSERT INTO gpu_uuids (uuid, node, validation_id, recorded_at) VALUES (?, ?, ?, ?)",
+                                (uuid, node, validation_id, now))
+
+    def gpu_uuid_records(self, uuids: Iterable[str], *, exclude_node: str | None = None) -> list[tuple[str, str, str]]:
+        """(uuid, node, validation id) of every other node recorded with one of ``uuids``."""
+        wanted = list(dict.fromkeys(uuids))
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        rows = self.db.query(
+            f"SELECT uuid, node, validation_id FROM gpu_uuids WHERE uuid IN ({marks}) AND lower(node) != lower(?) "
+            "ORDER BY recorded_at, uuid", (*wanted, exclude_node or ""))
+        return [(r["uuid"], r["node"], r["validation_id"]) for r in rows]
+
+    def gpu_uuids_of(self, node: str) -> list[str]:
+        """The UUIDs last recorded for ``node`` (empty when none)."""
+        rows = self.db.query("SELECT uuid FROM gpu_uuids WHERE lower(node) = lower(?) ORDER BY uuid", (node,))
+        return [r["uuid"] for r in rows]

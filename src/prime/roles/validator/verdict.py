@@ -11,8 +11,9 @@ rejected, with the kind of its last failure as the failed check.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,37 @@ def refused_claim(node: str, run_id: int, specs: Any, problem: str) -> Verdict:
     report = {"approved": False, "reason": CLAIM, "detail": problem, "node": node, "run_id": run_id,
               "specs": claimed}
     return Verdict(False, CLAIM, f"{CLAIM} check failed: {problem}", report)
+
+
+GPU_UUID = "gpu_uuid"  # the failed check of a report whose GPU UUIDs another active node holds, or that are wrong
+
+
+def gpu_uuid_problem(uuids: Sequence[str], gpu_count: int, holders: Mapping[str, str]) -> str | None:
+    """Why a passing challenge's GPU UUIDs cannot be accepted, or None. Only a report that names
+    UUIDs is held to this: each named once, as many as the claimed ``gpu_count``, and none in
+    ``holders`` (UUID -> the other node, Approved or Active on chain, that this validator recorded it for)."""
+    if not uuids:
+        return None
+    seen: set[str] = set()
+    for uuid in uuids:
+        if uuid in seen:
+            return f"the commitment names GPU {uuid} twice"
+        seen.add(uuid)
+    if len(uuids) != gpu_count:
+        return f"the commitment names {len(uuids)} GPU UUID(s) but the node claims {gpu_count} GPU(s)"
+    for uuid in uuids:
+        if uuid in holders:
+            return (f"GPU {uuid} is already the GPU of node {holders[uuid]}, which is approved or active on chain: "
+                    "one GPU is accepted on one active node only")
+    return None
+
+
+def with_uuid_check(report: ChallengeReport, problem: str | None) -> ChallengeReport:
+    """The report with the GPU UUID rule's outcome as its last check (a failure rejects it)."""
+    checks = {**report.checks, GPU_UUID: problem}
+    if problem is None:
+        return dataclasses.replace(report, checks=checks)
+    return dataclasses.replace(report, approved=False, reason=problem, checks=checks)
 
 
 def gave_up(node: str, run_id: int, *, kind: str, detail: str, attempts: int, first_seen: float,
