@@ -1,11 +1,16 @@
-"""Challenge parameters, sample sizes, the throughput table and the time bound.
+"""Challenge parameters, sample sizes, sizing by the claimed class, the time bound and the spoof margin.
 
 A challenge asks for C = A·B where A is n × K and B is K × n with K = n·repeat, both
 from the counter-based generator (generator.py). ``repeat`` lengthens the inner
 dimension: the work is 2·n²·K flops while the commitment stays n rows, so the miner's
 hashing stays small next to its matmul. It cannot be skipped: the product over K is one
-matmul with no shortcut (splitting it into ``repeat`` n×n blocks and summing is allowed
-and exact, see generator.py).
+matmul with no shortcut (splitting it into ``repeat`` n×n blocks summed in float32 is
+allowed, see verifier.py's tolerance).
+
+Sizing (docs/protocol.md "Sizing and the time bound"): the claim is held to the GPU table
+(classes.py); the work is TARGET_COMPUTE_S at REQUIRED_SHARE of the class's peak, shaped
+within the table's memory; the bound is overhead + generation + hashing + work / (peak ×
+share), and the spoof margin work / (peak × bound).
 """
 
 from __future__ import annotations
@@ -69,6 +74,12 @@ def checked_params(fields: Mapping[str, Any]) -> ChallengeParams:
         return msgspec.convert(dict(fields), ChallengeParams)
     except msgspec.ValidationError as exc:
         raise ChallengeParamError(f"invalid challenge: {exc}") from None
+
+
+def _spec(specs: Any, name: str, default: Any) -> Any:
+    if isinstance(specs, Mapping):
+        return specs.get(name, default)
+    return getattr(specs, name, default)
 
 
 # ------------------------------------------------------------------ what a claim must prove
@@ -254,12 +265,6 @@ class ChallengePlan:
 
 
 _OVERRIDE_KEYS = {"id", "seed", "n", "dtype", "repeat", "k", "m", "bound_s", "overhead_s", "target_s"}
-
-
-def _spec(specs: Any, name: str, default: Any) -> Any:
-    if isinstance(specs, Mapping):
-        return specs.get(name, default)
-    return getattr(specs, name, default)
 
 
 def plan_challenge(specs: Any, overrides: Mapping[str, Any] | None = None) -> ChallengePlan:
