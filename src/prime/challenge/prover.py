@@ -20,7 +20,13 @@ import numpy as np
 
 from prime.challenge import generator as gen
 from prime.challenge.merkle import ROW_DTYPE, MerkleTree, hash_rows
-from prime.challenge.params import ChallengeParams, prover_bytes
+from prime.challenge.params import (
+    GPU_CHUNK_SHARE,
+    MIN_INNER_CHUNK,
+    ChallengeParams,
+    inner_chunk,
+    prover_bytes,
+)
 from prime.protocol.challenge import ROW_ITEMSIZE, OpenedRow
 
 log = logging.getLogger(__name__)
@@ -155,9 +161,18 @@ def _run_per_device(work: Any, devices: list[Any], splits: list[np.ndarray]) -> 
 
 
 class _GpuMemory:
-    """What the GPU backends share: the memory a challenge needs on the host and on each device."""
+    """What the GPU backends share: the memory a challenge needs on the host and on each device.
+
+    A backend that ``chunks_inner`` multiplies K in chunks as large as fit GPU_CHUNK_SHARE of
+    a device's free memory, so it only needs room for the smallest chunk; one that does not
+    holds all of K at once.
+    """
 
     devices: list[Any]
+    chunks_inner = False
+
+    def _chunk(self, params: ChallengeParams) -> int | None:
+        return min(params.inner, MIN_INNER_CHUNK) if self.chunks_inner else None
 
     def free_device_bytes(self, device: Any) -> int | None:
         """Free bytes on ``device`` (None: not a GPU, nothing to check)."""
@@ -167,11 +182,11 @@ class _GpuMemory:
         return per_device
 
     def required_bytes(self, params: ChallengeParams) -> int:
-        host, device = prover_bytes(params, gpu_count=len(self.devices))
+        host, device = prover_bytes(params, gpu_count=len(self.devices), inner_chunk=self._chunk(params))
         return host + device * len(self.devices)
 
     def memory_problem(self, params: ChallengeParams) -> str | None:
-        host, device = prover_bytes(params, gpu_count=len(self.devices))
+        host, device = prover_bytes(params, gpu_count=len(self.devices), inner_chunk=self._chunk(params))
         free_host = int(_host_available_bytes() * MEMORY_HEADROOM)
         if host > free_host:
             return f"needs {host} bytes of RAM but only {free_host} are free"
@@ -188,8 +203,11 @@ class _GpuMemory:
 class TorchBackend(_GpuMemory):
     """CUDA through torch: rows of C split across the GPUs, one thread per GPU.
 
-    Each GPU builds its band of A and all of B with the int64 generator, then one matmul
-    over the whole K, so a half-precision result is rounded once. TF32 is turned off: a
+    Each GPU builds, K-chunk by K-chunk (each as large as GPU_CHUNK_SHARE of its free memory
+    holds), its band of A and the chunk of B with the int64 generator, multiplies them into
+    a float32 result (half-precision inputs: ``torch.mm(..., out_dtype=torch.float32)``,
+    torch ≥ 2.8 on CUDA; float32 accumulation on the tensor cores) and adds it to its band
+    of C; a half-precision result is rounded once, on the host. TF32 is turned off: a
     float32 challenge's elements have 24 significant bits, which TF32 (11) would round
     away, and the verifier rejects that (docs/protocol.md "Tolerance"); reduced-precision
     split-K reductions are turned off so half-precision products accumulate in float32.
@@ -197,6 +215,7 @@ class TorchBackend(_GpuMemory):
 
     name = "torch"
     GEN_CHUNK = 1 << 24  # int64 elements per generation step (128 MiB per temporary)
+    chunks_inner = True
 
     def __init__(self, devices: list[Any] | None = None) -> None:
         import torch
@@ -234,17 +253,39 @@ class TorchBackend(_GpuMemory):
         def work(device: Any, rows: np.ndarray) -> None:
             ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
             with ctx:
-                a = self.matrix(a_rows[rows], a_cols, dtype, device, bits)
-                b = self.matrix(b_rows, b_cols, dtype, device, bits)
-                c = a @ b
-                del a, b
-                out[rows[0]:rows[-1] + 1] = c.float().cpu().numpy()
+                free = self.free_device_bytes(device)
+                kc = k if free is None else inner_chunk(params, len(self.devices), GPU_CHUNK_SHARE * free)
+                kc = max(min(k, MIN_INNER_CHUNK), kc)
+                c = None
+                for k0 in range(0, k, kc):
+                    a = self.matrix(a_rows[rows], a_cols[k0:k0 + kc], dtype, device, bits)
+                    b = self.matrix(b_rows[k0:k0 + kc], b_cols, dtype, device, bits)
+                    part = self.mm32(a, b, dtype, device)
+                    del a, b
+                    c = part if c is None else c.add_(part)
+                    del part
+                assert c is not None
+                out[rows[0]:rows[-1] + 1] = c.cpu().numpy()
                 del c
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
         _run_per_device(work, self.devices, splits)
-        return out
+        return round_to_dtype(out, params.dtype)
+
+    def mm32(self, a: Any, b: Any, dtype: Any, device: Any) -> Any:
+        """a·b as float32 with float32 accumulation: on CUDA half-precision inputs stay on the
+        tensor cores (out_dtype); elsewhere (tests on the CPU) the exact inputs are widened."""
+        torch = self.torch
+        if dtype == torch.float32:
+            return a @ b
+        if device.type == "cuda":
+            try:
+                return torch.mm(a, b, out_dtype=torch.float32)
+            except TypeError:  # torch < 2.8: no float32 output from half-precision inputs
+                raise RuntimeError("half-precision challenges need torch >= 2.8 (torch.mm with out_dtype); "
+                                   f"this is torch {getattr(torch, '__version__', '?')}") from None
+        return a.float() @ b.float()
 
 
 class CupyBackend(_GpuMemory):
