@@ -62,6 +62,7 @@ class InProcessMiner:
         self.service = ChallengeService(prover, gpu_uuids=gpu_uuids, driver=driver)
         self.permissions = permissions
         self.challenges = 0  # POST /challenge requests that passed signature and validator checks
+        self.challenged_at: list[float] = []  # time.monotonic() of each of them
         self.verdicts: list[dict[str, Any]] = []
         self.signers: set[str] = set()
         self._runner: web.AppRunner | None = None
@@ -84,6 +85,7 @@ class InProcessMiner:
 
             async def counted(request: web.Request) -> web.StreamResponse:
                 self.challenges += 1
+                self.challenged_at.append(time.monotonic())
                 self.signers.add(request["signer"])
                 return await inner(request)
 
