@@ -19,9 +19,9 @@ is about 10 standard deviations of sequential accumulation and 15× the largest 
 measured with OpenBLAS; 2**-12 for half precision also covers tensor cores that truncate
 each K-step's sum). A product whose inputs were rounded to fewer bits than the dtype's —
 TF32, float16 or bfloat16 units answering a float32 challenge, fp8 or int8 answering a
-float16 one — is off by about 0.6·2**-b·s (b the units' significand bits): 2**-11.7·s for
-11 bits against ACC·s = 2**-14·s at K = 2**16 (5× over), so nearly every checked entry
-fails (tests/challenge/test_dtype_units.py).
+float16 one — is off by about 0.5·2**-b·s (one standard deviation; b the units' significand
+bits): 2**-12·s for 11 bits against ACC·s = 2**-14·s at K = 2**16 (4× over), so nearly
+every checked entry fails (tests/challenge/test_dtype_units.py).
 """
 
 from __future__ import annotations
