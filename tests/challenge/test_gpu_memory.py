@@ -54,6 +54,9 @@ class ArrayTensor:
     def __matmul__(self, other: ArrayTensor) -> ArrayTensor:
         return ArrayTensor(self.array @ other.array, self.device)
 
+    def __getitem__(self, index: Any) -> ArrayTensor:
+        return ArrayTensor(self.array[index], self.device)
+
     def add_(self, other: ArrayTensor) -> ArrayTensor:
         self.array += other.array
         return self
@@ -94,18 +97,18 @@ def test_torch_multiplies_k_in_chunks_that_fit_and_accumulates_in_float32(monkey
     import numpy as np
 
     from prime.challenge import generator as gen
-    from prime.challenge.params import GPU_CHUNK_SHARE, inner_chunk
+    from prime.challenge.params import GPU_CHUNK_SHARE, HALF_CHUNK_MAX, inner_chunk
     from prime.challenge.prover import NumpyBackend, TorchBackend
     from prime.challenge.verifier import Draw, reference_entries, tolerance
 
-    params = ChallengeParams(id="c1", seed=3, n=64, dtype="float16", repeat=64)  # K = 4096
+    params = ChallengeParams(id="c1", seed=3, n=64, dtype="float16", repeat=160)  # K = 10240
     calls: list[tuple[int, int]] = []
-    free = int((6 * 8 * (1 << 24) + 8 * 32 * 64 + 1500 * 2 * (32 + 64)) / GPU_CHUNK_SHARE)  # ~1500 of K per chunk
+    free = int((6 * 8 * (1 << 24) + 8 * 32 * 64 + 6000 * 2 * (32 + 64)) / GPU_CHUNK_SHARE)  # ~6000 of K per chunk
     monkeypatch.setitem(sys.modules, "torch", chunking_torch(free, calls))
     gpus = [types.SimpleNamespace(type="cuda", index=i) for i in range(2)]
     backend = TorchBackend(devices=gpus)
     kc = inner_chunk(params, 2, GPU_CHUNK_SHARE * free)
-    assert 1024 <= kc < params.inner  # several chunks
+    assert HALF_CHUNK_MAX < kc < params.inner  # several generated chunks, each multiplied in slices
 
     def matrix(row_keys: Any, col_keys: Any, dtype: Any, device: Any, bits: int) -> ArrayTensor:
         q = gen.fill_ints(row_keys, col_keys, bits=bits)
@@ -113,8 +116,10 @@ def test_torch_multiplies_k_in_chunks_that_fit_and_accumulates_in_float32(monkey
 
     monkeypatch.setattr(backend, "matrix", matrix)
     got = backend.product(params)
-    chunks = -(-params.inner // kc)
-    assert len(calls) == 2 * chunks and sum(c[0] for c in calls) == 2 * params.inner
+    widths = [min(kc, params.inner - k0) for k0 in range(0, params.inner, kc)]
+    slices = sum(-(-w // HALF_CHUNK_MAX) for w in widths)
+    assert len(calls) == 2 * slices and sum(c[0] for c in calls) == 2 * params.inner
+    assert max(c[0] for c in calls) == HALF_CHUNK_MAX  # no GEMM call accumulates more of K
     assert backend.memory_problem(params) is None
     draws = [Draw(i, tuple(range(64))) for i in range(64)]
     exact, scale = reference_entries(params, draws)

@@ -147,7 +147,13 @@ def claimed_class(specs: Any) -> ClaimedClass:
 
 GEN_TEMPORARY_BYTES = 6 * 8 * (1 << 24)  # int64 temporaries of one torch generation step (~6 alive)
 MIN_INNER_CHUNK = 1024  # the smallest K-chunk worth a GEMM call
-GPU_CHUNK_SHARE = 0.4  # of a GPU's memory the torch prover's K-chunk fills (planner: of the model's)
+GPU_CHUNK_SHARE = 0.4  # of a GPU's memory the torch prover's K-chunks may fill (planner: of the model's)
+# The longest K one half-precision GEMM call on a GPU accumulates by itself: tensor cores add
+# with truncation along an MMA chain, an error growing like K·2**-24·s/37, so the prover
+# multiplies each generated chunk in slices of HALF_CHUNK_MAX and sums their float32 results
+# on the CUDA cores (round to nearest; docs/protocol.md "Tolerance"): ≤ 2**-15·s per slice
+# at 4096 (2**-13·s if they truncate every 4 products, not 16).
+HALF_CHUNK_MAX = 4096
 
 
 def prover_bytes(params: ChallengeParams, *, gpu_count: int = 0, inner_chunk: int | None = None) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from prime.challenge import generator as gen
 from prime.challenge.merkle import ROW_DTYPE, MerkleTree, hash_rows
 from prime.challenge.params import (
     GPU_CHUNK_SHARE,
+    HALF_CHUNK_MAX,
     MIN_INNER_CHUNK,
     ChallengeParams,
     inner_chunk,
@@ -203,11 +204,12 @@ class _GpuMemory:
 class TorchBackend(_GpuMemory):
     """CUDA through torch: rows of C split across the GPUs, one thread per GPU.
 
-    Each GPU builds, K-chunk by K-chunk (each as large as GPU_CHUNK_SHARE of its free memory
-    holds), its band of A and the chunk of B with the int64 generator, multiplies them into
-    a float32 result (half-precision inputs: ``torch.mm(..., out_dtype=torch.float32)``,
-    torch ≥ 2.8 on CUDA; float32 accumulation on the tensor cores) and adds it to its band
-    of C; a half-precision result is rounded once, on the host. TF32 is turned off: a
+    Each GPU builds, K-chunk by K-chunk (as large as GPU_CHUNK_SHARE of its free memory
+    holds; in half precision at most HALF_CHUNK_MAX, since tensor cores truncate while they
+    accumulate), its band of A and the chunk of B with the int64 generator, multiplies them
+    into a float32 result (half-precision inputs: ``torch.mm(..., out_dtype=torch.float32)``,
+    torch ≥ 2.8 on CUDA) and adds it to its band of C in float32 (round to nearest); a
+    half-precision result is rounded once, on the host. TF32 is turned off: a
     float32 challenge's elements have 24 significant bits, which TF32 (11) would round
     away, and the verifier rejects that (docs/protocol.md "Tolerance"); reduced-precision
     split-K reductions are turned off so half-precision products accumulate in float32.
@@ -256,14 +258,20 @@ class TorchBackend(_GpuMemory):
                 free = self.free_device_bytes(device)
                 kc = k if free is None else inner_chunk(params, len(self.devices), GPU_CHUNK_SHARE * free)
                 kc = max(min(k, MIN_INNER_CHUNK), kc)
+                # half precision on a GPU: GEMM calls of at most HALF_CHUNK_MAX of K, so the tensor
+                # cores' truncating accumulation stays short; their results add up in float32
+                step = HALF_CHUNK_MAX if dtype != torch.float32 and device.type == "cuda" else kc
                 c = None
                 for k0 in range(0, k, kc):
                     a = self.matrix(a_rows[rows], a_cols[k0:k0 + kc], dtype, device, bits)
                     b = self.matrix(b_rows[k0:k0 + kc], b_cols, dtype, device, bits)
-                    part = self.mm32(a, b, dtype, device)
+                    width = min(kc, k - k0)
+                    for s0 in range(0, width, step):
+                        part = (self.mm32(a, b, dtype, device) if step >= width else
+                                self.mm32(a[:, s0:s0 + step], b[s0:s0 + step], dtype, device))
+                        c = part if c is None else c.add_(part)
+                        del part
                     del a, b
-                    c = part if c is None else c.add_(part)
-                    del part
                 assert c is not None
                 out[rows[0]:rows[-1] + 1] = c.cpu().numpy()
                 del c

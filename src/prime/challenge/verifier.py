@@ -16,8 +16,9 @@ natural scale), plus the final rounding to the output dtype, ≤ u·|c|. We acce
 
 (the factor 2 admits hardware that truncates instead of rounding; for float32, 4·sqrt(K)
 is about 10 standard deviations of sequential accumulation and 15× the largest error
-measured with OpenBLAS; 2**-12 for half precision also covers tensor cores that truncate
-each K-step's sum). A product whose inputs were rounded to fewer bits than the dtype's —
+measured with OpenBLAS; 2**-12 for half precision covers tensor cores that truncate while
+they accumulate, as long as one GEMM call sums at most params.HALF_CHUNK_MAX of K, which the
+torch prover keeps to). A product whose inputs were rounded to fewer bits than the dtype's —
 TF32, float16 or bfloat16 units answering a float32 challenge, fp8 or int8 answering a
 float16 one — is off by about 0.5·2**-b·s (one standard deviation; b the units' significand
 bits): 2**-12·s for 11 bits against ACC·s = 2**-14·s at K = 2**16 (4× over), so nearly
