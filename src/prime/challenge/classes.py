@@ -15,8 +15,19 @@ used, so an honest card is never held to a faster sibling's number. Memory is wh
 ``nvidia-smi --query-gpu=memory.total`` reports (MiB); a claim matches a variant within
 MEMORY_TOLERANCE (drivers and ECC settings move it by a few percent).
 
-Matching is on case-insensitive substrings of the claimed model, first match wins, so
-more specific names come first ("A100" before "A10", "L40S" before "L40" before "L4").
+Matching is on case-insensitive substrings of the claimed model; the longest matching
+pattern wins ("A100" over "A10", "L40S" over "L40" over "L4"), ties going to the earlier
+model.
+
+A validator operator extends the table without a release (``prime validator start
+--gpu-classes FILE``): ``parse_gpu_classes`` reads a JSON or TOML file of models (strictly,
+one sentence per error), ``extended_table`` adds them to the built-in table (an entry named
+like a built-in model replaces it), and ``use_gpu_table`` installs the result for the whole
+process, once, at validator start. It is process-wide on purpose: the claim check, the
+planner and the challenge runner (which re-plans from the claim to check the answer) all
+read the same table through ``gpu_table()``, and one validator process runs one validator.
+Every function that reads the table also takes it explicitly (``table=``), for tests and
+tools that must not touch the process's.
 """
 
 from __future__ import annotations
@@ -83,13 +94,34 @@ GPU_MODELS: tuple[GpuModel, ...] = (
 del V
 
 
-def find_model(gpu_model: str) -> GpuModel | None:
-    """The table's model for a claimed model name, None when none matches."""
+GpuTable = tuple[GpuModel, ...]
+_active: GpuTable = GPU_MODELS  # the process's table (use_gpu_table), the built-in one unless a validator extends it
+
+
+def gpu_table() -> GpuTable:
+    """The table this process holds claims to: the built-in one, or what ``use_gpu_table`` installed."""
+    return _active
+
+
+def use_gpu_table(table: GpuTable) -> None:
+    """Install ``table`` for the whole process (a validator does this once, at start, from
+    --gpu-classes); ``use_gpu_table(GPU_MODELS)`` restores the built-in one."""
+    global _active
+    if not table or not all(isinstance(m, GpuModel) for m in table):
+        raise ValueError("a GPU table is a non-empty tuple of GpuModel")
+    _active = tuple(table)
+
+
+def find_model(gpu_model: str, table: GpuTable | None = None) -> GpuModel | None:
+    """The table's model for a claimed model name (the longest matching pattern; ties: the
+    earlier model), None when none matches."""
     name = (gpu_model or "").upper()
-    for model in GPU_MODELS:
-        if any(p in name for p in model.patterns):
-            return model
-    return None
+    best: tuple[int, GpuModel] | None = None
+    for model in gpu_table() if table is None else table:
+        length = max((len(p) for p in model.patterns if p.upper() in name), default=0)
+        if length and (best is None or length > best[0]):
+            best = (length, model)
+    return None if best is None else best[1]
 
 
 def _spec(specs: Any, name: str) -> Any:
@@ -105,12 +137,13 @@ def _count(specs: Any, name: str) -> int | None:
     return value
 
 
-def check_claim(specs: Any) -> str | None:
+def check_claim(specs: Any, table: GpuTable | None = None) -> str | None:
     """None when the claim is one the table can size a challenge for, else one sentence why not.
 
     ``specs``: a prime.chain.types.Specs or a mapping with gpu_count, gpu_model,
-    gpu_memory_mib, cpu_cores, ram_mib.
+    gpu_memory_mib, cpu_cores, ram_mib; ``table``: default the process's (``gpu_table()``).
     """
+    table = gpu_table() if table is None else table
     counts = {name: _count(specs, name) for name in ("gpu_count", "gpu_memory_mib", "cpu_cores", "ram_mib")}
     for name, value in counts.items():
         if value is None or value < 0:
@@ -130,9 +163,9 @@ def check_claim(specs: Any) -> str | None:
         return f"the claim has {gpus} GPUs; one host has at most {MAX_GPUS}"
     if not model_name:
         return f"the claim has {gpus} GPUs but names no GPU model"
-    model = find_model(model_name)
+    model = find_model(model_name, table)
     if model is None:
-        known = ", ".join(m.name for m in GPU_MODELS)
+        known = ", ".join(m.name for m in table)
         return f"the claimed GPU model {model_name!r} is not in the validator's table ({known})"
     if model.variant(memory) is None:
         return (f"the claimed {model_name!r} has {memory} MiB of memory per GPU, but a {model.name} has "
@@ -140,12 +173,154 @@ def check_claim(specs: Any) -> str | None:
     return None
 
 
-def claimed_variant(specs: Any) -> tuple[GpuModel, GpuVariant] | None:
+def claimed_variant(specs: Any, table: GpuTable | None = None) -> tuple[GpuModel, GpuVariant] | None:
     """The table's model and variant of a claim ``check_claim`` accepts (None: a CPU node or refused)."""
     if int(_spec(specs, "gpu_count") or 0) <= 0:
         return None
-    model = find_model(str(_spec(specs, "gpu_model") or ""))
+    model = find_model(str(_spec(specs, "gpu_model") or ""), table)
     if model is None:
         return None
     variant = model.variant(int(_spec(specs, "gpu_memory_mib") or 0))
     return None if variant is None else (model, variant)
+
+
+# ------------------------------------------------------------------ extending the table from a file
+# prime validator start --gpu-classes FILE; FILE is JSON or TOML (by its suffix), e.g. in TOML:
+#
+#   [[gpu]]
+#   name = "RTX 5090"                 # the table's name of the model
+#   patterns = ["5090"]               # optional: substrings of a claimed model (default: the name)
+#   variants = [{ memory_mib = 32607, fp32 = 104.8, fp16 = 209.5, label = "32 GB" }]
+#
+# or in JSON {"gpu": [{"name": "RTX 5090", "variants": [{"memory_mib": 32607, "fp32": 104.8, "fp16": 209.5}]}]}.
+# Peaks are dense TFLOP/s as in the table above (fp16: tensor cores, float32 accumulation).
+MAX_NAME_LENGTH = 64
+MAX_PEAK_TFLOPS = 100_000.0
+MAX_MEMORY_MIB = 1 << 24  # 16 TiB per GPU
+MAX_FILE_MODELS = 256
+_MODEL_KEYS = {"name", "patterns", "variants"}
+_VARIANT_KEYS = {"memory_mib", "fp32", "fp16", "label"}
+
+
+class GpuClassError(ValueError):
+    """A GPU classes file that cannot be used; the message is one sentence naming what to fix."""
+
+
+def _keys(entry: Any, allowed: set[str], required: set[str], where: str) -> Mapping[str, Any]:
+    if not isinstance(entry, Mapping):
+        raise GpuClassError(f"{where} must be a table (an object), not {type(entry).__name__}")
+    unknown = sorted(set(map(str, entry)) - allowed)
+    if unknown:
+        raise GpuClassError(f"{where} has unknown key(s) {', '.join(unknown)}; use {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(entry))
+    if missing:
+        raise GpuClassError(f"{where} lacks {', '.join(missing)}")
+    return entry
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value.strip()) > MAX_NAME_LENGTH:
+        raise GpuClassError(f"{what} must be a non-empty string of at most {MAX_NAME_LENGTH} characters, not {value!r}")
+    return value.strip()
+
+
+def _number(value: Any, what: str, low: float, high: float, *, integer: bool = False) -> float:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low < value <= high:
+        kind = "an integer" if integer else "a number"
+        top = f"{int(high)}" if integer else f"{high:g}"
+        raise GpuClassError(f"{what} must be {kind} above {low:g} and at most {top}, not {value!r}")
+    return value
+
+
+def _variant(entry: Any, where: str) -> GpuVariant:
+    v = _keys(entry, _VARIANT_KEYS, {"memory_mib", "fp32", "fp16"}, where)
+    label = v.get("label", "")
+    if not isinstance(label, str) or len(label) > MAX_NAME_LENGTH:
+        raise GpuClassError(f"{where}: label must be a string of at most {MAX_NAME_LENGTH} characters")
+    return GpuVariant(int(_number(v["memory_mib"], f"{where}: memory_mib (MiB per GPU)", 0, MAX_MEMORY_MIB, integer=True)),
+                      float(_number(v["fp32"], f"{where}: fp32 (TFLOP/s)", 0, MAX_PEAK_TFLOPS)),
+                      float(_number(v["fp16"], f"{where}: fp16 (TFLOP/s)", 0, MAX_PEAK_TFLOPS)), label)
+
+
+def _model(entry: Any, where: str) -> GpuModel:
+    m = _keys(entry, _MODEL_KEYS, {"name", "variants"}, where)
+    name = _text(m["name"], f"{where}: name")
+    where = f"{where} ({name!r})"
+    patterns = m.get("patterns", [name])
+    if not isinstance(patterns, list) or not patterns:
+        raise GpuClassError(f"{where}: patterns must be a non-empty list of strings")
+    upper = tuple(dict.fromkeys(_text(p, f"{where}: each pattern").upper() for p in patterns))
+    variants = m["variants"]
+    if not isinstance(variants, list) or not variants:
+        raise GpuClassError(f"{where}: variants must be a non-empty list of tables (memory_mib, fp32, fp16)")
+    parsed = tuple(_variant(v, f"{where} variant {i + 1}") for i, v in enumerate(variants))
+    for i, v in enumerate(parsed):
+        for w in parsed[:i]:
+            if abs(v.memory_mib - w.memory_mib) <= MEMORY_TOLERANCE * max(v.memory_mib, w.memory_mib):
+                raise GpuClassError(f"{where}: variants of {w.memory_mib} and {v.memory_mib} MiB are within "
+                                    f"{MEMORY_TOLERANCE:.0%} of each other; give one variant with the slower peaks")
+    return GpuModel(name, upper, parsed)
+
+
+def parse_gpu_classes(text: str, *, fmt: str, source: str = "the GPU classes file") -> GpuTable:
+    """The models a GPU classes file defines (``fmt``: "json" or "toml"); GpuClassError, one sentence, otherwise."""
+    try:
+        if fmt == "json":
+            import json
+
+            data = json.loads(text)
+        elif fmt == "toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            raise GpuClassError(f"{source} must be .json or .toml, not {fmt!r}")
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, GpuClassError):
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise GpuClassError(f"{source} is not valid {fmt.upper()} ({detail})") from None
+    top = _keys(data, {"gpu"}, {"gpu"}, source)
+    entries = top["gpu"]
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_FILE_MODELS:
+        raise GpuClassError(f"{source}: gpu must be a list of 1 to {MAX_FILE_MODELS} models")
+    models = tuple(_model(e, f"{source}: model {i + 1}") for i, e in enumerate(entries))
+    seen: dict[str, str] = {}
+    for model in models:
+        if model.name.upper() in seen:
+            raise GpuClassError(f"{source} defines the model {model.name!r} twice")
+        seen[model.name.upper()] = model.name
+    return models
+
+
+def load_gpu_classes(path: Any) -> GpuTable:
+    """The models the file at ``path`` defines (JSON or TOML by its suffix); GpuClassError otherwise."""
+    from pathlib import Path
+
+    file = Path(path).expanduser()
+    fmt = file.suffix.lower().lstrip(".")
+    if fmt not in ("json", "toml"):
+        raise GpuClassError(f"the GPU classes file {file} must end in .json or .toml")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise GpuClassError(f"cannot read the GPU classes file {file} ({why})") from None
+    return parse_gpu_classes(text, fmt=fmt, source=f"the GPU classes file {file}")
+
+
+def extended_table(models: GpuTable, base: GpuTable = GPU_MODELS) -> GpuTable:
+    """``base`` with ``models`` added: one named like a base model (case-insensitive) replaces it
+    in place, the others come first. GpuClassError when a pattern would match two models
+    equally (the same pattern in two models)."""
+    by_name = {m.name.upper(): m for m in models}
+    replaced = [by_name.pop(m.name.upper(), m) for m in base]
+    table = tuple(by_name.values()) + tuple(replaced)
+    owners: dict[str, str] = {}
+    for model in table:
+        for pattern in model.patterns:
+            if owners.setdefault(pattern, model.name) != model.name:
+                raise GpuClassError(f"the models {owners[pattern]!r} and {model.name!r} both have the pattern {pattern!r}; "
+                                    "name a model like the one it replaces, or give it a pattern of its own")
+    return table

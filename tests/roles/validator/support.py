@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -229,3 +230,61 @@ def miner_process_command(mode: str | None, args: list[str], *, delay_s: float |
         return prime_command("miner", "start", *args)
     extra = ["--delay-s", str(delay_s)] if delay_s is not None else []
     return [sys.executable, "-m", "tests.support.cheating_miner", "--mode", mode, *extra, *args]
+
+
+# -- provers that simulate a GPU's rate, or narrower units, on a CPU (tests/roles/validator/test_gpu_claims.py) --
+
+class SimulatedGpu(MatmulProver):
+    """A GPU of ``flops_per_s`` simulated on a faster CPU: honest numpy answers, committed no
+    sooner than that rate allows (it sleeps the difference; never sooner, whatever the load)."""
+
+    def __init__(self, flops_per_s: float) -> None:
+        super().__init__(NumpyBackend())
+        self.flops_per_s = flops_per_s
+        self.compute_s: list[float] = []  # what numpy itself took, per commitment
+        self.commit_s: list[float] = []  # what the simulated device took
+
+    def commit(self, params: ChallengeParams) -> Commitment:
+        started = time.perf_counter()
+        commitment = super().commit(params)
+        self.compute_s.append(commitment.elapsed_s)
+        time.sleep(max(0.0, params.flops / self.flops_per_s - (time.perf_counter() - started)))
+        commitment.elapsed_s = time.perf_counter() - started
+        self.commit_s.append(commitment.elapsed_s)
+        return commitment
+
+
+def narrow_significand(x: np.ndarray, keep_bits: int) -> np.ndarray:
+    """float32 ``x`` rounded in place (to nearest, ties to even) to ``keep_bits`` significant bits:
+    what tf32 or fp16 units (11 bits) hold of a float32 input, at float32's range."""
+    drop = np.uint32(24 - keep_bits)
+    bits = x.view(np.uint32)
+    bits += (np.uint32(1) << (drop - np.uint32(1))) - np.uint32(1) + ((bits >> drop) & np.uint32(1))
+    bits &= ~((np.uint32(1) << drop) - np.uint32(1))
+    return x
+
+
+class NarrowUnitsProver(MatmulProver):
+    """Answers at full speed as NumpyBackend does, but from inputs rounded to ``keep_bits``
+    significant bits (11: fp16 or tf32 units) before each block is multiplied."""
+
+    def __init__(self, keep_bits: int = 11) -> None:
+        super().__init__(NumpyBackend())
+        self.keep_bits = keep_bits
+
+    def compute(self, params: ChallengeParams) -> np.ndarray:
+        from prime.challenge import generator as gen
+        from prime.challenge.prover import round_to_dtype
+
+        n, seed, bits = params.n, params.seed, gen.bits_of(params.dtype)
+        a_rows = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_ROW, np.arange(n))
+        b_cols = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_COL, np.arange(n))
+        a, b, c = (np.empty((n, n), np.float32) for _ in range(3))
+        c[...] = 0
+        for r in range(params.repeat):
+            block = np.arange(r * n, (r + 1) * n)
+            gen.fill_ints(a_rows, gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_COL, block), a, bits=bits)
+            gen.fill_ints(gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_ROW, block), b_cols, b, bits=bits)
+            c += narrow_significand(a, self.keep_bits) @ narrow_significand(b, self.keep_bits)
+        c *= np.float32(gen.value_scale(2 * bits))
+        return round_to_dtype(c, params.dtype)

@@ -64,6 +64,10 @@ def start(
         "--revalidate-every", envvar="PRIME_REVALIDATE_EVERY", min=0.0,
         help="Mean seconds between re-challenges of each active node, at random (exponential) times; "
              "a failure ejects and slashes it on chain. 0: never.")] = 6 * 3600.0,
+    gpu_classes: Annotated[Path | None, typer.Option(
+        "--gpu-classes", envvar="PRIME_GPU_CLASSES", dir_okay=False,
+        help="JSON or TOML file of GPU models (name, memory variants in MiB, fp32/fp16 peaks in TFLOP/s) "
+             "added to the built-in table; one named like a built-in model replaces it.")] = None,
 ) -> None:
     """Challenge every newly registered node with a proof of compute and approve or reject it on chain."""
     from prime.keys import load_account
@@ -72,6 +76,7 @@ def start(
 
     if deployment is None:
         raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
+    extra_models = _load_gpu_classes(gpu_classes) if gpu_classes is not None else ()
     account = load_account(key_file, password_env=password_env)
     settings = ValidatorSettings(
         poll_interval_s=poll_interval, concurrency=concurrency, unreachable_after_s=unreachable_after,
@@ -79,8 +84,35 @@ def start(
         revalidate_every_s=revalidate_every,
     )
     configure_logging()
+    if extra_models:
+        _install_gpu_classes(extra_models, gpu_classes)
     asyncio.run(serve(rpc_url=rpc_url, deployment_path=Path(deployment), account=account, data_dir=Path(data_dir),
                       host=host, port=port, settings=settings))
+
+
+def _load_gpu_classes(path: Path) -> tuple:
+    from prime.challenge.classes import GpuClassError, extended_table, load_gpu_classes
+
+    try:
+        models = load_gpu_classes(path)
+        extended_table(models)  # its errors before anything starts
+    except GpuClassError as exc:
+        raise ConfigError(f"{str(exc)[:1].upper()}{str(exc)[1:]}; fix it or start without --gpu-classes.") from None
+    return models
+
+
+def _install_gpu_classes(models: tuple, path: Path | None) -> None:
+    """The validator's table for the whole process (prime.challenge.classes: set once, at start)."""
+    import logging
+
+    from prime.challenge.classes import GPU_MODELS, extended_table, use_gpu_table
+
+    use_gpu_table(extended_table(models))
+    built_in = {m.name.upper() for m in GPU_MODELS}
+    logging.getLogger("prime.validator").info(
+        "GPU classes from %s: %s", path, ", ".join(
+            f"{m.name} ({'replaces the built-in' if m.name.upper() in built_in else 'new'}; "
+            + " or ".join(f"{v.memory_mib} MiB {v.fp16:g} fp16 TFLOP/s" for v in m.variants) + ")" for m in models))
 
 
 def _when(ts: float | None) -> str:
