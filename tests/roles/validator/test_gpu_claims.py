@@ -117,7 +117,7 @@ async def test_an_honest_simulated_gpu_at_the_tables_rate_is_approved(world: Wor
     assert report["dtype"] == "float16"  # a GPU class: tensor-core units
     assert 0.9 * class_work(1) <= flops(report) <= 1.5 * class_work(1)  # the class's work, planned from the file's peak
     # the simulation holds: numpy beat the simulated device, so its pace set the time
-    assert prover.compute_s[0] < 0.6 * prover.commit_s[0], (prover.compute_s, prover.commit_s)
+    assert prover.compute_s[0] < 0.9 * prover.commit_s[0], (prover.compute_s, prover.commit_s)
     assert report["elapsed_s"] <= report["bound_s"]
 
 
