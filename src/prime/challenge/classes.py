@@ -26,8 +26,9 @@ like a built-in model replaces it), and ``use_gpu_table`` installs the result fo
 process, once, at validator start. It is process-wide on purpose: the claim check, the
 planner and the challenge runner (which re-plans from the claim to check the answer) all
 read the same table through ``gpu_table()``, and one validator process runs one validator.
-Every function that reads the table also takes it explicitly (``table=``), for tests and
-tools that must not touch the process's.
+``find_model``, ``check_claim`` and ``claimed_variant`` also take a table explicitly
+(``table=``), for tests and tools that must not touch the process's; the planner
+(params.claimed_class) reads the process's.
 """
 
 from __future__ import annotations
