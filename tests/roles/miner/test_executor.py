@@ -24,6 +24,7 @@ from prime.protocol.tasks import ReplicaState as TaskState
 from prime.roles.miner import core
 from prime.roles.miner.containers import (
     LABEL_HASH,
+    LABEL_INSTANCE,
     LABEL_NODE,
     LABEL_TASK,
     build_container_kwargs,
@@ -78,7 +79,7 @@ async def _wait(executor: DockerExecutor, task_id: str, replica: int = 0, timeou
 
 def _containers(client: docker.DockerClient, node: str, task_id: str | None = None) -> list:
     labels = [f"{LABEL_NODE}={node}"] + ([f"{LABEL_TASK}={task_id}"] if task_id else [])
-    return client.containers.list(all=True, filters={"label": labels})
+    return client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
 
 
 async def _lines(executor: DockerExecutor, task_id: str, **kwargs) -> list[LogLine]:
@@ -122,9 +123,10 @@ async def test_task_writes_logs_and_files_then_completes(executor: DockerExecuto
     assert [(e.path, e.size) for e in manifest(data, cache=ManifestCache())] == [("out.txt", 6), ("sub/numbers", 292)]
 
     # The container as Docker sees it: labelled, unprivileged, no capabilities, no Docker restarts.
-    container = docker_client.containers.get(container_name(spec.task_id))
+    container = docker_client.containers.get(container_name(executor.instance, spec.task_id))
     host = container.attrs["HostConfig"]
     assert container.labels[LABEL_TASK] == spec.task_id and container.labels[LABEL_HASH] == spec.spec_hash()
+    assert container.labels[LABEL_INSTANCE] == executor.instance and container.labels[LABEL_NODE] == executor.node_address
     assert host["Privileged"] is False and host["CapDrop"] == ["ALL"] and "no-new-privileges" in host["SecurityOpt"]
     assert host["NetworkMode"] == "none" and host["RestartPolicy"]["Name"] == "no"
     env = container.attrs["Config"]["Env"]
@@ -230,9 +232,10 @@ async def test_replicas_get_their_own_containers(executor: DockerExecutor, busyb
     replicas = [_spec(busybox_image, "sleep 600", task_id=task_id, replica=r) for r in (0, 1)]
     await Converger(executor, []).converge([_desired(r) for r in replicas])
     names = sorted(ct.name for ct in _containers(docker_client, executor.node_address, task_id))
-    assert names == [f"prime-task-{task_id}", f"prime-task-{task_id}-r1"]
+    prefix = f"prime-{executor.instance[:8]}-{task_id}"
+    assert names == [f"{prefix}-r0-a0", f"{prefix}-r1-a0"]
     await executor.stop(task_id, replica=1)
-    assert [ct.name for ct in _containers(docker_client, executor.node_address, task_id)] == [f"prime-task-{task_id}"]
+    assert [ct.name for ct in _containers(docker_client, executor.node_address, task_id)] == [f"{prefix}-r0-a0"]
 
 
 async def test_unpullable_image_fails_with_a_reason(executor: DockerExecutor, docker_client: docker.DockerClient) -> None:
@@ -338,11 +341,11 @@ async def test_gpu_request_on_this_engine(executor: DockerExecutor, busybox_imag
 def test_gpu_device_requests_by_index(tmp_path: Path) -> None:
     spec = _placement("trainer:1", ["python", "train.py"], task_id="job1", env={"A": "1"}, gpus=(2, 0), persistent=True,
                       cpu_limit=1.5, memory_limit_mib=2048)
-    kwargs = build_container_kwargs(spec, node_address="0xabc", data_mount=tmp_path, network_mode="host")
+    kwargs = build_container_kwargs(spec, node_address="0xabc", instance="0123456789abcdef", data_mount=tmp_path, network_mode="host")
     (request,) = kwargs["device_requests"]
     assert request["Driver"] == "nvidia" and request["DeviceIDs"] == ["0", "2"] and request["Capabilities"] == [["gpu"]]
     assert "Count" not in request or request["Count"] in (None, 0)
-    assert kwargs["name"] == "prime-task-job1"
+    assert kwargs["name"] == "prime-01234567-job1-r0-a0"
     assert kwargs["command"] == ["python", "train.py"]
     assert kwargs["nano_cpus"] == 1_500_000_000 and kwargs["mem_limit"] == "2048m" and kwargs["memswap_limit"] == "2048m"
     assert kwargs["privileged"] is False and kwargs["cap_drop"] == ["ALL"] and kwargs["security_opt"] == ["no-new-privileges"]
@@ -351,18 +354,19 @@ def test_gpu_device_requests_by_index(tmp_path: Path) -> None:
     assert mount["Target"] == "/data" and mount["Source"] == str(tmp_path) and mount["Type"] == "bind"
     labels = kwargs["labels"]
     assert labels["prime.task_id"] == "job1" and labels["prime.node"] == "0xabc" and labels["prime.replica"] == "0"
+    assert labels["prime.instance"] == "0123456789abcdef"
     assert labels["prime.spec_hash"] == spec.spec_hash() and labels["prime.gpus"] == "0,2"
     assert json.loads(labels["prime.spec"]) == spec.record() and restart_policy(labels["prime.spec"]) == "never"
     assert kwargs["environment"]["A"] == "1" and kwargs["environment"]["PRIME_ATTEMPT"] == "0"
 
-    none = build_container_kwargs(_placement("x", task_id="cpu"), node_address="0xabc", data_mount=None, network_mode="none")
+    none = build_container_kwargs(_placement("x", task_id="cpu"), node_address="0xabc", instance="0123456789abcdef", data_mount=None, network_mode="none")
     assert "device_requests" not in none and "command" not in none and "nano_cpus" not in none and "mem_limit" not in none
     assert "mounts" not in none
 
 
 def test_a_container_read_back_as_the_core_sees_it() -> None:
     spec = _placement("x", ["true"], task_id="back", replica=2, restart="on-failure")
-    labels = build_container_kwargs(spec, node_address="0xabc", data_mount=None, network_mode="none")["labels"]
+    labels = build_container_kwargs(spec, node_address="0xabc", instance="0123456789abcdef", data_mount=None, network_mode="none")["labels"]
 
     class Container:
         id = "c1"

@@ -38,7 +38,9 @@ pytestmark = pytest.mark.docker
 
 
 def _containers(docker_client, node: str, task_id: str) -> list:
-    return docker_client.containers.list(all=True, filters={"label": [f"prime.node={node}", f"prime.task_id={task_id}"]})
+    # ignore_removed: the miner may remove a container between Docker's list and its inspect.
+    labels = [f"prime.node={node}", f"prime.task_id={task_id}"]
+    return docker_client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
 
 
 async def test_heartbeats_reach_the_master_and_run_its_desired_tasks(
@@ -66,7 +68,8 @@ async def test_heartbeats_reach_the_master_and_run_its_desired_tasks(
             await master.wait_for(lambda: any(r["state"] == "Running" for r in master.reports("sleeper")))
             (container,) = _containers(docker_client, node.address, "sleeper")
             container.reload()
-            assert container.status == "running" and container.name == "prime-task-sleeper"
+            assert container.status == "running" and container.name == f"prime-{miner.executor.instance[:8]}-sleeper-r0-a0"
+            assert container.labels["prime.instance"] == miner.executor.instance
             assert container.attrs["HostConfig"]["NetworkMode"] == "none"
 
             # A short task next to it: reported Completed with its exit code.

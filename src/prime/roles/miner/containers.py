@@ -2,15 +2,24 @@
 as a ``ReplicaStatus``, and Docker's multiplexed log frames as lines.
 
 Docker itself is the record of what runs: every container carries labels (task id, replica,
-node, spec hash, GPU indices and the whole spec record), so a restarted miner finds its
-containers again and reads their restart policy from them. Docker never restarts a task
-container on its own (restart policy "no"): restarts are the core's decision.
+node, miner instance, spec hash, GPU indices and the whole spec record), so a restarted miner
+finds its containers again and reads their restart policy from them. Docker never restarts a
+task container on its own (restart policy "no"): restarts are the core's decision.
+
+A miner owns exactly the containers labelled ``prime.instance=<its instance id>``
+(``instance_id``: a hash of its data directory, chain, registry and node address). Two miners
+with the same node key (two local networks, a test suite beside ``make up``) have different
+ids and never see, stop or remove each other's containers; a miner restarted on the same data
+directory has the same id and adopts its own. Container names carry the instance, task, replica
+and attempt (``container_name``), so a rescheduled attempt never collides with a leftover one.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,11 +36,38 @@ LABEL_REPLICA = "prime.replica"
 LABEL_HASH = "prime.spec_hash"
 LABEL_SPEC = "prime.spec"
 LABEL_GPUS = "prime.gpus"
+LABEL_INSTANCE = "prime.instance"
+
+INSTANCE_ID_LENGTH = 16  # hex digits (64 bits)
+MAX_NAME_LENGTH = 63  # Docker allows longer names; 63 keeps them usable as DNS labels
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 
 
-def container_name(task_id: str, replica: int = 0) -> str:
-    """``prime-task-{id}``, with ``-r{n}`` for replicas after the first."""
-    return f"prime-task-{task_id}" if replica == 0 else f"prime-task-{task_id}-r{replica}"
+def instance_id(data_dir: Path | str, node_address: str, chain_id: int | None = None, registry_address: str | None = None) -> str:
+    """The miner instance that owns a container: a short hash of (absolute data directory, chain id,
+    registry address, node address). Stable across restarts on the same data directory; another
+    data directory (or chain, or registry) with the same node key is another instance."""
+    parts = [
+        str(Path(data_dir).expanduser().resolve()),
+        "" if chain_id is None else str(int(chain_id)),
+        (registry_address or "").lower(),
+        node_address.lower(),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:INSTANCE_ID_LENGTH]
+
+
+def container_name(instance: str, task_id: str, replica: int = 0, attempt: int = 0) -> str:
+    """``prime-{instance[:8]}-{task}-r{replica}-a{attempt}``, unique per (node instance, task,
+    replica, attempt); a task id too long for 63 characters is cut and given a hash of itself."""
+    head, tail = f"prime-{instance[:8]}-", f"-r{replica}-a{attempt}"
+    room = MAX_NAME_LENGTH - len(head) - len(tail)
+    task = task_id
+    if len(task) > room:
+        digest = hashlib.sha256(task_id.encode()).hexdigest()[:8]
+        task = f"{task_id[: room - len(digest) - 1]}-{digest}"
+    name = f"{head}{task}{tail}"
+    assert _NAME_RE.match(name) and len(name) <= MAX_NAME_LENGTH, name  # task ids are [A-Za-z0-9_-]
+    return name
 
 
 def gpus_label(gpus: tuple[int, ...] | list[int]) -> str:
@@ -45,10 +81,11 @@ def device_requests(gpus: tuple[int, ...] | list[int]) -> list[DeviceRequest]:
     return [DeviceRequest(driver="nvidia", device_ids=[str(i) for i in sorted(gpus)], capabilities=[["gpu"]])]
 
 
-def labels_for(placement: Placement, node_address: str) -> dict[str, str]:
+def labels_for(placement: Placement, node_address: str, instance: str) -> dict[str, str]:
     return {
         LABEL_TASK: placement.task_id,
         LABEL_NODE: node_address,
+        LABEL_INSTANCE: instance,
         LABEL_REPLICA: str(placement.replica),
         LABEL_HASH: placement.spec_hash(),
         # The whole record, so that a restarted miner knows what it found (restart policy, ...).
@@ -61,6 +98,7 @@ def build_container_kwargs(
     placement: Placement,
     *,
     node_address: str,
+    instance: str,
     data_mount: Path | None,
     network_mode: str,
     shm_size_mib: int | None = 1024,
@@ -73,8 +111,8 @@ def build_container_kwargs(
     env["PRIME_REPLICA"] = str(placement.replica)
     kwargs: dict[str, Any] = {
         "image": spec.image,
-        "name": container_name(placement.task_id, placement.replica),
-        "labels": labels_for(placement, node_address),
+        "name": container_name(instance, placement.task_id, placement.replica, placement.desired.attempt),
+        "labels": labels_for(placement, node_address, instance),
         "environment": env,
         "detach": True,
         "tty": False,

@@ -33,9 +33,11 @@ from prime.errors import PrimeError
 from prime.protocol.tasks import ReplicaState
 from prime.roles.miner.containers import (
     LABEL_HASH,
+    LABEL_INSTANCE,
     LABEL_NODE,
     LABEL_TASK,
     build_container_kwargs,
+    instance_id,
     key_of,
     parse_log_frame,
     read_frames,
@@ -85,7 +87,12 @@ class DockerExecutor:
     """Runs placements as labelled containers of one node. ``network_mode``: "host" in
     production, "none" in tests. ``client`` None: ``docker.from_env()`` at first use.
     ``registries``: which registries a missing image may be pulled from (None: the default
-    policy, public registries only)."""
+    policy, public registries only).
+
+    The executor lists, stops and removes only containers labelled with its own instance id
+    (``containers.instance_id``: data dir, chain, registry, node), never another miner's, even
+    one with the same node key; ``bind_chain`` sets the chain part before any container exists.
+    Containers of miners older than the instance label are never touched (nor adopted)."""
 
     def __init__(
         self,
@@ -100,11 +107,14 @@ class DockerExecutor:
         shm_size_mib: int | None = 1024,
         pids_limit: int | None = 4096,
         registries: RegistryPolicy | None = None,
+        chain_id: int | None = None,
+        registry_address: str | None = None,
     ) -> None:
         self._client = client
         self._client_lock = threading.Lock()
         self.data_dir = Path(data_dir)
         self.node_address = node_address
+        self.instance = instance_id(self.data_dir, node_address, chain_id, registry_address)
         self.network_mode = network_mode
         self.pull_backoff_s = pull_backoff_s
         self.pull_backoff_max_s = pull_backoff_max_s
@@ -120,6 +130,10 @@ class DockerExecutor:
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._pull_listeners: dict[str, list[ProgressCallback]] = {}
         self._pull_failures: dict[str, tuple[int, float, str]] = {}  # image → (failures, retry_at, reason)
+
+    def bind_chain(self, chain_id: int, registry_address: str) -> None:
+        """The chain and registry this miner serves: part of its instance id (call before any container)."""
+        self.instance = instance_id(self.data_dir, self.node_address, chain_id, registry_address)
 
     # -- engine access
 
@@ -170,7 +184,8 @@ class DockerExecutor:
     # -- reading state from Docker
 
     def _list_containers_blocking(self, task_id: str | None = None) -> list[Any]:
-        filters = [f"{LABEL_NODE}={self.node_address}"]
+        # Only this instance's containers: another miner's (even with this node key) are invisible.
+        filters = [f"{LABEL_INSTANCE}={self.instance}", f"{LABEL_NODE}={self.node_address}"]
         if task_id is not None:
             filters.append(f"{LABEL_TASK}={task_id}")
         # ignore_removed: a container removed between Docker's list and its inspect is simply gone.
@@ -179,11 +194,25 @@ class DockerExecutor:
     async def _containers(self, task_id: str | None = None) -> list[Any]:
         return await self._docker(self._list_containers_blocking, task_id)
 
+    async def _containers_of(self, key: Key) -> list[Any]:
+        """The replica's containers, newest first (more than one only when a removal failed)."""
+        found = [c for c in await self._containers(key[0]) if key_of(c.labels) == key]
+        return sorted(found, key=_created, reverse=True)
+
     async def _container(self, key: Key) -> Any | None:
-        for container in await self._containers(key[0]):
-            if key_of(container.labels) == key:
-                return container
-        return None
+        found = await self._containers_of(key)
+        return found[0] if found else None
+
+    async def _remove_stale(self, key: Key, spec_hash: str) -> Any | None:
+        """Remove the replica's containers of another spec (or attempt); the one that matches, if any."""
+        keep = None
+        for container in await self._containers_of(key):
+            if keep is None and (container.labels or {}).get(LABEL_HASH) == spec_hash:
+                keep = container
+                continue
+            log.info("task %s replica %s changed; replacing its container", *key)
+            await self._remove(container)
+        return keep
 
     def _record(self, status: ReplicaStatus) -> ReplicaStatus:
         self._records[status.key] = status
@@ -201,8 +230,13 @@ class DockerExecutor:
 
     async def snapshot(self) -> list[ReplicaStatus]:
         """Every replica of this node: its containers, plus replicas being started or failed before starting."""
-        statuses = [status_of(c) for c in await self._containers() if key_of(c.labels) is not None]
-        seen = {s.key for s in statuses}
+        newest: dict[Key, Any] = {}
+        for container in sorted(await self._containers(), key=_created):
+            key = key_of(container.labels)
+            if key is not None:
+                newest[key] = container  # one per replica: the newest (older ones go at its next start or stop)
+        statuses = [status_of(c) for c in newest.values()]
+        seen = set(newest)
         for key, record in self._records.items():
             if key not in seen and record.state is not ReplicaState.STOPPED:
                 statuses.append(record)
@@ -224,12 +258,9 @@ class DockerExecutor:
         self._starting[key] += 1
         try:
             async with self._lock(key):
-                container = await self._container(key)
+                container = await self._remove_stale(key, spec_hash)
                 if container is not None:
-                    if (container.labels or {}).get(LABEL_HASH) == spec_hash:
-                        return status_of(container)  # started meanwhile (a push and a heartbeat)
-                    log.info("task %s replica %s changed; replacing its container", *key)
-                    await self._remove(container)
+                    return status_of(container)  # started meanwhile (a push and a heartbeat)
                 self._record(self._pending(placement, ReplicaState.PULLING))
             failure = await self._ensure_image(placement.spec.image, on_progress)
             async with self._lock(key):
@@ -237,11 +268,9 @@ class DockerExecutor:
                     return self._records.get(key) or ReplicaStatus(key[0], key[1], ReplicaState.STOPPED)
                 if failure is not None:
                     return self._record(self._pending(placement, ReplicaState.FAILED, failure))
-                container = await self._container(key)  # a concurrent start may have created it
-                if container is not None and (container.labels or {}).get(LABEL_HASH) == spec_hash:
-                    return status_of(container)
+                container = await self._remove_stale(key, spec_hash)  # a concurrent start may have created it
                 if container is not None:
-                    await self._remove(container)
+                    return status_of(container)
                 return await self._create_and_start(placement)
         finally:
             self._starting[key] -= 1
@@ -265,19 +294,37 @@ class DockerExecutor:
         kwargs = build_container_kwargs(
             placement,
             node_address=self.node_address,
+            instance=self.instance,
             data_mount=data_mount,
             network_mode=self.network_mode,
             shm_size_mib=self.shm_size_mib,
             pids_limit=self.pids_limit,
         )
         try:
-            container = await self._docker(self.client.containers.create, **kwargs)
+            try:
+                container = await self._docker(self.client.containers.create, **kwargs)
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409 or not await self._remove_leftover(kwargs["name"]):
+                    raise
+                container = await self._docker(self.client.containers.create, **kwargs)
         except docker.errors.APIError as exc:
             reason = f"Docker refused to create its container: {exc.explanation or exc}"
             return self._record(self._pending(placement, ReplicaState.FAILED, reason))
         self._records.pop(placement.key, None)
         await self._start(container)
         return status_of(container)
+
+    async def _remove_leftover(self, name: str) -> bool:
+        """A container of this very name (a leftover of this instance) is removed; never another's."""
+        try:
+            container = await self._docker(self.client.containers.get, name)
+        except docker.errors.NotFound:
+            return True  # gone meanwhile: the name is free
+        if (container.labels or {}).get(LABEL_INSTANCE) != self.instance:
+            return False
+        log.info("removing leftover container %s before creating it again", name)
+        await self._remove(container)
+        return True
 
     async def _start(self, container: Any) -> None:
         try:
@@ -410,9 +457,10 @@ class DockerExecutor:
         for key in sorted(keys):
             self._generation[key] = self._generation.get(key, 0) + 1
             async with self._lock(key):
-                container = await self._container(key)
-                if container is not None:
+                containers = await self._containers_of(key)
+                for container in containers:
                     await self._remove(container)
+                if containers:
                     found = True
                 elif key in self._starting or (key in self._records and self._records[key].state is not ReplicaState.STOPPED):
                     found = True
@@ -457,6 +505,13 @@ class DockerExecutor:
         for stream, rest in buffers.items():
             if rest:  # a last line without a newline
                 yield LogLine(stream, rest, timestamps[stream])
+
+
+def _created(container: Any) -> str:
+    """Docker's creation time as sortable text (RFC 3339 in UTC, its fraction padded to 9 digits)."""
+    created = str((container.attrs or {}).get("Created") or "")
+    head, _, fraction = created.rstrip("Z").partition(".")
+    return f"{head}.{fraction.ljust(9, '0')}"
 
 
 def _short(exc: BaseException) -> str:
