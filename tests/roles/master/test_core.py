@@ -1,22 +1,31 @@
 """The master core's decisions added with the protocol package (pure: no I/O, no clock):
 the run ending, stale invite results, stops emitted once, task admission, and storage sync
-driven by instructions and result events. Hostile cases next to the happy ones."""
+driven by instructions and result events; liveness after a restart or a gap in the master's own
+view (a property test over restart times and heartbeat arrivals). Hostile cases next to the happy ones."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from prime.protocol.heartbeat import HeartbeatRequest, ReplicaReport
 from prime.protocol.nodes import NodeState
 from prime.protocol.tasks import ReplicaState, TaskSpec
 from prime.roles.master.state import (
+    ChainSynced,
     HeartbeatReceived,
     InviteFailed,
     InviteSent,
+    MasterStarted,
+    MasterState,
     NodeApprovedOnChain,
     NodeJoinedOnChain,
+    RecordReplicaTransition,
+    RecordTransition,
+    RecordViewGap,
     RunEnded,
     SendInvite,
     StartReplica,
@@ -37,7 +46,7 @@ from prime.roles.master.state import (
 from prime.roles.master.store import MasterStore
 from prime.roles.master.syncplan import SyncMark
 from prime.store import Database
-from tests.roles.master.test_state import CFG, SPECS, A, B, C, fresh, member, new_task, of
+from tests.roles.master.test_state import CFG, SPECS, A, B, C, fresh, member, new_task, of, running
 
 # --- the run ends -----------------------------------------------------------------------------------
 
@@ -395,3 +404,150 @@ def test_a_master_sqlite_of_the_previous_schema_migrates_forward(tmp_path: Path)
     assert store.db.schema_version == len(MIGRATIONS)
     st = store.load(CFG)
     assert st.chain_cursor == 42 and st.sync_marks == {}
+
+
+# --- liveness after a restart or a gap in the master's own view (issue 13) -------------------------
+# CFG: heartbeat 10 s, Unhealthy after 25 s, Dead after 55 s. The service ticks every 5 s.
+
+EVERY = 5.0
+
+
+def _three_nodes_three_replicas() -> tuple[MasterState, dict[str, int]]:
+    st = fresh()
+    for n in (A, B, C):
+        member(st, n, 0.0)
+    handle(st, TaskCreated(new_task("t", 0.0, gpus=4, replicas=3)))   # one replica per node
+    on = {r.node: r.index for r in st.tasks["t"].replicas}
+    assert set(on) == {A, B, C}
+    return st, on
+
+
+def _restarted(st: MasterState, at: float) -> MasterState:
+    db = Database(":memory:")
+    MasterStore(db).save(st)
+    st = MasterStore(db).load(CFG)
+    handle(st, MasterStarted(at))
+    handle(st, ChainSynced(at))
+    return st
+
+
+def test_a_late_tick_is_a_gap_in_the_masters_view_and_restarts_the_windows() -> None:
+    st, on = _three_nodes_three_replicas()
+    for n in (A, B, C):
+        handle(st, HeartbeatReceived(n, 10.0, HeartbeatRequest(tasks=(running("t", on[n]),))))
+    handle(st, Tick(10.0, every_s=EVERY))
+    out = handle(st, Tick(500.0, every_s=EVERY))     # the loop stalled (or the clock jumped) for 490 s
+    assert of(out, RecordViewGap) == [RecordViewGap(10.0, 500.0)]
+    assert not of(out, RecordTransition) and not of(out, RecordReplicaTransition)
+    assert all(st.nodes[n].state == NodeState.HEALTHY for n in (A, B, C))
+    for now in (505.0, 510.0, 515.0, 520.0):
+        assert not of(handle(st, Tick(now, every_s=EVERY)), RecordTransition)  # under 25 s after the gap
+    handle(st, HeartbeatReceived(A, 522.0, HeartbeatRequest(tasks=(running("t", on[A]),))))
+    handle(st, Tick(526.0, every_s=EVERY))
+    assert st.nodes[A].state == NodeState.HEALTHY and st.nodes[B].state == NodeState.UNHEALTHY
+    now = 526.0
+    while now < 556.0:
+        now += EVERY
+        out = handle(st, Tick(now, every_s=EVERY))
+        assert not of(out, RecordViewGap)
+    assert now - 500.0 > CFG.dead_after_s                      # a full dead-after window after the gap: Dead
+    assert st.nodes[B].state == st.nodes[C].state == NodeState.DEAD and st.nodes[A].state == NodeState.UNHEALTHY
+
+
+def test_a_tick_before_the_previous_one_is_a_gap_and_sparse_ticks_without_a_cadence_are_not() -> None:
+    st, _ = _three_nodes_three_replicas()
+    handle(st, Tick(100.0, every_s=EVERY))
+    assert of(handle(st, Tick(40.0, every_s=EVERY)), RecordViewGap) == [RecordViewGap(100.0, 40.0)]
+    assert st.watching_since == 40.0
+    assert not of(handle(st, Tick(1000.0)), RecordViewGap)   # a caller that does not say its cadence
+    assert st.nodes[A].state == NodeState.DEAD
+
+
+def test_after_a_restart_a_node_reporting_its_replicas_keeps_them() -> None:
+    st, on = _three_nodes_three_replicas()
+    for n in (A, B, C):
+        handle(st, HeartbeatReceived(n, 10.0, HeartbeatRequest(tasks=(running("t", on[n]),))))
+    st = _restarted(st, 10.0 + 3 * CFG.dead_after_s)        # down for 3 x the dead-after window
+    t0 = st.watching_since
+    assert t0 is not None
+    out: list = []
+    for k in range(12):                                       # the miners come back within one interval
+        now = t0 + k * EVERY
+        if k % 2 == 1:
+            for n in (A, B, C):
+                out += handle(st, HeartbeatReceived(n, now + 0.5, HeartbeatRequest(tasks=(running("t", on[n]),))))
+        out += handle(st, Tick(now + 1.0, every_s=EVERY))
+    assert not of(out, RecordTransition) and not of(out, RecordReplicaTransition) and not of(out, StartReplica)
+    assert [(r.node, r.attempt, r.state) for r in st.tasks["t"].replicas] == \
+        [(n, 0, ReplicaState.RUNNING) for n in sorted(on, key=on.__getitem__)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    down_at=hs.floats(5.0, 300.0),
+    downtime=hs.floats(0.0, 2000.0),
+    stall_after=hs.floats(0.0, 300.0),
+    stall=hs.floats(CFG.heartbeat_interval_s + 0.5, 1000.0),
+    periods=hs.tuples(*[hs.floats(1.0, CFG.heartbeat_interval_s)] * 3),
+    offsets=hs.tuples(*[hs.floats(0.0, CFG.heartbeat_interval_s)] * 3),
+    silent_from=hs.one_of(hs.none(), hs.floats(0.0, 1500.0)),
+)
+def test_no_node_is_judged_before_a_full_window_after_a_restart_or_a_gap(
+    down_at: float, downtime: float, stall_after: float, stall: float,
+    periods: tuple[float, float, float], offsets: tuple[float, float, float], silent_from: float | None,
+) -> None:
+    """Nodes heartbeat at most one interval apart whenever the master can hear them; the master is
+    down once and later stalls once. A node that keeps heartbeating is never Unhealthy or Dead and
+    keeps its replica; C may go silent for good: it is judged only a full window after
+    max(its last heartbeat, the restart or the gap's end), and judged Dead in the end."""
+    st, on = _three_nodes_three_replicas()
+    restart = down_at + downtime
+    stall_from = restart + stall_after
+    stall_to = stall_from + stall
+    end = stall_to + 2 * CFG.dead_after_s + 20.0
+    silent_at = None if silent_from is None else silent_from
+
+    times: list[tuple[float, int, str | None]] = []   # (time, order, node): node None = Tick
+    k = 0
+    while k * EVERY < end:
+        times.append((k * EVERY, 1, None))
+        k += 1
+    for n, period, offset in zip((A, B, C), periods, offsets):
+        t = offset
+        while t < end:
+            if not (n == C and silent_at is not None and t >= silent_at):
+                times.append((t, 0, n))
+            t += period
+    times.sort()
+
+    view_start = 0.0
+    last_hb = {n: 0.0 for n in (A, B, C)}
+    restarted = False
+    out: list = []
+    for t, _, n in times:
+        if down_at <= t < restart or stall_from <= t < stall_to:
+            continue  # the master is down, or its loop stalled: nothing is heard or judged
+        if not restarted and t >= restart:
+            st = _restarted(st, restart)
+            view_start = restart
+            restarted = True
+        if n is None:
+            out = handle(st, Tick(t, every_s=EVERY))
+            if of(out, RecordViewGap):
+                view_start = t
+        else:
+            out = handle(st, HeartbeatReceived(n, t, HeartbeatRequest(tasks=(running("t", on[n]),))))
+            last_hb[n] = t
+        for tr in of(out, RecordTransition):
+            seen = max(last_hb[tr.node], view_start)
+            assert tr.node == C, f"{tr} at {t}: a node that kept heartbeating was judged"
+            if tr.new == NodeState.UNHEALTHY:
+                assert t - seen > CFG.unhealthy_after_s, (tr, t, seen)
+            elif tr.new == NodeState.DEAD:
+                assert t - seen > CFG.dead_after_s, (tr, t, seen)
+    for n in (A, B):
+        r = st.tasks["t"].replicas[on[n]]
+        assert (r.node, r.attempt, r.state) == (n, 0, ReplicaState.RUNNING), (n, r)
+        assert st.nodes[n].state == NodeState.HEALTHY
+    if silent_at is not None and silent_at < stall_to:
+        assert st.nodes[C].state == NodeState.DEAD   # liveness is still judged: a silent node dies

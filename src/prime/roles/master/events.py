@@ -133,7 +133,13 @@ class HeartbeatReceived:
 
 @dataclass(frozen=True)
 class Tick:
+    """The periodic catch-all. ``every_s``: the cadence the service ticks at (None: unknown). A Tick
+    that comes more than ``StateConfig.view_gap_s(every_s)`` after the previous one, or before it
+    (the clock went back), ends a gap in the master's own view (its loop stalled, the process was
+    paused, the clock jumped): like a restart, node health windows count from the end of the gap."""
+
     now: float
+    every_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +253,15 @@ class SyncStorage:
 
 
 @dataclass(frozen=True)
+class RecordViewGap:
+    """The master's own view had a gap from ``since`` to ``until`` (log it): no node is judged worse
+    for it until it has had a full window after ``until``."""
+
+    since: float
+    until: float
+
+
+@dataclass(frozen=True)
 class HeartbeatRefused:
     """The node may not heartbeat (not a member on chain); the HTTP layer answers 403 with ``reason``."""
 
@@ -266,6 +281,6 @@ class TaskRefused:
 
 Instruction = Union[
     SendInvite, RecordTransition, RecordReplicaTransition, StartReplica, StopReplica, SyncStorage, HeartbeatRefused,
-    TaskRefused,
+    TaskRefused, RecordViewGap,
 ]
 

@@ -62,6 +62,12 @@ class StateConfig:
     def dead_after_s(self) -> float:
         return self.heartbeat_interval_s * self.dead_after_missed + self.grace_s
 
+    def view_gap_s(self, every_s: float) -> float:
+        """Ticks further apart than this (or going back in time) are a gap in the master's own view:
+        twice the tick cadence, and never less than one heartbeat interval (a busy loop that is a
+        little late is no gap; a gap only ever restarts the windows, so it must be a real one)."""
+        return max(2.0 * every_s, self.heartbeat_interval_s)
+
     def invite_backoff_s(self, failures: int) -> float:
         """Wait before the next invite after ``failures`` failed ones in a row: base * 2^(failures-1), capped."""
         if failures <= 0:
@@ -106,8 +112,11 @@ def reconcile(
 
     Pure: the inputs are not modified. ``chain_members`` and ``heartbeats`` may cover only some
     nodes; a record keeps its stored chain view / last heartbeat where they say nothing.
-    ``watching_since`` (when this master started) keeps the master's own downtime from counting
-    as missed heartbeats: it can keep a node's health as it was, never improve it. With
+    ``watching_since`` (when this master started, or the end of the last gap in its own view)
+    keeps the master's own downtime from counting as missed heartbeats: a node's windows count
+    from max(its last heartbeat, ``watching_since``), so no node is judged Unhealthy or Dead
+    before it had a full window to reach the restarted master; it can keep a node's health as it
+    was, never improve it. With
     ``may_invite`` False (chain view not caught up yet) invite bookkeeping is left as it is.
 
     - Active on chain: a member. No record (the master was down while it joined) -> adopted as

@@ -41,6 +41,7 @@ from prime.roles.master.state import (
     NodeUrlResolved,
     RecordReplicaTransition,
     RecordTransition,
+    RecordViewGap,
     RunEnded,
     SendInvite,
     StartReplica,
@@ -205,6 +206,9 @@ class MasterService:
             # Syncs may move a lot of data: they wait for a slot of their own (StorageSync's limit),
             # never for one of the invites and pushes.
             self.spawn(f"sync {ins.task_id}/{ins.replica}", self._sync(ins), limited=False)
+        elif isinstance(ins, RecordViewGap):
+            log.warning("the master's own view had a gap of %.1f s (stalled, paused or the clock jumped): "
+                        "node health windows restart now", ins.until - ins.since)
         elif isinstance(ins, (HeartbeatRefused, TaskRefused)):
             pass  # the HTTP layer answers it
 
@@ -335,7 +339,7 @@ class MasterService:
         return self.state.tasks.get(task_id)
 
     async def tick(self) -> None:
-        self.apply(Tick(self.clock()))
+        self.apply(Tick(self.clock(), every_s=self.settings.tick_interval_s))
 
     async def sync_round(self) -> None:
         """Start every storage sync that is due (each runs in the background, so a slow or hung

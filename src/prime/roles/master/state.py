@@ -50,6 +50,7 @@ from prime.roles.master.events import (  # re-exported (__all__): the core's voc
     NodeUrlResolved,
     RecordReplicaTransition,
     RecordTransition,
+    RecordViewGap,
     RunEnded,
     SendInvite,
     StartReplica,
@@ -70,7 +71,7 @@ __all__ = [
     "ChainMember", "ChainMembershipObserved", "ChainSynced", "Event", "HeartbeatReceived", "HeartbeatRefused",
     "Instruction", "InviteFailed", "InviteSent", "MasterStarted", "MasterState", "NodeApprovedOnChain",
     "NodeEjectedOnChain", "NodeJoinedOnChain", "NodeLeftOnChain", "NodeUrlResolved", "Reconciliation",
-    "RecordReplicaTransition", "RecordTransition", "RunEnded", "SendInvite", "StartReplica", "StateConfig",
+    "RecordReplicaTransition", "RecordTransition", "RecordViewGap", "RunEnded", "SendInvite", "StartReplica", "StateConfig",
     "StopReplica", "SyncFailed", "SyncKey", "SyncMark", "SyncRound", "SyncStorage", "SyncSucceeded",
     "TaskCreated", "TaskRefused", "TaskStopRequested", "Tick", "admission_refusal", "desired_entry", "handle",
     "heartbeat_refusal", "heartbeat_response", "invite_is_current", "may_heartbeat", "reconcile",
@@ -89,7 +90,8 @@ class MasterState:
     chain_cursor: int | None = None      # the event follower's cursor (opaque here), stored with the state
     sync_marks: dict[SyncKey, SyncMark] = field(default_factory=dict)  # storage sync bookkeeping (syncplan)
     # Runtime only (not stored):
-    watching_since: float | None = None  # when this master process started watching heartbeats
+    watching_since: float | None = None  # when this master's continuous view began: its start, or the end of a gap
+    last_tick_at: float | None = None    # the previous Tick's time (gaps in the master's own view show there)
     chain_synced: bool = True            # False from MasterStarted until ChainSynced: no invites meanwhile
     run_ended: bool = False              # RunEnded (fed from the chain at every start): no invites, no new tasks
     syncing: set[SyncKey] = field(default_factory=set, repr=False, compare=False)  # SyncStorage in flight
@@ -234,6 +236,7 @@ def _reconcile_all(
 
 def _on_started(state: MasterState, event: MasterStarted) -> list[Instruction]:
     state.watching_since = event.at
+    state.last_tick_at = event.at
     state.chain_synced = False
     return _reconcile_all(state, event.at)
 
@@ -332,7 +335,17 @@ def _on_heartbeat(state: MasterState, event: HeartbeatReceived) -> list[Instruct
 
 
 def _on_tick(state: MasterState, event: Tick) -> list[Instruction]:
-    return _reconcile_all(state, event.now, schedule=True)  # the periodic catch-all
+    """The periodic catch-all. A Tick late by more than ``view_gap_s`` (or earlier than the last
+    one: the clock went back) ends a gap in the master's own view: health windows restart at its
+    time, exactly as after a restart, before anyone is judged."""
+    out: list[Instruction] = []
+    last, state.last_tick_at = state.last_tick_at, event.now
+    if event.every_s is not None and last is not None:
+        elapsed = event.now - last
+        if elapsed < 0 or elapsed > state.config.view_gap_s(event.every_s):
+            state.watching_since = event.now
+            out.append(RecordViewGap(last, event.now))
+    return out + _reconcile_all(state, event.now, schedule=True)
 
 
 def _on_task_created(state: MasterState, event: TaskCreated) -> list[Instruction]:
