@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from prime.chain.anvil import free_port
-from prime.devnet.keys import DEV_ROLES, dev_account, ensure_dev_keys
+from prime.chain.anvil import dev_accounts, free_port
+from prime.devnet.keys import DEV_ROLES, ROLES, dev_account, ensure_dev_keys
 from prime.devnet.logs import log_names, show_logs
 from prime.devnet.state import DevnetInfo, DevnetPaths, Service, env_file_text, require_info
 from prime.devnet.up import DEFAULT_PORTS, choose_ports
 from prime.errors import PrimeError
-from prime.keys import load_account
+from prime.keys import create_keystore, load_account
 
 
 @pytest.fixture
@@ -24,6 +24,7 @@ def paths(tmp_path):
 
 def sample_info(paths: DevnetPaths) -> DevnetInfo:
     keys = {role: {"address": dev_account(role).address, "key_file": str(paths.key(role))} for role in DEV_ROLES}
+    keys["node"] = {"address": "0x" + "ab" * 20, "key_file": str(paths.key("node"))}
     services = {name: Service(port, f"http://127.0.0.1:{port}", skipped=name == "validator") for name, port in DEFAULT_PORTS.items()}
     return DevnetInfo(
         state_dir=str(paths.root), rpc_url="http://127.0.0.1:8545", chain_id=31337, registry="0x" + "12" * 20,
@@ -51,17 +52,34 @@ def test_devnet_json_round_trip_and_env_file(paths):
 
 def test_dev_keys_are_keystores_of_anvils_accounts_and_are_reused(paths):
     keys = ensure_dev_keys(paths)
-    assert set(keys) == set(DEV_ROLES)
+    assert set(keys) == set(ROLES) == {*DEV_ROLES, "node"}
     for role, key in keys.items():
-        assert load_account(key.key_file, password="devnet").address == dev_account(role).address
-    before = {role: paths.key(role).read_bytes() for role in DEV_ROLES}
-    ensure_dev_keys(paths)
-    assert {role: paths.key(role).read_bytes() for role in DEV_ROLES} == before  # not rewritten
+        expected = key.address if role == "node" else dev_account(role).address
+        assert load_account(key.key_file, password="devnet").address == expected
+    before = {role: paths.key(role).read_bytes() for role in ROLES}
+    again = ensure_dev_keys(paths)
+    assert {role: paths.key(role).read_bytes() for role in ROLES} == before  # not rewritten
+    assert again["node"].address == keys["node"].address  # the node key is kept too
 
-    paths.key("node").unlink()
-    paths.key("owner").rename(paths.key("node"))  # the wrong key under a role's name
-    with pytest.raises(PrimeError, match="not the devnet's node key"):
+    paths.key("master").unlink()
+    paths.key("owner").rename(paths.key("master"))  # the wrong key under a role's name
+    with pytest.raises(PrimeError, match="not the devnet's master key"):
         ensure_dev_keys(paths)
+
+
+def test_each_state_dir_gets_its_own_node_key(tmp_path):
+    """Two local networks on one engine never share a node identity (nor its containers, issue 13)."""
+    one, two = ensure_dev_keys(DevnetPaths.at(tmp_path / "one")), ensure_dev_keys(DevnetPaths.at(tmp_path / "two"))
+    assert one["node"].address != two["node"].address
+    anvils = {account.address for account in dev_accounts(10)}
+    assert one["node"].address not in anvils and two["node"].address not in anvils
+    assert one["owner"].address == two["owner"].address == dev_account("owner").address  # the shared, funded ones
+
+    # An older state dir holding anvil's shared node key (account 5) gets its own key instead.
+    old = DevnetPaths.at(tmp_path / "old")
+    old.keys.mkdir(parents=True, exist_ok=True)
+    create_keystore(old.key("node"), "devnet", dev_accounts(10)[5].key.hex(), kdf="scrypt", iterations=2**4)
+    assert ensure_dev_keys(old)["node"].address not in anvils
 
 
 def test_ports_explicit_default_or_free():
