@@ -6,7 +6,7 @@ import asyncio
 import datetime as dt
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -133,12 +133,8 @@ def _figures(report: dict | None) -> str:
     return f"n={report['n']} {report['dtype']} {report['elapsed_s']:.3f}s/{report['bound_s']:.3f}s"
 
 
-@app.command()
-def reports(
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
-    data_dir: DataDir = DEFAULT_DATA_DIR,
-) -> None:
-    """List this validator's reports: one per node registration, with verdict, reason and transaction."""
+def _read_store(data_dir: Path, read: Any) -> Any:
+    """``read(store)`` on the validator database in ``data_dir``; a missing or damaged file is one sentence."""
     from prime.roles.validator.store import DB_FILE, ValidatorStore
     from prime.store import Database
 
@@ -152,9 +148,18 @@ def reports(
     except Exception as exc:  # noqa: BLE001 - a damaged file: one sentence, no traceback
         raise PrimeError(f"Cannot read the validator database {path} ({exc}); check the file.") from None
     try:
-        rows = store.all()
+        return read(store)
     finally:
         store.close()
+
+
+@app.command()
+def reports(
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")] = False,
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """List this validator's reports: one per node registration, with verdict, reason and transaction."""
+    rows = _read_store(data_dir, lambda store: store.all())
     if json_output:
         typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
         return
@@ -191,22 +196,7 @@ def revalidations(
     data_dir: DataDir = DEFAULT_DATA_DIR,
 ) -> None:
     """List this validator's re-challenges of active nodes: passed, or failed and reported on chain."""
-    from prime.roles.validator.store import DB_FILE, ValidatorStore
-    from prime.store import Database
-
-    path = Path(data_dir).expanduser() / DB_FILE
-    if not path.is_file():
-        raise PrimeError(f"There are no validator reports in {data_dir}; pass the --data-dir the validator runs with.")
-    try:
-        store = ValidatorStore(Database(path))
-    except PrimeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged file: one sentence, no traceback
-        raise PrimeError(f"Cannot read the validator database {path} ({exc}); check the file.") from None
-    try:
-        rows = store.revalidations()
-    finally:
-        store.close()
+    rows = _read_store(data_dir, lambda store: store.revalidations())
     if json_output:
         typer.echo(json.dumps([row.to_json() for row in rows], indent=2))
         return

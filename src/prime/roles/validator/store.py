@@ -34,21 +34,29 @@ same node never conflicts with itself (prime.roles.validator.uniqueness decides 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from prime.roles.validator.records import (  # re-exported: callers import them from here
+    DECIDED,
+    OPEN_STATES,
+    PASSED,
+    PENDING,
+    REPORTED,
+    SKIPPED,
+    SUPERSEDED,
+    Registration,
+    Revalidation,
+    Validation,
+    _revalidation,
+    _row,
+)
 from prime.roles.validator.verdict import Verdict
 from prime.store import Database
 
 DB_FILE = "validator.sqlite"
 CURSOR_NAME = "node_registered"
 
-PENDING, DECIDED, REPORTED, SUPERSEDED, SKIPPED = "pending", "decided", "reported", "superseded", "skipped"
-OPEN_STATES = (PENDING, DECIDED)  # still work to do
-PASSED = "passed"  # a re-validation the node passed
 REVALIDATION_DONE = (REPORTED, SUPERSEDED, SKIPPED)  # the registration is out: never re-challenged again
 
 # Append-only: prime.store.Database.migrate applies each entry once, in order.
@@ -125,143 +133,6 @@ MIGRATIONS: list[str] = [
     CREATE INDEX gpu_uuids_node ON gpu_uuids (node);
     """,
 ]
-
-
-@dataclass(frozen=True)
-class Registration:
-    """One NodeRegistered event, as the follower hands it over."""
-
-    node: str
-    run_id: int
-    block: int
-    log_index: int
-    tx_hash: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.tx_hash}:{self.log_index}"
-
-
-@dataclass(frozen=True)
-class Validation:
-    """One row of ``validations``."""
-
-    id: str
-    node: str
-    run_id: int
-    block: int
-    log_index: int
-    state: str
-    seen_at: float
-    deadline_at: float
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    last_kind: str | None
-    miner_url: str | None
-    challenge_id: str | None
-    approved: bool | None
-    failed_check: str | None
-    reason: str | None
-    report_hash: str | None
-    report: dict[str, Any] | None
-    decided_at: float | None
-    tx_hash: str | None
-    reported_at: float | None
-    note: str | None
-
-    @property
-    def result(self) -> str:
-        """approved | rejected | pending | skipped | superseded (for tables)."""
-        if self.state in (PENDING, SKIPPED, SUPERSEDED):
-            return self.state
-        return "approved" if self.approved else "rejected"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "node": self.node, "run_id": self.run_id, "block": self.block,
-            "log_index": self.log_index, "state": self.state, "result": self.result,
-            "approved": self.approved, "failed_check": self.failed_check, "reason": self.reason,
-            "report_hash": self.report_hash, "report": self.report, "tx_hash": self.tx_hash,
-            "miner_url": self.miner_url, "challenge_id": self.challenge_id, "attempts": self.attempts,
-            "last_error": self.last_error, "seen_at": self.seen_at, "decided_at": self.decided_at,
-            "reported_at": self.reported_at, "note": self.note,
-        }
-
-
-def _row(row: sqlite3.Row) -> Validation:
-    approved = row["approved"]
-    report = row["report_json"]
-    return Validation(
-        id=row["id"], node=row["node"], run_id=int(row["run_id"]), block=int(row["block"]),
-        log_index=int(row["log_index"]), state=row["state"], seen_at=float(row["seen_at"]),
-        deadline_at=float(row["deadline_at"]), attempts=int(row["attempts"]),
-        next_attempt_at=float(row["next_attempt_at"]), last_error=row["last_error"],
-        last_kind=row["last_kind"], miner_url=row["miner_url"], challenge_id=row["challenge_id"],
-        approved=None if approved is None else bool(approved), failed_check=row["failed_check"],
-        reason=row["reason"], report_hash=row["report_hash"],
-        report=json.loads(report) if report else None, decided_at=row["decided_at"],
-        tx_hash=row["tx_hash"], reported_at=row["reported_at"], note=row["note"],
-    )
-
-
-@dataclass(frozen=True)
-class Revalidation:
-    """One row of ``revalidations``: one re-challenge of an approved node."""
-
-    id: str
-    registration_id: str
-    node: str
-    run_id: int
-    state: str
-    started_at: float
-    deadline_at: float
-    attempts: int
-    next_attempt_at: float
-    last_error: str | None
-    last_kind: str | None
-    miner_url: str | None
-    challenge_id: str | None
-    passed: bool | None
-    failed_check: str | None
-    reason: str | None
-    report_hash: str | None
-    report: dict[str, Any] | None
-    decided_at: float | None
-    tx_hash: str | None
-    reported_at: float | None
-    note: str | None
-
-    @property
-    def result(self) -> str:
-        """passed | failed | pending | skipped | superseded."""
-        if self.state in (PENDING, SKIPPED, SUPERSEDED, PASSED):
-            return self.state
-        return "failed"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "registration_id": self.registration_id, "node": self.node, "run_id": self.run_id,
-            "state": self.state, "result": self.result, "passed": self.passed, "failed_check": self.failed_check,
-            "reason": self.reason, "report_hash": self.report_hash, "report": self.report, "tx_hash": self.tx_hash,
-            "miner_url": self.miner_url, "challenge_id": self.challenge_id, "attempts": self.attempts,
-            "last_error": self.last_error, "started_at": self.started_at, "decided_at": self.decided_at,
-            "reported_at": self.reported_at, "note": self.note,
-        }
-
-
-def _revalidation(row: sqlite3.Row) -> Revalidation:
-    passed = row["passed"]
-    report = row["report_json"]
-    return Revalidation(
-        id=row["id"], registration_id=row["registration_id"], node=row["node"], run_id=int(row["run_id"]),
-        state=row["state"], started_at=float(row["started_at"]), deadline_at=float(row["deadline_at"]),
-        attempts=int(row["attempts"]), next_attempt_at=float(row["next_attempt_at"]), last_error=row["last_error"],
-        last_kind=row["last_kind"], miner_url=row["miner_url"], challenge_id=row["challenge_id"],
-        passed=None if passed is None else bool(passed), failed_check=row["failed_check"], reason=row["reason"],
-        report_hash=row["report_hash"], report=json.loads(report) if report else None, decided_at=row["decided_at"],
-        tx_hash=row["tx_hash"], reported_at=row["reported_at"], note=row["note"],
-    )
 
 
 class ValidatorStore:
@@ -342,21 +213,26 @@ class ValidatorStore:
         row = self.db.query_one("SELECT * FROM validations WHERE id = ?", (validation_id,))
         return _row(row) if row else None
 
+    # validations and revalidations share these columns: one statement each, for either table.
+    def _failed_attempt(self, table: str, row_id: str, kind: str, error: str, retry_at: float,
+                        miner_url: str | None) -> None:
+        self.db.execute(
+            f"UPDATE {table} SET attempts = attempts + 1, last_kind = ?, last_error = ?, next_attempt_at = ?, "
+            "miner_url = COALESCE(?, miner_url) WHERE id = ? AND state = ?",
+            (kind, error, retry_at, miner_url, row_id, PENDING),
+        )
+
+    def _defer(self, table: str, row_id: str, error: str, retry_at: float) -> None:
+        self.db.execute(f"UPDATE {table} SET last_error = ?, next_attempt_at = ? WHERE id = ?", (error, retry_at, row_id))
+
     def failed_attempt(self, validation_id: str, *, kind: str, error: str, retry_at: float,
                        miner_url: str | None = None) -> None:
         """An attempt could not challenge the node; try again at ``retry_at``."""
-        self.db.execute(
-            "UPDATE validations SET attempts = attempts + 1, last_kind = ?, last_error = ?, next_attempt_at = ?, "
-            "miner_url = COALESCE(?, miner_url) WHERE id = ? AND state = ?",
-            (kind, error, retry_at, miner_url, validation_id, PENDING),
-        )
+        self._failed_attempt("validations", validation_id, kind, error, retry_at, miner_url)
 
     def defer(self, validation_id: str, *, error: str, retry_at: float) -> None:
         """Our side failed (chain down): try again later without counting it against the node."""
-        self.db.execute(
-            "UPDATE validations SET last_error = ?, next_attempt_at = ? WHERE id = ?",
-            (error, retry_at, validation_id),
-        )
+        self._defer("validations", validation_id, error, retry_at)
 
     def decide(self, validation_id: str, verdict: Verdict, *, now: float, miner_url: str | None) -> bool:
         """Record the verdict (once: only a pending row takes one). True if this call recorded it."""
@@ -438,15 +314,10 @@ class ValidatorStore:
 
     def revalidation_failed_attempt(self, revalidation_id: str, *, kind: str, error: str, retry_at: float,
                                     miner_url: str | None = None) -> None:
-        self.db.execute(
-            "UPDATE revalidations SET attempts = attempts + 1, last_kind = ?, last_error = ?, next_attempt_at = ?, "
-            "miner_url = COALESCE(?, miner_url) WHERE id = ? AND state = ?",
-            (kind, error, retry_at, miner_url, revalidation_id, PENDING),
-        )
+        self._failed_attempt("revalidations", revalidation_id, kind, error, retry_at, miner_url)
 
     def defer_revalidation(self, revalidation_id: str, *, error: str, retry_at: float) -> None:
-        self.db.execute("UPDATE revalidations SET last_error = ?, next_attempt_at = ? WHERE id = ?",
-                        (error, retry_at, revalidation_id))
+        self._defer("revalidations", revalidation_id, error, retry_at)
 
     def decide_revalidation(self, revalidation_id: str, verdict: Verdict, *, now: float, miner_url: str | None) -> bool:
         """Record the re-challenge's verdict: ``passed``, or ``decided`` (a failure to report on chain)."""
