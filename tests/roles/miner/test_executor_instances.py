@@ -156,6 +156,7 @@ async def test_containers_without_the_instance_label_are_never_touched(
                                           labels={LABEL_NODE: node, LABEL_TASK: task_id, "prime.replica": "0"})
     executor = _executor(docker_client, tmp_path / "miner", node)
     assert await executor.snapshot() == []
+    assert await executor.unlabelled() == [old.name]  # named in a warning when the miner starts
     await Converger(executor, []).converge([])
     assert await executor.stop(task_id) is False
     docker_client.containers.get(old.id)  # still there (NotFound otherwise)

@@ -191,6 +191,13 @@ class DockerExecutor:
         # ignore_removed: a container removed between Docker's list and its inspect is simply gone.
         return self.client.containers.list(all=True, filters={"label": filters}, ignore_removed=True)
 
+    async def unlabelled(self) -> list[str]:
+        """Names of containers with this node's label but no instance label (miners before it): never touched."""
+        def names() -> list[str]:
+            listed = self.client.containers.list(all=True, filters={"label": f"{LABEL_NODE}={self.node_address}"}, ignore_removed=True)
+            return sorted(c.name for c in listed if LABEL_INSTANCE not in (c.labels or {}))
+        return await self._docker(names)
+
     async def _containers(self, task_id: str | None = None) -> list[Any]:
         return await self._docker(self._list_containers_blocking, task_id)
 

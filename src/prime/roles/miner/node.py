@@ -260,6 +260,10 @@ class MinerNode:
             log.info("pulling images from %s", registries.describe())
         # Containers from before a restart are adopted: found by their labels, never restarted here.
         self.out.adopted([s for s in await self.executor.snapshot() if s.container_id is not None])
+        unlabelled = await self.executor.unlabelled() if hasattr(self.executor, "unlabelled") else []
+        if unlabelled:  # an older miner's: no instance label, so never adopted, stopped or removed
+            log.warning("%d container(s) of this node carry no prime.instance label and are left alone (remove them with "
+                        "`docker rm -f %s`)", len(unlabelled), " ".join(unlabelled[:5]))
         permissions = ChainPermissions(self.registry)
         # the offered GPUs' UUIDs and the driver, named in every commitment
         gpu_uuids, driver = hardware.identity(self.hardware, self.gpus) if self.hardware else ([], None)
