@@ -17,7 +17,7 @@ from prime.auth.client import AnswerTooLarge, ReplyTooLarge, read_bounded
 from prime.challenge.params import ChallengeParams
 from prime.challenge.prover import Commitment, MatmulProver, NumpyBackend
 from prime.challenge.runner import run_challenge
-from prime.challenge.service import ChallengeService, add_challenge_routes
+from prime.challenge.service import MIN_OPEN_HOLD_S, ChallengeService, add_challenge_routes
 from prime.errors import PeerError
 from prime.protocol.challenge import CommitmentAnswer, OpeningAnswer, decode
 from prime.web import make_app
@@ -322,3 +322,83 @@ async def test_runner_raises_when_the_miner_is_busy_and_rejects_a_refusal() -> N
     async with serve(small) as (url, session):
         report = await run_challenge(PlainClient(session), url, node=NODE_ADDRESS, specs=CPU, params_overrides={"n": N})
     assert not report.approved and "refused" in report.reason
+
+
+# ---------------------------------------------------------------- orphaned challenges (issue 13)
+async def test_the_same_validator_asking_again_replaces_its_committed_challenge(caplog: Any) -> None:
+    prover = CountingProver()
+    service = ChallengeService(prover)
+    a, b = {"X-Test-Signer": "0xAbC"}, {"X-Test-Signer": "0xB"}
+    async with serve(service) as (url, session):
+        status, _ = await post(session, f"{url}/challenge", json=challenge(), headers=a)
+        assert status == 200 and service.active_id == "c1"
+        # Another validator: still 409, and it reads no body (it cannot push the first aside).
+        status, body = await post(session, f"{url}/challenge", json=challenge(id="c2"), headers=b)
+        assert (status, body["error"], body["detail"]) == (409, "challenge_in_progress", {"id": "c1"})
+        status, _ = await post(session, f"{url}/challenge", data=b"{not json", headers=b)
+        assert status == 409
+        # Unsigned, or the same validator with the same id: no replacement either.
+        assert (await post(session, f"{url}/challenge", json=challenge(id="c2")))[0] == 409
+        assert (await post(session, f"{url}/challenge", json=challenge(), headers=a))[0] == 409
+        assert prover.commits == 1
+        # The same validator (any spelling of its address) with a new id: replaced at once.
+        with caplog.at_level("WARNING", logger="prime.challenge.service"):
+            status, body = await post(session, f"{url}/challenge", json=challenge(id="c2"),
+                                      headers={"X-Test-Signer": "0xabc"})
+        assert status == 200 and body["id"] == "c2" and prover.commits == 2 and service.active_id == "c2"
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "replaced" in warnings[0].getMessage() and warnings[0].exc_info is None
+        status, body = await post(session, f"{url}/challenge/c1/open", json={"rows": [0]}, headers=a)
+        assert (status, body["error"]) == (404, "unknown_challenge")
+        status, _ = await post(session, f"{url}/challenge/c2/open", json={"rows": [0]}, headers=a)
+        assert status == 200 and not service.holds_arrays()
+
+
+async def test_the_same_validator_asking_again_orphans_a_challenge_still_computing(caplog: Any) -> None:
+    prover = CountingProver(hold=True)
+    service = ChallengeService(prover)  # holds a commitment 10 s at least: the orphan must not wait for that
+    a, b = {"X-Test-Signer": "0xA"}, {"X-Test-Signer": "0xB"}
+    async with serve(service) as (url, session):
+        first = asyncio.create_task(post(session, f"{url}/challenge", json=challenge(), headers=a))
+        await asyncio.to_thread(prover.started.wait, 10)
+        with caplog.at_level("WARNING", logger="prime.challenge.service"):
+            for _ in range(3):  # the restarted validator retries: one WARNING, not one per retry
+                status, body = await post(session, f"{url}/challenge", json=challenge(id="c2"), headers=a)
+                assert (status, body["error"], body["detail"]) == (409, "challenge_in_progress",
+                                                                   {"id": "c1", "orphaned": True})
+        warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "orphaned" in warnings[0].getMessage() and warnings[0].exc_info is None
+        status, body = await post(session, f"{url}/challenge", json=challenge(id="c3"), headers=b)
+        assert (status, body["detail"]) == (409, {"id": "c1"})  # another validator: plain busy
+        assert prover.commits == 1  # never two computations at once
+        prover.release.set()
+        status, body = await first
+        assert (status, body["error"]) == (409, "challenge_cancelled")  # its result is discarded ...
+        assert not service.holds_arrays()                                # ... and freed at once
+        status, body = await post(session, f"{url}/challenge", json=challenge(id="c2"), headers=a)
+        assert status == 200 and body["id"] == "c2"
+        status, _ = await post(session, f"{url}/challenge/c2/open", json={"rows": [1]}, headers=a)
+        assert status == 200
+
+
+def test_an_unopened_commitment_is_held_twice_its_compute_time_within_stated_bounds() -> None:
+    service = ChallengeService(CountingProver())
+    assert (service.open_timeout_s, MIN_OPEN_HOLD_S) == (30.0, 10.0)
+    assert [service.hold_s(t) for t in (0.0, 1.0, 7.0, 15.0, 600.0)] == [10.0, 10.0, 14.0, 30.0, 30.0]
+    assert ChallengeService(CountingProver(), open_timeout_s=0.2).hold_s(5.0) == 0.2
+
+
+async def test_an_expired_commitment_is_logged_once_at_warning(caplog: Any) -> None:
+    service = ChallengeService(CountingProver(), open_timeout_s=0.1)
+    async with serve(service) as (url, session):
+        with caplog.at_level("INFO", logger="prime.challenge.service"):
+            status, _ = await post(session, f"{url}/challenge", json=challenge())
+            assert status == 200
+            for _ in range(50):
+                if not service.holds_arrays():
+                    break
+                await asyncio.sleep(0.05)
+    assert not service.holds_arrays()
+    records = [r for r in caplog.records if r.name == "prime.challenge.service"]
+    assert [r.levelname for r in records] == ["WARNING"] and records[0].exc_info is None
+    assert "not opened within 0.1 s" in records[0].getMessage()

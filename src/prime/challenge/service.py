@@ -2,12 +2,19 @@
 
 One challenge at a time per node. Everything a request can get wrong (bad JSON, bad
 fields, a size beyond the node's memory, a second challenge while one runs, an unknown
-id, rows out of range) is answered 4xx JSON before anything is allocated. Bodies are
+id, rows out of range) is answered 4xx JSON before anything is allocated. The one
+exception to "one at a time" is the validator that holds the challenge asking again with a
+new id (it restarted, or lost the answer): its committed challenge is replaced at once, and
+one still computing is marked orphaned (409 until its thread ends, then freed at once rather
+than held), so a restarted validator is answered within seconds; any other validator gets
+409 while one runs, so no validator can queue work on a node or push another one's aside. Bodies are
 decoded into the messages of prime.protocol.challenge, whose types are their validation:
 anything they refuse is 400 ``invalid_body`` (raised as prime.web.ApiError, so the app
 must have prime.web's error middleware, as every ``make_app`` app does). The matmul
 runs in a worker thread so the event loop keeps serving /health and heartbeats. The
-committed rows are held until they are opened or ``open_timeout_s`` passes, then freed.
+committed rows are held until they are opened or ``hold_s`` passes (twice the time it took
+to compute them, at least ``MIN_OPEN_HOLD_S``, at most ``open_timeout_s``), then freed: a
+validator opens right after the commitment arrives, so the hold only covers its reaction.
 Every commitment names the GPUs that computed it (``gpu_uuids``, in the miner's ``--gpu``
 order, and the ``driver``); a CPU node names none.
 
@@ -48,7 +55,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-DEFAULT_OPEN_TIMEOUT_S = 120.0
+DEFAULT_OPEN_TIMEOUT_S = 30.0  # the longest an unopened commitment is held
+MIN_OPEN_HOLD_S = 10.0         # the shortest (unless open_timeout_s is shorter still)
 DEFAULT_MAX_OPEN_ROWS = 4096
 
 
@@ -74,6 +82,7 @@ class _Active:
     signer: str | None
     commitment: Commitment | None = None  # None while computing
     expiry: asyncio.TimerHandle | None = None
+    orphaned: bool = False                 # its validator asked again: free it when the thread ends
 
 
 class ChallengeService:
@@ -111,11 +120,40 @@ class ChallengeService:
             self._active.expiry.cancel()
         self._active = None
 
-    def _expire(self, active: _Active) -> None:
+    def hold_s(self, compute_s: float) -> float:
+        """How long a commitment computed in ``compute_s`` waits for its opening."""
+        return min(self.open_timeout_s, max(MIN_OPEN_HOLD_S, 2.0 * compute_s))
+
+    def _expire(self, active: _Active, hold_s: float) -> None:
         if self._active is active:
-            log.info("challenge %s was not opened within %.0f s; freeing it", active.params.id,
-                     self.open_timeout_s)
+            log.warning("challenge %s was not opened within %.1f s of its commitment; freeing it",
+                        active.params.id, hold_s)
             self.release()
+
+    def _same_validator(self, active: _Active, signer: str | None) -> bool:
+        return signer is not None and active.signer is not None and signer.lower() == active.signer.lower()
+
+    def _busy(self, params_id: str | None, signer: str | None) -> web.Response | None:
+        """409 while another challenge runs; None when the node is free (again). The validator
+        that holds the current challenge asking with a new id replaces a committed one at once
+        and orphans one still computing (the thread cannot be stopped: 409 until it ends, then
+        it is freed at once instead of being held for an opening)."""
+        active = self._active
+        if active is None:
+            return None
+        if params_id is not None and params_id != active.params.id and self._same_validator(active, signer):
+            if active.commitment is not None:
+                log.warning("challenge %s of %s replaced by its new challenge %s (the validator restarted "
+                            "or lost the answer)", active.params.id, signer, params_id)
+                self.release()
+                return None
+            if not active.orphaned:
+                log.warning("challenge %s of %s orphaned by its new challenge %s; the node is free as soon "
+                            "as its computation ends", active.params.id, signer, params_id)
+                active.orphaned = True
+            return json_error(409, "challenge_in_progress",
+                              {"id": active.params.id, "orphaned": True})
+        return json_error(409, "challenge_in_progress", {"id": active.params.id})
 
     def _memory_problem(self, params: ChallengeParams) -> str | None:
         if self.memory_limit_bytes is not None:
@@ -130,16 +168,21 @@ class ChallengeService:
          summary="Compute C = A·B for the challenge and commit to its rows (validators only).")
     async def handle_challenge(self, request: web.Request) -> web.Response:
         """Compute C = A·B for {id, seed, n, dtype, repeat} and answer with the Merkle root over C's rows."""
-        if self._active is not None:
+        signer = request.get("signer")
+        if self._active is not None and not self._same_validator(self._active, signer):
             return json_error(409, "challenge_in_progress", {"id": self._active.params.id})
         params: ChallengeParams = await _read(request, ChallengeRequest)
+        busy = self._busy(params.id, signer)
+        if busy is not None:
+            return busy
         # in a thread: the first call may probe the GPU backend (importing torch takes seconds)
         problem = await asyncio.to_thread(self._memory_problem, params)
         if problem is not None:
             return json_error(400, "challenge_too_large", f"n={params.n}, repeat={params.repeat} {problem}")
-        if self._active is not None:  # another request got in while we read the body
-            return json_error(409, "challenge_in_progress", {"id": self._active.params.id})
-        active = _Active(params=params, signer=request.get("signer"))
+        busy = self._busy(params.id, signer)  # another request got in while we checked the size
+        if busy is not None:
+            return busy
+        active = _Active(params=params, signer=signer)
         self._active = active
         started = time.perf_counter()
         work = asyncio.get_running_loop().run_in_executor(None, self.prover.commit, params)
@@ -161,10 +204,13 @@ class ChallengeService:
             log.exception("challenge %s failed", params.id)
             self.release()
             return json_error(500, "prover_failed", "the node could not compute the challenge")
-        if self._active is not active:  # released meanwhile (shutdown)
+        if self._active is active and active.orphaned:  # its validator asked again meanwhile
+            self.release()
+        if self._active is not active:  # released meanwhile (orphaned, replaced, shutdown)
             return json_error(409, "challenge_cancelled", None)
         active.commitment = commitment
-        active.expiry = asyncio.get_running_loop().call_later(self.open_timeout_s, self._expire, active)
+        hold_s = self.hold_s(time.perf_counter() - started)
+        active.expiry = asyncio.get_running_loop().call_later(hold_s, self._expire, active, hold_s)
         return _json(CommitmentAnswer(
             id=params.id, root=commitment.root, n=params.n, dtype=params.dtype, repeat=params.repeat,
             elapsed_s=min(round(time.perf_counter() - started, 6), MAX_ELAPSED_S),
@@ -183,7 +229,7 @@ class ChallengeService:
         if active.commitment is None:
             return json_error(409, "challenge_not_committed", {"id": ident})
         signer = request.get("signer")
-        if active.signer is not None and signer != active.signer:
+        if active.signer is not None and not self._same_validator(active, signer):
             return json_error(403, "not_your_challenge", "only the validator that sent the challenge may open it")
         # types, the 4096 limit and distinctness are the message's; what depends on n is ours
         rows = list((await _read(request, OpenRequest)).rows)
