@@ -56,7 +56,7 @@ async def test_restart_while_a_task_runs_keeps_exactly_one_container(
                 json=await sign_invite_body(reader, master_account, run_id, node.address, master.url),
             )
         await master.wait_for(lambda: any(r["state"] == "Running" for r in master.reports("steady")))
-        (before,) = docker_client.containers.list(all=True, filters=labels)
+        (before,) = docker_client.containers.list(all=True, filters=labels, ignore_removed=True)
         provider_nonce = await reader.w3.eth.get_transaction_count(provider.address)
 
         # A request the master signed, captured on the wire: used once before the crash...
@@ -73,7 +73,7 @@ async def test_restart_while_a_task_runs_keeps_exactly_one_container(
         await master.wait_for(lambda: len(master.heartbeats) >= beats_before_restart + 3)
         await master.wait_for(lambda: master.reports("steady")[-1]["state"] == "Running")
 
-        after = docker_client.containers.list(all=True, filters=labels)
+        after = docker_client.containers.list(all=True, filters=labels, ignore_removed=True)
         assert [c.id for c in after] == [before.id]
         after[0].reload()
         assert after[0].status == "running" and after[0].attrs["RestartCount"] == 0
@@ -86,7 +86,7 @@ async def test_restart_while_a_task_runs_keeps_exactly_one_container(
 
         # A graceful stop (SIGTERM) leaves the task running too.
         assert process.stop() == 0
-        (still,) = docker_client.containers.list(all=True, filters=labels)
+        (still,) = docker_client.containers.list(all=True, filters=labels, ignore_removed=True)
         still.reload()
         assert still.id == before.id and still.status == "running"
     finally:

@@ -65,7 +65,7 @@ async def test_master_routes_refuse_strangers_and_serve_the_master(
                                                ("GET", "/tasks/writer/logs", None), ("GET", "/tasks/writer/manifest", None)):
                         status, answer = await _status_of(client, method, base + path, json=body)
                         assert status == 403 and answer["error"] == "forbidden", (outsider.address, method, path, answer)
-            assert not docker_client.containers.list(all=True, filters={"label": f"prime.node={node.address}"})
+            assert not docker_client.containers.list(all=True, filters={"label": f"prime.node={node.address}"}, ignore_removed=True)
 
             async with peer_client(master, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
                 status, answer = await _status_of(client, "POST", f"{base}/tasks", json=entry)
@@ -115,7 +115,7 @@ async def test_master_routes_refuse_strangers_and_serve_the_master(
                 # Stop: the container goes, the data stays for the master's last sync.
                 status, answer = await _status_of(client, "DELETE", f"{base}/tasks/writer")
                 assert status == 200 and answer == {"id": "writer", "stopped": True}
-                assert not docker_client.containers.list(all=True, filters={"label": f"prime.node={node.address}"})
+                assert not docker_client.containers.list(all=True, filters={"label": f"prime.node={node.address}"}, ignore_removed=True)
                 final = await client.request("GET", f"{base}/tasks/writer/manifest")
                 assert final["final"] is True and final["files"][0]["sha256"] == digest
                 status, answer = await _status_of(client, "DELETE", f"{base}/tasks/writer")
