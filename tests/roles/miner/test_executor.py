@@ -35,8 +35,9 @@ from prime.roles.miner.containers import (
     status_of,
 )
 from prime.roles.miner.core import Placement
-from prime.roles.miner.executor import DockerExecutor, LogLine, PullProgress, TaskNotFound
+from prime.roles.miner.executor import DockerExecutor, LogLine, TaskNotFound
 from prime.roles.miner.heartbeat import Converger
+from prime.roles.miner.images import PullProgress
 from prime.roles.miner.preflight import nvidia_runtime_available
 from prime.roles.miner.registries import RegistryPolicy
 from prime.roles.miner.storage import ManifestCache, manifest

@@ -3,9 +3,8 @@ reading back what runs (a snapshot of ``ReplicaStatus``), a replica's state and 
 
 The executor decides nothing about restarts or what should run (``core.py`` does); it only
 keeps what an engine call in flight needs: a record of replicas being started (pulling,
-or failed before a container existed), one pull per image, and a short backoff after a
-failed pull so that every heartbeat does not pull again. Before any pull it asks its
-``RegistryPolicy`` (``registries.py``) whether the image's registry may be contacted at all.
+or failed before a container existed). Images are made present by ``images.ImagePuller``
+(one pull per image, a backoff after a failure, the registry policy asked first).
 
 The docker SDK is blocking; every call runs in a worker thread, and the long-lived streams
 (image pulls, followed logs) get a thread of their own (``streams.py``).
@@ -18,7 +17,6 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -44,7 +42,8 @@ from prime.roles.miner.containers import (
     state_from_inspect,
     status_of,
 )
-from prime.roles.miner.core import Key, Placement, ReplicaStatus, backoff_delay
+from prime.roles.miner.core import Key, Placement, ReplicaStatus
+from prime.roles.miner.images import ImagePuller, ProgressCallback
 from prime.roles.miner.registries import RegistryPolicy
 from prime.roles.miner.streams import close_stream, iterate_in_thread
 
@@ -63,24 +62,10 @@ class ExecutorError(PrimeError):
 
 
 @dataclass(frozen=True)
-class PullProgress:
-    """One event of an image pull; per layer when ``layer`` is set."""
-
-    image: str
-    layer: str | None
-    status: str
-    current: int | None = None
-    total: int | None = None
-
-
-@dataclass(frozen=True)
 class LogLine:
     stream: str  # "stdout" or "stderr"
     text: str  # without the trailing newline
     timestamp: str | None = None  # RFC 3339 from Docker
-
-
-ProgressCallback = Callable[[PullProgress], None]
 
 
 class DockerExecutor:
@@ -116,20 +101,26 @@ class DockerExecutor:
         self.node_address = node_address
         self.instance = instance_id(self.data_dir, node_address, chain_id, registry_address)
         self.network_mode = network_mode
-        self.pull_backoff_s = pull_backoff_s
-        self.pull_backoff_max_s = pull_backoff_max_s
         self.stop_timeout_s = stop_timeout_s
         self.shm_size_mib = shm_size_mib
         self.pids_limit = pids_limit
-        self.registries = registries if registries is not None else RegistryPolicy()
         self._locks: dict[Key, asyncio.Lock] = {}
         self._generation: dict[Key, int] = {}  # bumped by stop/replace: a start in flight gives up
         self._starting: Counter[Key] = Counter()
         # Records of replicas with no container: Pulling, failed before a container, Stopped.
         self._records: OrderedDict[Key, ReplicaStatus] = OrderedDict()
-        self._pulls: dict[str, asyncio.Task[None]] = {}
-        self._pull_listeners: dict[str, list[ProgressCallback]] = {}
-        self._pull_failures: dict[str, tuple[int, float, str]] = {}  # image → (failures, retry_at, reason)
+        self.images = ImagePuller(lambda: self.client, self._docker,
+                                  registries if registries is not None else RegistryPolicy(),
+                                  backoff_s=pull_backoff_s, backoff_max_s=pull_backoff_max_s)
+
+    @property
+    def registries(self) -> RegistryPolicy:
+        """Which registries a missing image may be pulled from (``images.ImagePuller``)."""
+        return self.images.registries
+
+    @registries.setter
+    def registries(self, policy: RegistryPolicy) -> None:
+        self.images.registries = policy
 
     def bind_chain(self, chain_id: int, registry_address: str) -> None:
         """The chain and registry this miner serves: part of its instance id (call before any container)."""
@@ -269,7 +260,7 @@ class DockerExecutor:
                 if container is not None:
                     return status_of(container)  # started meanwhile (a push and a heartbeat)
                 self._record(self._pending(placement, ReplicaState.PULLING))
-            failure = await self._ensure_image(placement.spec.image, on_progress)
+            failure = await self.images.ensure(placement.spec.image, on_progress)
             async with self._lock(key):
                 if self._generation.get(key, 0) != generation:  # stopped or replaced meanwhile
                     return self._records.get(key) or ReplicaStatus(key[0], key[1], ReplicaState.STOPPED)
@@ -356,82 +347,6 @@ class DockerExecutor:
             if state_from_inspect(container.attrs)[0] is expected:  # nobody did it meanwhile
                 await self._start(container)
             return status_of(container)
-
-    # -- images
-
-    async def _ensure_image(self, image: str, on_progress: ProgressCallback | None) -> str | None:
-        """None when the image is present (pulled if it was missing), else why it is not."""
-        try:
-            await self._docker(self.client.images.get, image)
-            return None
-        except docker.errors.ImageNotFound:
-            pass
-        except docker.errors.APIError as exc:
-            return f"the image reference '{image}' is not valid ({exc.explanation or exc})"
-        failed = self._pull_failures.get(image)
-        if failed is not None and time.monotonic() < failed[1]:
-            return failed[2]  # failed moments ago; retried after a backoff, not on every call
-        # Present images ran above without asking: no registry is contacted for them. A missing
-        # one is pulled only from a registry the policy allows; a refused one is never contacted.
-        refusal = await self.registries.check(image)
-        if refusal is not None:
-            log.info("not pulling %s: %s", image, refusal)
-            self._back_off(image, failed, refusal)
-            return refusal
-        if on_progress is not None:
-            self._pull_listeners.setdefault(image, []).append(on_progress)
-        pull = self._pulls.get(image)
-        if pull is None:  # one pull per image, however many tasks wait for it
-            pull = self._pulls[image] = asyncio.create_task(self._pull(image))
-        try:
-            await asyncio.shield(pull)
-        except Exception as exc:
-            reason = f"the image '{image}' is not available locally and could not be pulled: {_short(exc)}"
-            self._back_off(image, failed, reason)
-            return reason
-        finally:
-            if on_progress is not None and on_progress in self._pull_listeners.get(image, []):
-                self._pull_listeners[image].remove(on_progress)
-        self._pull_failures.pop(image, None)
-        return None
-
-    def _back_off(self, image: str, failed: tuple[int, float, str] | None, reason: str) -> None:
-        """Remember a failed pull (or a refused one) so the next tries wait a growing delay."""
-        count = (failed[0] if failed else 0) + 1
-        retry_at = time.monotonic() + backoff_delay(count - 1, self.pull_backoff_s, self.pull_backoff_max_s)
-        self._pull_failures.pop(image, None)
-        self._pull_failures[image] = (count, retry_at, reason)  # newest last
-        while len(self._pull_failures) > MAX_RECORDS:  # bounded, like the records: the oldest go first
-            del self._pull_failures[next(iter(self._pull_failures))]
-
-    async def _pull(self, image: str) -> None:
-        try:
-            events = iterate_in_thread(
-                lambda: self.client.api.pull(image, stream=True, decode=True), close_stream, f"prime-pull-{image}"
-            )
-            async with contextlib.aclosing(events):
-                async for event in events:
-                    if not isinstance(event, dict):
-                        continue
-                    if "error" in event:
-                        raise ExecutorError(str(event.get("error")))
-                    detail = event.get("progressDetail") or {}
-                    progress = PullProgress(
-                        image=image,
-                        layer=event.get("id"),
-                        status=str(event.get("status", "")),
-                        current=detail.get("current"),
-                        total=detail.get("total"),
-                    )
-                    for listener in list(self._pull_listeners.get(image, [])):
-                        try:
-                            listener(progress)
-                        except Exception:  # a printing callback must not break the pull
-                            log.exception("pull progress callback failed")
-            # A pull can end without an error event yet leave no image (e.g. a platform mismatch).
-            await self._docker(self.client.images.get, image)
-        finally:
-            self._pulls.pop(image, None)
 
     # -- stopping
 
@@ -520,8 +435,3 @@ def _created(container: Any) -> str:
     head, _, fraction = created.rstrip("Z").partition(".")
     return f"{head}.{fraction.ljust(9, '0')}"
 
-
-def _short(exc: BaseException) -> str:
-    if isinstance(exc, docker.errors.APIError) and exc.explanation:
-        return str(exc.explanation)
-    return str(exc) or type(exc).__name__

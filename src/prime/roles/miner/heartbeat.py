@@ -30,7 +30,7 @@ from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import DesiredReplica, GpuSample, HeartbeatRequest, HeartbeatResponse
 from prime.roles.miner import core
 from prime.roles.miner.core import Key
-from prime.roles.miner.executor import ProgressCallback
+from prime.roles.miner.images import ProgressCallback
 from prime.roles.miner.state import MinerStore
 from prime.web import LoopHealth
 
