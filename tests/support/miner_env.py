@@ -315,8 +315,8 @@ class MemoryExecutor:
     def started(self, task_id: str) -> int:
         return sum(1 for verb, key in self.calls if verb == "start" and key[0] == task_id)
 
-    def task_data_dir(self, task_id: str) -> Path:
-        return self.root / "tasks" / task_id / "data"
+    def task_data_dir(self, task_id: str, replica: int = 0) -> Path:
+        return self.root / "tasks" / task_id / f"r{replica}" / "data"
 
     async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None) -> AsyncIterator[Any]:
         if False:  # an async generator with no lines

@@ -159,7 +159,7 @@ class ContainerlessExecutor:
             del self.running[key]
         return len(keys)
 
-    def task_data_dir(self, task_id: str) -> Path:
+    def task_data_dir(self, task_id: str, replica: int = 0) -> Path:
         return self.root / task_id
 
     async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None) -> AsyncIterator[Any]:

@@ -159,12 +159,19 @@ class DockerExecutor:
     def task_dir(self, task_id: str) -> Path:
         return self.data_dir / "tasks" / task_id
 
-    def task_data_dir(self, task_id: str) -> Path:
-        """The host directory mounted at /data for a persistent task (its manifest root)."""
-        return self.task_dir(task_id) / "data"
+    def task_data_dir(self, task_id: str, replica: int = 0) -> Path:
+        """The host directory mounted at /data for one replica of a persistent task (its manifest root):
+        ``<data dir>/tasks/{task}/r{replica}/data``. Replica 0 of a task started by an older miner
+        (``<data dir>/tasks/{task}/data``, shared by every replica then) keeps that directory."""
+        data = self.task_dir(task_id) / f"r{int(replica)}" / "data"
+        if replica == 0 and not data.exists():
+            legacy = self.task_dir(task_id) / "data"
+            if legacy.is_dir():
+                return legacy
+        return data
 
-    def _prepare_data_dir(self, task_id: str) -> Path:
-        data = self.task_data_dir(task_id)
+    def _prepare_data_dir(self, task_id: str, replica: int = 0) -> Path:
+        data = self.task_data_dir(task_id, replica)
         data.mkdir(parents=True, exist_ok=True)
         # The task dir stays private to the miner's user; /data itself is open to any uid,
         # because the container runs without CAP_DAC_OVERRIDE and may use another uid.
@@ -285,7 +292,7 @@ class DockerExecutor:
         data_mount = None
         if placement.spec.persistent:
             try:
-                data_mount = await asyncio.to_thread(self._prepare_data_dir, placement.task_id)
+                data_mount = await asyncio.to_thread(self._prepare_data_dir, placement.task_id, placement.replica)
             except OSError as exc:
                 reason = f"its data directory could not be created ({exc}); check the miner's --data-dir"
                 return self._record(self._pending(placement, ReplicaState.FAILED, reason))

@@ -148,7 +148,7 @@ class TasksApi:
         task_id = _task_id(request)
         replica = _int_param(request, "replica", 0, maximum=255) or 0
         status = await self.executor.status(task_id, replica)
-        data_dir = self.executor.task_data_dir(task_id)
+        data_dir = self.executor.task_data_dir(task_id, replica)
         if status is None and not data_dir.is_dir():
             return json_error(404, "unknown_task", f"task {task_id} replica {replica} is not on this node")
         entries = await asyncio.to_thread(storage.manifest, data_dir)
@@ -162,10 +162,10 @@ class TasksApi:
 
     @api(response=Binary(), query={"replica": Param(int, "the replica (default 0)", ge=0, le=255)}, errors=(400, 404, 401, 403, 503))
     async def blob(self, request: web.Request) -> web.StreamResponse:
-        """The bytes of the file with this sha256 in the task's /data (only that task's files)."""
+        """The bytes of the file with this sha256 in the replica's /data (only that replica's files)."""
         task_id = _task_id(request)
-        _int_param(request, "replica", 0, maximum=255)
-        data_dir = self.executor.task_data_dir(task_id)
+        replica = _int_param(request, "replica", 0, maximum=255) or 0
+        data_dir = self.executor.task_data_dir(task_id, replica)
         try:
             handle, size = await asyncio.to_thread(storage.open_blob, data_dir, request.match_info["sha256"])
         except storage.UnsafePath as exc:
