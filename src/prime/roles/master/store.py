@@ -21,7 +21,7 @@ from prime.protocol.nodes import NO_HARDWARE, NodeRecord, NodeSample, NodeState,
 from prime.protocol.storage import ManifestEntry
 from prime.protocol.tasks import Replica, ReplicaState, RestartPolicy, Task, TaskSpec
 from prime.roles.master.state import MasterState, StateConfig
-from prime.roles.master.syncplan import SyncMark
+from prime.roles.master.syncplan import SyncMark, dropped
 from prime.store import Database
 
 MIGRATIONS: list[str] = [
@@ -49,6 +49,8 @@ MIGRATIONS: list[str] = [
     """CREATE TABLE sync_marks (
         task_id TEXT NOT NULL, replica INTEGER NOT NULL, failures INTEGER NOT NULL, next_at REAL,
         final_attempts INTEGER NOT NULL, final_at REAL, files INTEGER, PRIMARY KEY (task_id, replica))""",
+    # The copy (node) that last listed each synced file: a sync never erases another copy's files.
+    "ALTER TABLE manifests ADD COLUMN source TEXT",
 ]
 
 LEGACY_SYNC_FILE = "sync.sqlite"
@@ -194,16 +196,27 @@ class MasterStore:
 
     # --- synced storage --------------------------------------------------------------------------
 
-    def save_manifest(self, task_id: str, replica: int, entries: Iterable[ManifestEntry], synced_at: float) -> None:
-        """Replace the synced manifest of one replica (call after every listed blob is stored)."""
+    def save_manifest(self, task_id: str, replica: int, entries: Iterable[ManifestEntry], synced_at: float,
+                      source: str = "") -> list[str]:
+        """Merge one copy's manifest into the synced manifest of a replica (call after every listed blob
+        is stored): listed files are added or overwritten; of the rest only those ``source`` listed
+        before are dropped (``syncplan.dropped``: a sync never erases another copy's files).
+        Returns the dropped paths."""
+        entries = list(entries)
         with self.db.transaction():
-            self.db.execute("DELETE FROM manifests WHERE task_id = ? AND replica = ?", (task_id, replica))
+            previous = {r["path"]: r["source"] for r in self.db.query(
+                "SELECT path, source FROM manifests WHERE task_id = ? AND replica = ?", (task_id, replica))}
+            gone = dropped(previous, {e.path for e in entries}, source)
+            for path in gone:
+                self.db.execute("DELETE FROM manifests WHERE task_id = ? AND replica = ? AND path = ?",
+                                (task_id, replica, path))
             for e in entries:
                 self.db.execute(
-                    "INSERT OR REPLACE INTO manifests (task_id, replica, path, size, sha256, synced_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (task_id, replica, e.path, e.size, e.sha256, synced_at),
+                    "INSERT OR REPLACE INTO manifests (task_id, replica, path, size, sha256, synced_at, source)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (task_id, replica, e.path, e.size, e.sha256, synced_at, source),
                 )
+        return gone
 
     def manifest(self, task_id: str, replica: int | None = None) -> list[SyncedFile]:
         """The synced files of a task (all replicas, or one), by replica then path."""

@@ -3,7 +3,8 @@
 The core decides which replica to sync when (``syncplan``: every round for running replicas,
 a final sync once one finished, retries with backoff, the marks in ``master.sqlite``); this
 module does one ``SyncStorage``: GET the miner's manifest ({path, size, sha256} per file), fetch
-only the blobs the content-addressed store lacks, save the manifest (MasterStore.save_manifest),
+only the blobs the content-addressed store lacks, merge the manifest into the synced one
+(MasterStore.save_manifest: a sync never erases files another node's copy listed),
 and answer the event it produced, ``SyncSucceeded`` or ``SyncFailed``. Re-syncing unchanged data
 fetches no blob.
 """
@@ -139,7 +140,8 @@ class StorageSync:
                 self.metrics.sync_blobs.inc()
                 self.metrics.sync_bytes.inc(size)
             self.store.add_blob(digest, size, self._clock())
-        self.store.save_manifest(task_id, replica, manifest.files, self._clock())
+        # Merged, never replaced: files another node's copy listed stay (syncplan.dropped).
+        self.store.save_manifest(task_id, replica, manifest.files, self._clock(), source=node)
         return SyncResult(len(manifest.files), fetched, fetched_bytes, manifest.final)
 
     async def _relocate(self, node: str) -> None:

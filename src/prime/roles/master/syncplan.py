@@ -11,6 +11,12 @@ forgets what was in flight, and the next round asks again).
 - A finished one gets a final sync at once, then every round until done: the miner says the
   container finished (``miner_final``), or after ``final_sync_attempts`` syncs that say
   otherwise, or the miner has no data for it (404: nothing to copy).
+
+A sync never erases (``dropped``): the synced copy of a replica is the union of what its copies
+listed. Each synced file remembers the copy (``source``: the node whose per-replica /data listed
+it last). A manifest adds and overwrites files; a file it does not list is dropped only when the
+same copy listed it before (that copy deleted it), so an empty new attempt on another node, or one
+whose node lost its disk, leaves everything already synced in place.
 """
 
 from __future__ import annotations
@@ -43,6 +49,13 @@ class SyncMark:
     @property
     def final_done(self) -> bool:
         return self.final_at is not None
+
+
+def dropped(previous: dict[str, str | None], listed: set[str], source: str) -> list[str]:
+    """The synced paths a manifest from ``source`` removes: those ``source`` listed last time
+    (``previous``: path → the copy that last listed it, None for one synced before copies were
+    recorded) and lists no more. Everything another copy listed stays."""
+    return sorted(path for path, by in previous.items() if by == source and path not in listed)
 
 
 def due(state: MasterState, now: float) -> list[SyncStorage]:
