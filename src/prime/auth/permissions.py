@@ -4,17 +4,34 @@ A master answering thousands of heartbeats per second must not make one RPC per
 request; a revoked right must not live long either. Answers (positive and negative)
 are kept for ``ttl_s`` seconds, and concurrent askers of the same question share one
 RPC. Errors are not cached: the next caller asks again.
+
+Chain outages: every RPC of a permission check ends within ``call_timeout_s`` (a stalled
+RPC accepts the connection and never answers). While the RPC fails or stalls, an answer
+the chain gave at most ``max_stale_s`` seconds ago (default 10 minutes) is served from
+the last known chain state; a question never answered before, or one whose last answer is
+older than that bound, fails (``require`` answers 503 chain_unavailable). During an outage
+the RPC is tried again at most every ``retry_s`` seconds per question; once it answers,
+every answer is fresh again (a right revoked meanwhile is revoked at once). One WARNING
+when stale answers start, one INFO when the chain is back; the "chain" dependency of
+``/health`` (``attach(health)``) says which.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from prime.errors import ChainError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_STALE_S = 600.0  # the stated bound: a stale answer is at most 10 minutes old
+DEFAULT_CALL_TIMEOUT_S = 3.0
+DEPENDENCY = "chain"  # the name in /health's dependencies
 
 # NodeStatus values (prime.chain.types.NodeStatus is an IntEnum with these numbers).
 _REGISTERED, _APPROVED, _ACTIVE = 1, 2, 4
@@ -31,14 +48,27 @@ class RegistryView(Protocol):
     async def get_node(self, node: str) -> Any: ...  # NodeInfo: .run_id, .status
 
 
-class TTLCache:
-    """Async memo with expiry, a size cap, and one in-flight lookup per key."""
+class Entry(NamedTuple):
+    expires: float
+    fetched: float  # when the value was read (the age of a stale answer counts from here)
+    value: Any
 
-    def __init__(self, ttl_s: float, *, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+
+class TTLCache:
+    """Async memo with expiry, a size cap, and one in-flight lookup per key.
+
+    An expired entry is kept ``keep_s`` seconds after it was fetched (at least ``ttl_s``),
+    so it can still be ``peek``-ed as a stale answer.
+    """
+
+    def __init__(
+        self, ttl_s: float, *, max_entries: int = 100_000, keep_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.ttl_s = ttl_s
+        self.keep_s = max(ttl_s, keep_s)
         self.max_entries = max_entries
         self._clock = clock
-        self._values: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
+        self._values: OrderedDict[Any, Entry] = OrderedDict()
         self._pending: dict[Any, asyncio.Future[Any]] = {}
 
     def __len__(self) -> int:
@@ -47,11 +77,15 @@ class TTLCache:
     def clear(self) -> None:
         self._values.clear()
 
+    def peek(self, key: Any) -> Entry | None:
+        """The stored entry, fresh or expired (not yet dropped), without fetching."""
+        return self._values.get(key)
+
     async def get(self, key: Any, fetch: Callable[[], Awaitable[Any]]) -> Any:
         now = self._clock()
         hit = self._values.get(key)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        if hit is not None and hit.expires > now:
+            return hit.value
         pending = self._pending.get(key)
         if pending is not None:
             try:
@@ -80,11 +114,11 @@ class TTLCache:
 
     def _store(self, key: Any, value: Any, now: float) -> None:
         self._values.pop(key, None)
-        self._values[key] = (now + self.ttl_s, value)
-        # Same TTL for all, so insertion order is expiry order: drop from the front.
+        self._values[key] = Entry(now + self.ttl_s, now, value)
+        # Same keep for all, so insertion order is drop order: drop from the front.
         while self._values:
-            oldest_key, (expires, _) = next(iter(self._values.items()))
-            if expires > now and len(self._values) <= self.max_entries:
+            oldest_key, oldest = next(iter(self._values.items()))
+            if oldest.fetched + self.keep_s > now and len(self._values) <= self.max_entries:
                 break
             del self._values[oldest_key]
 
@@ -93,18 +127,113 @@ def _addr(address: str) -> str:
     return address.lower()
 
 
-class ChainPermissions:
-    """Permission questions about addresses, answered from the registry with a short TTL cache."""
+def is_outage(exc: BaseException) -> bool:
+    """A chain failure that is no answer (RPC unreachable, stalled, erroring), unlike a revert."""
+    return isinstance(exc, ChainError) and not hasattr(exc, "error_name")
 
-    def __init__(self, registry: RegistryView, ttl_s: float = 5.0, *, clock: Callable[[], float] = time.monotonic) -> None:
+
+class DependencyReport(Protocol):
+    """Where chain outages are reported (``prime.web.health.LoopHealth``)."""
+
+    def dependency_down(self, name: str, reporter: str, error: str) -> None: ...
+    def dependency_up(self, name: str, reporter: str) -> None: ...
+
+
+class ChainPermissions:
+    """Permission questions about addresses, answered from the registry with a short TTL cache,
+    and from the last known chain state (at most ``max_stale_s`` old) while the RPC is down."""
+
+    def __init__(
+        self,
+        registry: RegistryView,
+        ttl_s: float = 5.0,
+        *,
+        max_stale_s: float = DEFAULT_MAX_STALE_S,
+        call_timeout_s: float = DEFAULT_CALL_TIMEOUT_S,
+        retry_s: float | None = None,
+        health: DependencyReport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.registry = registry
-        self.cache = TTLCache(ttl_s, clock=clock)
+        self.cache = TTLCache(ttl_s, keep_s=max_stale_s, clock=clock)
+        self.max_stale_s = max_stale_s
+        self.call_timeout_s = call_timeout_s
+        self.retry_s = retry_s if retry_s is not None else max(ttl_s, 1.0)
+        self.health: DependencyReport | None = None
+        if health is not None:
+            self.attach(health)
+        self._clock = clock
+        self.down_since: float | None = None  # clock time the current outage was first seen
+        self.last_error: str | None = None
+        self.stale_answers = 0  # answers served from the last known state (all outages)
+        self._next_probe = 0.0
+
+    def attach(self, health: DependencyReport) -> None:
+        """Report outages into ``health`` (a role's ``app[HEALTH]``), where "chain" is listed from now on."""
+        self.health = health
+        listed = getattr(health, "dependency", None)
+        if listed is not None:
+            listed(DEPENDENCY)
+
+    async def _ask(self, key: Any, call: Callable[[], Awaitable[Any]]) -> Any:
+        now = self._clock()
+        entry = self.cache.peek(key)
+        if entry is not None and entry.expires > now:
+            return entry.value
+        if entry is not None and self.down_since is not None and now < self._next_probe and now - entry.fetched <= self.max_stale_s:
+            return self._stale(entry)  # the chain was just found down: do not wait on it again yet
+        try:
+            value = await self.cache.get(key, lambda: self._timed(call))
+        except ChainError as exc:
+            if not is_outage(exc):
+                raise
+            self._down(exc)
+            entry = self.cache.peek(key)
+            if entry is not None and self._clock() - entry.fetched <= self.max_stale_s:
+                return self._stale(entry)
+            raise ChainError(
+                f"{str(exc).rstrip('.')}; no answer to this permission question from the last "
+                f"{self.max_stale_s:.0f} s is known, so it cannot be checked until the chain answers."
+            ) from None
+        self._up()
+        return value
+
+    async def _timed(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await asyncio.wait_for(call(), self.call_timeout_s)
+        except TimeoutError:
+            raise ChainError(f"The chain RPC did not answer within {self.call_timeout_s:g} s.") from None
+
+    def _stale(self, entry: Entry) -> Any:
+        self.stale_answers += 1
+        return entry.value
+
+    def _down(self, exc: BaseException) -> None:
+        now = self._clock()
+        self._next_probe = now + self.retry_s
+        self.last_error = str(exc)
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("the chain does not answer permission checks (%s); answering from the last known chain state "
+                        "(at most %.0f s old) until it does", exc, self.max_stale_s)
+        if self.health is not None:
+            self.health.dependency_down(DEPENDENCY, "permissions", str(exc))
+
+    def _up(self) -> None:
+        if self.down_since is None:
+            return
+        log.info("the chain answers permission checks again after %.1f s (%d stale answers served meanwhile)",
+                 self._clock() - self.down_since, self.stale_answers)
+        self.down_since = None
+        self.last_error = None
+        if self.health is not None:
+            self.health.dependency_up(DEPENDENCY, "permissions")
 
     async def is_validator(self, addr: str) -> bool:
-        return bool(await self.cache.get(("validator", _addr(addr)), lambda: self.registry.is_validator(addr)))
+        return bool(await self._ask(("validator", _addr(addr)), lambda: self.registry.is_validator(addr)))
 
     async def is_master(self, run_id: int, addr: str) -> bool:
-        return bool(await self.cache.get(("master", run_id, _addr(addr)), lambda: self.registry.is_master(run_id, addr)))
+        return bool(await self._ask(("master", run_id, _addr(addr)), lambda: self.registry.is_master(run_id, addr)))
 
     async def _run(self, run_id: int) -> Any:
         """The run, or None if the chain says it does not exist (a cached, definite answer)."""
@@ -119,10 +248,10 @@ class ChainPermissions:
                     return None
                 raise
 
-        return await self.cache.get(("run", run_id), fetch)
+        return await self._ask(("run", run_id), fetch)
 
     async def _node(self, addr: str) -> Any:
-        return await self.cache.get(("node", _addr(addr)), lambda: self.registry.get_node(addr))
+        return await self._ask(("node", _addr(addr)), lambda: self.registry.get_node(addr))
 
     async def is_run_owner(self, run_id: int, addr: str) -> bool:
         run = await self._run(run_id)

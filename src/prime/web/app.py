@@ -66,12 +66,15 @@ def _metrics_middleware(registry: CollectorRegistry) -> Callable[..., Awaitable[
 
 @api(response=HealthAnswer, responses={503: HealthAnswer})
 async def _health(request: web.Request) -> web.Response:
-    """Liveness of this service and its background loops.
+    """Liveness of this service, its background loops and its dependencies.
 
     200 when every registered loop has succeeded recently, 503 when one is stale.
+    ``dependencies`` names each dependency (the chain RPC) and whether it answers now.
     """
-    healthy, loops = request.app[HEALTH].report()
-    body: dict[str, Any] = {"status": "ok" if healthy else "stale", "service": request.app[APP_NAME], "loops": loops}
+    health = request.app[HEALTH]
+    healthy, loops = health.report()
+    body: dict[str, Any] = {"status": "ok" if healthy else "stale", "service": request.app[APP_NAME], "loops": loops,
+                            "dependencies": health.dependency_report()}
     identity = request.app.get(IDENTITY)
     if identity is not None:
         body["identity"] = {"address": identity.address, "chain_id": identity.chain_id, "registry": identity.registry}

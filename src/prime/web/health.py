@@ -1,4 +1,5 @@
-"""Background loops that tick, back off on errors and show up in ``/health``."""
+"""Background loops that tick, back off on errors and show up in ``/health``, and the
+dependencies (the chain) whose outages they, or permission checks, report there."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
+from prime.errors import ChainError
 from prime.web.keys import APP_NAME, HEALTH
 
 log = logging.getLogger("prime.web")
@@ -30,6 +32,15 @@ class LoopReport(msgspec.Struct):
     last_error: str | None
 
 
+class DependencyHealth(msgspec.Struct):
+    """One dependency of the service in ``/health`` (today: "chain", the RPC)."""
+
+    ok: bool
+    since: float | None  # unix time it went down (ok: false) or came back (ok: true); None: never down
+    error: str | None  # the latest failure while down
+    reporters: list[str]  # who sees it down: "permissions", "loop:<name>"
+
+
 class Identity(msgspec.Struct, frozen=True):
     """Who a service is: the address it signs answers with and the network (chain id, registry)
     its signed requests must be addressed to. Public, so an operator's CLI given only a URL can
@@ -41,12 +52,18 @@ class Identity(msgspec.Struct, frozen=True):
 
 
 class HealthAnswer(msgspec.Struct):
-    """``GET /health``: "ok" (200) when every loop succeeded recently, "stale" (503) otherwise."""
+    """``GET /health``: "ok" (200) when every loop succeeded recently, "stale" (503) otherwise.
+
+    ``dependencies`` names what the service depends on and whether it answers: {"chain": {"ok":
+    false, "since": ..., "error": "...", "reporters": [...]}} while the chain RPC fails (a down
+    dependency alone does not make the service stale: it may still answer, e.g. from the last
+    known chain state)."""
 
     status: Literal["ok", "stale"]
     service: str
     loops: dict[str, LoopReport]
     identity: Identity | None = None  # absent on a service that takes no signed requests
+    dependencies: dict[str, DependencyHealth] = {}
 
 
 @dataclass
@@ -60,11 +77,55 @@ class LoopState:
 
 
 @dataclass
+class DependencyState:
+    name: str
+    down: dict[str, str] = field(default_factory=dict)  # reporter -> its latest error
+    since: float | None = None  # wall-clock time of the last change
+    error: str | None = None
+
+
+@dataclass
 class LoopHealth:
-    """Background loops tick here; a loop silent for longer than its ``stale_after_s`` is stale."""
+    """Background loops tick here; a loop silent for longer than its ``stale_after_s`` is stale.
+
+    Dependencies: a reporter (a loop, the permission checks) says ``dependency_down(name,
+    reporter, error)`` when its call to it failed and ``dependency_up`` when one succeeded; the
+    dependency is down while any reporter sees it down.
+    """
 
     clock: Callable[[], float] = time.monotonic
     loops: dict[str, LoopState] = field(default_factory=dict)
+    dependencies: dict[str, DependencyState] = field(default_factory=dict)
+    wall_clock: Callable[[], float] = time.time
+
+    def dependency(self, name: str) -> DependencyState:
+        """The dependency ``name`` (listed, ok, from now on)."""
+        state = self.dependencies.get(name)
+        if state is None:
+            state = self.dependencies[name] = DependencyState(name)
+        return state
+
+    def dependency_down(self, name: str, reporter: str, error: str) -> None:
+        state = self.dependency(name)
+        if not state.down:
+            state.since = self.wall_clock()
+        state.down[reporter] = error
+        state.error = error
+
+    def dependency_up(self, name: str, reporter: str) -> None:
+        state = self.dependencies.get(name)
+        if state is None or reporter not in state.down:
+            return
+        del state.down[reporter]
+        if not state.down:
+            state.since = self.wall_clock()
+
+    def dependency_report(self) -> dict[str, Any]:
+        return {
+            state.name: {"ok": not state.down, "since": state.since, "error": state.error if state.down else None,
+                         "reporters": sorted(state.down)}
+            for state in self.dependencies.values()
+        }
 
     def register(self, name: str, stale_after_s: float) -> None:
         self.loops[name] = LoopState(name, stale_after_s, self.clock())
@@ -106,6 +167,11 @@ class LoopHealth:
         return healthy, loops
 
 
+def _chain_outage(exc: BaseException) -> bool:
+    """A chain call that got no answer (unreachable, stalled, erroring RPC), not a revert."""
+    return isinstance(exc, ChainError) and not hasattr(exc, "error_name")
+
+
 def add_loop(
     app: web.Application,
     name: str,
@@ -134,6 +200,8 @@ def add_loop(
             except Exception as exc:
                 failures += 1
                 health.failed(name, f"{type(exc).__name__}: {exc}")
+                if _chain_outage(exc):
+                    health.dependency_down("chain", f"loop:{name}", str(exc))
                 if failures == 1:
                     log.exception("loop %s failed; retrying with backoff", name)
                 else:
@@ -143,6 +211,7 @@ def add_loop(
                 continue
             failures = 0
             health.tick(name)
+            health.dependency_up("chain", f"loop:{name}")
             await asyncio.sleep(interval_s)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
