@@ -220,6 +220,11 @@ class MasterClient:
             return PrimeError(f"The master at {self.base_url} cannot {what}: {_text(detail) or 'not found'}; check the id with `prime buyer tasks`.")
         if status in (400, 409, 413, 422):
             return PrimeError(f"The master refused to {what}: {_field_detail(detail) or error or 'bad request'}.")
+        if status == 503 and error == "chain_unavailable":  # the master is up; its chain RPC is not
+            return PrimeError(
+                f"The master at {self.base_url} is running but cannot reach the chain to check this request's "
+                f"permissions, so it cannot {what} right now; try again when the chain RPC answers."
+            )
         if status == 503:
             return PrimeError(f"The master at {self.base_url} cannot {what} right now ({_text(detail) or error or 'unavailable'}); try again shortly.")
         return PrimeError(f"The master at {self.base_url} failed to {what} (HTTP {status}: {_text(detail) or error or 'no details'}).")
