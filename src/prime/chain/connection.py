@@ -31,12 +31,16 @@ def unreachable(rpc_url: str) -> ChainError:
 
 
 def make_web3(rpc_url: str, *, timeout_s: float = 30.0) -> AsyncWeb3:
-    """An AsyncWeb3 over HTTP with a request timeout and a short retry on connection errors only."""
+    """An AsyncWeb3 over HTTP with a request timeout and a short retry on connection errors only.
+
+    A call that timed out is not retried: a stalled RPC (it accepts the connection and never
+    answers) then ends a call after ``timeout_s``, not after three times that.
+    """
     provider = AsyncHTTPProvider(
         rpc_url,
         request_kwargs={"timeout": aiohttp.ClientTimeout(total=timeout_s)},
         exception_retry_configuration=ExceptionRetryConfiguration(
-            errors=(aiohttp.ClientError, asyncio.TimeoutError), retries=2, backoff_factor=0.1
+            errors=(aiohttp.ClientError,), retries=2, backoff_factor=0.1
         ),
         # web3's validation middleware asks for the chain id before every eth_call; an endpoint's
         # chain id never changes, so only that (and net_version) is cached, never state reads.
