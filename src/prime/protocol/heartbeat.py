@@ -35,18 +35,23 @@ MAX_MEASURE = 2.0**53
 Finite = Annotated[float, Meta(ge=-MAX_MEASURE, le=MAX_MEASURE)]
 
 # What a node may report about a replica (only the master assigns, and only it loses replicas).
-_REPORTABLE = ("Pulling", "Running", "Completed", "Failed", "Stopped")
+_REPORTABLE = ("Pulling", "Running", "Completed", "Failed", "Stopped", "Lost")
+MAX_RESTARTS = 2**31
 ReportedState = Annotated[ReplicaState, Meta(extra_json_schema={"enum": list(_REPORTABLE)})]
 
 
-class ReplicaReport(Message, frozen=True):
-    """What a node says about one replica it runs (``id`` is the task id)."""
+class ReplicaReport(Message, frozen=True, omit_defaults=True):
+    """What a node says about one replica it runs (``id`` is the task id). ``Lost``: its container
+    exited because the engine stopped it (not the task's own exit; see miner/exits.py)."""
 
     id: TaskId
     replica: ReplicaIndex
     state: ReportedState
     exit_code: ExitCode | None = None
     error: ErrorText | None = None
+    # How often the node restarted this replica's container (its restart policy); left out at 0,
+    # so a report without restarts reads the same to masters older than the field.
+    restarts: Annotated[int, Meta(ge=0, le=MAX_RESTARTS)] = 0
 
     def __post_init__(self) -> None:
         if self.state not in REPORTABLE_REPLICA_STATES:

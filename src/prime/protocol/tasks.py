@@ -169,7 +169,8 @@ class ReplicaState(StrEnum):
     COMPLETED = "Completed"  # exited 0 (final)
     FAILED = "Failed"        # exited non-zero or could not start (final)
     STOPPED = "Stopped"      # stopped on request (final)
-    LOST = "Lost"            # its node stopped reporting it; still desired there, the node should start it again
+    LOST = "Lost"            # at the master: its node stopped reporting it (still desired there, the node should
+    #                          start it again); from a node: the engine stopped it (rescheduled, never Completed)
 
 
 FINAL_REPLICA_STATES = frozenset({ReplicaState.COMPLETED, ReplicaState.FAILED, ReplicaState.STOPPED})
@@ -179,7 +180,8 @@ PLACED_REPLICA_STATES = frozenset(
 )
 # What a node may report about a replica.
 REPORTABLE_REPLICA_STATES = frozenset(
-    {ReplicaState.PULLING, ReplicaState.RUNNING, ReplicaState.COMPLETED, ReplicaState.FAILED, ReplicaState.STOPPED}
+    {ReplicaState.PULLING, ReplicaState.RUNNING, ReplicaState.COMPLETED, ReplicaState.FAILED, ReplicaState.STOPPED,
+     ReplicaState.LOST}
 )
 
 
@@ -206,6 +208,7 @@ class ReplicaView(Answer, frozen=True):
     started_at: Time | None = None
     finished_at: Time | None = None
     error: ErrorText | None = None
+    restarts: Annotated[int, Meta(ge=0, le=2**31)] = 0  # the node's restarts of this attempt's container
 
 
 class TaskView(Answer, frozen=True):
@@ -240,6 +243,7 @@ class Replica:
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    restarts: int = 0  # as the node last reported them (its restart policy's restarts of this attempt)
 
     @property
     def is_final(self) -> bool:

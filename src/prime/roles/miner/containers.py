@@ -16,6 +16,7 @@ and attempt (``container_name``), so a rescheduled attempt never collides with a
 
 from __future__ import annotations
 
+import datetime
 import functools
 import hashlib
 import json
@@ -171,6 +172,20 @@ def state_from_inspect(attrs: dict[str, Any]) -> tuple[ReplicaState, int | None,
     return ReplicaState.FAILED, exit_code, f"exited with code {exit_code}"
 
 
+def finished_at(attrs: dict[str, Any]) -> float | None:
+    """``State.FinishedAt`` as unix seconds (None: never finished, or not readable)."""
+    text = str((attrs.get("State") or {}).get("FinishedAt") or "")
+    if not text or text.startswith("0001-"):
+        return None
+    head, _, rest = text.partition(".")
+    fraction = rest.rstrip("Z").split("+")[0].split("-")[0] if rest else ""
+    try:
+        whole = datetime.datetime.strptime(head.rstrip("Z")[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return None
+    return whole.timestamp() + (float(f"0.{fraction}") if fraction.isdigit() else 0.0)
+
+
 def key_of(labels: dict[str, str] | None) -> Key | None:
     labels = labels or {}
     try:
@@ -203,6 +218,7 @@ def status_of(container: Any) -> ReplicaStatus:
         spec_hash=labels.get(LABEL_HASH),
         gpus=labels.get(LABEL_GPUS),
         restart=restart_policy(labels.get(LABEL_SPEC)),
+        finished_at=finished_at(container.attrs) if state not in (ReplicaState.RUNNING, ReplicaState.PULLING) else None,
     )
 
 

@@ -28,12 +28,18 @@ from typing import Any, cast
 
 from prime.protocol.heartbeat import MAX_REPORTED_TASKS, DesiredReplica, ReplicaReport
 from prime.protocol.tasks import MAX_ERROR_LENGTH, MAX_REPLICAS, ReplicaState, RestartPolicy, TaskSpec, is_task_id
+from prime.roles.miner import exits
 
 Key = tuple[str, int]
 
 ATTEMPT_ENV = "PRIME_ATTEMPT"
 MIN_MEMORY_MIB = 6  # Docker refuses less
 FINISHED = frozenset({ReplicaState.COMPLETED, ReplicaState.FAILED})
+MAX_REPORTED_RESTARTS = 2**31
+# A failure before any container existed that no retry can cure (the image does not exist, the
+# registry refuses it, the policy forbids it): reported Failed even when the policy restarts.
+_PERMANENT = ("does not pull", "not valid", "manifest unknown", "not found", "does not exist",
+              "access denied", "unauthorized", "Docker refused to create")
 
 
 class Unplaceable(ValueError):
@@ -140,6 +146,7 @@ class ReplicaStatus:
     spec_hash: str | None = None
     gpus: str | None = None  # the GPU indices it was given ("0,2", "")
     restart: RestartPolicy | None = None  # from its spec label; None: not readable
+    finished_at: float | None = None  # when its container last exited (unix seconds, Docker's State.FinishedAt)
 
     @property
     def key(self) -> Key:
@@ -179,6 +186,7 @@ class Book:
     finished_since: Mapping[Key, float] = field(default_factory=dict)  # undesired and finished, since
     pushed_at: Mapping[Key, float] = field(default_factory=dict)  # POST /tasks, when
     invalid: Mapping[Key, str] = field(default_factory=dict)  # desired replicas that cannot run here, why
+    marks: exits.Marks = field(default_factory=exits.Marks)  # stop intents, outside signals, engine outages
 
     def restart_count(self, key: Key) -> int:
         track = self.restarts.get(key)
@@ -257,8 +265,24 @@ def backoff_delay(restarts: int, base_s: float, max_s: float) -> float:
 
 
 def will_restart(status: ReplicaStatus) -> bool:
-    """A failed replica that its policy restarts: not final yet (the master hears Pulling)."""
-    return status.state is ReplicaState.FAILED and status.restart is RestartPolicy.ON_FAILURE
+    """A failed replica that its policy restarts: not final yet (the master hears Pulling). A
+    failure before any container existed restarts only when a retry may cure it."""
+    if status.state is not ReplicaState.FAILED or status.restart is not RestartPolicy.ON_FAILURE:
+        return False
+    return status.container_id is not None or not permanent_failure(status.reason)
+
+
+def permanent_failure(reason: str | None) -> bool:
+    """Whether a failure before any container existed (a pull, a create) can never be cured."""
+    return bool(reason) and any(p.lower() in str(reason).lower() for p in _PERMANENT)
+
+
+def truthful(status: ReplicaStatus, marks: exits.Marks) -> ReplicaStatus:
+    """The status with an exit the engine caused (``exits.lost_reason``) as Lost."""
+    if status.state not in FINISHED or status.container_id is None:
+        return status
+    why = exits.lost_reason(marks, status.container_id, status.finished_at)
+    return status if why is None else replace(status, state=ReplicaState.LOST, reason=why)
 
 
 def _since(at: float | None, now: float) -> float:
@@ -274,7 +298,8 @@ def plan(
     node_gpus: Sequence[int] = (),
 ) -> Plan:
     """The actions that bring the node to ``desired`` (None: a supervise tick), and the new book."""
-    seen: dict[Key, ReplicaStatus] = {s.key: s for s in snapshot}
+    seen: dict[Key, ReplicaStatus] = {s.key: truthful(s, book.marks) for s in snapshot}
+    marks = exits.prune(book.marks, [s.container_id for s in seen.values() if s.container_id], now)
     restarts = dict(book.restarts)
     finished = dict(book.finished_since)
     pushed = dict(book.pushed_at)
@@ -287,7 +312,7 @@ def plan(
                 actions.append(Keep(key, "no container to supervise" if status.container_id is None else "its spec is not readable"))
             else:
                 actions.append(_supervise(status, status.restart, restarts, now, policy))
-        new = Book(restarts, finished, pushed, invalid)
+        new = Book(restarts, finished, pushed, invalid, marks)
         return Plan(tuple(actions), new, tuple(reports(seen.values(), new)))
 
     placements: dict[Key, Placement] = {}
@@ -343,7 +368,10 @@ def plan(
     restarts = {k: v for k, v in restarts.items() if k in live}
     finished = {k: v for k, v in finished.items() if k in seen}
     pushed = {k: v for k, v in pushed.items() if now - _since(v, now) < policy.push_grace_s}
-    new = Book(restarts, finished, pushed, invalid)
+    for action in actions:  # every stop the miner asks for is recorded before it happens (exits.py)
+        if isinstance(action, Stop) or (isinstance(action, Start) and action.replace):
+            marks = exits.stop_asked(marks, action.key, now)
+    new = Book(restarts, finished, pushed, invalid, marks)
     return Plan(tuple(actions), new, tuple(reports(seen.values(), new)))
 
 
@@ -376,7 +404,7 @@ def forget_task(book: Book, task_id: str) -> Book:
     def keep(mapping: Mapping[Key, Any]) -> dict[Key, Any]:
         return {k: v for k, v in mapping.items() if k[0] != task_id}
 
-    return Book(keep(book.restarts), keep(book.finished_since), keep(book.pushed_at), keep(book.invalid))
+    return Book(keep(book.restarts), keep(book.finished_since), keep(book.pushed_at), keep(book.invalid), book.marks)
 
 
 def start_failed(book: Book, key: Key, reason: str) -> Book:
@@ -390,10 +418,13 @@ def reports(snapshot: Iterable[ReplicaStatus], book: Book) -> list[ReplicaReport
     for status in snapshot:
         if not is_task_id(status.task_id) or not 0 <= status.replica < MAX_REPLICAS:
             continue  # not a task of the master's (its id could not be named on the wire)
+        status = truthful(status, book.marks)
         state = ReplicaState.PULLING if will_restart(status) else ReplicaState(status.state)
         error = status.reason[:MAX_ERROR_LENGTH] if status.reason else None
+        restarts = min(book.restart_count(status.key), MAX_REPORTED_RESTARTS)
         out[status.key] = ReplicaReport(
-            id=status.task_id, replica=status.replica, state=cast(Any, state), exit_code=status.exit_code, error=error
+            id=status.task_id, replica=status.replica, state=cast(Any, state), exit_code=status.exit_code, error=error,
+            restarts=restarts,
         )
     for (task_id, replica), reason in book.invalid.items():
         if (task_id, replica) not in out and is_task_id(task_id) and 0 <= replica < MAX_REPLICAS:

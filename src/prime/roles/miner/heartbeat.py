@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import psutil
@@ -28,8 +29,9 @@ from prime import hardware
 from prime.errors import PeerError
 from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import DesiredReplica, GpuSample, HeartbeatRequest, HeartbeatResponse
-from prime.roles.miner import core
+from prime.roles.miner import core, engine_watch, exits
 from prime.roles.miner.core import Key
+from prime.roles.miner.executor import DockerExecutor, ExecutorError
 from prime.roles.miner.images import ProgressCallback
 from prime.roles.miner.state import MinerStore
 from prime.web import LoopHealth
@@ -86,6 +88,11 @@ class Converger:
     the master pushed (POST /tasks) is not stopped for ``policy.push_grace_s`` even if a
     heartbeat answer computed before the push does not list it yet. ``supervise()`` applies
     restart policies between lists (also while no master answers).
+
+    An exit the engine caused is reported Lost (``exits.py``): the core records every stop it
+    asks for, and the converger feeds it the engine's outside signals and outages, from the
+    engine's event stream (``watch_engine``: followed from the first round on; by default when
+    the executor is a Docker one) and from snapshots that fail while the engine is away.
     """
 
     def __init__(
@@ -96,6 +103,7 @@ class Converger:
         policy: core.Policy = core.Policy(),
         on_progress: ProgressCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
+        watch_engine: bool | None = None,
     ) -> None:
         self.executor = executor
         self.node_gpus = list(node_gpus)
@@ -107,6 +115,11 @@ class Converger:
         self._worker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self.rounds = 0
+        if watch_engine is None:
+            watch_engine = isinstance(executor, DockerExecutor)
+        self.watch_engine = watch_engine
+        self._watcher: asyncio.Task[None] | None = None
+        self.engine_seen_at: float | None = None  # the engine (its event stream) last came up, wall clock
 
     @property
     def invalid(self) -> Mapping[Key, str]:
@@ -131,7 +144,14 @@ class Converger:
 
     async def converge(self, desired: Sequence[DesiredReplica] | None) -> core.Plan:
         """One round: decide on a fresh snapshot, carry the actions out. ``None``: supervise only."""
-        snapshot = await self.executor.snapshot()
+        self._ensure_watcher()
+        try:
+            snapshot = await self.executor.snapshot()
+        except ExecutorError:  # the engine is not reachable: what exits meanwhile is the engine's doing
+            self.engine_away(time.time())
+            raise
+        if self.book.marks.away_since is not None:
+            self.engine_back(time.time(), None)
         plan = core.plan(desired, snapshot, self.book, self.clock(), self.policy, self.node_gpus)
         self.book = plan.book  # no await since the snapshot: a push meanwhile is in the book it started from
         for stop in plan.of(core.Stop):
@@ -149,6 +169,29 @@ class Converger:
         if desired is not None:
             self.rounds += 1
         return plan
+
+    # -- what the engine did (exits.py)
+
+    def engine_signal(self, key: Key | None, container_id: str, signal: str | None) -> None:
+        """A ``kill`` of one of this miner's containers; kept when the miner did not ask for it."""
+        marks = exits.engine_signal(self.book.marks, key, container_id, signal, self.clock())
+        if marks is not self.book.marks:
+            log.warning("container %s of task %s was sent signal %s by someone other than the miner",
+                        container_id[:12], key[0] if key else "?", signal)
+            self.book = replace(self.book, marks=marks)
+
+    def engine_away(self, wall: float) -> None:
+        self.book = replace(self.book, marks=exits.engine_away(self.book.marks, wall))
+
+    def engine_back(self, wall: float, last_seen: float | None) -> None:
+        self.engine_seen_at = wall
+        self.book = replace(self.book, marks=exits.engine_back(self.book.marks, wall, last_seen))
+
+    def _ensure_watcher(self) -> None:
+        if self.watch_engine and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.create_task(
+                engine_watch.watch(self.executor, self.engine_signal, self.engine_away, self.engine_back),
+                name="miner:engine-events")
 
     async def supervise(self) -> core.Plan:
         """Apply restart policies to the node's containers (the ``supervise`` loop's body)."""
@@ -183,13 +226,15 @@ class Converger:
     async def stop_task(self, task_id: str) -> bool:
         """The master's DELETE /tasks/{id}: every replica goes now, and nothing of it is remembered."""
         self.book = core.forget_task(self.book, task_id)
+        intent = exits.stop_asked(self.book.marks, (task_id, exits.ALL_REPLICAS), self.clock())
+        self.book = replace(self.book, marks=intent)
         return bool(await self.executor.stop(task_id))
 
     def restarts(self, key: Key) -> int:
         return self.book.restart_count(key)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._worker, *self._background) if t is not None and not t.done()]
+        tasks = [t for t in (self._worker, self._watcher, *self._background) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
         for task in tasks:
