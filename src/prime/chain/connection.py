@@ -23,8 +23,12 @@ from prime.errors import ChainError, PrimeError
 _CONNECTION_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+class ChainUnreachable(ChainError):
+    """The RPC did not answer at all (refused, reset, timed out): worth waiting for, unlike a wrong chain."""
+
+
 def unreachable(rpc_url: str) -> ChainError:
-    return ChainError(
+    return ChainUnreachable(
         f"Cannot reach the chain RPC at {rpc_url}; start the node (for a local chain: `prime chain anvil`) "
         "or pass the right --rpc-url / PRIME_RPC_URL."
     )

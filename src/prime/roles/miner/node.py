@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from prometheus_client import Counter
 from rich.console import Console
+from rich.markup import escape
 
 from prime import hardware
 from prime.auth.client import SignedClient
@@ -52,6 +53,7 @@ from prime.errors import PrimeError
 from prime.roles.miner import core
 from prime.roles.miner.announce import Announcer, choose_announce_ip
 from prime.roles.miner.app import build_miner_app
+from prime.roles.miner.chainwait import until_chain_answers
 from prime.roles.miner.console import MinerConsole
 from prime.roles.miner.executor import DockerExecutor
 from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
@@ -203,6 +205,9 @@ class MinerNode:
     def say(self, text: str, style: str | None = None) -> None:
         self.out.say(text, style)
 
+    def _say_plain(self, text: str) -> None:
+        self.say(escape(text))  # a URL like http://[::1]:8545 is no markup
+
     # -- before any transaction
 
     async def prepare(self) -> None:
@@ -225,11 +230,12 @@ class MinerNode:
             self.out.errors(failures[1:])
             raise PrimeError(failures[0])
         self.out.node(self.address, self.provider_account.address, self.specs, self.gpus)
-        await self._connect_chain()
+        # The chain may be down or stalled as the miner starts: wait for it (a visible line, retries).
+        await until_chain_answers(self._connect_chain, rpc_url=options.rpc_url, say=self._say_plain)
         bind_chain = getattr(self.executor, "bind_chain", None)
         if bind_chain is not None:  # the chain is part of the executor's instance id (its containers' label)
             bind_chain(self.registry.chain_id, self.registry.address)
-        run = await self.registry.get_run(options.run_id)
+        run = await until_chain_answers(lambda: self.registry.get_run(options.run_id), rpc_url=options.rpc_url, say=self._say_plain)
         check_run(run, self.specs)
         _check_discovery_uri(run)
         choose_announce_ip(options.public_ip, options.host, run.discovery_uri)  # a bad --public-ip fails before any transaction
@@ -301,6 +307,7 @@ class MinerNode:
             on_verdict=self._verdict,
         )
         self.heartbeat.health = self.app[HEALTH]
+        permissions.attach(self.app[HEALTH])  # /health names the chain when permission checks cannot reach it
         self.heartbeat.counter = Counter(
             "prime_miner_heartbeats", "Heartbeats sent to the master, by result.", ["result"], registry=self.app[METRICS]
         )
