@@ -182,6 +182,13 @@ async def test_master(tmp_path: Path) -> None:
         assert [f["path"] for f in files["files"]] == ["out/result.txt"]
         await call(served, OWNER, "GET", "/tasks/{task_id}/files/{path}", f"/tasks/{task_id}/files/out/result.txt", expect=200)
         await call(served, OWNER, "GET", "/tasks/{task_id}/files/{path}", f"/tasks/{task_id}/files/out/none.txt", expect=404)
+        # Seed: the node the replica is placed on reads the synced copy; nobody else does.
+        seed = await call(served, NODE, "GET", "/tasks/{task_id}/seed", f"/tasks/{task_id}/seed?replica=0", expect=200)
+        sha = seed["files"][0]["sha256"]
+        await call(served, NODE, "GET", "/tasks/{task_id}/seed/{sha256}", f"/tasks/{task_id}/seed/{sha}?replica=0", expect=200)
+        await call(served, NODE, "GET", "/tasks/{task_id}/seed/{sha256}", f"/tasks/{task_id}/seed/{'0' * 64}", expect=404)
+        await call(served, STRANGER, "GET", "/tasks/{task_id}/seed", f"/tasks/{task_id}/seed", expect=403)
+        await call(served, NODE, "GET", "/tasks/{task_id}/seed", f"/tasks/{task_id}/seed?replica=x", expect=400)
         await call(served, OWNER, "DELETE", "/tasks/{task_id}", f"/tasks/{task_id}", expect=200)
         assert_every_success_was_checked(served)
     finally:

@@ -1,6 +1,10 @@
-"""A replica whose node dies, rescheduled on another (a real master process, fake miners): the files
-already synced stay readable through ``GET /tasks/{id}/files`` when the new attempt's manifest is
-empty (a sync never erases, issue 13)."""
+"""A replica whose node dies, rescheduled on another (issue 13): a real master process, fake miners
+for the heartbeats and syncs, and for the new attempt the miner's real seeding and Docker executor.
+
+The files already synced stay readable through ``GET /tasks/{id}/files`` when the new attempt's
+first manifest is empty (a sync never erases); the new attempt's container then starts with those
+files in its /data, fetched from the master's seed routes (which answer only the node the replica
+is assigned to), and what it writes next is synced over them."""
 
 from __future__ import annotations
 
@@ -9,8 +13,16 @@ import hashlib
 import json
 from typing import Any
 
+import docker
 import pytest_asyncio
 
+from prime.auth.client import SignedClient
+from prime.auth.signing import Domain
+from prime.protocol.heartbeat import DesiredReplica
+from prime.protocol.tasks import ReplicaState
+from prime.roles.miner import core
+from prime.roles.miner.executor import DockerExecutor
+from prime.roles.miner.seeding import Seeder
 from tests.fixtures.processes import RoleProcesses
 from tests.roles.master.fake_miner import FakeMiner, World, eventually, make_world, signed_call
 
@@ -46,7 +58,11 @@ def _started(miner: FakeMiner, task_id: str) -> list[dict[str, Any]]:
     return [s for s in miner.received.starts if s["id"] == task_id]
 
 
-async def test_a_rescheduled_replica_with_an_empty_data_dir_erases_nothing(world: World) -> None:
+RESUME = "cat /data/step/*.txt > /data/resumed.txt"
+
+
+async def test_a_rescheduled_replica_erases_nothing_and_resumes_from_its_synced_data(
+        world: World, docker_client: docker.DockerClient, docker_node_address: str, busybox_image: str, tmp_path) -> None:
     status, task = await signed_call(world.owner, "POST", world.url, "/tasks",
                                      json.dumps({"image": "busybox", "gpus": 1, "persistent": True}).encode())
     assert status == 201, task
@@ -86,6 +102,39 @@ async def test_a_rescheduled_replica_with_an_empty_data_dir_erases_nothing(world
             status, body = await signed_call(world.owner, "GET", world.url, f"/tasks/{task_id}/files/{path}?replica=0",
                                              raw=True)
             assert status == 200 and body == content
+
+        # The seed routes answer only the node the replica is assigned to now (not the node it left).
+        status, answer = await signed_call(first.node, "GET", world.url, f"/tasks/{task_id}/seed?replica=0")
+        assert status == 403, answer
+        status, answer = await signed_call(second.node, "GET", world.url, f"/tasks/{task_id}/seed?replica=0")
+        assert status == 200 and {f["path"] for f in answer["files"]} == set(data)
+
+        # The new attempt, as the second node's miner runs it: seeded from the master, then started.
+        executor = DockerExecutor(docker_client, tmp_path / "miner", docker_node_address, network_mode="none",
+                                  pull_backoff_s=0.05, stop_timeout_s=0)
+        async with SignedClient(second.node, domain=Domain.of(world.deployment)) as client:
+            executor.seeder = Seeder(client, lambda: (world.url, world.master_account.address))
+            entry = {"id": task_id, "replica": 0, "attempt": start["attempt"], "gpu_indices": [],
+                     "spec": {"image": busybox_image, "command": ["sh", "-c", RESUME], "persistent": True}}
+            await executor.start(core.place(DesiredReplica.from_json(entry), ()))
+
+            async def finished() -> bool:
+                status = await executor.status(task_id, 0)
+                return status is not None and status.state in (ReplicaState.COMPLETED, ReplicaState.FAILED)
+
+            await eventually(finished, what="the new attempt's container")
+        assert (await executor.status(task_id, 0)).state == ReplicaState.COMPLETED
+        own = executor.task_data_dir(task_id, 0)
+        assert (own / "resumed.txt").read_bytes() == b"".join(data[p] for p in sorted(data))
+        await executor.stop(task_id)
+
+        # What the new attempt wrote is synced over the old files; none of those is lost.
+        second.files[(task_id, 0)] = {str(p.relative_to(own)): p.read_bytes() for p in own.rglob("*") if p.is_file()}
+
+        async def resumed_synced() -> bool:
+            return set(await _files(world, task_id)) == set(data) | {"resumed.txt"}
+
+        await eventually(resumed_synced, what="the new attempt's files")
     finally:
         first.start_heartbeats(0.2)
         second.report(task_id, 0, "Completed", 0)

@@ -6,6 +6,8 @@
   ``GET /tasks/{id}/logs?follow=0|1&tail=N`` (NDJSON), ``GET /tasks/{id}/files``,
   ``GET /tasks/{id}/files/{path}?replica=R`` (raw bytes).
 - ``GET /nodes``: the run's owner or a master of the run.
+- ``GET /tasks/{id}/seed?replica=R``, ``GET /tasks/{id}/seed/{sha256}?replica=R``: the node a
+  replica is assigned to reads the synced copy of its /data (seed_api.py).
 Every request is signed (401 otherwise); bad input is a 400 JSON naming the field.
 """
 
@@ -30,6 +32,7 @@ from prime.protocol.storage import validate_relative_path
 from prime.protocol.tasks import Task, TaskList, TaskSpec, TaskView, is_task_id
 from prime.roles.master.cas import BlobStore
 from prime.roles.master.logs import LogMerger
+from prime.roles.master.seed_api import add_seed_routes
 from prime.roles.master.service import HeartbeatDenied, MasterService
 from prime.web import FLAG, NDJSON, ApiError, Binary, Param, api, json_error, make_app
 from prime.web.openapi import ascii_int
@@ -74,6 +77,7 @@ def add_routes(
     app.router.add_get("/tasks/{task_id}/files", owner_only(list_files))
     app.router.add_get("/tasks/{task_id}/files/{path:.+}", owner_only(get_file))
     app.router.add_get("/nodes", require(any_of(run_owner, run_master))(list_nodes))
+    add_seed_routes(app, service, blobs)  # node → master: a new attempt's /data (seed_api.py)
     return app
 
 

@@ -234,6 +234,11 @@ class MasterStore:
         )
         return _synced_from_row(rows[0]) if rows else None
 
+    def lists_blob(self, task_id: str, replica: int, sha256: str) -> bool:
+        """Whether the synced manifest of this replica has a file with this content."""
+        return bool(self.db.query("SELECT 1 FROM manifests WHERE task_id = ? AND replica = ? AND sha256 = ? LIMIT 1",
+                                  (task_id, replica, sha256)))
+
     def add_blob(self, sha256: str, size: int, stored_at: float) -> None:
         """Record that the content store holds ``sha256`` (idempotent)."""
         with self.db.transaction():

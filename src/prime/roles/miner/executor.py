@@ -98,6 +98,8 @@ class DockerExecutor:
         self._client = client
         self._client_lock = threading.Lock()
         self.data_dir = Path(data_dir)
+        # Fills a new attempt's /data from the master's synced copy (seeding.Seeder; None: never).
+        self.seeder: Any = None
         self.node_address = node_address
         self.instance = instance_id(self.data_dir, node_address, chain_id, registry_address)
         self.network_mode = network_mode
@@ -296,6 +298,8 @@ class DockerExecutor:
             except OSError as exc:
                 reason = f"its data directory could not be created ({exc}); check the miner's --data-dir"
                 return self._record(self._pending(placement, ReplicaState.FAILED, reason))
+            if self.seeder is not None:  # a new attempt resumes from the master's copy (seeding.py)
+                await self.seeder.seed(placement.task_id, placement.replica, placement.desired.attempt, data_mount)
         kwargs = build_container_kwargs(
             placement,
             node_address=self.node_address,

@@ -61,6 +61,7 @@ from prime.roles.miner.invite import InviteHandler
 from prime.roles.miner.preflight import challenge_prover, run_preflight
 from prime.roles.miner.registration import check_run, ensure_registered
 from prime.roles.miner.registries import RegistryPolicy
+from prime.roles.miner.seeding import Seeder
 from prime.roles.miner.state import (
     Announcement,
     MinerState,
@@ -295,6 +296,9 @@ class MinerNode:
             still_master=lambda master: permissions.is_master(options.run_id, master),
         )
         self.converger, self.heartbeat = runtime.converger, runtime.heartbeat
+        # A new attempt of a persistent replica resumes from the master's synced copy of its /data.
+        self.executor.seeder = Seeder(self._client(SignedClient(self.node_account, domain=domain, timeout_s=30.0, retries=2)),
+                                      lambda: (self.store.state.master_url, self.store.state.master))
         assert self.data is not None
         replay = self._replay = ReplayCache.persistent(self.data.path / "nonces")  # replays refused across restarts
         self.app = build_miner_app(
