@@ -154,7 +154,7 @@ def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
     if task.get("stop_requested"):
         info.add_row("Stop requested", "yes")
     replicas = Table(title="Replicas")
-    for column in ("#", "State", "Node", "GPUs", "Attempt", "Exit", "Started", "Error"):
+    for column in ("#", "State", "Node", "GPUs", "Attempt", "Restarts", "Exit", "Started", "Error"):
         replicas.add_column(column, overflow="fold")
     for replica in task.get("replicas") or []:
         exit_code = replica.get("exit_code")
@@ -164,6 +164,7 @@ def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
             str(replica.get("node") or "-"),
             ",".join(str(g) for g in replica.get("gpu_indices") or []) or "-",
             str(replica.get("attempt", 0)),
+            str(replica.get("restarts") or 0),  # the node's restarts of this attempt (absent from older masters)
             "-" if exit_code is None else str(exit_code),
             age(replica.get("started_at"), now),
             str(replica.get("error") or ""),

@@ -146,12 +146,18 @@ def release_node(tasks: Iterable[Task], node: str, at: float, reason: str) -> li
                 r.finished_at = at
                 changes.append(_transition(task.id, r, ReplicaState.STOPPED, f"stopped; {reason}"))
                 continue
-            change = _transition(task.id, r, ReplicaState.PENDING, f"rescheduled; {reason}")
-            r.error = f"Lost on node {node}: {reason}."
-            r.node, r.gpu_indices, r.assigned_at, r.started_at = None, (), None, None
-            r.attempt += 1
-            changes.append(change)
+            changes.append(_reschedule(task.id, r, node, reason))
     return changes
+
+
+def _reschedule(task_id: str, r: Replica, node: str, reason: str) -> RecordReplicaTransition:
+    """A replica lost on ``node`` (the node died, or its engine stopped it): Pending again, a new attempt."""
+    change = _transition(task_id, r, ReplicaState.PENDING, f"rescheduled; {reason}")
+    r.error = f"Lost on node {node}: {reason.rstrip('.')}."
+    r.node, r.gpu_indices, r.assigned_at, r.started_at = None, (), None, None
+    r.attempt += 1
+    r.restarts = 0
+    return change
 
 
 def stop_task(task: Task, at: float) -> tuple[list[RecordReplicaTransition], list[tuple[str, int]]]:
@@ -188,8 +194,12 @@ def apply_node_report(
 
     Only the node a replica is placed on can change it; final states are final. A replica the
     node reported before (Pulling/Running) but no longer reports becomes Lost and stays desired
-    there (the node should start it again); one never reported yet (Assigned) just stays. For a
-    stopping task, a replica the node no longer reports, or reports Failed, is Stopped.
+    there (the node should start it again); one never reported yet (Assigned) just stays. A
+    replica the node reports Lost (its engine stopped it: not the task's own exit) is rescheduled,
+    a new attempt, as if its node had died. A Running replica reported Pulling (its container
+    waits for a restart) stays Running: states never go back for one attempt. Completed clears
+    the note of an earlier attempt's loss. For a stopping task, a replica the node no longer
+    reports, or reports Failed or Lost, is Stopped.
     """
     by_key = {(r.id, r.replica): r for r in reports}
     changes = []
@@ -206,16 +216,20 @@ def apply_node_report(
                     changes.append(_transition(task.id, r, ReplicaState.LOST, "the node no longer reports it"))
                 continue
             new = report.state
-            if task.stop_requested and new in (ReplicaState.FAILED, ReplicaState.STOPPED):
+            r.restarts = report.restarts
+            if task.stop_requested and new in (ReplicaState.FAILED, ReplicaState.STOPPED, ReplicaState.LOST):
                 new = ReplicaState.STOPPED
-            if new == r.state:
+            if new == ReplicaState.LOST:
+                changes.append(_reschedule(task.id, r, node, f"lost on the node: {report.error or 'its engine stopped it'}"))
+                continue
+            if new == r.state or (r.state == ReplicaState.RUNNING and new == ReplicaState.PULLING):
                 continue
             if new == ReplicaState.RUNNING and r.started_at is None:
                 r.started_at = at
             if new in FINAL_REPLICA_STATES:
                 r.finished_at = at
                 r.exit_code = report.exit_code
-            if report.error is not None:
+            if report.error is not None or new == ReplicaState.COMPLETED:
                 r.error = report.error
             changes.append(_transition(task.id, r, new, "reported by the node"))
     return changes

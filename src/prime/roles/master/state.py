@@ -327,11 +327,19 @@ def _on_heartbeat(state: MasterState, event: HeartbeatReceived) -> list[Instruct
     rec.last_sample = NodeSample(event.at, event.payload.gpus, event.payload.load or {})
     state.dirty_nodes.add(event.node)
     instructions = _reconcile_one(state, event.node, event.at, heartbeat=event.at)
+    restarts = _restart_counts(state, event.node)
     changes = scheduler.apply_node_report(state.tasks.values(), event.node, event.payload.tasks, event.at)
+    after = _restart_counts(state, event.node)
+    state.dirty_tasks.update(key[0] for key, count in after.items() if restarts.get(key) != count)
     instructions.extend(_note_replicas(state, changes))
-    if any(c.new in FINAL_REPLICA_STATES for c in changes):
-        instructions.extend(_schedule(state, event.at))  # finished replicas free GPUs
+    if any(c.new in FINAL_REPLICA_STATES or c.new == ReplicaState.PENDING for c in changes):
+        instructions.extend(_schedule(state, event.at))  # finished replicas free GPUs; lost ones are placed again
     return instructions
+
+
+def _restart_counts(state: MasterState, node: str) -> dict[tuple[str, int], int]:
+    """Restart counts of the replicas placed on ``node`` (to notice a heartbeat that changes one)."""
+    return {(t.id, r.index): r.restarts for t in state.tasks.values() for r in t.replicas if r.node == node}
 
 
 def _on_tick(state: MasterState, event: Tick) -> list[Instruction]:
