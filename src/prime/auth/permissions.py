@@ -10,7 +10,8 @@ RPC accepts the connection and never answers). While the RPC fails or stalls, an
 the chain gave at most ``max_stale_s`` seconds ago (default 10 minutes) is served from
 the last known chain state; a question never answered before, or one whose last answer is
 older than that bound, fails (``require`` answers 503 chain_unavailable). During an outage
-the RPC is tried again at most every ``retry_s`` seconds per question; once it answers,
+known answers are given at once and the RPC is tried again at most every ``retry_s`` seconds
+(a question never answered is always asked); once it answers,
 every answer is fresh again (a right revoked meanwhile is revoked at once). One WARNING
 when stale answers start, one INFO when the chain is back; the "chain" dependency of
 ``/health`` (``attach(health)``) says which.
