@@ -52,6 +52,9 @@ class ReplicaReport(Message, frozen=True, omit_defaults=True):
     # How often the node restarted this replica's container (its restart policy); left out at 0,
     # so a report without restarts reads the same to masters older than the field.
     restarts: Annotated[int, Meta(ge=0, le=MAX_RESTARTS)] = 0
+    # The attempt of the container this report is about (None: not known, e.g. no container yet);
+    # the master ignores a report of another attempt than the replica's (a leftover's).
+    attempt: Attempt | None = None
 
     def __post_init__(self) -> None:
         if self.state not in REPORTABLE_REPLICA_STATES:

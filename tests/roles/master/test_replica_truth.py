@@ -90,6 +90,23 @@ def test_running_never_goes_back_to_pulling_and_restart_counts_are_kept_and_show
     assert "Restarts" in console.export_text()
 
 
+def test_a_report_of_another_attempt_is_ignored() -> None:
+    st, task = _placed()
+    r = task.replicas[0]
+    node = r.node
+    assert node is not None
+    _beat(st, node, 2.0, ReplicaReport("t", 0, ReplicaState.RUNNING, attempt=0))
+    _beat(st, node, 3.0, ReplicaReport("t", 0, ReplicaState.LOST, attempt=0))
+    assert (r.state, r.attempt) == (ReplicaState.ASSIGNED, 1)
+    # The node's next beat still shows the old attempt's container, Lost: not lost again.
+    _beat(st, node, 4.0, ReplicaReport("t", 0, ReplicaState.LOST, attempt=0))
+    assert (r.state, r.attempt) == (ReplicaState.ASSIGNED, 1)
+    _beat(st, node, 5.0, ReplicaReport("t", 0, ReplicaState.RUNNING, attempt=1))
+    assert (r.state, r.attempt) == (ReplicaState.RUNNING, 1)
+    _beat(st, node, 6.0, ReplicaReport("t", 0, ReplicaState.COMPLETED, exit_code=0, attempt=0))  # a leftover
+    assert r.state == ReplicaState.RUNNING
+
+
 def test_a_stopping_tasks_lost_replica_is_stopped_not_rescheduled() -> None:
     st, task = _placed()
     r = task.replicas[0]

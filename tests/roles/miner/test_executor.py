@@ -377,7 +377,7 @@ def test_a_container_read_back_as_the_core_sees_it() -> None:
     container.attrs = {"State": {"Status": "exited", "ExitCode": 4}}
     assert status_of(container) == core.ReplicaStatus(
         "back", 2, TaskState.FAILED, exit_code=4, reason="exited with code 4", container_id="c1",
-        spec_hash=spec.spec_hash(), gpus="", restart="on-failure",
+        spec_hash=spec.spec_hash(), gpus="", restart="on-failure", attempt=0,
     )
     container.labels = {**labels, "prime.spec": "not json"}
     assert status_of(container).restart is None  # reported, but never restarted: its policy is unknown

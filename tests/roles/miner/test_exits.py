@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from prime.protocol.heartbeat import DesiredReplica, HeartbeatRequest
 from prime.protocol.tasks import ReplicaState, RestartPolicy
 from prime.roles.miner import core, exits
-from prime.roles.miner.containers import finished_at
+from prime.roles.miner.containers import attempt_of, finished_at
 from prime.roles.miner.core import Book, Keep, ReplicaStatus, Restart, Start, Stop
 
 POLICY = core.Policy(retention_s=100.0, push_grace_s=10.0, backoff_s=1.0, backoff_max_s=8.0)
@@ -116,6 +117,16 @@ def test_a_pull_that_can_never_succeed_is_reported_failed_even_with_on_failure()
         status = ReplicaStatus("t1", 0, ReplicaState.FAILED, reason=reason, restart=RestartPolicy.ON_FAILURE)
         [report] = core.reports([status], Book())
         assert (report.state, report.error) == (state, reason)
+
+
+def test_reports_name_the_attempt_of_their_container() -> None:
+    entry = desired(attempt=3)
+    label = json.dumps(core.place(entry, ()).record())
+    assert attempt_of(label) == 3 and attempt_of("{}") is None and attempt_of(None) is None
+    [report] = core.reports([exited(entry, ReplicaState.RUNNING, None, attempt=3)], Book())
+    assert report.attempt == 3 and HeartbeatRequest.from_json(HeartbeatRequest(tasks=(report,)).to_json()).tasks[0].attempt == 3
+    [unknown] = core.reports([exited(entry, ReplicaState.RUNNING, None)], Book())
+    assert "attempt" not in unknown.to_json()  # not known: left out (older masters read it as before)
 
 
 def test_finished_at_parses_dockers_times() -> None:

@@ -195,6 +195,7 @@ def apply_node_report(
     Only the node a replica is placed on can change it; final states are final. A replica the
     node reported before (Pulling/Running) but no longer reports becomes Lost and stays desired
     there (the node should start it again); one never reported yet (Assigned) just stays. A
+    report of another attempt than the replica's is ignored. A
     replica the node reports Lost (its engine stopped it: not the task's own exit) is rescheduled,
     a new attempt, as if its node had died. A Running replica reported Pulling (its container
     waits for a restart) stays Running: states never go back for one attempt. Completed clears
@@ -215,6 +216,8 @@ def apply_node_report(
                 elif r.state in (ReplicaState.PULLING, ReplicaState.RUNNING):
                     changes.append(_transition(task.id, r, ReplicaState.LOST, "the node no longer reports it"))
                 continue
+            if report.attempt is not None and report.attempt != r.attempt:
+                continue  # a container of another attempt (a leftover the node has not replaced yet)
             new = report.state
             r.restarts = report.restarts
             if task.stop_requested and new in (ReplicaState.FAILED, ReplicaState.STOPPED, ReplicaState.LOST):

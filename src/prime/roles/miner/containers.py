@@ -203,6 +203,16 @@ def restart_policy(spec_label: str | None) -> RestartPolicy | None:
         return None
 
 
+@functools.lru_cache(maxsize=1024)
+def attempt_of(spec_label: str | None) -> int | None:
+    """The master's attempt in a container's ``prime.spec`` label (its PRIME_ATTEMPT); None when not readable."""
+    try:
+        attempt = int(json.loads(spec_label or "")["env"]["PRIME_ATTEMPT"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return attempt if 0 <= attempt <= 2**31 else None
+
+
 def status_of(container: Any) -> ReplicaStatus:
     """A labelled container as the core sees it."""
     labels = container.labels or {}
@@ -218,6 +228,7 @@ def status_of(container: Any) -> ReplicaStatus:
         spec_hash=labels.get(LABEL_HASH),
         gpus=labels.get(LABEL_GPUS),
         restart=restart_policy(labels.get(LABEL_SPEC)),
+        attempt=attempt_of(labels.get(LABEL_SPEC)),
         finished_at=finished_at(container.attrs) if state not in (ReplicaState.RUNNING, ReplicaState.PULLING) else None,
     )
 

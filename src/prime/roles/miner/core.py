@@ -147,6 +147,7 @@ class ReplicaStatus:
     gpus: str | None = None  # the GPU indices it was given ("0,2", "")
     restart: RestartPolicy | None = None  # from its spec label; None: not readable
     finished_at: float | None = None  # when its container last exited (unix seconds, Docker's State.FinishedAt)
+    attempt: int | None = None  # the master's attempt its container runs (from its spec label); None: not known
 
     @property
     def key(self) -> Key:
@@ -424,7 +425,7 @@ def reports(snapshot: Iterable[ReplicaStatus], book: Book) -> list[ReplicaReport
         restarts = min(book.restart_count(status.key), MAX_REPORTED_RESTARTS)
         out[status.key] = ReplicaReport(
             id=status.task_id, replica=status.replica, state=cast(Any, state), exit_code=status.exit_code, error=error,
-            restarts=restarts,
+            restarts=restarts, attempt=status.attempt,
         )
     for (task_id, replica), reason in book.invalid.items():
         if (task_id, replica) not in out and is_task_id(task_id) and 0 <= replica < MAX_REPLICAS:
