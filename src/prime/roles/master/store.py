@@ -51,6 +51,8 @@ MIGRATIONS: list[str] = [
         final_attempts INTEGER NOT NULL, final_at REAL, files INTEGER, PRIMARY KEY (task_id, replica))""",
     # The copy (node) that last listed each synced file: a sync never erases another copy's files.
     "ALTER TABLE manifests ADD COLUMN source TEXT",
+    # The replica attempt a sync mark is about (a new attempt gets fresh marks: syncplan.current_mark).
+    "ALTER TABLE sync_marks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0",
 ]
 
 LEGACY_SYNC_FILE = "sync.sqlite"
@@ -136,7 +138,7 @@ class MasterStore:
             state.tasks[task.id] = task
         for row in self.db.query("SELECT * FROM sync_marks ORDER BY task_id, replica", ()):
             state.sync_marks[(row["task_id"], row["replica"])] = SyncMark(
-                row["failures"], row["next_at"], row["final_attempts"], row["final_at"], row["files"])
+                row["failures"], row["next_at"], row["final_attempts"], row["final_at"], row["files"], row["attempt"])
         state.chain_cursor = self.get_cursor()
         return state
 
@@ -339,8 +341,8 @@ NODE_UPSERT = (
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 SYNC_MARK_UPSERT = (
-    "INSERT OR REPLACE INTO sync_marks (task_id, replica, failures, next_at, final_attempts, final_at, files)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR REPLACE INTO sync_marks (task_id, replica, failures, next_at, final_attempts, final_at, files, attempt)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 INVITE_UPSERT = (
     "INSERT OR REPLACE INTO invites (node, invited_at, expiry, failures, next_attempt_at, sent)"
@@ -359,7 +361,7 @@ def _node_row(rec: NodeRecord) -> tuple[Any, ...]:
 
 
 def _sync_mark_row(key: tuple[str, int], mark: SyncMark) -> tuple[Any, ...]:
-    return (key[0], key[1], mark.failures, mark.next_at, mark.final_attempts, mark.final_at, mark.files)
+    return (key[0], key[1], mark.failures, mark.next_at, mark.final_attempts, mark.final_at, mark.files, mark.attempt)
 
 
 def _invite_row(rec: NodeRecord) -> tuple[Any, ...]:

@@ -3,7 +3,8 @@
 The service carries out each ``SyncStorage`` (``sync.StorageSync``: manifest, missing blobs) and
 feeds back ``SyncSucceeded`` or ``SyncFailed``. Per replica the core keeps a ``SyncMark``, stored
 in ``master.sqlite`` with the rest of the state: failures in a row and when to try again (2, 4,
-8 ... s, capped), final syncs attempted, and when the final one was done (then never again).
+8 ... s, capped), final syncs attempted, and when the final one was done (then never again for
+that attempt: a new attempt of the replica starts with fresh marks and gets its own final sync).
 At most one sync per replica is in flight (``MasterState.syncing``, not stored: a restart
 forgets what was in flight, and the next round asks again).
 
@@ -45,6 +46,7 @@ class SyncMark:
     final_attempts: int = 0           # final syncs that went through but the miner said not final
     final_at: float | None = None     # the final sync is done
     files: int | None = None          # files of the final sync
+    attempt: int = 0                  # the replica's attempt these marks are about
 
     @property
     def final_done(self) -> bool:
@@ -67,7 +69,7 @@ def due(state: MasterState, now: float) -> list[SyncStorage]:
         for r in task.replicas:
             if r.node is None or (task.id, r.index) in state.syncing:
                 continue
-            mark = state.sync_marks.get((task.id, r.index))
+            mark = current_mark(state, (task.id, r.index))
             if mark is not None and mark.next_at is not None and now < mark.next_at:
                 continue
             if r.state in SYNC_REPLICA_STATES:
@@ -91,24 +93,49 @@ def final_sync(state: MasterState, node: str, task_id: str, replica: int) -> lis
     """The final sync of a replica that just finished, unless one is running or it is done already
     (a sync in flight now is followed by the final one at the next round)."""
     key = (task_id, replica)
-    mark = state.sync_marks.get(key)
+    mark = current_mark(state, key)
     if key in state.syncing or (mark is not None and mark.final_done):
         return []
     state.syncing.add(key)
     return [SyncStorage(node, task_id, replica, final=True)]
 
 
+def _attempt(state: MasterState, key: SyncKey) -> int | None:
+    task = state.tasks.get(key[0])
+    r = task.replica(key[1]) if task is not None else None
+    return r.attempt if r is not None else None
+
+
+def current_mark(state: MasterState, key: SyncKey) -> SyncMark | None:
+    """The replica's mark, None when it is about an earlier attempt: a rescheduled or restarted
+    replica gets its own syncs and its own final sync (its files merge over the earlier ones)."""
+    mark = state.sync_marks.get(key)
+    if mark is not None and mark.attempt != _attempt(state, key):
+        return None
+    return mark
+
+
 def _mark(state: MasterState, key: SyncKey) -> SyncMark:
     state.dirty_sync.add(key)
-    return state.sync_marks.setdefault(key, SyncMark())
+    mark = current_mark(state, key)
+    if mark is None:
+        mark = state.sync_marks[key] = SyncMark(attempt=_attempt(state, key) or 0)
+    return mark
+
+
+def _from_elsewhere(state: MasterState, event: SyncSucceeded | SyncFailed) -> bool:
+    """A late answer from a node the replica has left (its files are merged all the same)."""
+    task = state.tasks.get(event.task_id)
+    r = task.replica(event.replica) if task is not None else None
+    return r is None or r.node != event.node
 
 
 def on_succeeded(state: MasterState, event: SyncSucceeded) -> list[Instruction]:
     key = (event.task_id, event.replica)
     state.syncing.discard(key)
-    existing = state.sync_marks.get(key)
-    if event.task_id not in state.tasks or (existing is not None and existing.final_done):
-        return []  # a task the master does not know, or a late answer after the final sync
+    existing = current_mark(state, key)
+    if event.task_id not in state.tasks or (existing is not None and existing.final_done) or _from_elsewhere(state, event):
+        return []  # a task the master does not know, a late answer after the final sync or from a node left
     mark = _mark(state, key)
     mark.failures, mark.next_at = 0, None
     if event.final:
@@ -121,8 +148,8 @@ def on_succeeded(state: MasterState, event: SyncSucceeded) -> list[Instruction]:
 def on_failed(state: MasterState, event: SyncFailed) -> list[Instruction]:
     key = (event.task_id, event.replica)
     state.syncing.discard(key)
-    existing = state.sync_marks.get(key)
-    if event.task_id not in state.tasks or (existing is not None and existing.final_done):
+    existing = current_mark(state, key)
+    if event.task_id not in state.tasks or (existing is not None and existing.final_done) or _from_elsewhere(state, event):
         return []
     mark = _mark(state, key)
     if event.final and event.not_found:
