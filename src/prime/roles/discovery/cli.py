@@ -74,6 +74,7 @@ async def serve(
     from prime.chain.client import RegistryClient
     from prime.chain.deploy import Deployment
     from prime.roles.discovery.app import build_app
+    from prime.web import HEALTH
 
     deployment = Deployment.load(deployment_path)  # ConfigError (one sentence) when missing or malformed
     with open_data_dir(data_dir, ROLE) as data:
@@ -87,7 +88,10 @@ async def serve(
                          host, bound, account.address, data.path, store.count())
 
             signing = SignedService(account, Domain.of(deployment), ReplayCache.persistent(data.path / "nonces"))
-            await serve_until_stopped(build_app(store, ChainPermissions(registry), signing), host=host, port=port,
+            permissions = ChainPermissions(registry)
+            app = build_app(store, permissions, signing)
+            permissions.attach(app[HEALTH])  # an RPC outage is named in /health
+            await serve_until_stopped(app, host=host, port=port,
                                       on_listening=listening, stop=stop)
             log.info("discovery stopped")
         finally:

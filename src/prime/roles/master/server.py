@@ -82,7 +82,7 @@ async def start_master(
     from prime.roles.master.sync import StorageSync
     from prime.roles.process import open_data_dir, serving
     from prime.store import Database
-    from prime.web import METRICS, add_loop, bound_port
+    from prime.web import HEALTH, METRICS, add_loop, bound_port
 
     deployment = Deployment.load(deployment_path)
     registry = await RegistryClient.connect(rpc_url, deployment)
@@ -117,6 +117,7 @@ async def start_master(
         peer_client = SignedClient(account, domain=domain, timeout_s=settings.peer_timeout_s, retries=2)
         resources.push_async_callback(peer_client.close)
         permissions = ChainPermissions(registry)
+        permissions.attach(app[HEALTH])  # an RPC outage is named in /health at once
         clock = time.time
 
         def known_url(node: str) -> str | None:
