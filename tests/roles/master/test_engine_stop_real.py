@@ -79,3 +79,28 @@ async def test_a_task_the_engine_stops_is_lost_and_rescheduled_never_completed(
         finally:
             await signed_call(world.owner, "DELETE", world.url, f"/tasks/{task_id}")
             await miner.executor.stop(task_id)
+
+
+async def test_an_image_that_can_never_be_pulled_fails_the_replica_at_the_master_with_the_miners_reason(
+        world: World, anvil, deployment, tmp_path: Path) -> None:
+    """A registry the miner refuses (an IP literal: never contacted) with restart on-failure: no retry
+    can cure it, so the replica is Failed at the master with the miner's reason, not left Pulling."""
+    node = Account.create()
+    anvil.set_balance(node.address, 10 * 10**18)
+    async with running_node(anvil, deployment, world.run_id, node, tmp_path / "miner"):
+        await world.validator_client.report_validation(node.address, True, b"\x45" * 32)
+
+        async def healthy() -> bool:
+            return await world.node_state(node.address) == "Healthy"
+
+        await eventually(healthy, timeout_s=60, what="the miner Healthy")
+        spec = {"image": "127.0.0.1:9/never/there:1", "gpus": 0, "restart": "on-failure"}
+        status, task = await signed_call(world.owner, "POST", world.url, "/tasks", json.dumps(spec).encode())
+        assert status == 201, task
+
+        async def failed() -> dict[str, Any] | None:
+            shown = await _task(world, task["id"])
+            return shown if shown["replicas"][0]["node"] and shown["state"] == "Failed" else None
+
+        shown = await eventually(failed, timeout_s=60, what="the replica Failed at the master")
+        assert "does not pull" in (shown["replicas"][0]["error"] or ""), shown
