@@ -76,7 +76,7 @@ def test_running_never_goes_back_to_pulling_and_restart_counts_are_kept_and_show
     out = _beat(st, r.node, 3.0, ReplicaReport("t", 0, ReplicaState.PULLING, error="exited with code 3"))
     assert r.state == ReplicaState.RUNNING and of(out, object) == []  # waiting for its restart: still Running
     _beat(st, r.node, 4.0, ReplicaReport("t", 0, ReplicaState.RUNNING, restarts=1))
-    assert r.restarts == 1 and "t" in st.dirty_tasks  # stored although no state changed
+    assert r.restarts == 1 and "t" in st.dirty_tasks  # flushed although no state changed
     view = TaskView.from_json(task.to_json())
     assert view.replicas[0].restarts == 1
     assert Task.from_json(task.to_json()).replicas[0].restarts == 1
