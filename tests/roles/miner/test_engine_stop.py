@@ -24,6 +24,7 @@ from prime.protocol.tasks import ReplicaState
 from prime.roles.miner import core
 from prime.roles.miner.executor import DockerExecutor
 from prime.roles.miner.heartbeat import Converger
+from tests.support.engine_proxy import EngineProxy
 
 # Exits 0 on SIGTERM, after printing a line; otherwise counts to 60 (a minute of "work").
 SCRIPT = "trap 'echo term; exit 0' TERM; i=0; while [ $i -lt 60 ]; do i=$((i+1)); sleep 1 & wait $!; done"
@@ -94,3 +95,59 @@ async def test_a_task_stopped_by_the_engine_is_lost_not_completed(
     finally:
         await converger.close()
         await executor.stop(task_id)
+
+
+async def test_a_task_that_exits_while_the_engine_is_away_is_lost(
+    busybox_image: str, docker_client: docker.DockerClient, docker_node_address: str, tmp_path: Path
+) -> None:
+    """The other half of a dockerd restart: the miner reaches the engine through a proxy the test cuts
+    (dockerd closes its API first when it stops), the container gets SIGTERM meanwhile and exits 0 (as
+    at dockerd's shutdown), and no kill event can reach the miner. Once the engine answers again, the
+    exit lies in the outage window: Lost."""
+    proxy = EngineProxy(tmp_path / "engine.sock").start()
+    client = docker.DockerClient(base_url=proxy.base_url, timeout=10)
+    executor = DockerExecutor(client, tmp_path / "miner", docker_node_address, network_mode="none", stop_timeout_s=0)
+    task_id = "t-" + uuid.uuid4().hex[:12]
+    entry = DesiredReplica.from_json({"id": task_id, "replica": 0, "attempt": 0, "gpu_indices": [],
+                                      "spec": {"image": busybox_image, "command": ["sh", "-c", SCRIPT]}})
+    converger = Converger(executor, [])
+    try:
+        await converger.converge([entry])
+
+        async def running():  # type: ignore[no-untyped-def]
+            status = await executor.status(task_id)
+            return status if status and status.state is ReplicaState.RUNNING and converger.engine_seen_at else None
+
+        status = await _until(running)
+        await asyncio.sleep(0.5)  # the trap is set up
+        proxy.cut()  # the engine's API goes away first...
+
+        async def away():  # type: ignore[no-untyped-def]
+            return converger.book.marks.away_since is not None
+
+        await _until(away, timeout_s=10)
+        direct = docker_client.containers.get(status.container_id)
+        direct.kill(signal="SIGTERM")  # ...then it stops the containers
+        assert direct.wait(timeout=30)["StatusCode"] == 0
+        await asyncio.sleep(2.5)  # past the engine's replay of recent events on reconnect: no kill event is seen
+        proxy.start()  # the engine is back
+
+        async def lost():  # type: ignore[no-untyped-def]
+            try:
+                plan = await converger.converge([entry])
+            except Exception:  # noqa: BLE001 - the client may still hold a dead connection
+                return None
+            return plan if plan.reports and plan.reports[0].state is not ReplicaState.RUNNING else None
+
+        plan = await _until(lost, timeout_s=30)
+        [report] = plan.reports
+        assert report.state is ReplicaState.LOST, report
+        assert "while the Docker engine was away" in (report.error or "")
+        assert status.container_id not in converger.book.marks.signalled  # the outage told, not a kill event
+    finally:
+        await converger.close()
+        if not proxy.path.exists():
+            proxy.start()
+        await executor.stop(task_id)
+        proxy.cut()
+        client.close()
