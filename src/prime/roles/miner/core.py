@@ -188,6 +188,7 @@ class Book:
     pushed_at: Mapping[Key, float] = field(default_factory=dict)  # POST /tasks, when
     invalid: Mapping[Key, str] = field(default_factory=dict)  # desired replicas that cannot run here, why
     marks: exits.Marks = field(default_factory=exits.Marks)  # stop intents, outside signals, engine outages
+    attempts: Mapping[Key, int] = field(default_factory=dict)  # the master's attempt of each replica in its last list
 
     def restart_count(self, key: Key) -> int:
         track = self.restarts.get(key)
@@ -313,7 +314,7 @@ def plan(
                 actions.append(Keep(key, "no container to supervise" if status.container_id is None else "its spec is not readable"))
             else:
                 actions.append(_supervise(status, status.restart, restarts, now, policy))
-        new = Book(restarts, finished, pushed, invalid, marks)
+        new = Book(restarts, finished, pushed, invalid, marks, book.attempts)
         return Plan(tuple(actions), new, tuple(reports(seen.values(), new)))
 
     placements: dict[Key, Placement] = {}
@@ -372,7 +373,8 @@ def plan(
     for action in actions:  # every stop the miner asks for is recorded before it happens (exits.py)
         if isinstance(action, Stop) or (isinstance(action, Start) and action.replace):
             marks = exits.stop_asked(marks, action.key, now)
-    new = Book(restarts, finished, pushed, invalid, marks)
+    attempts = {(e.id, e.replica): e.attempt for e in desired}
+    new = Book(restarts, finished, pushed, invalid, marks, attempts)
     return Plan(tuple(actions), new, tuple(reports(seen.values(), new)))
 
 
@@ -397,7 +399,8 @@ def _supervise(status: ReplicaStatus, restart: RestartPolicy, restarts: dict[Key
 def pushed(book: Book, placement: Placement, now: float) -> Book:
     """The master pushed this replica (POST /tasks): not stopped for the push grace."""
     invalid = {k: v for k, v in book.invalid.items() if k != placement.key}
-    return replace(book, pushed_at={**book.pushed_at, placement.key: now}, invalid=invalid)
+    attempts = {**book.attempts, placement.key: placement.desired.attempt}
+    return replace(book, pushed_at={**book.pushed_at, placement.key: now}, invalid=invalid, attempts=attempts)
 
 
 def forget_task(book: Book, task_id: str) -> Book:
@@ -405,7 +408,8 @@ def forget_task(book: Book, task_id: str) -> Book:
     def keep(mapping: Mapping[Key, Any]) -> dict[Key, Any]:
         return {k: v for k, v in mapping.items() if k[0] != task_id}
 
-    return Book(keep(book.restarts), keep(book.finished_since), keep(book.pushed_at), keep(book.invalid), book.marks)
+    return Book(keep(book.restarts), keep(book.finished_since), keep(book.pushed_at), keep(book.invalid), book.marks,
+                keep(book.attempts))
 
 
 def start_failed(book: Book, key: Key, reason: str) -> Book:
@@ -414,18 +418,26 @@ def start_failed(book: Book, key: Key, reason: str) -> Book:
 
 
 def reports(snapshot: Iterable[ReplicaStatus], book: Book) -> list[ReplicaReport]:
-    """Heartbeat entries for the node's replicas (only those the master's wire can name)."""
+    """Heartbeat entries for the node's replicas (only those the master's wire can name).
+
+    A container of another attempt than the master's last list asks for (a leftover about to be
+    replaced) is not reported: the master would take it for the new attempt. Reports carry no
+    ``attempt``, so masters older than that field read them.
+    """
     out: dict[Key, ReplicaReport] = {}
     for status in snapshot:
         if not is_task_id(status.task_id) or not 0 <= status.replica < MAX_REPLICAS:
             continue  # not a task of the master's (its id could not be named on the wire)
+        wanted = book.attempts.get(status.key)
+        if status.attempt is not None and wanted is not None and status.attempt != wanted:
+            continue
         status = truthful(status, book.marks)
         state = ReplicaState.PULLING if will_restart(status) else ReplicaState(status.state)
         error = status.reason[:MAX_ERROR_LENGTH] if status.reason else None
         restarts = min(book.restart_count(status.key), MAX_REPORTED_RESTARTS)
         out[status.key] = ReplicaReport(
             id=status.task_id, replica=status.replica, state=cast(Any, state), exit_code=status.exit_code, error=error,
-            restarts=restarts, attempt=status.attempt,
+            restarts=restarts,
         )
     for (task_id, replica), reason in book.invalid.items():
         if (task_id, replica) not in out and is_task_id(task_id) and 0 <= replica < MAX_REPLICAS:
