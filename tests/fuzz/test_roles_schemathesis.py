@@ -131,6 +131,9 @@ CALLERS: dict[str, dict[tuple[str, str], LocalAccount]] = {
         ("GET", "/tasks/{task_id}/logs"): OWNER,
         ("GET", "/tasks/{task_id}/files"): OWNER,
         ("GET", "/tasks/{task_id}/files/{path}"): OWNER,
+        # a new attempt's seed: for the node the replica is assigned to (NODE here, or a 403)
+        ("GET", "/tasks/{task_id}/seed"): NODE,
+        ("GET", "/tasks/{task_id}/seed/{sha256}"): NODE,
         ("GET", "/nodes"): OWNER,
     },
     "validator": {},

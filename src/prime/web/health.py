@@ -89,8 +89,11 @@ class LoopHealth:
     """Background loops tick here; a loop silent for longer than its ``stale_after_s`` is stale.
 
     Dependencies: a reporter (a loop, the permission checks) says ``dependency_down(name,
-    reporter, error)`` when its call to it failed and ``dependency_up`` when one succeeded; the
-    dependency is down while any reporter sees it down.
+    reporter, error)`` when its call to it failed and ``dependency_up`` when one succeeded. The
+    dependency is down from a failure until the next success of a reporter that saw it fail
+    (one answer means it answers again; a reporter that makes no calls after an outage, e.g.
+    permission checks nobody asks for, would otherwise keep it "down" forever), and it lists
+    the reporters that saw it fail since.
     """
 
     clock: Callable[[], float] = time.monotonic
@@ -114,11 +117,12 @@ class LoopHealth:
 
     def dependency_up(self, name: str, reporter: str) -> None:
         state = self.dependencies.get(name)
+        # Only a reporter that saw it fail can tell it is back (a loop that never calls the chain
+        # succeeds through an outage); its success clears the others too.
         if state is None or reporter not in state.down:
             return
-        del state.down[reporter]
-        if not state.down:
-            state.since = self.wall_clock()
+        state.down.clear()
+        state.since = self.wall_clock()
 
     def dependency_report(self) -> dict[str, Any]:
         return {
