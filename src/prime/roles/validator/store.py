@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from prime.roles.validator.records import (  # re-exported: callers import them from here
     DECIDED,
@@ -133,6 +134,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX gpu_uuids_node ON gpu_uuids (node);
     """,
 ]
+
+
+def _verdict_columns(verdict: Verdict) -> tuple[Any, ...]:
+    """failed_check, reason, report_hash, report_json, challenge_id: one verdict as both tables store it."""
+    report = json.dumps(verdict.report, sort_keys=True, separators=(",", ":"))
+    return verdict.check, verdict.reason, "0x" + verdict.report_hash.hex(), report, verdict.challenge_id
 
 
 class ValidatorStore:
@@ -240,9 +247,7 @@ class ValidatorStore:
             "UPDATE validations SET state = ?, approved = ?, failed_check = ?, reason = ?, report_hash = ?, "
             "report_json = ?, challenge_id = ?, miner_url = COALESCE(?, miner_url), decided_at = ?, "
             "attempts = attempts + 1, next_attempt_at = ? WHERE id = ? AND state = ?",
-            (DECIDED, int(verdict.approved), verdict.check, verdict.reason, "0x" + verdict.report_hash.hex(),
-             json.dumps(verdict.report, sort_keys=True, separators=(",", ":")), verdict.challenge_id,
-             miner_url, now, now, validation_id, PENDING),
+            (DECIDED, int(verdict.approved), *_verdict_columns(verdict), miner_url, now, now, validation_id, PENDING),
         )
         return cur.rowcount == 1
 
@@ -325,9 +330,8 @@ class ValidatorStore:
             "UPDATE revalidations SET state = ?, passed = ?, failed_check = ?, reason = ?, report_hash = ?, "
             "report_json = ?, challenge_id = ?, miner_url = COALESCE(?, miner_url), decided_at = ?, "
             "attempts = attempts + 1 WHERE id = ? AND state = ?",
-            (PASSED if verdict.approved else DECIDED, int(verdict.approved), verdict.check, verdict.reason,
-             "0x" + verdict.report_hash.hex(), json.dumps(verdict.report, sort_keys=True, separators=(",", ":")),
-             verdict.challenge_id, miner_url, now, revalidation_id, PENDING),
+            (PASSED if verdict.approved else DECIDED, int(verdict.approved), *_verdict_columns(verdict),
+             miner_url, now, revalidation_id, PENDING),
         )
         return cur.rowcount == 1
 
