@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,7 @@ OutPath = Annotated[
     Path | None,
     typer.Option("--out", "-o", help="Where to write the key file (a file, or a directory for <address>.json). Default: ~/.config/prime/keys/<address>.json."),
 ]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of text.")]
 KeyPath = Annotated[Path, typer.Argument(help="The key file.", show_default=False)]
 
 
@@ -36,22 +38,26 @@ def _target(out: Path | None) -> Path:
     return directory
 
 
-def _report(address: str, target: Path) -> None:
+def _report(address: str, target: Path, json_output: bool = False) -> None:
     from prime.keys import key_file_path
 
+    saved = key_file_path(target, address)
+    if json_output:
+        typer.echo(json.dumps({"address": address, "file": str(saved)}, indent=2))
+        return
     typer.echo(f"address: {address}")
-    typer.echo(f"file:    {key_file_path(target, address)}")
+    typer.echo(f"file:    {saved}")
 
 
 @app.command()
-def new(out: OutPath = None, password_env: PasswordEnv = DEFAULT_PASSWORD_ENV) -> None:
+def new(out: OutPath = None, password_env: PasswordEnv = DEFAULT_PASSWORD_ENV, json_output: JsonOutput = False) -> None:
     """Create a new key and save it encrypted (mode 0600); prints its address."""
     from prime.keys import create_keystore, resolve_password
 
     password = resolve_password(None, password_env, confirm=True, what="new key file")
     target = _target(out)
     address = create_keystore(target, password)
-    _report(address, target)
+    _report(address, target, json_output)
 
 
 @app.command()
@@ -59,6 +65,7 @@ def show(
     path: KeyPath,
     private: Annotated[bool, typer.Option("--private", help="Also print the private key (needs the password).")] = False,
     password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
 ) -> None:
     """Print a key file's address (no password needed)."""
     from prime.keys import (
@@ -77,11 +84,17 @@ def show(
     if private:
         account = decrypt_keystore(keystore, resolve_password(None, password_env), path=path, password_env=password_env)
         err.print("[yellow]Warning:[/] the private key below controls this account's funds; do not paste it anywhere or keep it in shell history.")
+        if json_output:
+            typer.echo(json.dumps({"address": account.address, "file": str(path), "private_key": f"0x{bytes(account.key).hex()}"}, indent=2))
+            return
         typer.echo(f"address: {account.address}")
         typer.echo(f"private key: 0x{bytes(account.key).hex()}")
         return
     if address is None:
         raise KeyError_(f"Key file {path} does not store its address in clear; run `prime keys show --private {path}` to see it.")
+    if json_output:
+        typer.echo(json.dumps({"address": address, "file": str(path)}, indent=2))
+        return
     typer.echo(f"address: {address}")
 
 
@@ -89,6 +102,7 @@ def show(
 def import_(
     path: Annotated[Path | None, typer.Argument(help="Where to write the key file. Default: ~/.config/prime/keys/<address>.json.", show_default=False)] = None,
     password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
 ) -> None:
     """Encrypt an existing private key into a key file; the key is read from a hidden prompt or stdin."""
     from prime.keys import create_keystore, normalize_private_key, resolve_password
@@ -107,4 +121,4 @@ def import_(
     password = resolve_password(None, password_env, confirm=True, what="new key file")
     target = _target(path)
     address = create_keystore(target, password, private_key="0x" + key.hex())
-    _report(address, target)
+    _report(address, target, json_output)

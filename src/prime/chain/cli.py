@@ -1,8 +1,9 @@
-"""`prime chain deploy|anvil|info|grant-validator|set-min-stake|set-revalidation-penalty`: the registry's operator tools."""
+"""`prime chain deploy|anvil|info|grant-validator|set-min-stake|set-revalidation-penalty|slash`: the registry's operator tools."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import signal
 import time
@@ -25,6 +26,7 @@ MinStake = Annotated[
     str,
     typer.Option("--min-stake", envvar="PRIME_MIN_STAKE", help="Minimum node stake: wei, or with a unit (0.01eth, 5gwei)."),
 ]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of text.")]
 OutFile = Annotated[
     Path,
     typer.Option("--out", "-o", envvar="PRIME_DEPLOYMENT", help="Where to write the deployment file."),
@@ -126,24 +128,36 @@ def anvil(
 
 
 @app.command()
-def info(rpc_url: RpcUrl = DEFAULT_RPC_URL, deployment: DeploymentPath = None) -> None:
+def info(
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    json_output: JsonOutput = False,
+) -> None:
     """Show where the registry is and its settings."""
     from prime.chain.client import RegistryClient
 
     if deployment is None:
         raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
 
-    async def run() -> None:
+    async def run() -> dict:
         async with await RegistryClient.connect(rpc_url, deployment) as client:
-            typer.echo(f"registry:  {client.address}")
-            typer.echo(f"chain id:  {client.chain_id}")
-            typer.echo(f"block:     {await client.block_number()}")
-            typer.echo(f"min stake: {await client.min_stake()} wei")
-            bps = await client.revalidation_penalty_bps()
-            typer.echo(f"revalidation penalty: {bps} bps ({bps / 100:g} % of the stake)")
-            typer.echo(f"runs:      {await client.run_count()}")
+            return {
+                "registry": client.address, "chain_id": client.chain_id, "block": await client.block_number(),
+                "min_stake_wei": await client.min_stake(), "revalidation_penalty_bps": await client.revalidation_penalty_bps(),
+                "run_count": await client.run_count(),
+            }
 
-    asyncio.run(run())
+    facts = asyncio.run(run())
+    if json_output:
+        typer.echo(json.dumps(facts, indent=2))
+        return
+    bps = facts["revalidation_penalty_bps"]
+    typer.echo(f"registry:  {facts['registry']}")
+    typer.echo(f"chain id:  {facts['chain_id']}")
+    typer.echo(f"block:     {facts['block']}")
+    typer.echo(f"min stake: {facts['min_stake_wei']} wei")
+    typer.echo(f"revalidation penalty: {bps} bps ({bps / 100:g} % of the stake)")
+    typer.echo(f"runs:      {facts['run_count']}")
 
 
 def _admin_tx(rpc_url: str, deployment: Path | None, key_file: Path | None, password_env: str, action) -> None:
@@ -200,3 +214,26 @@ def set_revalidation_penalty(
 ) -> None:
     """Change the share of a node's stake that a failed re-validation slashes; the key must be the registry's admin."""
     _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.set_revalidation_penalty_bps(bps))
+
+
+@app.command()
+def slash(
+    node: Annotated[str, typer.Argument(help="The node's address.", show_default=False)],
+    amount: Annotated[str, typer.Argument(help="How much of its stake to take: wei, or with a unit (0.005eth).", show_default=False)],
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
+) -> None:
+    """Take AMOUNT of a node's stake, paid to the admin sending it (the treasury); the key must be the registry's admin."""
+    from prime.chain import operator
+    from prime.chain.client import to_address
+
+    target = to_address(node)
+    wei = parse_wei(amount)
+    if wei == 0:
+        raise ConfigError("A slash of 0 wei changes nothing; give an amount above 0, e.g. 0.005eth.")
+    account = _account(key_file, password_env)
+    change = operator.run_action(rpc_url, deployment, account, lambda client: operator.slash(client, target, wei))
+    operator.report([change], json_output=json_output)

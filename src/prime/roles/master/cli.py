@@ -131,6 +131,28 @@ def nodes(
     print_nodes(answer.get("nodes", []), now=time.time())
 
 
+@app.command()
+def eject(
+    node: Annotated[str, typer.Argument(help="The node's address.", show_default=False)],
+    run_id: Annotated[int | None, typer.Option("--run-id", envvar="PRIME_RUN_ID", min=1,
+                                               help="The run to eject it from (default: the node's run on chain).")] = None,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    json_output: bool = typer.Option(False, "--json", help="Print JSON (for scripts) instead of a sentence."),
+) -> None:
+    """Eject an active node from the run on chain (a master's key); its provider can then withdraw the stake."""
+    from prime.chain import operator
+    from prime.chain.client import to_address
+    from prime.keys import load_account
+
+    target = to_address(node)
+    account = load_account(key_file, password_env=password_env)
+    change = operator.run_action(rpc_url, deployment, account, lambda client: operator.eject(client, target, run_id))
+    operator.report([change], json_output=json_output)
+
+
 async def _get_nodes(account: Any, master_url: str) -> dict[str, Any]:
     from prime.auth.client import SignedClient
 

@@ -192,6 +192,87 @@ def status(
     render(result, Console(highlight=False, soft_wrap=True))
 
 
+NodeOption = Annotated[
+    str | None,
+    typer.Option("--node", envvar="PRIME_NODE", help="The node's address (default: the address of --key-file)."),
+]
+JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of sentences.")]
+
+
+def _operator(node: str | None, key_file: Path | None, provider_key_file: Path | None) -> tuple[str, Any]:
+    """(the node's address, the account that sends): the provider's key when given, else --key-file's."""
+    from prime.chain.client import to_address
+    from prime.keys import load_account
+
+    target: str | None = to_address(node) if node else None  # a malformed address fails before any password prompt
+    sender = None
+    if provider_key_file is not None:
+        password_env = PROVIDER_PASSWORD_ENV if os.environ.get(PROVIDER_PASSWORD_ENV) else NODE_PASSWORD_ENV
+        sender = load_account(provider_key_file, password_env=password_env)
+    if target is None and sender is not None and key_file is not None:
+        from prime.keys import keystore_address, read_keystore
+
+        target = keystore_address(read_keystore(key_file))  # the node key's clear-text address: no password
+    if target is None or sender is None:
+        node_account = load_account(key_file, password_env=NODE_PASSWORD_ENV)
+        target = target or node_account.address
+        sender = sender or node_account
+    return target, sender
+
+
+def _node_action(action: str, node: str | None, key_file: Path | None, provider_key_file: Path | None,
+                 rpc_url: str, deployment: Path | None, json_output: bool) -> None:
+    from prime.chain import operator
+
+    target, sender = _operator(node, key_file, provider_key_file)
+
+    async def act(client: Any) -> list[Any]:
+        if action == "deregister":
+            return await operator.deregister(client, target)
+        return [await (operator.leave if action == "leave" else operator.withdraw)(client, target)]
+
+    operator.report(operator.run_action(rpc_url, deployment, sender, act), json_output=json_output)
+
+
+@app.command()
+def leave(
+    node: NodeOption = None,
+    key_file: KeyFile = None,
+    provider_key_file: ProviderKeyFile = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Take the node out of its run on chain (sent by its provider or the node key); the stake becomes withdrawable."""
+    _node_action("leave", node, key_file, provider_key_file, rpc_url, deployment, json_output)
+
+
+@app.command()
+def withdraw(
+    node: NodeOption = None,
+    key_file: KeyFile = None,
+    provider_key_file: ProviderKeyFile = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Pay the stake of a node that has left (or was rejected or ejected) back to its provider."""
+    _node_action("withdraw", node, key_file, provider_key_file, rpc_url, deployment, json_output)
+
+
+@app.command()
+def deregister(
+    node: NodeOption = None,
+    key_file: KeyFile = None,
+    provider_key_file: ProviderKeyFile = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    deployment: DeploymentPath = None,
+    json_output: JsonOutput = False,
+) -> None:
+    """Leave the run (when still in it) and withdraw the stake to the provider: how a GPU owner gets out."""
+    _node_action("deregister", node, key_file, provider_key_file, rpc_url, deployment, json_output)
+
+
 def main_with_prover(argv: list[str], prover: Any) -> None:
     """``prime miner start <argv>`` with ``prover`` answering the validators' challenges.
 
