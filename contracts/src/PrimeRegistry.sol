@@ -16,8 +16,16 @@ import {MessageHashUtils} from "@openzeppelin/contracts/utils/cryptography/Messa
 ///   None -> Registered -> Approved -> Active -> Left | Ejected
 ///                     \-> Rejected
 ///   Registered/Approved/Active -> Left     (leaveRun: deregistering is always possible)
+///   Active -> Ejected                        (ejectNode: a master of the run gave up on a dead node)
 ///   Approved/Active -> Ejected               (reportRevalidationFailure: a validator's re-challenge failed)
-///   Left/Ejected/Rejected      -> stake withdrawable by the provider (withdrawStake)
+///   Registered/Approved/Active -> Released (endRun, lazily: see below)
+///   Left/Ejected/Rejected/Released -> stake withdrawable by the provider (withdrawStake)
+///
+/// Release on read: endRun writes one flag on the run and touches no node, so its gas does not
+/// grow with the run's size. A node whose stored status is Registered, Approved or Active and
+/// whose run has ended *reads* as Released everywhere (getNode, nodeStatus, and every check of
+/// every function), so its stake is withdrawable at once and it may register again, without a
+/// leaveRun and without a transaction per node.
 ///
 /// Re-registration: a node whose record is finished (Left, Ejected or Rejected) may register
 /// again, for any run, once its stake is back to zero (withdrawn, or slashed away). The stake of
@@ -39,7 +47,10 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         Rejected,
         Active,
         Left,
-        Ejected
+        Ejected,
+        /// The node's run ended while the node was Registered, Approved or Active (never stored:
+        /// computed on read from the run's `ended` flag).
+        Released
     }
 
     /// What the buyer needs per node. Numbers are minimums; gpuMemoryMiB is per GPU;
@@ -201,7 +212,9 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         emit MasterRemoved(runId, master);
     }
 
-    /// Ends a run: nobody can register for or join it any more; its nodes can still leave.
+    /// Ends a run: nobody can register for or join it any more, and every node of the run that was
+    /// Registered, Approved or Active reads as Released from now on (stake withdrawable at once).
+    /// Constant gas: one storage write, no loop over the run's nodes.
     function endRun(uint256 runId) external {
         _ownedOpenRun(runId).ended = true;
         emit RunEnded(runId);
@@ -220,9 +233,8 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         _openRun(runId);
         if (msg.value < minStake) revert StakeTooLow(msg.value, minStake);
         Node storage n = _nodes[node];
-        NodeStatus status = n.status;
-        bool finished = status == NodeStatus.Left || status == NodeStatus.Ejected || status == NodeStatus.Rejected;
-        if (status != NodeStatus.None && !(finished && n.stake == 0)) revert NodeAlreadyRegistered(node, status);
+        NodeStatus status = _statusOf(n);
+        if (status != NodeStatus.None && !(_finished(status) && n.stake == 0)) revert NodeAlreadyRegistered(node, status);
         address signer = _recover(keccak256(abi.encode(block.chainid, address(this), msg.sender, node, runId)), nodeSig);
         if (signer != node) revert InvalidNodeSignature(node, signer);
 
@@ -237,7 +249,8 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
 
     function reportValidation(address node, bool approved, bytes32 reportHash) external onlyRole(VALIDATOR_ROLE) {
         Node storage n = _nodes[node];
-        if (n.status != NodeStatus.Registered) revert NotAwaitingValidation(node, n.status);
+        NodeStatus status = _statusOf(n);
+        if (status != NodeStatus.Registered) revert NotAwaitingValidation(node, status);
         n.status = approved ? NodeStatus.Approved : NodeStatus.Rejected;
         n.reportHash = reportHash;
         emit NodeValidated(n.runId, node, msg.sender, approved, reportHash);
@@ -266,7 +279,7 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
     /// Leaves the run (or withdraws a registration that is not active yet); the stake becomes withdrawable.
     function leaveRun(address node) external {
         Node storage n = _operatedNode(node);
-        NodeStatus status = n.status;
+        NodeStatus status = _statusOf(n);
         if (status != NodeStatus.Registered && status != NodeStatus.Approved && status != NodeStatus.Active) {
             revert CannotLeave(node, status);
         }
@@ -280,7 +293,8 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         if (!_isMaster[runId][msg.sender]) revert NotMaster(runId, msg.sender);
         Node storage n = _nodes[node];
         if (n.runId != runId) revert NodeNotInRun(node, runId);
-        if (n.status != NodeStatus.Active) revert NodeNotActive(node, n.status);
+        NodeStatus status = _statusOf(n);
+        if (status != NodeStatus.Active) revert NodeNotActive(node, status);
         n.status = NodeStatus.Ejected;
         _runs[runId].nodeCount -= 1;
         emit NodeEjected(runId, node, msg.sender);
@@ -299,7 +313,7 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         nonReentrant
     {
         Node storage n = _nodes[node];
-        NodeStatus status = n.status;
+        NodeStatus status = _statusOf(n);
         if (status != NodeStatus.Approved && status != NodeStatus.Active) revert NotRevalidatable(node, status);
         if (reportHash == bytes32(0)) revert MissingEvidence(node);
         uint256 runId = n.runId;
@@ -315,13 +329,12 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         if (penalty != 0) _pay(msg.sender, penalty);
     }
 
-    /// Pays the node's stake back to its provider once the node is out (Left, Ejected or Rejected).
+    /// Pays the node's stake back to its provider once the node is out (Left, Ejected, Rejected, or
+    /// Released by the end of its run).
     function withdrawStake(address node) external nonReentrant {
         Node storage n = _operatedNode(node);
-        NodeStatus status = n.status;
-        if (status != NodeStatus.Left && status != NodeStatus.Ejected && status != NodeStatus.Rejected) {
-            revert StakeLocked(node, status);
-        }
+        NodeStatus status = _statusOf(n);
+        if (!_finished(status)) revert StakeLocked(node, status);
         uint256 amount = n.stake;
         if (amount == 0) revert NothingToWithdraw(node);
         address provider = n.provider;
@@ -360,8 +373,11 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
         return _existingRun(runId);
     }
 
-    function getNode(address node) external view returns (Node memory) {
-        return _nodes[node];
+    /// The node's record; its status as it reads now (Released once its run has ended).
+    function getNode(address node) external view returns (Node memory n) {
+        Node storage stored = _nodes[node];
+        n = stored;
+        n.status = _statusOf(stored);
     }
 
     function isMaster(uint256 runId, address account) external view returns (bool) {
@@ -369,10 +385,28 @@ contract PrimeRegistry is AccessControl, ReentrancyGuard {
     }
 
     function nodeStatus(address node) external view returns (NodeStatus) {
-        return _nodes[node].status;
+        return _statusOf(_nodes[node]);
     }
 
     // -------------------------------------------------------------- internal
+
+    /// The node's status as it reads now: a Registered, Approved or Active node of an ended run
+    /// is Released (endRun's lazy release).
+    function _statusOf(Node storage n) private view returns (NodeStatus status) {
+        status = n.status;
+        if (
+            (status == NodeStatus.Registered || status == NodeStatus.Approved || status == NodeStatus.Active)
+                && _runs[n.runId].ended
+        ) {
+            status = NodeStatus.Released;
+        }
+    }
+
+    /// Whether a node in `status` is out of its run for good (stake withdrawable, may register again).
+    function _finished(NodeStatus status) private pure returns (bool) {
+        return status == NodeStatus.Left || status == NodeStatus.Ejected || status == NodeStatus.Rejected
+            || status == NodeStatus.Released;
+    }
 
     function _existingRun(uint256 runId) private view returns (Run storage run) {
         run = _runs[runId];

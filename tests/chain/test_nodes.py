@@ -90,7 +90,7 @@ async def test_double_registration(parties, fresh_account):
             await provider_client.register_node(target_run, node, DEFAULT_SPECS)
         assert exc.value.message == (
             f"Node {node.address} is already registered (status registered); it can register again only after it "
-            "has left or been ejected or rejected and its stake was withdrawn."
+            "has left or been ejected or rejected (or its run has ended) and its stake was withdrawn."
         )
 
 

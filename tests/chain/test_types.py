@@ -64,6 +64,8 @@ def test_tuple_round_trip_matches_field_order():
 
 
 def test_node_status_values_match_the_contract_enum():
-    assert [s.value for s in NodeStatus] == list(range(7))
-    assert [s.name for s in NodeStatus] == ["NONE", "REGISTERED", "APPROVED", "REJECTED", "ACTIVE", "LEFT", "EJECTED"]
-    assert {s for s in NodeStatus if s.stake_withdrawable} == {NodeStatus.LEFT, NodeStatus.EJECTED, NodeStatus.REJECTED}
+    assert [s.value for s in NodeStatus] == list(range(8))
+    assert [s.name for s in NodeStatus] == ["NONE", "REGISTERED", "APPROVED", "REJECTED", "ACTIVE", "LEFT", "EJECTED", "RELEASED"]
+    assert {s for s in NodeStatus if s.stake_withdrawable} == {
+        NodeStatus.LEFT, NodeStatus.EJECTED, NodeStatus.REJECTED, NodeStatus.RELEASED,
+    }

@@ -78,7 +78,7 @@ _ERROR_SENTENCES: dict[str, Any] = {
     "StakeTooLow": lambda sent, minimum: f"The stake of {sent} wei is below the registry's minimum of {minimum} wei; send at least the minimum.",
     "NodeAlreadyRegistered": lambda node, st: (
         f"Node {node} is already registered (status {_status(st)}); it can register again only after it "
-        "has left or been ejected or rejected and its stake was withdrawn."
+        "has left or been ejected or rejected (or its run has ended) and its stake was withdrawn."
     ),
     "InvalidNodeSignature": lambda node, signer: (
         f"The node signature does not come from node {node} (it recovers to {signer}); "
@@ -96,7 +96,10 @@ _ERROR_SENTENCES: dict[str, Any] = {
     ),
     "RequirementsNotMet": lambda node, req: f"Node {node} does not meet the run's {requirement_name(req)} requirement, so it cannot join.",
     "RunFull": lambda run, max_nodes: f"Run {run} already has its maximum of {max_nodes} active node(s).",
-    "CannotLeave": lambda node, st: f"Node {node} cannot leave in status {_status(st)}; only registered, approved or active nodes can.",
+    "CannotLeave": lambda node, st: (
+        f"Node {node} cannot leave in status {_status(st)}; only registered, approved or active nodes can"
+        + (" (its run has ended, so the stake is withdrawable already)." if st == NodeStatus.RELEASED else ".")
+    ),
     "NodeNotActive": lambda node, st: f"Node {node} is not active in the run (status {_status(st)}).",
     "StakeLocked": lambda node, st: f"The stake of node {node} is locked while it is {_status(st)}; leave the run first.",
     "NothingToWithdraw": lambda node: f"Node {node} has no stake left to withdraw.",

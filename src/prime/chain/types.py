@@ -24,6 +24,9 @@ class NodeStatus(IntEnum):
     ACTIVE = 4
     LEFT = 5
     EJECTED = 6
+    # The node's run ended while it was registered, approved or active: read, never stored
+    # (endRun releases every node of the run at once, lazily).
+    RELEASED = 7
 
     @property
     def label(self) -> str:
@@ -32,7 +35,7 @@ class NodeStatus(IntEnum):
     @property
     def stake_withdrawable(self) -> bool:
         """Whether the contract lets the provider take the stake back in this status."""
-        return self in (NodeStatus.LEFT, NodeStatus.EJECTED, NodeStatus.REJECTED)
+        return self in (NodeStatus.LEFT, NodeStatus.EJECTED, NodeStatus.REJECTED, NodeStatus.RELEASED)
 
 
 def model_matches(node_model: str, wanted: str) -> bool:

@@ -60,7 +60,12 @@ def test_registration_decision() -> None:
     assert decide_registration(_info(NodeStatus.LEFT, stake=0), 1).register
     assert decide_registration(_info(NodeStatus.REJECTED, stake=0), 1).register
     assert "rejected" in decide_registration(_info(NodeStatus.REJECTED), 1).refusal
-    assert "withdraw" in decide_registration(_info(NodeStatus.EJECTED, run_id=3), 1).refusal
+    assert "withdraw" in decide_registration(_info(NodeStatus.LEFT, run_id=3), 1).refusal
+    # An ejected node, or one whose run ended, comes back by itself: withdraw, then register again.
+    for status in (NodeStatus.EJECTED, NodeStatus.RELEASED):
+        back = decide_registration(_info(status, run_id=3), 1)
+        assert back.register and back.withdraw_first and back.refusal is None
+        assert not decide_registration(_info(status, stake=0), 1).withdraw_first
 
 
 def test_announce_ip_choice() -> None:

@@ -56,6 +56,9 @@ class RegistrationDecision:
 
     register: bool
     refusal: str | None = None
+    # Take the old record's stake back first (withdrawStake) — an ejected node, or one whose run
+    # ended, comes back without manual steps: the stake returns to the provider, a new one is paid.
+    withdraw_first: bool = False
 
 
 def decide_registration(info: NodeInfo, run_id: int) -> RegistrationDecision:
@@ -73,9 +76,11 @@ def decide_registration(info: NodeInfo, run_id: int) -> RegistrationDecision:
                 f"start it with --run-id {info.run_id} or leave that run first."
             ),
         )
-    # Rejected, left or ejected: the contract allows a new registration once the stake is withdrawn.
+    # Rejected, left, ejected or released: the contract allows a new registration once the stake is withdrawn.
     if info.stake == 0:
         return RegistrationDecision(register=True)
+    if status in (NodeStatus.EJECTED, NodeStatus.RELEASED):
+        return RegistrationDecision(register=True, withdraw_first=True)
     if status == NodeStatus.REJECTED and info.run_id == run_id:
         return RegistrationDecision(
             register=False,
@@ -119,6 +124,12 @@ async def ensure_registered(
         raise PrimeError(decision.refusal)
     if not decision.register:
         return RegistrationResult(info, None)
+    if decision.withdraw_first:
+        withdrawn = await provider_client.withdraw_stake(node_account)
+        log.info(
+            "node %s was %s (run %d): withdrew its stake of %d wei to the provider before registering again (tx %s)",
+            node_account.address, info.status.label, info.run_id, info.stake, withdrawn.tx_hash,
+        )
     if stake_wei is None:
         stake_wei = await node_client.min_stake()
     result = await provider_client.register_node(run_id, node_account, specs, stake_wei=stake_wei)
