@@ -1,4 +1,4 @@
-"""Start and stop a local anvil chain (the binary npm installs under contracts/node_modules).
+"""Start and stop a local anvil chain ($PRIME_ANVIL_BIN, the one npm installs under contracts/node_modules, or anvil on PATH).
 
 Synchronous on purpose: test fixtures, the CLI and the devnet start it before any event loop
 work, and talking to it takes one urllib request.
@@ -69,7 +69,10 @@ def find_anvil() -> Path:
     on_path = shutil.which("anvil")
     if on_path:
         return Path(on_path)
-    raise PrimeError("The anvil binary was not found; install it with `cd contracts && npm ci` in the prime checkout (or set PRIME_ANVIL_BIN).")
+    raise PrimeError(
+        "No anvil binary was found (not in PRIME_ANVIL_BIN, a prime checkout's contracts/node_modules or PATH); "
+        "install it with `npm install -g @foundry-rs/anvil` (or set PRIME_ANVIL_BIN to an anvil binary)."
+    )
 
 
 def port_is_free(host: str, port: int) -> bool:
