@@ -20,7 +20,8 @@ def test_missing_binary_says_how_to_install(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(PrimeError) as exc:
         find_anvil()
-    assert "cd contracts && npm ci" in exc.value.message
+    assert "npm install -g @foundry-rs/anvil" in exc.value.message and "cd contracts && npm ci" in exc.value.message
+    assert "PRIME_ANVIL_BIN" in exc.value.message and exc.value.message.count(".") == 1 and exc.value.message.endswith(".")
 
 
 def test_bad_explicit_binary(monkeypatch, tmp_path):

@@ -71,7 +71,8 @@ def find_anvil() -> Path:
         return Path(on_path)
     raise PrimeError(
         "No anvil binary was found (not in PRIME_ANVIL_BIN, a prime checkout's contracts/node_modules or PATH); "
-        "install it with `npm install -g @foundry-rs/anvil` (or set PRIME_ANVIL_BIN to an anvil binary)."
+        "install it with `npm install -g @foundry-rs/anvil` (in a prime checkout: `cd contracts && npm ci`) "
+        "or set PRIME_ANVIL_BIN to an anvil binary."
     )
 
 
