@@ -247,6 +247,7 @@ async def test_unpullable_image_fails_with_a_reason(executor: DockerExecutor, do
     status = await executor.start(spec, on_progress=events.append)
     assert status.state is TaskState.FAILED and status.container_id is None
     assert "127.0.0.1:1/prime-missing:v1" in status.reason and "could not be pulled" in status.reason
+    assert events and events[-1].done and events[-1].error  # the pull's end is told, with why (the console's last line)
     assert _containers(docker_client, executor.node_address, spec.task_id) == []
     assert (await executor.status(spec.task_id)).state is TaskState.FAILED
     assert spec.task_id in {s.task_id for s in await executor.snapshot()}
@@ -285,6 +286,7 @@ async def test_missing_image_is_pulled_with_per_layer_progress(
         layers = {e.layer for e in events if e.layer and e.status == "Pull complete"}
         assert layers, [e.status for e in events]
         assert any(e.total for e in events if e.status == "Downloading")
+        assert events[-1].done and events[-1].error is None and not any(e.done for e in events[:-1])
 
         # Present now: a second task with the same image does not pull.
         events.clear()

@@ -1,7 +1,7 @@
 """What the miner tells its operator on the terminal (rich): start-up progress, pulls, status.
 
 Every line also goes to the log at debug level. On a terminal the chain status is a live
-spinner line; in logs and pipes it is a plain line.
+spinner line and image pulls are live progress bars; in logs and pipes each is a few plain lines.
 """
 
 from __future__ import annotations
@@ -18,25 +18,110 @@ from prime.chain.types import Specs
 log = logging.getLogger("prime.miner")
 
 
-class PullPrinter:
-    """Image pull progress as rich lines: one per layer step, at most one per second per image."""
+class PullTally:
+    """One image pull summed over its layers: bytes downloaded of bytes known, layers done."""
 
-    def __init__(self, console: Console, min_gap_s: float = 1.0) -> None:
+    def __init__(self) -> None:
+        self.layers: dict[str, tuple[int, int]] = {}  # layer -> (downloaded, size), once its size is known
+        self.finished: set[str] = set()
+        self.seen: set[str] = set()
+
+    def add(self, progress: Any) -> None:
+        layer, status = progress.layer, progress.status.lower()
+        if not layer or progress.done:
+            return
+        self.seen.add(layer)
+        if status.startswith("downloading") and progress.total:
+            self.layers[layer] = (min(progress.current or 0, progress.total), progress.total)
+        elif status.startswith(("download complete", "verifying", "extracting", "pull complete")) and layer in self.layers:
+            self.layers[layer] = (self.layers[layer][1], self.layers[layer][1])
+        if status.startswith(("pull complete", "already exists")):
+            self.finished.add(layer)
+
+    @property
+    def current(self) -> int:
+        return sum(done for done, _ in self.layers.values())
+
+    @property
+    def total(self) -> int | None:
+        return sum(size for _, size in self.layers.values()) or None
+
+    def summary(self) -> str:
+        amount = f"{self.current / 1e6:.1f}/{self.total / 1e6:.1f} MB, " if self.total else ""
+        return f"{amount}{len(self.finished)}/{len(self.seen)} layers"
+
+
+def _pull_end(progress: Any, tally: PullTally) -> str:
+    if progress.error:
+        return f"[red]Pull of {escape(progress.image)} failed:[/] {escape(progress.error)}"
+    return f"[cyan]Pulled[/] {escape(progress.image)} ({tally.summary()})."
+
+
+class PullPrinter:
+    """Image pulls in logs and pipes: a line when one starts, at most one per ``min_gap_s`` while
+    it downloads (summed over its layers, never one per layer step) and one when it ends."""
+
+    def __init__(self, console: Console, min_gap_s: float = 10.0) -> None:
         self.console = console
         self.min_gap_s = min_gap_s
         self._last: dict[str, float] = {}
+        self._tallies: dict[str, PullTally] = {}
 
     def __call__(self, progress: Any) -> None:
         now = time.monotonic()
-        final = progress.status.lower().startswith(("pull complete", "download complete", "status:", "digest:", "already exists"))
-        if not final and now - self._last.get(progress.image, 0.0) < self.min_gap_s:
+        tally = self._tallies.setdefault(progress.image, PullTally())
+        tally.add(progress)
+        if progress.done:
+            self._tallies.pop(progress.image, None)
+            self._last.pop(progress.image, None)
+            self.console.print(_pull_end(progress, tally), highlight=False)
             return
-        self._last[progress.image] = now
-        amount = ""
-        if progress.current is not None and progress.total:
-            amount = f" {progress.current / 1e6:.1f}/{progress.total / 1e6:.1f} MB"
-        layer = f" [dim]{progress.layer}[/]" if progress.layer else ""
-        self.console.print(f"[cyan]Pulling[/] {progress.image}{layer}: {progress.status}{amount}", highlight=False)
+        if progress.image not in self._last:
+            self._last[progress.image] = now
+            self.console.print(f"[cyan]Pulling[/] {escape(progress.image)} …", highlight=False)
+        elif now - self._last[progress.image] >= self.min_gap_s:
+            self._last[progress.image] = now
+            self.console.print(f"[cyan]Pulling[/] {escape(progress.image)}: {tally.summary()}", highlight=False)
+
+
+class PullBars:
+    """Image pulls on a terminal: a live rich progress bar per image (bytes of all its layers),
+    replaced by one line when the pull ends. ``owner`` pauses its status spinner meanwhile
+    (one live display at a time)."""
+
+    def __init__(self, owner: MinerConsole) -> None:
+        self.owner = owner
+        self.progress: Any = None
+        self._tasks: dict[str, Any] = {}
+        self._tallies: dict[str, PullTally] = {}
+
+    def __call__(self, progress: Any) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        tally = self._tallies.setdefault(progress.image, PullTally())
+        tally.add(progress)
+        if self.progress is None:
+            self.owner.pause_status()
+            self.progress = Progress(
+                TextColumn("[cyan]Pulling[/] {task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[layers]}"), console=self.owner.console, transient=True,
+            )
+            self.progress.start()
+        task = self._tasks.get(progress.image)
+        if task is None:
+            task = self._tasks[progress.image] = self.progress.add_task(escape(progress.image), total=None, layers="")
+        self.progress.update(task, completed=tally.current, total=tally.total, layers=f"{len(tally.finished)}/{len(tally.seen)} layers")
+        if progress.done:
+            self.progress.remove_task(self._tasks.pop(progress.image))
+            self._tallies.pop(progress.image, None)
+            self.progress.console.print(_pull_end(progress, tally), highlight=False)
+            if not self._tasks:
+                self.progress.stop()
+                self.progress = None
+
+    @property
+    def active(self) -> bool:
+        return self.progress is not None
 
 
 def describe_specs(specs: Specs) -> str:
@@ -52,13 +137,24 @@ class MinerConsole:
         self._status_line: Any = None
         self._announced_once = False
         self._announced: tuple[str, int] | None = None
+        self._pulls: PullBars | None = None
 
     def say(self, text: str, style: str | None = None) -> None:
         self.console.print(f"[{style}]{text}[/]" if style else text, highlight=False)
         log.debug(text)
 
-    def pull_printer(self) -> PullPrinter:
+    def pull_printer(self) -> PullBars | PullPrinter:
+        """Where image pull progress goes: live bars on a terminal, a few plain lines otherwise."""
+        if self.console.is_terminal:
+            self._pulls = PullBars(self)
+            return self._pulls
         return PullPrinter(self.console)
+
+    def pause_status(self) -> None:
+        """Stop the status spinner (a pull's bars take the live display); status lines print plainly meanwhile."""
+        if self._status_line is not None:
+            self._status_line.stop()
+            self._status_line = None
 
     def errors(self, messages: list[str]) -> None:
         for message in messages:
@@ -100,7 +196,7 @@ class MinerConsole:
 
     def status(self, line: str) -> None:
         """The node's chain status: a live spinner line on a terminal; plain lines in logs and pipes."""
-        if self.console.is_terminal:
+        if self.console.is_terminal and not (self._pulls is not None and self._pulls.active):
             if self._status_line is None:
                 self._status_line = self.console.status(line)
                 self._status_line.start()
@@ -114,6 +210,9 @@ class MinerConsole:
         self.say("Stopping; task containers keep running and are adopted at the next start.")
 
     def close(self) -> None:
+        if self._pulls is not None and self._pulls.progress is not None:
+            self._pulls.progress.stop()
+            self._pulls.progress = None
         if self._status_line is not None:
             self._status_line.stop()
             self._status_line = None

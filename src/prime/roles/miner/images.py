@@ -31,13 +31,15 @@ MAX_FAILURES = 1000  # failed images remembered (the oldest go first)
 
 @dataclass(frozen=True)
 class PullProgress:
-    """One event of an image pull; per layer when ``layer`` is set."""
+    """One event of an image pull; per layer when ``layer`` is set; the last one has ``done``."""
 
     image: str
     layer: str | None
     status: str
     current: int | None = None
     total: int | None = None
+    done: bool = False  # the pull's last event: it ended (``error`` None: the image is present)
+    error: str | None = None
 
 
 ProgressCallback = Callable[[PullProgress], None]
@@ -116,7 +118,15 @@ class ImagePuller:
         while len(self._failures) > MAX_FAILURES:  # bounded: the oldest go first
             del self._failures[next(iter(self._failures))]
 
+    def _tell(self, progress: PullProgress) -> None:
+        for listener in list(self._listeners.get(progress.image, [])):
+            try:
+                listener(progress)
+            except Exception:  # a printing callback must not break the pull
+                log.exception("pull progress callback failed")
+
     async def _pull(self, image: str) -> None:
+        error: str | None = None
         try:
             events = iterate_in_thread(
                 lambda: self._client().api.pull(image, stream=True, decode=True), close_stream, f"prime-pull-{image}"
@@ -135,15 +145,15 @@ class ImagePuller:
                         current=detail.get("current"),
                         total=detail.get("total"),
                     )
-                    for listener in list(self._listeners.get(image, [])):
-                        try:
-                            listener(progress)
-                        except Exception:  # a printing callback must not break the pull
-                            log.exception("pull progress callback failed")
+                    self._tell(progress)
             # A pull can end without an error event yet leave no image (e.g. a platform mismatch).
             await self._call(self._client().images.get, image)
+        except BaseException as exc:
+            error = short_error(exc)
+            raise
         finally:
             self._pulls.pop(image, None)
+            self._tell(PullProgress(image=image, layer=None, status="failed" if error else "done", done=True, error=error))
 
 
 def short_error(exc: BaseException) -> str:
