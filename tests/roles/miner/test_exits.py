@@ -119,7 +119,7 @@ def test_a_pull_that_can_never_succeed_is_reported_failed_even_with_on_failure()
         assert (report.state, report.error) == (state, reason)
 
 
-def test_a_leftover_of_another_attempt_is_not_reported() -> None:
+def test_reports_name_their_attempt_and_a_leftover_of_another_attempt_is_not_reported() -> None:
     old, new = desired(attempt=0), desired(attempt=1)
     label = json.dumps(core.place(new, ()).record())
     assert attempt_of(label) == 1 and attempt_of("{}") is None and attempt_of(None) is None
@@ -127,13 +127,21 @@ def test_a_leftover_of_another_attempt_is_not_reported() -> None:
     book = Book(marks=exits.engine_signal(exits.Marks(), ("t1", 0), "c1", "15", now=1.0))
     assert reported(core.plan([old], [lost], book, 2.0, POLICY)) == [("t1", ReplicaState.LOST, 0)]
     # The master rescheduled it here (attempt 1): until the container is replaced, the old one is not
-    # reported (the master would take it for the new attempt); reports carry no attempt field.
+    # reported (the master would take it for the new attempt); each report names its attempt.
     plan = core.plan([new], [lost], book, 3.0, POLICY)
     assert plan.reports == () and isinstance(plan.actions[0], Start) and plan.actions[0].replace
     assert core.reports([lost], plan.book) == []
     running = exited(new, ReplicaState.RUNNING, None, attempt=1, container_id="c2", finished_at=None)
     [report] = core.reports([running], plan.book)
-    assert report.state is ReplicaState.RUNNING and "attempt" not in report.to_json()
+    assert report.state is ReplicaState.RUNNING and report.to_json()["attempt"] == 1
+    assert HeartbeatRequest.from_json(HeartbeatRequest(tasks=(report,)).to_json()).tasks[0].attempt == 1
+    # Without a list from the master (a restarted miner), a leftover is reported under its own attempt.
+    [leftover] = core.reports([lost], Book())
+    assert (leftover.state, leftover.attempt) == (ReplicaState.COMPLETED, 0)
+    # A desired replica that cannot run here is reported Failed under the attempt the master asked for.
+    unplaceable = DesiredReplica.from_json({**desired(attempt=2).to_json(), "gpu_indices": [5]})
+    [failed] = core.plan([unplaceable], [], Book(), 4.0, POLICY).reports
+    assert (failed.state, failed.attempt) == (ReplicaState.FAILED, 2)
     assert core.pushed(Book(), core.place(desired(attempt=4), ()), 0.0).attempts == {("t1", 0): 4}
 
 

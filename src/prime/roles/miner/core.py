@@ -420,9 +420,10 @@ def start_failed(book: Book, key: Key, reason: str) -> Book:
 def reports(snapshot: Iterable[ReplicaStatus], book: Book) -> list[ReplicaReport]:
     """Heartbeat entries for the node's replicas (only those the master's wire can name).
 
-    A container of another attempt than the master's last list asks for (a leftover about to be
-    replaced) is not reported: the master would take it for the new attempt. Reports carry no
-    ``attempt``, so masters older than that field read them.
+    Each report names the attempt of its container (from its spec label; a desired replica that
+    cannot run here, the attempt the master asked for), so the master ignores a leftover of an
+    earlier attempt. A container of another attempt than the master's last list asks for (a
+    leftover about to be replaced) is not reported at all.
     """
     out: dict[Key, ReplicaReport] = {}
     for status in snapshot:
@@ -437,11 +438,12 @@ def reports(snapshot: Iterable[ReplicaStatus], book: Book) -> list[ReplicaReport
         restarts = min(book.restart_count(status.key), MAX_REPORTED_RESTARTS)
         out[status.key] = ReplicaReport(
             id=status.task_id, replica=status.replica, state=cast(Any, state), exit_code=status.exit_code, error=error,
-            restarts=restarts,
+            restarts=restarts, attempt=status.attempt,
         )
     for (task_id, replica), reason in book.invalid.items():
         if (task_id, replica) not in out and is_task_id(task_id) and 0 <= replica < MAX_REPLICAS:
             out[(task_id, replica)] = ReplicaReport(
-                id=task_id, replica=replica, state=cast(Any, ReplicaState.FAILED), exit_code=None, error=reason[:MAX_ERROR_LENGTH]
+                id=task_id, replica=replica, state=cast(Any, ReplicaState.FAILED), exit_code=None, error=reason[:MAX_ERROR_LENGTH],
+                attempt=book.attempts.get((task_id, replica)),
             )
     return sorted(out.values(), key=lambda r: (r.id, r.replica))[:MAX_REPORTED_TASKS]
