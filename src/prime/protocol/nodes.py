@@ -159,7 +159,7 @@ class SampleView(Answer, frozen=True):
         return NodeSample(self.at, self.gpus, self.load or {})
 
 
-ChainStatusLabel = Literal["none", "registered", "approved", "rejected", "active", "left", "ejected"]
+ChainStatusLabel = Literal["none", "registered", "approved", "rejected", "active", "left", "ejected", "released"]
 
 
 class NodeView(Answer, frozen=True):

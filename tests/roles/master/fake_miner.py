@@ -404,8 +404,9 @@ def master_command(port: int, run_id: int, key_file: Path, rpc_url: str, deploym
 
 
 async def make_world(anvil: Any, deployment: Any, processes: RoleProcesses, tmp: Path,
-                     requirements: Requirements = Requirements(min_gpus=1)) -> World:
-    """Discovery and a master process for a new run owned by anvil account 2, with a fresh master key."""
+                     requirements: Requirements = Requirements(min_gpus=1), master_extra: tuple[str, ...] = ()) -> World:
+    """Discovery and a master process for a new run owned by anvil account 2, with a fresh master key
+    (funded: it pays for its ejections); ``master_extra``: more ``prime master start`` options."""
     disc_port = free_port()
     discovery_key = Account.create()
     discovery = processes.create("discovery", discovery_command(disc_port, anvil.rpc_url, deployment.path,
@@ -414,6 +415,7 @@ async def make_world(anvil: Any, deployment: Any, processes: RoleProcesses, tmp:
     await discovery.start_async()
     owner, validator = anvil.accounts[2], anvil.accounts[1]
     master_account = Account.create()
+    anvil.set_balance(master_account.address, 10 * 10**18)
     owner_client = await RegistryClient.connect(anvil.rpc_url, deployment, owner)
     validator_client = await RegistryClient.connect(anvil.rpc_url, deployment, validator)
     run_id = await owner_client.create_run(requirements, f"{discovery.base_url}#{discovery_key.address}", [master_account.address])
@@ -421,7 +423,7 @@ async def make_world(anvil: Any, deployment: Any, processes: RoleProcesses, tmp:
     port = free_port()
     data_dir = tmp / "master"
     master = processes.create(
-        "master", master_command(port, run_id, key_file, anvil.rpc_url, deployment.path, data_dir),
+        "master", master_command(port, run_id, key_file, anvil.rpc_url, deployment.path, data_dir, *master_extra),
         port=port, env={"PRIME_KEY_PASSWORD": PASSWORD},
     )
     await master.start_async()

@@ -75,6 +75,9 @@ def start(
                                                  help="Seconds between reads of new chain events.")] = 2.0,
     peer_timeout: Annotated[float, typer.Option("--peer-timeout", envvar="PRIME_PEER_TIMEOUT",
                                                 help="Timeout of each call to a miner or discovery.")] = 10.0,
+    eject_after: Annotated[float, typer.Option("--eject-after", envvar="PRIME_EJECT_AFTER", min=0,
+                                               help="Seconds a node stays Dead before the master ejects it on chain "
+                                                    "(frees its seat; 0: never eject).")] = 300.0,
 ) -> None:
     """Start the master of one run: invite approved nodes, track heartbeats, schedule tasks, sync storage."""
     from prime.keys import load_account
@@ -101,6 +104,7 @@ def start(
         sync_interval_s=sync_interval,
         poll_interval_s=poll_interval,
         peer_timeout_s=peer_timeout,
+        eject_after_s=eject_after,
     )
     # web3's chatter and one access line per heartbeat (which would dwarf the transitions worth
     # reading, and cost CPU at scale) are quiet unless PRIME_DEBUG is set.

@@ -63,6 +63,9 @@ class MasterMetrics:
         )
         # result: ok | failed
         self.syncs = Counter("prime_master_syncs", "Storage syncs of one replica, by outcome.", ["result"], registry=registry)
+        # reason: dead; result: ejected | already_out | failed
+        self.ejections = Counter("prime_master_ejections", "Nodes ejected on chain by this master, by reason and outcome.",
+                                 ["reason", "result"], registry=registry)
         self.chain_events = Counter("prime_master_chain_events", "Registry events applied, by name.", ["event"], registry=registry)
         self.heartbeat_seconds = Histogram(
             "prime_master_heartbeat_handle_seconds", "Time to apply one heartbeat to the state and store it.",

@@ -72,6 +72,7 @@ async def start_master(
     from prime.roles.master.chainwatch import EVENT_NAMES, ChainWatcher
     from prime.roles.master.dispatch import TaskPusher
     from prime.roles.master.effects import NetworkEffects
+    from prime.roles.master.ejection import Ejector
     from prime.roles.master.invites import InviteSender
     from prime.roles.master.locator import NodeLocator
     from prime.roles.master.logs import LogMerger
@@ -151,6 +152,10 @@ async def start_master(
         add_routes(app, service, permissions, logs=logs, blobs=blobs)
         add_loop(app, "chain", watcher.step, interval_s=settings.poll_interval_s)
         add_loop(app, "tick", service.tick, interval_s=settings.tick_interval_s)
+        if settings.eject_after_s > 0:
+            ejector = Ejector(registry.with_account(account), settings.run_id, lambda: state, settings.eject_after_s,
+                              metrics=metrics, clock=clock)
+            add_loop(app, "eject", ejector.step, interval_s=settings.tick_interval_s)
         # A sync round may move a lot of data: it is not stale while it works.
         add_loop(app, "sync", service.sync_round, interval_s=settings.sync_interval_s,
                  stale_after_s=max(3600.0, 3 * settings.sync_interval_s + 10))

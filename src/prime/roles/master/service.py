@@ -79,6 +79,7 @@ class MasterSettings:
     poll_interval_s: float = 2.0
     peer_timeout_s: float = 10.0
     concurrency: int = 32
+    eject_after_s: float = 300.0  # a node Dead this long is ejected on chain (ejection.py); 0: never
 
     @property
     def tick_interval_s(self) -> float:

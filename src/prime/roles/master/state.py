@@ -249,6 +249,12 @@ def _on_chain_synced(state: MasterState, event: ChainSynced) -> list[Instruction
 def _on_approved(state: MasterState, event: NodeApprovedOnChain) -> list[Instruction]:
     chain = ChainMember(NodeStatus.APPROVED, event.specs, event.block)
     rec = state.nodes.get(event.node)
+    if rec is not None and rec.state == NodeState.LEFT and event.block is not None and rec.chain_block is not None \
+            and event.block > rec.chain_block:
+        # Out of the run (ejected, left) and approved again since, after registering anew (issue 14):
+        # a fresh record, invited like any approved node.
+        del state.nodes[event.node]
+        rec = None
     if rec is not None and rec.chain_status not in (None, NodeStatus.APPROVED):
         # A replayed approval must not move an Active/Left node back in its lifecycle.
         chain = ChainMember(rec.chain_status, event.specs, event.block)
