@@ -214,6 +214,7 @@ async def test_files_list_and_download_verify_sha256(master, env, tmp_path):
     for path, data in content.items():
         assert (out / path).read_bytes() == data
     assert "Downloaded 2 file(s)" in downloaded.stdout
+    assert downloaded.stderr == ""  # not a terminal: no progress bar in the pipe
 
     again = await arun_prime("buyer", "files", task_id, "--download", str(out), "--json", env=env)
     assert [f["downloaded"] for f in json.loads(again.stdout)["files"]] == [False, False]  # already there, same sha256

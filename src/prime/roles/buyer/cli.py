@@ -411,6 +411,7 @@ def files(
 ) -> None:
     """List the files the master synced from a persistent task's /data; --download DIR fetches them."""
     from prime.roles.buyer.master_client import download_target
+    from prime.roles.buyer.progress import DownloadBars
     from prime.roles.buyer.render import files_table
 
     async def action(master: Any) -> tuple[list, list]:
@@ -418,10 +419,14 @@ def files(
         saved: list[dict[str, Any]] = []
         if download is not None:
             per_replica = len({e.get("replica", 0) for e in entries}) > 1
-            for entry in entries:
-                target = download_target(download, entry, per_replica=per_replica)
-                fetched = await master.download(task_id, entry, target)
-                saved.append({**entry, "saved_to": str(target), "downloaded": fetched})
+            # A bar on a terminal only (stderr, so stdout stays the table or JSON); nothing in logs and pipes.
+            with DownloadBars(Console(stderr=True), entries, enabled=not json_output) as bars:
+                for entry in entries:
+                    target = download_target(download, entry, per_replica=per_replica)
+                    fetched = await master.download(task_id, entry, target, bars.file(entry))
+                    if not fetched:
+                        bars.skipped(entry)
+                    saved.append({**entry, "saved_to": str(target), "downloaded": fetched})
         return entries, saved
 
     entries, saved = _with_master(master_url, key_file, password_env, action, timeout_s=60.0)

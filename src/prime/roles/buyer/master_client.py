@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,8 +150,10 @@ class MasterClient:
         answer = await self._call("GET", f"list the files of task {task_id}", "tasks", task_id, "files")
         return self._expect_list(answer, "files", f"GET /tasks/{task_id}/files")
 
-    async def download(self, task_id: str, entry: dict[str, Any], target: Path) -> bool:
-        """Fetch one synced file to ``target``, checking size and sha256; False if it was already there."""
+    async def download(self, task_id: str, entry: dict[str, Any], target: Path, on_bytes: Callable[[int], None] | None = None) -> bool:
+        """Fetch one synced file to ``target``, checking size and sha256; False if it was already there.
+
+        ``on_bytes(n)`` after each chunk written (a progress bar's advance)."""
         check_task_id(task_id)
         path, size, digest, replica = _entry_fields(entry)
         if target.is_file() and target.stat().st_size == size and sha256_file(target) == digest:
@@ -171,6 +173,8 @@ class MasterClient:
                             break
                         hasher.update(chunk)
                         out.write(chunk)
+                        if on_bytes is not None:
+                            on_bytes(len(chunk))
             if received != size or hasher.hexdigest() != digest:
                 raise PrimeError(
                     f"The master sent {path} (replica {replica}) with a different "
