@@ -26,7 +26,7 @@ from prime.roles.master.state import (
     Tick,
     handle,
 )
-from prime.roles.master.store import MasterStore, StateCursor
+from prime.roles.master.store import MIGRATIONS, MasterStore, StateCursor
 from prime.store import Database
 
 SPECS = Specs(4, "H100", 80_000, 32, 256_000, 1000)
@@ -55,7 +55,7 @@ def busy_state() -> MasterState:
     handle(st, TaskCreated(Task.new(TaskSpec("busybox", gpus=1), 6.0, "done")))
     handle(st, TaskCreated(Task.new(TaskSpec("busybox", gpus=0, replicas=2), 6.5, "halt")))
     train_on_a = [r.index for r in st.tasks["train"].replicas if r.node == A]
-    reports = [ReplicaReport("train", i, ReplicaState.RUNNING) for i in train_on_a]
+    reports = [ReplicaReport("train", i, ReplicaState.RUNNING, restarts=i + 2) for i in train_on_a]
     done = st.tasks["done"].replicas[0]
     reports += [ReplicaReport("done", 0, ReplicaState.COMPLETED, 0)] if done.node == A else []
     handle(st, HeartbeatReceived(A, 7.0, HeartbeatRequest(tasks=tuple(reports))))
@@ -81,6 +81,28 @@ def test_round_trip_after_restart(tmp_path: Path) -> None:
     assert loaded.nodes[D].state == NodeState.APPROVED and loaded.nodes[D].next_invite_at is not None
     assert loaded.nodes[A].chain_status == NodeStatus.ACTIVE and loaded.nodes[A].last_sample is not None
     assert any(r.state == ReplicaState.RUNNING for r in loaded.tasks["train"].replicas)
+    # restart counts as the node last reported them (shown before its next heartbeat)
+    running = [r for r in loaded.tasks["train"].replicas if r.node == A]
+    assert running and [r.restarts for r in running] == [r.index + 2 for r in running]
+
+
+def test_a_database_from_before_restart_counts_loads_them_as_zero(tmp_path: Path) -> None:
+    path = tmp_path / "master.db"
+    old = Database(path)
+    old.migrate(MIGRATIONS[:-1])
+    with old.transaction():
+        old.execute("INSERT INTO tasks (id, spec, created_at, stop_requested) VALUES ('t', ?, 1.0, 0)",
+                    ('{"image": "busybox"}',))
+        old.execute("INSERT INTO replicas (task_id, idx, node, state, gpu_indices, attempt) VALUES"
+                    " ('t', 0, NULL, 'Pending', '[]', 2)", ())
+    old.close()
+    store = open_store(path)
+    (replica,) = store.load().tasks["t"].replicas
+    assert (replica.attempt, replica.restarts) == (2, 0)
+    st = store.load()
+    st.tasks["t"].replicas[0].restarts = 7
+    store.save(st)
+    assert open_store(path).load().tasks["t"].replicas[0].restarts == 7
 
 
 def test_restarted_master_resumes_without_re_inviting(tmp_path: Path) -> None:

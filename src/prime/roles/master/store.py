@@ -53,6 +53,9 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE manifests ADD COLUMN source TEXT",
     # The replica attempt a sync mark is about (a new attempt gets fresh marks: syncplan.current_mark).
     "ALTER TABLE sync_marks ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0",
+    # How often the node restarted the replica's container this attempt (ReplicaReport.restarts):
+    # a restarted master shows it before the node's next heartbeat.
+    "ALTER TABLE replicas ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0",
 ]
 
 LEGACY_SYNC_FILE = "sync.sqlite"
@@ -172,9 +175,9 @@ class MasterStore:
         for r in task.replicas:
             self.db.execute(
                 "INSERT OR REPLACE INTO replicas (task_id, idx, node, state, gpu_indices, attempt, exit_code,"
-                " assigned_at, started_at, finished_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " assigned_at, started_at, finished_at, error, restarts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (task.id, r.index, r.node, r.state.value, json.dumps(list(r.gpu_indices)), r.attempt, r.exit_code,
-                 r.assigned_at, r.started_at, r.finished_at, r.error),
+                 r.assigned_at, r.started_at, r.finished_at, r.error, r.restarts),
             )
 
     # --- chain cursor -----------------------------------------------------------------------------
@@ -317,7 +320,7 @@ def _replica_from_row(row: Any) -> Replica:
         task_id=row["task_id"], index=row["idx"], node=row["node"], state=ReplicaState(row["state"]),
         gpu_indices=tuple(json.loads(row["gpu_indices"])), attempt=row["attempt"], exit_code=row["exit_code"],
         assigned_at=row["assigned_at"], started_at=row["started_at"], finished_at=row["finished_at"],
-        error=row["error"],
+        error=row["error"], restarts=row["restarts"],
     )
 
 
