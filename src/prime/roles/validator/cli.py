@@ -1,4 +1,4 @@
-"""`prime validator start|reports|revalidations`."""
+"""`prime validator start|challenge|reports|revalidations`."""
 
 from __future__ import annotations
 
@@ -88,6 +88,45 @@ def start(
         _install_gpu_classes(extra_models, gpu_classes)
     asyncio.run(serve(rpc_url=rpc_url, deployment_path=Path(deployment), account=account, data_dir=Path(data_dir),
                       host=host, port=port, settings=settings))
+
+
+@app.command()
+def challenge(
+    node: Annotated[str, typer.Argument(help="The node's address.", show_default=False)],
+    url: Annotated[str | None, typer.Option("--url", help="The miner's URL (default: where the node announced itself to its run's discovery).")] = None,
+    deployment: DeploymentPath = None,
+    rpc_url: RpcUrl = DEFAULT_RPC_URL,
+    key_file: KeyFile = None,
+    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    challenge_n: Annotated[int | None, typer.Option(
+        "--challenge-n", min=1, max=32768, help="Matrix size (default: sized from the node's claimed GPUs).")] = None,
+    challenge_timeout: Annotated[float | None, typer.Option(
+        "--challenge-timeout", min=0.001, help="Seconds the node may take to commit (default: what its claimed hardware needs).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON (for scripts), without the live view.")] = False,
+) -> None:
+    """Challenge one node now and show each stage; a dry run: nothing is reported on chain (the key must be a validator's)."""
+    from prime.chain.client import to_address
+    from prime.keys import load_account
+    from prime.roles.validator.probe import challenge_node, overrides_from
+
+    if deployment is None:
+        raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
+    target = to_address(node)
+    overrides = overrides_from(challenge_n, challenge_timeout)
+    account = load_account(key_file, password_env=password_env)
+    # The live view goes to stderr (none with --json), so stdout is the result alone.
+    view = Console(stderr=True, soft_wrap=True, quiet=json_output)
+    report, reached = asyncio.run(challenge_node(account=account, rpc_url=rpc_url, deployment=Path(deployment), node=target,
+                                                 url=url, overrides=overrides, console=view))
+    if json_output:
+        typer.echo(json.dumps({"node": target, "url": reached, "report_hash": "0x" + report.report_hash().hex(),
+                               "report": report.to_json()}, indent=2))
+        return
+    failed = next((name for name, problem in report.checks.items() if problem), "")
+    verdict = "[green]passed[/] the challenge" if report.approved else f"[red]failed[/] the challenge's {failed} check"
+    Console(highlight=False, soft_wrap=True).print(
+        f"Node {target} {verdict}: {escape(report.reason)} (n={report.n} {report.dtype}, "
+        f"{report.elapsed_s:.3f} s of {report.bound_s:.3f} s, {report.checked_rows} rows checked); nothing was reported on chain.")
 
 
 def _load_gpu_classes(path: Path) -> tuple:
