@@ -124,7 +124,9 @@ class ChainWatcher:
         now = self._clock()
         converted: Event | None = None
         if event.name == "RunEnded":
-            log.warning("run %d ended on chain (block %d): no more invites", self.run_id, event.block)
+            log.warning("run %d ended on chain (block %d): every node of the run is released; no more invites or "
+                        "ejections; every task is stopped (persistent ones get their final sync) and their files "
+                        "and logs stay readable", self.run_id, event.block)
             converted = RunEnded(now)
         elif event.name in NODE_EVENT_NAMES:
             node = str(args["node"])  # each of these events names its node

@@ -280,7 +280,12 @@ def _on_run_ended(state: MasterState, event: RunEnded) -> list[Instruction]:
     if state.run_ended:
         return []
     state.run_ended = True
-    return _reconcile_all(state, event.at)
+    out = _reconcile_all(state, event.at)
+    # The run is over (issue 14): every task stops; a persistent replica gets its final sync once its
+    # node reports it stopped, and logs stay readable. (Tasks stopped before stay as they are.)
+    for task_id in sorted(state.tasks):
+        out.extend(_on_stop(state, TaskStopRequested(task_id, event.at)))
+    return out
 
 
 def _stale_invite_result(rec: NodeRecord | None, expiry: int | None) -> bool:

@@ -362,7 +362,9 @@ class MinerNode:
     def _status_changed(self, info: NodeInfo, line: str) -> None:
         self.out.status(line)
         if self.heartbeat is not None:
-            self.heartbeat.active = info.status == NodeStatus.ACTIVE and info.run_id == self.options.run_id
+            # Released (the run ended): heartbeats go on, so the master's stops and final syncs reach the node.
+            self.heartbeat.active = info.status in (NodeStatus.ACTIVE, NodeStatus.RELEASED) \
+                and info.run_id == self.options.run_id
             if self.heartbeat.active and self.state.master_url:
                 self.heartbeat.wake()
 

@@ -32,6 +32,10 @@ def describe(info: NodeInfo, run_id: int, state: MinerState) -> str:
         if state.master_url:
             return f"Active in run {run_id}; heartbeating to the master at {state.master_url}."
         return f"Active in run {run_id} but no master is known locally; waiting for a master to invite the node again."
+    if status == NodeStatus.RELEASED and info.run_id == run_id:
+        return (f"Run {run_id} ended on chain: the node is released and idle (its stake is withdrawable now: "
+                "prime miner withdraw); the master stops its tasks and takes their final files, and this miner keeps "
+                "serving their files and logs until you stop it.")
     return f"Node status on chain: {status.label} (run {info.run_id})."
 
 
