@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,3 +38,43 @@ def test_a_failing_command_prints_one_sentence_and_no_traceback(tmp_path) -> Non
     assert "Traceback" not in result.stderr + result.stdout
     message = result.stderr.strip()
     assert message.startswith("Error: ") and message.count("\n") == 0, message
+
+
+# Commands that run until stopped or stream what they watch: no one JSON document to print.
+NO_JSON = {
+    "buyer watch", "discovery start", "miner start", "validator start", "master start", "chain anvil",
+    "devnet down", "devnet logs", "devnet miner", "devnet demo",
+}
+
+
+def _commands(command, path=()):
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from _commands(sub, (*path, name))
+    else:
+        yield " ".join(path), command
+
+
+def test_every_command_that_prints_a_result_has_json() -> None:
+    import typer
+
+    from prime.cli import app
+
+    commands = dict(_commands(typer.main.get_command(app)))
+    assert NO_JSON <= set(commands), NO_JSON - set(commands)
+    lacking = [name for name, command in commands.items()
+               if name not in NO_JSON and not any("--json" in getattr(p, "opts", ()) for p in command.params)]
+    assert lacking == [], f"commands without --json: {lacking}"
+
+
+def test_keys_show_json(tmp_path) -> None:
+    from eth_account import Account
+
+    from prime.keys import create_keystore
+
+    account = Account.create()
+    path = tmp_path / "k.json"
+    create_keystore(path, "pw", account.key.hex(), kdf="pbkdf2", iterations=2)
+    result = prime("keys", "show", "--json", str(path))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"address": account.address, "file": str(path)}

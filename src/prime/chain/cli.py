@@ -65,6 +65,7 @@ def deploy(
         Optional[list[str]],
         typer.Option("--validator", help="Grant the validator role to this address after deploying (repeatable)."),
     ] = None,
+    json_output: JsonOutput = False,
 ) -> None:
     """Deploy the registry (the key becomes its admin) and write the deployment file."""
     from prime.chain.client import RegistryClient, to_address
@@ -81,6 +82,11 @@ def deploy(
                 for address in validators:
                     await client.grant_validator(address)
         saved = deployment.save(out)
+        if json_output:
+            typer.echo(json.dumps({"registry": deployment.registry, "chain_id": deployment.chain_id, "block": deployment.block,
+                                   "admin": account.address, "min_stake_wei": stake, "validators": validators,
+                                   "deployment": str(saved.path)}, indent=2))
+            return
         typer.echo(f"registry:   {deployment.registry}")
         typer.echo(f"chain id:   {deployment.chain_id}  (block {deployment.block})")
         typer.echo(f"admin:      {account.address}")
@@ -160,7 +166,7 @@ def info(
     typer.echo(f"runs:      {facts['run_count']}")
 
 
-def _admin_tx(rpc_url: str, deployment: Path | None, key_file: Path | None, password_env: str, action) -> None:
+def _admin_tx(rpc_url: str, deployment: Path | None, key_file: Path | None, password_env: str, action, json_output: bool = False) -> None:
     from prime.chain.client import RegistryClient
 
     if deployment is None:
@@ -170,6 +176,9 @@ def _admin_tx(rpc_url: str, deployment: Path | None, key_file: Path | None, pass
     async def run() -> None:
         async with await RegistryClient.connect(rpc_url, deployment, account) as client:
             result = await action(client)
+            if json_output:
+                typer.echo(json.dumps({"tx_hash": result.tx_hash, "block": result.block, "events": [e.name for e in result.events]}, indent=2))
+                return
             typer.echo(f"done in transaction {result.tx_hash} (block {result.block})")
 
     asyncio.run(run())
@@ -183,12 +192,13 @@ def grant_validator(
     key_file: KeyFile = None,
     password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
     revoke: Annotated[bool, typer.Option("--revoke", help="Take the role away instead.")] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Give (or with --revoke take away) the validator role; the key must be the registry's admin."""
     from prime.chain.client import to_address
 
     target = to_address(address)
-    _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.revoke_validator(target) if revoke else c.grant_validator(target))
+    _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.revoke_validator(target) if revoke else c.grant_validator(target), json_output)
 
 
 @app.command("set-min-stake")
@@ -198,10 +208,11 @@ def set_min_stake(
     deployment: DeploymentPath = None,
     key_file: KeyFile = None,
     password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
 ) -> None:
     """Change the minimum stake for new registrations; the key must be the registry's admin."""
     wei = parse_wei(amount)
-    _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.set_min_stake(wei))
+    _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.set_min_stake(wei), json_output)
 
 
 @app.command("set-revalidation-penalty")
@@ -211,9 +222,10 @@ def set_revalidation_penalty(
     deployment: DeploymentPath = None,
     key_file: KeyFile = None,
     password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
+    json_output: JsonOutput = False,
 ) -> None:
     """Change the share of a node's stake that a failed re-validation slashes; the key must be the registry's admin."""
-    _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.set_revalidation_penalty_bps(bps))
+    _admin_tx(rpc_url, deployment, key_file, password_env, lambda c: c.set_revalidation_penalty_bps(bps), json_output)
 
 
 @app.command()
