@@ -34,12 +34,18 @@ from prime.roles.master.events import ChainMember, Instruction, RecordTransition
 @dataclass(frozen=True)
 class StateConfig:
     """Timing of the node lifecycle. A node is Unhealthy after missing ``unhealthy_after_missed``
-    heartbeats (plus ``grace_s`` for network jitter) and Dead after ``dead_after_missed``."""
+    heartbeats (plus ``grace_s`` for network jitter) and Dead after ``dead_after_missed``.
+
+    The defaults meet the goal "Dead within 3 intervals + 1 s of the last heartbeat": Dead after
+    3 missed + 0.5 s, judged at a tick at most 0.5 s later (``MasterSettings.tick_interval_s``).
+    A miner beats on a fixed cadence and never waits for Docker longer than half an interval
+    (miner/heartbeat.py), and the master's own stalls restart the windows (``view_gap_s``), so a
+    live node has 2.5 intervals of slack before it could be judged Dead."""
 
     heartbeat_interval_s: float = 30.0
     unhealthy_after_missed: int = 2
-    dead_after_missed: int = 10
-    grace_s: float = 5.0
+    dead_after_missed: int = 3
+    grace_s: float = 0.5
     invite_ttl_s: int = 600
     invite_backoff_base_s: float = 5.0
     invite_backoff_max_s: float = 600.0

@@ -28,7 +28,7 @@ import psutil
 from prime import hardware
 from prime.errors import PeerError
 from prime.protocol.errors import ValidationError
-from prime.protocol.heartbeat import DesiredReplica, GpuSample, HeartbeatRequest, HeartbeatResponse
+from prime.protocol.heartbeat import DesiredReplica, GpuSample, HeartbeatRequest, HeartbeatResponse, ReplicaReport
 from prime.roles.miner import core, engine_watch, exits
 from prime.roles.miner.core import Key
 from prime.roles.miner.executor import DockerExecutor, ExecutorError
@@ -261,6 +261,7 @@ class HeartbeatLoop:
         min_stale_s: float = 120.0,
         counter: Any = None,
         still_master: Callable[[str], Awaitable[bool]] | None = None,
+        stale_reports_s: float | None = None,
     ) -> None:
         self.client = client
         # Asked before an answer is obeyed: is the master that signed it still a master of the run
@@ -280,21 +281,59 @@ class HeartbeatLoop:
         # a master URL left over from an earlier membership is not a reason to beat.
         self.active = False
         self.on_beat: Callable[[HeartbeatResponse], None] | None = None
+        # A slow or unreachable engine does not hold heartbeats back: a beat waits for the node's
+        # snapshot at most half an interval, then sends the last reports, while they are at most
+        # ``stale_reports_s`` old (default: 3 intervals, at least 30 s); after that it fails, so a
+        # node whose engine is gone for good goes Dead at the master and its replicas move.
+        self.stale_reports_s = stale_reports_s
+        self._snapshot: asyncio.Future[Any] | None = None
+        self._last_reports: tuple[tuple[ReplicaReport, ...], float] | None = None
+        self._stale_logged = False
 
     def wake(self) -> None:
         """Beat now (e.g. right after an invite was accepted)."""
         self._wake.set()
 
-    def build_request(self, snapshot: Sequence[core.ReplicaStatus]) -> HeartbeatRequest:
-        reports = core.reports(snapshot, self.converger.book)
-        return HeartbeatRequest(tasks=tuple(reports), gpus=gpu_samples(self.converger.node_gpus), load=load_sample())
+    def _request(self, reports: tuple[ReplicaReport, ...]) -> HeartbeatRequest:
+        return HeartbeatRequest(tasks=reports, gpus=gpu_samples(self.converger.node_gpus), load=load_sample())
+
+    async def reports(self) -> tuple[ReplicaReport, ...]:
+        """The node's replica reports from a fresh snapshot, or (Docker slow or away) the last ones."""
+        if self._snapshot is None:
+            self._snapshot = asyncio.ensure_future(self.converger.executor.snapshot())
+        wait = max(0.2, self.interval_s / 2)
+        done, _ = await asyncio.wait({self._snapshot}, timeout=wait)
+        problem: BaseException
+        if done:
+            task, self._snapshot = self._snapshot, None
+            try:
+                snapshot = task.result()
+            except Exception as exc:  # the engine is not reachable
+                problem = exc
+            else:
+                reports = tuple(core.reports(snapshot, self.converger.book))
+                self._last_reports = (reports, time.monotonic())
+                if self._stale_logged:
+                    log.info("the node's containers are listed again; heartbeats report them fresh")
+                self._stale_logged = False
+                return reports
+        else:
+            problem = TimeoutError(f"listing the node's containers took more than {wait:g} s")
+        limit = self.stale_reports_s if self.stale_reports_s is not None else max(30.0, 3 * self.interval_s)
+        if self._last_reports is None or time.monotonic() - self._last_reports[1] > limit:
+            raise PeerError(f"the node's containers could not be listed for a heartbeat ({str(problem) or type(problem).__name__})")
+        if not self._stale_logged:
+            log.warning("heartbeats carry the last known replica states (for at most %g s): %s", limit,
+                        str(problem) or type(problem).__name__)
+            self._stale_logged = True
+        return self._last_reports[0]
 
     async def beat(self) -> HeartbeatResponse | None:
         """One heartbeat (None when there is no master yet); raises on failure."""
         url, master = self.store.state.master_url, self.store.state.master
         if not url or not master or not self.active:
             return None
-        request = self.build_request(await self.converger.executor.snapshot())
+        request = self._request(await self.reports())
         # Addressed to the master the node joined, and its answer (which containers to run) must
         # be signed by that same key: nobody on the path can make this node run anything.
         answer = await self.client.request("POST", f"{url}/heartbeat", audience=master, json=request.to_json())
@@ -321,9 +360,11 @@ class HeartbeatLoop:
 
         self.health.register(LOOP_NAME, self._stale_after())
         failures = 0
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 self._wake.clear()
+                began = loop.time()
                 try:
                     response = await self.beat()
                 except asyncio.CancelledError:
@@ -351,8 +392,17 @@ class HeartbeatLoop:
                         self.counter.labels("ok").inc()
                     self.health.tick(LOOP_NAME)
                     self.health.loops[LOOP_NAME].stale_after_s = self._stale_after()
-                    delay = self.interval_s if response is not None else self.idle_interval_s
+                    delay = next_beat_in(self.interval_s, loop.time() - began) if response is not None \
+                        else self.idle_interval_s
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=delay)
         finally:
             self.health.unregister(LOOP_NAME)
+            if self._snapshot is not None:
+                self._snapshot.cancel()
+
+
+def next_beat_in(interval_s: float, took_s: float) -> float:
+    """Seconds until the next heartbeat: one interval after the last one began (the time a beat
+    takes is not added to the interval the master counts missed heartbeats in)."""
+    return min(interval_s, max(0.0, interval_s - took_s))
