@@ -235,3 +235,18 @@ async def test_chain_info_json(anvil, deployment):
     facts = json.loads(result.stdout)
     assert facts["registry"] == deployment.registry and facts["min_stake_wei"] == MIN_STAKE_WEI
     assert facts["chain_id"] == anvil.chain_id and facts["run_count"] >= 0
+
+
+async def test_after_the_run_ends_deregister_skips_the_leave_and_withdraws(anvil, deployment, chain_client, fresh_account):
+    run_id, provider, node = await _active_node(anvil, deployment, chain_client, fresh_account)
+    await (await chain_client(anvil.accounts[2])).end_run(run_id)
+    reader = await chain_client(None)
+    assert (await reader.get_node(node)).status.label == "released"
+    before = await reader.balance(provider)
+
+    result = prime("miner", "deregister", env=_chain_env(anvil, deployment, node))
+    assert result.returncode == 0, result.stderr
+    leave, withdraw = result.stdout.strip().splitlines()
+    assert leave == f"Node {node.address}: already out of run {run_id} (status released), no leave needed; nothing was sent."
+    assert withdraw.startswith(f"Node {node.address}: 0.01 ETH of stake returned to provider {provider.address} (balance ")
+    assert await reader.balance(provider) == before + MIN_STAKE_WEI
