@@ -197,6 +197,11 @@ NodeOption = Annotated[
     typer.Option("--node", envvar="PRIME_NODE", help="The node's address (default: the address of --key-file)."),
 ]
 JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of sentences.")]
+SenderKeyFile = Annotated[
+    Path | None,
+    typer.Option("--provider-key-file", envvar="PRIME_PROVIDER_KEY_FILE",
+                 help="Key file of the node's provider, to send the transaction with (default: the node key)."),
+]
 
 
 def _operator(node: str | None, key_file: Path | None, provider_key_file: Path | None) -> tuple[str, Any]:
@@ -238,7 +243,7 @@ def _node_action(action: str, node: str | None, key_file: Path | None, provider_
 def leave(
     node: NodeOption = None,
     key_file: KeyFile = None,
-    provider_key_file: ProviderKeyFile = None,
+    provider_key_file: SenderKeyFile = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentPath = None,
     json_output: JsonOutput = False,
@@ -251,7 +256,7 @@ def leave(
 def withdraw(
     node: NodeOption = None,
     key_file: KeyFile = None,
-    provider_key_file: ProviderKeyFile = None,
+    provider_key_file: SenderKeyFile = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentPath = None,
     json_output: JsonOutput = False,
@@ -264,7 +269,7 @@ def withdraw(
 def deregister(
     node: NodeOption = None,
     key_file: KeyFile = None,
-    provider_key_file: ProviderKeyFile = None,
+    provider_key_file: SenderKeyFile = None,
     rpc_url: RpcUrl = DEFAULT_RPC_URL,
     deployment: DeploymentPath = None,
     json_output: JsonOutput = False,
