@@ -15,7 +15,7 @@ from typing import Any, Literal
 import msgspec
 from aiohttp import web
 
-from prime.errors import ChainError
+from prime.errors import ChainError, PrimeError
 from prime.web.keys import APP_NAME, HEALTH
 
 log = logging.getLogger("prime.web")
@@ -176,6 +176,26 @@ def _chain_outage(exc: BaseException) -> bool:
     return isinstance(exc, ChainError) and not hasattr(exc, "error_name")
 
 
+def expected_failure(exc: BaseException) -> bool:
+    """A failure the world causes (a peer or the chain unreachable, a full disk, Docker away:
+    ``PrimeError``, ``OSError``, a timeout), logged as one line; anything else is a bug, logged
+    with its traceback."""
+    return isinstance(exc, PrimeError | OSError | TimeoutError) or type(exc).__module__.startswith("aiohttp")
+
+
+def _log_loop_failure(name: str, exc: BaseException, failures: int, logged: str | None) -> str:
+    """Log a failed step once per kind of failure (and every 10th in a row); returns what was logged."""
+    message = f"{type(exc).__name__}: {exc}"
+    if message != logged:
+        if expected_failure(exc):
+            log.warning("loop %s failed (retrying with backoff): %s", name, str(exc) or type(exc).__name__)
+        else:
+            log.error("loop %s failed; retrying with backoff", name, exc_info=exc)
+    elif failures % 10 == 0:
+        log.warning("loop %s still failing (%d in a row): %s", name, failures, str(exc) or type(exc).__name__)
+    return message
+
+
 def add_loop(
     app: web.Application,
     name: str,
@@ -196,6 +216,7 @@ def add_loop(
 
     async def run() -> None:
         failures = 0
+        logged: str | None = None  # the failure last logged (logged once, not at every retry)
         while True:
             try:
                 await step()
@@ -206,14 +227,13 @@ def add_loop(
                 health.failed(name, f"{type(exc).__name__}: {exc}")
                 if _chain_outage(exc):
                     health.dependency_down("chain", f"loop:{name}", str(exc))
-                if failures == 1:
-                    log.exception("loop %s failed; retrying with backoff", name)
-                else:
-                    log.warning("loop %s failed again (%d in a row): %s", name, failures, exc)
+                logged = _log_loop_failure(name, exc, failures, logged)
                 delay = min(interval_s * 2 ** min(failures, 16), max(max_backoff_s, interval_s))
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 continue
-            failures = 0
+            if logged is not None:
+                log.info("loop %s works again", name)
+            failures, logged = 0, None
             health.tick(name)
             health.dependency_up("chain", f"loop:{name}")
             await asyncio.sleep(interval_s)

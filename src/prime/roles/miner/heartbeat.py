@@ -35,6 +35,7 @@ from prime.roles.miner.executor import DockerExecutor, ExecutorError
 from prime.roles.miner.images import ProgressCallback
 from prime.roles.miner.state import MinerStore
 from prime.web import LoopHealth
+from prime.web.health import expected_failure
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class Converger:
         self.watch_engine = watch_engine
         self._watcher: asyncio.Task[None] | None = None
         self.engine_seen_at: float | None = None  # the engine (its event stream) last came up, wall clock
+        self._logged: dict[Key | None, str] = {}  # failures logged (None: a whole round), not logged again
 
     @property
     def invalid(self) -> Mapping[Key, str]:
@@ -139,8 +141,12 @@ class Converger:
                 await self.converge(desired)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Docker down, ...: the next heartbeat tries again
-                log.exception("converging on the master's desired tasks failed")
+            except Exception as exc:  # Docker down, a full disk, ...: the next heartbeat tries again
+                self._failed_once(None, "converging on the master's desired tasks failed (retried at every heartbeat)",
+                                  exc)
+            else:
+                if self._logged.pop(None, None) is not None:
+                    log.info("converging on the master's desired tasks works again")
 
     async def converge(self, desired: Sequence[DesiredReplica] | None) -> core.Plan:
         """One round: decide on a fresh snapshot, carry the actions out. ``None``: supervise only."""
@@ -163,12 +169,29 @@ class Converger:
             if isinstance(result, asyncio.CancelledError):
                 raise result
             if isinstance(result, BaseException):
-                log.warning("task %s replica %d could not be started: %s", action.key[0], action.key[1], result)
+                self._failed_once(action.key, f"task {action.key[0]} replica {action.key[1]} could not be started",
+                                  result)
                 if isinstance(action, core.Start):
                     self.book = core.start_failed(self.book, action.key, str(result) or type(result).__name__)
+            else:
+                self._logged.pop(action.key, None)
         if desired is not None:
             self.rounds += 1
         return plan
+
+    def _failed_once(self, key: Key | None, what: str, exc: BaseException) -> None:
+        """Log a failure once while it repeats (every heartbeat retries it): one WARNING line for
+        what the world causes (Docker away, a full disk: ``expected_failure``), a traceback only
+        for a bug."""
+        message = f"{type(exc).__name__}: {exc}"
+        if self._logged.get(key) == message:
+            log.debug("%s again: %s", what, exc)
+            return
+        self._logged[key] = message
+        if expected_failure(exc):
+            log.warning("%s: %s", what, str(exc) or type(exc).__name__)
+        else:
+            log.error("%s", what, exc_info=exc)
 
     # -- what the engine did (exits.py)
 
