@@ -37,7 +37,7 @@ class StateConfig:
     heartbeats (plus ``grace_s`` for network jitter) and Dead after ``dead_after_missed``.
 
     The defaults meet the goal "Dead within 3 intervals + 1 s of the last heartbeat": Dead after
-    3 missed + 0.5 s, judged at a tick at most 0.5 s later (``MasterSettings.tick_interval_s``).
+    3 missed + 0.5 s, judged at a tick at most 0.4 s later (``MasterSettings.tick_interval_s``).
     A miner beats on a fixed cadence and never waits for Docker longer than half an interval
     (miner/heartbeat.py), and the master's own stalls restart the windows (``view_gap_s``), so a
     live node has 2.5 intervals of slack before it could be judged Dead."""
