@@ -40,9 +40,12 @@ import numpy as np
 
 from prime.challenge.classes import GPU_MODELS
 from prime.challenge.generator import worker_count
+from prime.challenge.merkle import hash_rows
 from prime.challenge.params import (
     DEFAULT_K,
     DEFAULT_M,
+    HASH_THREADS_PER_GPU,
+    HOST_HASH_RATE,
     checked_params,
     claimed_class,
     memory_share,
@@ -168,7 +171,7 @@ def honest_time(specs: dict[str, Any]) -> float:
 
 
 def print_classes(measure: bool) -> None:
-    print(f"{'class':<24} {'dtype':>8} {'n':>6} {'K':>8} {'TFLOP':>8} {'mem %':>6} {'gen s':>6} {'hash s':>6} "
+    print(f"{'class':<24} {'dtype':>8} {'parts':>5} {'n':>6} {'K':>8} {'TFLOP':>8} {'mem %':>6} {'gen s':>6} {'hash s':>6} "
           f"{'compute s':>9} {'bound s':>8} {'margin':>7} {'honest s':>9} {'of peak':>8}")
     for specs in class_specs():
         cls = claimed_class(specs)
@@ -178,9 +181,20 @@ def print_classes(measure: bool) -> None:
         if measure and not cls.gpu_count and cls.cpu_cores == worker_count():
             t = honest_time(specs)
             honest, share = f"{t:9.3f}", f"{p.flops / t / cls.peak_flops * 100:7.1f}%"
-        print(f"{cls.label:<24} {p.dtype:>8} {p.n:>6} {p.inner:>8} {p.flops / 1e12:>8.2f} "
+        print(f"{cls.label:<24} {p.dtype:>8} {p.parts:>5} {p.n:>6} {p.inner:>8} {p.flops / 1e12:>8.2f} "
               f"{memory_share(p, cls) * 100:>6.1f} {b.generation_s:>6.2f} {b.hash_s:>6.2f} {b.compute_s:>9.2f} "
               f"{plan.bound_s:>8.2f} {spoof_margin(p, cls, plan.bound_s) * 100:>6.1f}% {honest:>9} {share:>8}", flush=True)
+
+
+def hashing_rates(n: int = 16384, rows: int = 4096) -> list[tuple[int, float]]:
+    """(threads, bytes/s) of hashing committed float16 rows of length n (the bound assumes
+    HOST_HASH_RATE per thread): what this host's threads reach."""
+    block = np.random.default_rng(1).standard_normal((rows, n)).astype("<f2")
+    out = []
+    for threads in sorted({1, 2, worker_count()}):
+        t = best_of(3, lambda: hash_rows(block, threads=threads))
+        out.append((threads, block.nbytes / t))
+    return out
 
 
 def main() -> None:
@@ -195,6 +209,11 @@ def main() -> None:
     parser.add_argument("--no-measure", action="store_true", help="class table without the honest CPU run")
     args = parser.parse_args()
     print_classes(measure=not args.no_measure)
+    margins = [spoof_margin(plan_challenge(s).params, claimed_class(s), plan_challenge(s).bound_s) for s in class_specs()]
+    print(f"\nlowest spoof margin of any class: {min(margins) * 100:.1f}% (goal >= 40%)")
+    print("row hashing here (float16 rows of 16384, the bound assumes "
+          f"{HOST_HASH_RATE / 1e9:.1f} GB/s a thread, {HASH_THREADS_PER_GPU} threads a GPU): "
+          + ", ".join(f"{t} thread{'s' if t > 1 else ''} {rate / 1e9:.2f} GB/s" for t, rate in hashing_rates()))
     if args.classes_only:
         return
     print()

@@ -25,7 +25,9 @@ GOOD = {"id": "c-1", "seed": 7, "n": 64, "dtype": "float32", "repeat": 1}
 
 def test_round_trip() -> None:
     params = checked_params(GOOD)
-    assert msgspec.to_builtins(params) == GOOD
+    assert msgspec.to_builtins(params) == {**GOOD, "parts": 1}
+    assert msgspec.to_builtins(checked_params({**GOOD, "parts": 4}))["parts"] == 4
+    assert checked_params({**GOOD, "parts": 4}).rows == 256 and checked_params({**GOOD, "parts": 4}).flops == 8 * 64**3
     assert params.inner == 64 and params.flops == 2 * 64**3
     assert checked_params({"id": "x", "seed": 1, "n": 8}).dtype == "float32"
 

@@ -156,12 +156,12 @@ def test_a_torch_backend_for_gpus_1_and_3_computes_on_exactly_those(monkeypatch:
         return FakeTensor(np.ones((row_keys.size, col_keys.size), np.float32), device, log)
 
     monkeypatch.setattr(backend, "matrix", matrix)
-    params = ChallengeParams(id="c1", seed=1, n=10)
+    params = ChallengeParams(id="c1", seed=1, n=10, parts=2)  # one part per selected GPU
     c = backend.product(params)
-    assert c.shape == (10, 10) and np.all(c == params.inner)
+    assert c.shape == (20, 10) and np.all(c == params.inner)
     used = {entry[1] for entry in log}
     assert used == {3, 1}  # no share on cuda:0 or cuda:2
-    assert sorted(rows for kind, _, rows in log if kind == "matmul") == [5, 5]  # the rows split over two GPUs only
+    assert sorted((device, rows) for kind, device, rows in log if kind == "matmul") == [(1, 10), (3, 10)]  # a part each
     assert backend.required_bytes(params) > 0 and backend.memory_problem(params) is None
 
 

@@ -19,7 +19,7 @@ from prime.challenge.prover import Commitment, MatmulProver, NumpyBackend
 from prime.challenge.runner import run_challenge
 from prime.challenge.service import MIN_OPEN_HOLD_S, ChallengeService, add_challenge_routes
 from prime.errors import PeerError
-from prime.protocol.challenge import CommitmentAnswer, OpeningAnswer, decode
+from prime.protocol.challenge import MAX_ROWS, CommitmentAnswer, OpeningAnswer, decode
 from prime.web import make_app
 from tests.challenge.cheaters import CorruptingProver, LazyProver, SlowProver
 
@@ -146,7 +146,8 @@ async def test_open_rejects_bad_ids_and_rows_but_keeps_the_challenge() -> None:
             ("c1", {"rows": [N]}, 400, "invalid_rows"),  # a valid index, but not of this challenge
             ("c1", {"rows": list(range(N + 1))}, 400, "invalid_rows"),
             ("c1", {"rows": [-1]}, 400, "invalid_body"),
-            ("c1", {"rows": [40000]}, 400, "invalid_body"),
+            ("c1", {"rows": [40000]}, 400, "invalid_rows"),  # a row of a 2-part challenge, not of this one
+            ("c1", {"rows": [MAX_ROWS]}, 400, "invalid_body"),  # past any challenge
             ("c1", {"rows": []}, 400, "invalid_body"),
             ("c1", {"rows": [1, 1]}, 400, "invalid_body"),
             ("c1", {"rows": ["1"]}, 400, "invalid_body"),

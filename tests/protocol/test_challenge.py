@@ -19,6 +19,7 @@ from prime.protocol.challenge import (
     MAX_OPEN_ROWS,
     MAX_PATH,
     MAX_ROW_BYTES,
+    MAX_ROWS,
     MESSAGES,
     ChallengeRequest,
     CommitmentAnswer,
@@ -33,7 +34,7 @@ from prime.protocol.challenge import (
 )
 
 ROOT = bytes(range(32))
-REQUEST = {"id": "c-1_x", "seed": 2**64 - 1, "n": 64, "dtype": "float16", "repeat": 4}
+REQUEST = {"id": "c-1_x", "seed": 2**64 - 1, "n": 64, "dtype": "float16", "repeat": 4, "parts": 1}
 COMMITMENT = {"id": "c-1_x", "root": base64.b64encode(ROOT).decode(), "n": 64, "dtype": "float16",
               "repeat": 4, "elapsed_s": 0.25, "backend": "numpy"}
 ROW = {"index": 3, "values": base64.b64encode(np.arange(4, dtype="<f4").tobytes()).decode(),
@@ -102,7 +103,7 @@ def test_every_message_has_a_json_schema() -> None:
     schemas, components = msgspec.json.schema_components(MESSAGES)
     assert len(schemas) == len(MESSAGES)
     row = components["OpenedRow"]["properties"]
-    assert row["values"]["contentEncoding"] == "base64" and row["index"]["maximum"] == MAX_N - 1
+    assert row["values"]["contentEncoding"] == "base64" and row["index"]["maximum"] == MAX_ROWS - 1
     assert all(c["additionalProperties"] is False for c in components.values())
 
 
@@ -173,7 +174,7 @@ def test_deep_nesting_in_every_message(message: type[Message], field: str) -> No
 
 @pytest.mark.parametrize("data", [
     b"", b"null", b"[]", b"{", b'{"rows": [1]} trailing', b'{"rows": [1]}{}', b"\xff\xfe",
-    b'{"rows": []}', b'{"rows": [1, 1]}', b'{"rows": [-1]}', b'{"rows": [32768]}', b'{"rows": [true]}',
+    b'{"rows": []}', b'{"rows": [1, 1]}', b'{"rows": [-1]}', b'{"rows": [524288]}', b'{"rows": [true]}',
     b'{"rows": ["1"]}', b'{"rows": [1.0]}', b'{"rows": 1}', b'{"rows": {"0": 1}}', b'{}', b'{"rows": [1], "x": 0}',
     raw({"rows": list(range(MAX_OPEN_ROWS + 1))}), b'{"rows": [[[[[[[[1]]]]]]]]}',
 ])
@@ -212,7 +213,7 @@ def test_non_finite_seconds_are_refused(text: str) -> None:
 
 
 @pytest.mark.parametrize("change", [
-    {"index": -1}, {"index": MAX_N}, {"index": True}, {"index": 1 << 80}, {"index": "3"},
+    {"index": -1}, {"index": MAX_ROWS}, {"index": True}, {"index": 1 << 80}, {"index": "3"},
     {"values": "!!!!"}, {"values": base64.b64encode(bytes(MAX_ROW_BYTES + 1)).decode()}, {"values": [0.0, 1.0]},
     {"values": None}, {"path": [base64.b64encode(bytes(31)).decode()]}, {"path": [ROOT.hex()]},
     {"path": [base64.b64encode(ROOT).decode()] * (MAX_PATH + 1)}, {"path": "AAAA"}, {"path": [[]]},

@@ -41,6 +41,10 @@ MEMORY_TOLERANCE = 0.04  # a claim within 4 % of a variant's memory matches it
 MAX_GPUS = 16  # GPUs in one host (HGX boards carry 8; 16 leaves room)
 MAX_CPU_CORES = 1024
 MIN_RAM_MIB = 512
+# A GPU node hashes every GPU's share of the challenge on the host at once, with this many
+# threads a GPU (params.HASH_THREADS_PER_GPU): the time bound counts on them, so a claim
+# must have the cores (servers have 12-24 a GPU; a claim with fewer would loosen the bound).
+MIN_CORES_PER_GPU = 4
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,9 @@ def check_claim(specs: Any, table: GpuTable | None = None) -> str | None:
         return None
     if gpus > MAX_GPUS:
         return f"the claim has {gpus} GPUs; one host has at most {MAX_GPUS}"
+    if cores < MIN_CORES_PER_GPU * gpus:
+        return (f"the claim has {cores} CPU cores for {gpus} GPU{'s' if gpus > 1 else ''}; a GPU node needs at "
+                f"least {MIN_CORES_PER_GPU} a GPU to hash its proof of compute in time")
     if not model_name:
         return f"the claim has {gpus} GPUs but names no GPU model"
     model = find_model(model_name, table)

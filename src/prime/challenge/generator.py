@@ -11,6 +11,11 @@ Definition (the protocol; every backend must produce exactly these values)::
                      a signed integer with exactly p significant bits, 2**(p-1) <= |q| < 2**p
     element(s, M, i, j, p) = q(z, p) / 2**p                     # in ±[1/2, 1)
 
+A challenge of several parts (one per claimed GPU) has an independent pair per part:
+part p's A is matrix M = 2p and its B is M = 2p + 1 (``part_matrix``), so part 0 is the
+single-part challenge and no two matrices of a challenge share a salt (M < 32, the tag
+1 + 2M + X stays below 2**7).
+
 p is the significand width of the challenge's dtype: 24 for float32, 11 for float16, 8 for
 bfloat16 (SIGNIFICAND_BITS). Every element is exact in its dtype and *uses all of it*: a
 float32 element has a random lowest significand bit, so rounding it to TF32 or float16
@@ -60,6 +65,13 @@ THREADED_MIN_ELEMENTS = 1 << 22
 
 _U32_MIX1 = np.uint32(MIX1)
 _U32_MIX2 = np.uint32(MIX2)
+
+
+def part_matrix(part: int, matrix: int) -> int:
+    """The generator's matrix index M of part ``part``'s A (matrix 0) or B (matrix 1)."""
+    if not 0 <= part < 16 or matrix not in (MATRIX_A, MATRIX_B):
+        raise ValueError("a part lies in [0, 16) and a matrix is A (0) or B (1)")
+    return 2 * part + matrix
 
 
 def bits_of(dtype: str) -> int:

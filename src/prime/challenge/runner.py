@@ -75,6 +75,7 @@ class ChallengeReport:
     checks: dict[str, str | None] = field(default_factory=dict)
     gpu_uuids: list[str] = field(default_factory=list)
     driver: dict[str, str | None] | None = None
+    parts: int = 1  # one per claimed GPU: C_p = A_p·B_p, rows drawn over all of them
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -110,7 +111,7 @@ def build_report(plan: ChallengePlan, *, checks: Mapping[str, str | None], elaps
         elapsed_s=elapsed_s, bound_s=plan.bound_s, checked_rows=len(rows_to_open(draws)),
         checked_entries=sum(len(d.cols) for d in draws), root=root, miner_elapsed_s=miner_elapsed_s,
         pass_probability=plan.pass_probability, checks=ordered,
-        gpu_uuids=list(commitment.gpu_uuids) if commitment else [],
+        parts=p.parts, gpu_uuids=list(commitment.gpu_uuids) if commitment else [],
         driver=msgspec.to_builtins(commitment.driver) if commitment and commitment.driver else None)
 
 
@@ -123,9 +124,10 @@ def read_commitment(plan: ChallengePlan, raw: bytes) -> tuple[CommitmentAnswer |
     p = plan.params
     if answer.id != p.id:
         return None, "the commitment names a different challenge id"
-    if (answer.n, answer.dtype, answer.repeat) != (p.n, p.dtype, p.repeat):
+    if (answer.n, answer.dtype, answer.repeat, answer.parts) != (p.n, p.dtype, p.repeat, p.parts):
         return None, (f"the commitment is for n={answer.n}, dtype={answer.dtype}, repeat={answer.repeat}, "
-                      f"not the n={p.n}, dtype={p.dtype}, repeat={p.repeat} that was asked")
+                      f"parts={answer.parts}, not the n={p.n}, dtype={p.dtype}, repeat={p.repeat}, "
+                      f"parts={p.parts} that was asked")
     return answer, None
 
 
@@ -158,7 +160,8 @@ def evaluate_openings(plan: ChallengePlan, root: bytes, draws: list[Draw], raw: 
     openings, problem = read_openings(plan.params, raw)
     checks: dict[str, str | None] = {"response": problem}
     if problem is None:
-        checks["merkle"] = check_openings(root, plan.params.n, rows_to_open(draws), openings)
+        p = plan.params
+        checks["merkle"] = check_openings(root, p.n, rows_to_open(draws), openings, rows=p.rows, dtype=p.dtype)
         checks["entries"] = check_entries(plan.params, draws, openings)
     checks["time"] = check_time(elapsed_s, plan.bound_s)
     return checks
@@ -222,7 +225,7 @@ async def run_challenge(client: ChallengeClient, miner_url: str, *, node: str, s
                             elapsed_s=elapsed)
     root, claimed = commitment.root, commitment.elapsed_s
     # Drawn only now, after the miner is bound to its root.
-    draws = draw_samples(params.n, plan.k, plan.m, rng)
+    draws = draw_samples(params.n, plan.k, plan.m, rng, rows=params.rows)
     rows = rows_to_open(draws)
     limit = opening_answer_limit(len(rows), params.n)
     try:

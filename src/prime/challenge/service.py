@@ -167,7 +167,7 @@ class ChallengeService:
     @api(request=ChallengeRequest, response=CommitmentAnswer, errors=(400, 401, 403, 409, 413, 500, 503, 507),
          summary="Compute C = A·B for the challenge and commit to its rows (validators only).")
     async def handle_challenge(self, request: web.Request) -> web.Response:
-        """Compute C = A·B for {id, seed, n, dtype, repeat} and answer with the Merkle root over C's rows."""
+        """Compute C_p = A_p·B_p for {id, seed, n, dtype, repeat, parts} and answer with the Merkle root over their rows."""
         signer = request.get("signer")
         if self._active is not None and not self._same_validator(self._active, signer):
             return json_error(409, "challenge_in_progress", {"id": self._active.params.id})
@@ -213,6 +213,7 @@ class ChallengeService:
         active.expiry = asyncio.get_running_loop().call_later(hold_s, self._expire, active, hold_s)
         return _json(CommitmentAnswer(
             id=params.id, root=commitment.root, n=params.n, dtype=params.dtype, repeat=params.repeat,
+            parts=params.parts,
             elapsed_s=min(round(time.perf_counter() - started, 6), MAX_ELAPSED_S),
             backend=str(commitment.backend)[:MAX_BACKEND_LENGTH], gpu_uuids=list(self.gpu_uuids),
             driver=self.driver))
@@ -233,7 +234,7 @@ class ChallengeService:
             return json_error(403, "not_your_challenge", "only the validator that sent the challenge may open it")
         # types, the 4096 limit and distinctness are the message's; what depends on n is ours
         rows = list((await _read(request, OpenRequest)).rows)
-        n = active.params.n
+        n = active.params.rows  # every part's rows
         if len(rows) > min(n, self.max_open_rows):
             return json_error(400, "invalid_rows", f"at most {min(n, self.max_open_rows)} rows may be opened")
         out_of_range = [r for r in rows if r >= n]

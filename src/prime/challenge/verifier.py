@@ -1,8 +1,9 @@
 """Validator side checks, each a pure function returning None (passed) or one sentence.
 
 Cost: for k sampled rows and m entries per row the validator generates k rows of A and
-k·m columns of B (O((k + k·m)·K) element hashes), hashes the k opened rows (O(k·n)) and
-takes k·m dot products of length K — never a matrix.
+k·m columns of B (O((k + k·m)·K) element hashes, whatever the number of parts: the rows
+are drawn over all of them), hashes the k opened rows (O(k·n)) and takes k·m dot products
+of length K — never a matrix.
 
 Tolerance (docs/protocol.md "Tolerance" has the argument with numbers). Elements are
 exact in the challenge's dtype and use all of its significand (generator.py), products are
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from prime.challenge import generator as gen
-from prime.challenge.merkle import row_leaf, verify_many, verify_path
+from prime.challenge.merkle import NotInDtype, row_leaf, verify_many, verify_path
 from prime.challenge.params import UNIT_ROUNDOFF, ChallengeParams
 from prime.challenge.prover import RowOpening
 
@@ -52,14 +53,18 @@ class Draw:
     cols: tuple[int, ...]
 
 
-def draw_samples(n: int, k: int, m: int, rng: secrets.SystemRandom | None = None) -> list[Draw]:
-    """k rows drawn uniformly and independently (with replacement), m columns in each.
+def draw_samples(n: int, k: int, m: int, rng: secrets.SystemRandom | None = None, *,
+                 rows: int | None = None) -> list[Draw]:
+    """k rows of ``rows`` (default n; a challenge's parts·n) drawn uniformly and independently
+    (with replacement), m of the n columns in each.
 
-    Independent uniform rows are what the (1 - f)**k bound assumes; duplicates only
-    happen when k is comparable to n and then cost nothing extra to open.
+    Independent uniform rows are what the (1 - f)**k bound assumes — over every part's rows
+    at once, so a prover that skips one part of P has a fraction 1/P of its entries wrong;
+    duplicates only happen when k is comparable to the rows and then cost nothing extra to open.
     """
     rng = rng or secrets.SystemRandom()
-    return [Draw(row=rng.randrange(n), cols=tuple(rng.randrange(n) for _ in range(m))) for _ in range(k)]
+    rows = n if rows is None else rows
+    return [Draw(row=rng.randrange(rows), cols=tuple(rng.randrange(n) for _ in range(m))) for _ in range(k)]
 
 
 def rows_to_open(draws: Iterable[Draw]) -> list[int]:
@@ -73,17 +78,31 @@ ENTRY_CHUNK = 1 << 16
 
 def reference_entries(params: ChallengeParams, draws: list[Draw]) -> tuple[np.ndarray, np.ndarray]:
     """(c, s) for every draw, each of shape (len(draws), m), float64: c = C[row, col] as the
-    exact sum of the exact products, s = sqrt(Σ (a·b)²) over the inner dimension."""
-    k_inner, seed, bits = params.inner, params.seed, gen.bits_of(params.dtype)
+    exact sum of the exact products, s = sqrt(Σ (a·b)²) over the inner dimension. Row
+    p·n + i is row i of part p's C_p (generator.part_matrix)."""
     m = len(draws[0].cols) if draws else 0
     if any(len(d.cols) != m for d in draws):
         raise ValueError("every draw must check the same number of columns")
+    sums = np.empty((len(draws), m), np.float64)
+    scales = np.empty((len(draws), m), np.float64)
+    n = params.n
+    for part in sorted({d.row // n for d in draws}):
+        where = [i for i, d in enumerate(draws) if d.row // n == part]
+        c, s = _part_entries(params, part, [Draw(row=draws[i].row % n, cols=draws[i].cols) for i in where], m)
+        sums[where], scales[where] = c, s
+    return sums, scales
+
+
+def _part_entries(params: ChallengeParams, part: int, draws: list[Draw], m: int) -> tuple[np.ndarray, np.ndarray]:
+    """reference_entries for draws whose rows are rows of part ``part``'s C_p."""
+    k_inner, seed, bits = params.inner, params.seed, gen.bits_of(params.dtype)
+    ma, mb = gen.part_matrix(part, gen.MATRIX_A), gen.part_matrix(part, gen.MATRIX_B)
     inner = np.arange(k_inner)
-    a_cols = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_COL, inner)
-    b_rows = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_ROW, inner)
-    a_rows = gen.axis_keys(seed, gen.MATRIX_A, gen.AXIS_ROW, [d.row for d in draws])
+    a_cols = gen.axis_keys(seed, ma, gen.AXIS_COL, inner)
+    b_rows = gen.axis_keys(seed, mb, gen.AXIS_ROW, inner)
+    a_rows = gen.axis_keys(seed, ma, gen.AXIS_ROW, [d.row for d in draws])
     # columns of B as rows of Bᵀ: Bᵀ[j, t] = z(colkey_B(j) ^ rowkey_B(t)), xor is symmetric
-    b_cols = gen.axis_keys(seed, gen.MATRIX_B, gen.AXIS_COL, [c for d in draws for c in d.cols])
+    b_cols = gen.axis_keys(seed, mb, gen.AXIS_COL, [c for d in draws for c in d.cols])
     step = max(1, ENTRY_CHUNK // k_inner)  # draws per step
     a = np.empty((step, k_inner), np.float64)
     bt = np.empty((step * m, k_inner), np.float64)
@@ -126,8 +145,11 @@ def tolerance(expected: np.ndarray, dtype: str, scale: np.ndarray | None = None,
 
 
 def check_openings(root: bytes, n: int, requested: list[int],
-                   openings: Mapping[int, RowOpening]) -> str | None:
-    """Every requested row opened, of length n, and consistent with the committed root."""
+                   openings: Mapping[int, RowOpening], *, rows: int | None = None,
+                   dtype: str = "float32") -> str | None:
+    """Every requested row opened, of length n, holding values of ``dtype``, and consistent
+    with the root committed over ``rows`` rows (default n; a challenge's parts·n)."""
+    rows = n if rows is None else rows
     missing = [r for r in requested if r not in openings]
     if missing:
         return f"the miner did not open row {missing[0]}"
@@ -141,11 +163,14 @@ def check_openings(root: bytes, n: int, requested: list[int],
         opening = openings[r]
         if opening.values.shape != (n,):
             return f"row {r} has {opening.values.size} values instead of {n}"
-        proofs[r] = (row_leaf(opening.values), opening.path)
-    if verify_many(root, n, proofs):
+        try:
+            proofs[r] = (row_leaf(opening.values, dtype), opening.path)
+        except NotInDtype:
+            return f"row {r} holds values that are not {dtype} values, so it cannot be the committed row"
+    if verify_many(root, rows, proofs):
         return None
     for r, (leaf, path) in proofs.items():  # name the first row that fails on its own
-        if not verify_path(leaf, r, path, root, n):
+        if not verify_path(leaf, r, path, root, rows):
             return f"row {r} does not match the committed Merkle root"
     return "the opened rows do not match the committed Merkle root"
 

@@ -11,7 +11,8 @@ challenge in hand (row indices below its n, a row of exactly 4·n bytes, the ans
 the challenge that was sent) is checked by the side that holds it (prime.challenge).
 
 Hashes and rows are ``bytes`` (standard base64 in JSON, decoded by msgspec in C): an opened
-row is its n values as little-endian IEEE float32, the same bytes its Merkle leaf hashes.
+row is its n values as little-endian IEEE float32; its Merkle leaf hashes them in the
+challenge's dtype (2 bytes a value for float16 and bfloat16, prime.challenge.merkle).
 
 Imports nothing from prime.roles (nor from prime.challenge: this is the bottom layer).
 """
@@ -27,6 +28,10 @@ from prime.protocol.codec import Message  # immutable, unknown fields refused
 # ------------------------------------------------------------------ limits
 MAX_N: Final = 32768
 MAX_REPEAT: Final = 4096
+# A challenge of ``parts`` parts is that many independent products, one per claimed GPU
+# (docs/protocol.md "Parts"); their rows are committed in one tree, part p's row i at p·n + i.
+MAX_PARTS: Final = 16
+MAX_ROWS: Final = MAX_N * MAX_PARTS
 # K = n·repeat: the validator's cost per checked entry is O(K) (2**21: ~2·132·2**21 element
 # hashes per challenge); |C| ~ 0.6·sqrt(K) stays far below float16's max (docs/protocol.md,
 # "Tolerance" and "Sizing").
@@ -34,7 +39,7 @@ MAX_INNER: Final = 1 << 21
 SEED_LIMIT: Final = 1 << 64
 MAX_OPEN_ROWS: Final = 4096
 HASH_BYTES: Final = 32
-MAX_PATH: Final = (MAX_N - 1).bit_length()  # 15: the depth of a tree over MAX_N rows
+MAX_PATH: Final = (MAX_ROWS - 1).bit_length()  # 19: the depth of a tree over MAX_ROWS rows
 ROW_ITEMSIZE: Final = 4  # float32 on the wire, whatever the challenge dtype
 MAX_ROW_BYTES: Final = ROW_ITEMSIZE * MAX_N
 MAX_ELAPSED_S: Final = 86400.0
@@ -50,9 +55,10 @@ Seed = Annotated[int, msgspec.Meta(ge=0, description="0 <= seed < 2**64",
                                    extra_json_schema={"maximum": SEED_LIMIT - 1})]
 Size = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
 Repeat = Annotated[int, msgspec.Meta(ge=1, le=MAX_REPEAT)]
+Parts = Annotated[int, msgspec.Meta(ge=1, le=MAX_PARTS)]
 Dtype = Literal["float32", "float16", "bfloat16"]
 DTYPES: Final[tuple[str, ...]] = get_args(Dtype)
-RowIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_N - 1)]
+RowIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_ROWS - 1)]
 Hash = Annotated[bytes, msgspec.Meta(min_length=HASH_BYTES, max_length=HASH_BYTES,
                                      description="32-byte sha256 digest, base64")]
 Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_ELAPSED_S)]
@@ -65,13 +71,15 @@ RowList = Annotated[list[RowIndex], msgspec.Meta(min_length=1, max_length=MAX_OP
 
 # ------------------------------------------------------------------ POST /challenge
 class ChallengeRequest(Message, frozen=True, forbid_unknown_fields=True):
-    """The challenge (what the validator sends): compute C = A·B, A n × K, B K × n, K = n·repeat."""
+    """The challenge (what the validator sends): compute C_p = A_p·B_p for every part p < parts,
+    A_p n × K, B_p K × n, K = n·repeat; one part per claimed GPU, all computed at once."""
 
     id: ChallengeId
     seed: Seed
     n: Size
     dtype: Dtype = "float32"
     repeat: Repeat = 1
+    parts: Parts = 1
 
     def __post_init__(self) -> None:
         if self.seed >= SEED_LIMIT:
@@ -85,8 +93,13 @@ class ChallengeRequest(Message, frozen=True, forbid_unknown_fields=True):
         return self.n * self.repeat
 
     @property
+    def rows(self) -> int:
+        """Rows committed: every part's n rows, part p's row i at index p·n + i."""
+        return self.parts * self.n
+
+    @property
     def flops(self) -> int:
-        return 2 * self.n * self.n * self.inner
+        return 2 * self.parts * self.n * self.n * self.inner
 
 
 # GPU identity in a commitment: the NVML UUIDs of exactly the GPUs that computed C (in the
@@ -127,6 +140,7 @@ class CommitmentAnswer(Message, frozen=True, forbid_unknown_fields=True, omit_de
     repeat: Repeat
     elapsed_s: Seconds
     backend: Backend
+    parts: Parts = 1
     gpu_uuids: GpuUuids = msgspec.field(default_factory=list)
     driver: DriverIdentity | None = None
 
@@ -137,7 +151,7 @@ class CommitmentAnswer(Message, frozen=True, forbid_unknown_fields=True, omit_de
 
 # ------------------------------------------------------------------ POST /challenge/{id}/open
 class OpenRequest(Message, frozen=True, forbid_unknown_fields=True):
-    """The rows the validator wants opened: distinct indices (each below the challenge's n)."""
+    """The rows the validator wants opened: distinct indices (each below the challenge's parts·n)."""
 
     rows: RowList
 
@@ -147,7 +161,8 @@ class OpenRequest(Message, frozen=True, forbid_unknown_fields=True):
 
 
 class OpenedRow(Message, frozen=True, forbid_unknown_fields=True):
-    """One opened row: its values (exactly 4·n bytes) and its Merkle path, leaf level first."""
+    """One opened row: its values (exactly 4·n bytes: float32 whatever the dtype) and its Merkle
+    path, leaf level first."""
 
     index: RowIndex
     values: RowBytes

@@ -1,8 +1,10 @@
 """The validator as a real process holds a node's claim to the GPU table before any challenge (issue 12).
 
 A CPU prover claiming 8×H100 with tiny memory (the spoof that was approved 20 times of 20),
-an H100 claiming another model's memory and an unknown model are rejected on chain with
-the claim's reason and never challenged; an honest CPU node is still approved.
+an H100 claiming another model's memory, an unknown model, 8×H100 with too little RAM for
+its challenge (a small RAM claim used to shrink it) and 8×H100 with 2 CPU cores are
+rejected on chain with the claim's reason and never challenged; an honest CPU node is
+still approved.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ HOST = {"cpu_cores": 64, "ram_mib": 512_000, "disk_gib": 2000}
 TINY_H100 = Specs(gpu_count=8, gpu_model="NVIDIA H100 80GB HBM3", gpu_memory_mib=1100, **HOST)
 WRONG_MEMORY = Specs(gpu_count=1, gpu_model="NVIDIA H100 80GB HBM3", gpu_memory_mib=24564, **HOST)  # a 4090's
 UNKNOWN = Specs(gpu_count=1, gpu_model="Imaginary X9000", gpu_memory_mib=81559, **HOST)
+# the table's memory, but RAM (or cores) too small for its challenge: a small RAM claim once shrank it
+SMALL_RAM = Specs(gpu_count=8, gpu_model="NVIDIA H100 80GB HBM3", gpu_memory_mib=81559, cpu_cores=64, ram_mib=8192,
+                  disk_gib=2000)
+FEW_CORES = Specs(gpu_count=8, gpu_model="NVIDIA H100 80GB HBM3", gpu_memory_mib=81559, cpu_cores=2, ram_mib=512_000,
+                  disk_gib=2000)
 HONEST_CPU = Specs(gpu_count=0, gpu_model="", gpu_memory_mib=0, cpu_cores=worker_count(), ram_mib=4096, disk_gib=10)
 
 
@@ -43,7 +50,8 @@ async def start_validator(world: World, role_processes: RoleProcesses, data_dir:
 async def test_claims_the_table_refuses_are_rejected_on_chain_without_a_challenge(
         world: World, role_processes: RoleProcesses, start_miner, tmp_path: Path) -> None:
     await start_validator(world, role_processes, tmp_path / "validator")
-    claims = {"tiny": TINY_H100, "wrong": WRONG_MEMORY, "unknown": UNKNOWN, "honest": HONEST_CPU}
+    claims = {"tiny": TINY_H100, "wrong": WRONG_MEMORY, "unknown": UNKNOWN, "small_ram": SMALL_RAM,
+              "few_cores": FEW_CORES, "honest": HONEST_CPU}
     miners = {}
     for name, specs in claims.items():
         # every prover is honest CPU numpy: what decides is the claim
@@ -57,7 +65,8 @@ async def test_claims_the_table_refuses_are_rejected_on_chain_without_a_challeng
 
     assert on_chain["honest"].status == NodeStatus.APPROVED
     assert miners["honest"].challenges == 1
-    expected = {"tiny": ("1100 MiB", "81559 MiB"), "wrong": ("24564 MiB", "H100"), "unknown": ("Imaginary X9000", "table")}
+    expected = {"tiny": ("1100 MiB", "81559 MiB"), "wrong": ("24564 MiB", "H100"), "unknown": ("Imaginary X9000", "table"),
+                "small_ram": ("8192 MiB of RAM", "needs at least"), "few_cores": ("2 CPU cores", "4 a GPU")}
     for name, words in expected.items():
         (row,) = rows[miners[name].address]
         assert on_chain[name].status == NodeStatus.REJECTED, row

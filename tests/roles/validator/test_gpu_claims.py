@@ -10,9 +10,9 @@ a time (--concurrency 1): the nodes never share the CPU.
 
 - approved: 1×CPUSIM answered at 75 % of its peak (what an honest GEMM reaches), the
   work the class must prove (3 s at 60 % of peak) in ~2.6 s against a bound of ~3.7 s;
-- rejected on "time": 2×CPUSIM proved by the same one device (the work doubles, the
-  bound does not: ~6.9 s against ~4.8 s), and 1×CPUSIM throttled to half that rate
-  (~5.2 s against ~3.7 s);
+- rejected on "time": 2×CPUSIM proved by the same one device (two parts, one a GPU: the
+  work doubles, the bound does not, ~5.2 s against ~3.7 s), and 1×CPUSIM throttled to
+  half that rate (~5.2 s against ~3.7 s);
 - rejected on "entries": a CPU node (challenged in float32) answering from inputs cut to
   fp16/tf32's 11 significant bits, at full speed.
 """
@@ -48,13 +48,16 @@ from tests.roles.validator.support import (
 pytestmark = pytest.mark.e2e
 
 CPUSIM_FP16_TFLOPS = 0.01  # 1e10 FLOP/s: numpy here does 6e10-1.3e11 on these shapes
+# The generation allowance is fp32 / params.GEN_FLOPS_PER_ELEMENT elements a second; a real
+# GPU's is ~5 % of its compute time, and so is this one's (numpy generates unpaced anyway).
+CPUSIM_FP32_TFLOPS = 0.1
 CPUSIM_MEMORY_MIB = 8192
 CPUSIM = {"gpu": [{"name": "CPUSIM", "patterns": ["CPUSIM"],
-                   "variants": [{"memory_mib": CPUSIM_MEMORY_MIB, "fp32": 0.005, "fp16": CPUSIM_FP16_TFLOPS,
+                   "variants": [{"memory_mib": CPUSIM_MEMORY_MIB, "fp32": CPUSIM_FP32_TFLOPS, "fp16": CPUSIM_FP16_TFLOPS,
                                  "label": "a GPU simulated on a CPU (tests)"}]}]}
 PEAK = CPUSIM_FP16_TFLOPS * 1e12
 DEVICE_RATE = 0.75 * PEAK  # what one honest simulated device sustains
-HOST = {"cpu_cores": 2, "ram_mib": 8192, "disk_gib": 10}
+HOST = {"cpu_cores": 8, "ram_mib": 8192, "disk_gib": 10}  # a GPU node claims 4 cores a GPU (classes.MIN_CORES_PER_GPU)
 
 
 def cpusim(count: int) -> Specs:
@@ -106,7 +109,7 @@ def class_work(count: int) -> float:
 
 
 def flops(report: dict[str, Any]) -> int:
-    return 2 * report["n"] * report["n"] * report["n"] * report["repeat"]
+    return 2 * report["parts"] * report["n"] * report["n"] * report["n"] * report["repeat"]
 
 
 async def test_an_honest_simulated_gpu_at_the_tables_rate_is_approved(world: World, validator, miners) -> None:
@@ -127,6 +130,7 @@ async def test_two_claimed_gpus_proved_by_one_are_rejected_on_time(world: World,
     report = row["report"]
     assert status == NodeStatus.REJECTED and row["failed_check"] == "time", row["reason"]
     assert 0.9 * class_work(2) <= flops(report) <= 1.5 * class_work(2)
+    assert report["parts"] == 2  # a part for each claimed GPU, computed by one device one after the other
     assert report["checks"]["entries"] is None  # honest answers: only the time gives it away
     assert report["elapsed_s"] >= 1.3 * report["bound_s"], report
 

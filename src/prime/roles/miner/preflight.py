@@ -144,6 +144,9 @@ def challenge_prover(gpus: Sequence[int], info: Any, selection: str = "all",
                       f"({exc.message.rstrip('.')}); {GPU_BACKEND_FIX}, or start the miner with --gpu none.")
     except PrimeError as exc:
         return None, exc.message
+    warm_up = getattr(backend, "warm_up", None)
+    if callable(warm_up):  # compile the fused generator before any validator times a challenge
+        warm_up()
     return MatmulProver(backend), None
 
 

@@ -111,8 +111,7 @@ async def challenge_node(*, account: Any, rpc_url: str, deployment: Path, node: 
     from prime.auth.client import SignedClient
     from prime.auth.signing import Domain
     from prime.chain.client import RegistryClient
-    from prime.challenge.classes import check_claim
-    from prime.challenge.params import plan_challenge
+    from prime.challenge.params import claim_problem, plan_challenge
     from prime.challenge.runner import run_challenge
     from prime.clients.discovery import DiscoveryClient
     from prime.roles.validator.service import MIN_COMMIT_GRACE_S, fixed_overrides, opened_rows_limit
@@ -121,7 +120,7 @@ async def challenge_node(*, account: Any, rpc_url: str, deployment: Path, node: 
         info = await registry.get_node(node)
         if not info.registered:
             raise PrimeError(f"Node {info.node} is not registered with the registry at {registry.address}; check the address and --deployment.")
-        claim = check_claim(info.specs)
+        claim = claim_problem(info.specs)
         if claim is not None:
             raise PrimeError(f"Node {info.node} claims hardware no challenge can be sized for ({claim}); the validator rejects it without a challenge.")
         domain = Domain(registry.chain_id, registry.address)

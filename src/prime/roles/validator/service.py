@@ -49,8 +49,7 @@ from prime.auth.transport import AiohttpTransport, Timeout, Transport, Transport
 from prime.chain.client import RegistryClient, RevertError
 from prime.chain.events import EventFollower
 from prime.chain.types import ChainEvent, NodeInfo, NodeStatus, RunInfo
-from prime.challenge.classes import check_claim
-from prime.challenge.params import ChallengePlan, plan_challenge
+from prime.challenge.params import ChallengePlan, claim_problem, plan_challenge
 from prime.challenge.runner import run_challenge
 from prime.clients.discovery import DiscoveryClient
 from prime.errors import ChainError, PeerError, PrimeError
@@ -366,7 +365,7 @@ class ValidatorService:
     async def challenge(self, validation: Validation, node: NodeInfo, run: RunInfo) -> tuple[Verdict | Failure, str | None]:
         """Find the node and challenge it: a verdict, or why it could not be challenged now."""
         assert self._peers is not None
-        claim = check_claim(node.specs)  # a claim the table refuses is rejected before any challenge
+        claim = claim_problem(node.specs)  # a claim the table (or its RAM) refuses is rejected before any challenge
         if claim is not None:
             return refused_claim(validation.node, validation.run_id, node.specs, claim), None
         try:
