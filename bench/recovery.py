@@ -1,22 +1,21 @@
 """How fast does a run recover from a node's death? Prints figures; asserts nothing.
 
 Setup: a real anvil, a real discovery process and a real `prime master start` process with the
-master's default liveness settings (unhealthy after 2 missed heartbeats, Dead after 10, 5 s
-grace) at the heartbeat interval given; two nodes with their own keys, registered, approved
+master's default liveness settings (``StateConfig``: Unhealthy after 2 missed heartbeats, Dead
+after 3, 0.5 s grace; health judged every 0.4 s at most) at the heartbeat interval given; two nodes with their own keys, registered, approved
 and joined on chain, played by the tests' FakeMiner (tests/roles/master/fake_miner.py: real
 signatures, real joinRun, a real miner's wire, no containers) heartbeating at that interval.
 One task with one replica runs on one of them; that node then stops heartbeating (its death).
 
 Measured, from the node's last heartbeat:
-- *Dead*: when the master marks it Dead (goal: within 3 intervals + 1 s; the default of 10
-  missed heartbeats is what this measures against);
+- *Dead*: when the master marks it Dead (goal: within 3 intervals + 1 s by default);
 - *rescheduled*: when the replica is placed on the other node (goal: within 1 s after Dead);
 - *pushed*: when the other node received the start of the new attempt;
 - *first log line*: when the master serves the first log line of the new attempt (the other
   node reports it Running with a line at once: the floor of a real container's start).
 
-Usage: python bench/recovery.py [--intervals 1,5] [--dead-after N]
-(30 s intervals take 5+ minutes each with the default dead-after of 10.)
+Usage: python bench/recovery.py [--intervals 1,5,30] [--dead-after N] [--grace S]
+(the master's defaults unless given; a 30 s interval takes about 3 minutes.)
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from prime.chain.anvil import start_anvil  # noqa: E402
 from prime.chain.client import RegistryClient  # noqa: E402
 from prime.chain.deploy import deploy_registry  # noqa: E402
 from prime.chain.types import Requirements  # noqa: E402
+from prime.roles.master.lifecycle import StateConfig  # noqa: E402
 from tests.fixtures.processes import RoleProcesses, free_port  # noqa: E402
 from tests.roles.master.fake_miner import (  # noqa: E402
     PASSWORD,
@@ -62,7 +62,7 @@ async def wait_for(check: Any, *, timeout_s: float, what: str, interval_s: float
 
 
 async def start_world(anvil: Any, deployment: Any, processes: RoleProcesses, tmp: Path, interval_s: float,
-                      dead_after: int) -> World:
+                      dead_after: int, grace_s: float) -> World:
     disc_port = free_port()
     discovery_key = Account.create()
     discovery = processes.create("discovery", discovery_command(disc_port, anvil.rpc_url, deployment.path, tmp / "discovery"),
@@ -77,8 +77,9 @@ async def start_world(anvil: Any, deployment: Any, processes: RoleProcesses, tmp
     port = free_port()
     # The fixtures' short test settings, then the master's own defaults for liveness (the last flag wins).
     command = master_command(port, run_id, write_key(tmp, master_account), anvil.rpc_url, deployment.path, tmp / "master",
-                             "--heartbeat-interval", f"{interval_s:g}", "--unhealthy-after", "2",
-                             "--dead-after", str(dead_after), "--heartbeat-grace", "5")
+                             "--heartbeat-interval", f"{interval_s:g}",
+                             "--unhealthy-after", str(StateConfig().unhealthy_after_missed),
+                             "--dead-after", str(dead_after), "--heartbeat-grace", f"{grace_s:g}")
     master = processes.create("master", command, port=port, env={"PRIME_KEY_PASSWORD": PASSWORD})
     await master.start_async(timeout_s=60)
     return World(discovery, master, run_id, owner, master_account, validator, validator_client, owner_client,
@@ -175,7 +176,8 @@ async def main(args: argparse.Namespace) -> None:
                 (work / f"logs-{interval:g}").mkdir()
                 (work / f"i{interval:g}").mkdir()
                 processes = RoleProcesses(work / f"logs-{interval:g}")
-                world = await start_world(anvil, deployment, processes, work / f"i{interval:g}", interval, args.dead_after)
+                world = await start_world(anvil, deployment, processes, work / f"i{interval:g}", interval,
+                                          args.dead_after, args.grace)
                 try:
                     times = await one_death(world, anvil, interval)
                 finally:
@@ -183,7 +185,7 @@ async def main(args: argparse.Namespace) -> None:
                     processes.stop_all()
                 goal = 3 * interval + 1
                 rows.append((interval, times, goal))
-                print(f"heartbeat {interval:g} s, dead after {args.dead_after} missed (+5 s grace): "
+                print(f"heartbeat {interval:g} s, dead after {args.dead_after} missed (+{args.grace:g} s grace): "
                       f"Dead {times['dead']:.2f} s (goal ≤ {goal:.0f} s: {'met' if times['dead'] <= goal else 'MISSED'}), "
                       f"rescheduled +{times['rescheduled'] - times['dead']:.2f} s after Dead "
                       f"(goal ≤ 1 s: {'met' if times['rescheduled'] - times['dead'] <= 1 else 'MISSED'}), "
@@ -200,5 +202,9 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--intervals", default="1,5", help="comma-separated heartbeat intervals in seconds")
-    parser.add_argument("--dead-after", type=int, default=10, help="missed heartbeats before Dead (the master's default: 10)")
+    defaults = StateConfig()
+    parser.add_argument("--dead-after", type=int, default=defaults.dead_after_missed,
+                        help=f"missed heartbeats before Dead (the master's default: {defaults.dead_after_missed})")
+    parser.add_argument("--grace", type=float, default=defaults.grace_s,
+                        help=f"seconds of grace (the master's default: {defaults.grace_s:g})")
     asyncio.run(main(parser.parse_args()))
