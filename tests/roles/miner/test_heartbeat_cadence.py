@@ -87,3 +87,26 @@ async def test_a_hanging_or_unreachable_engine_does_not_hold_heartbeats_back(tmp
 @pytest.mark.parametrize(("took", "delay"), [(0.0, 1.0), (0.3, 0.7), (1.5, 0.0), (-2.0, 1.0)])
 def test_the_next_beat_is_one_interval_after_the_last_one_began(took: float, delay: float) -> None:
     assert next_beat_in(1.0, took) == pytest.approx(delay)
+
+
+async def test_closing_a_converger_ends_its_engine_watcher_thread_and_starts_none_again(
+        docker_client, tmp_path: Path) -> None:
+    import threading
+
+    from prime.roles.miner.executor import DockerExecutor
+    from prime.roles.miner.heartbeat import Converger
+
+    def watchers() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == "prime-engine-events" and t.is_alive())
+
+    before = watchers()
+    executor = DockerExecutor(None, tmp_path, "0x" + "33" * 20, network_mode="none")
+    converger = Converger(executor, [])
+    await converger.converge([])
+    await wait_until(lambda: watchers() > before, timeout_s=10, interval_s=0.05, what="the watcher thread")
+    await converger.close()
+    await wait_until(lambda: watchers() == before, timeout_s=10, interval_s=0.05, what="the watcher thread to end")
+    await converger.converge([])  # a round after close (a loop not stopped yet)
+    await asyncio.sleep(0.5)
+    assert converger._watcher is None or converger._watcher.done()
+    assert watchers() == before

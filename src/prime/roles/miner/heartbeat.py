@@ -121,6 +121,7 @@ class Converger:
         self.watch_engine = watch_engine
         self._watcher: asyncio.Task[None] | None = None
         self.engine_seen_at: float | None = None  # the engine (its event stream) last came up, wall clock
+        self._closed = False
         self._logged: dict[Key | None, str] = {}  # failures logged (None: a whole round), not logged again
 
     @property
@@ -211,6 +212,8 @@ class Converger:
         self.book = replace(self.book, marks=exits.engine_back(self.book.marks, wall, last_seen))
 
     def _ensure_watcher(self) -> None:
+        if self._closed:
+            return  # a round after close() (a loop not stopped yet) starts no watcher thread again
         if self.watch_engine and (self._watcher is None or self._watcher.done()):
             self._watcher = asyncio.create_task(
                 engine_watch.watch(self.executor, self.engine_signal, self.engine_away, self.engine_back),
@@ -257,6 +260,7 @@ class Converger:
         return self.book.restart_count(key)
 
     async def close(self) -> None:
+        self._closed = True
         tasks = [t for t in (self._worker, self._watcher, *self._background) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
