@@ -284,7 +284,9 @@ def master_app(tmp: Path, miner_url: str) -> tuple[web.Application, Any, list[An
     from prime.auth.client import SignedClient
     from prime.roles.master.app import add_routes, new_app
     from prime.roles.master.cas import BlobStore
-    from prime.roles.master.logs import LogMerger
+    from prime.roles.master.logkeeper import LogKeeper
+    from prime.roles.master.logs import TaskLogs
+    from prime.roles.master.logstore import LogStore
     from prime.roles.master.metrics import MasterMetrics
     from prime.roles.master.service import MasterService, MasterSettings
     from prime.roles.master.store import MasterStore
@@ -301,9 +303,12 @@ def master_app(tmp: Path, miner_url: str) -> tuple[web.Application, Any, list[An
     settings = MasterSettings(run_id=RUN, public_url="http://127.0.0.1:9", data_dir=data)
     service = MasterService(settings, state, store, metrics, QuietEffects())
     peers = SignedClient(MASTER, domain=DOMAIN, retries=0)
-    logs = LogMerger(peers, FixedLocator(miner_url), service.task)  # type: ignore[arg-type]
+    log_store = LogStore(data / "logs.sqlite")
+    logs = TaskLogs(log_store, service.task)
+    logs.keeper = LogKeeper(peers, FixedLocator(miner_url), log_store, lambda: service.state.tasks.values(),  # type: ignore[arg-type]
+                            service.task, on_stored=logs.changed)
     add_routes(app, service, StubPermissions(), logs=logs, blobs=BlobStore(data / "blobs"))  # type: ignore[arg-type]
-    return app, service, [peers.close, service.close, db.close]
+    return app, service, [logs.keeper.close, peers.close, service.close, db.close, log_store.close]
 
 
 async def validator_app(tmp: Path, anvil: Any, deployment: Any) -> tuple[web.Application, list[Any]]:

@@ -18,7 +18,7 @@ from prime.protocol.tasks import Time
 
 # What a miner's executor reports of a replica (prime.roles.miner.executor.TaskState values).
 ContainerState = Literal["Pulling", "Running", "Completed", "Failed", "Stopped"]
-LogStream = Annotated[str, Meta(description='"stdout" or "stderr" ("error" for a line the master adds about a miner it could not read)')]
+LogStream = Annotated[str, Meta(description='"stdout" or "stderr" ("error" for a line the master adds about a miner it could not read, "dropped" for its notice of lines it no longer keeps)')]
 Replica = Annotated[int, Meta(ge=0, le=2**31)]
 Sha256 = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
 
@@ -88,13 +88,15 @@ class DataManifest(msgspec.Struct, frozen=True):
 
 
 class TaskLogLine(msgspec.Struct, frozen=True):
-    """One NDJSON line of ``GET /tasks/{id}/logs`` on a master: a miner's line, tagged."""
+    """One NDJSON line of ``GET /tasks/{id}/logs`` on a master: a miner's line as the master kept it, tagged."""
 
     replica: Replica
     node: str | None
     stream: LogStream
     line: str
     ts: str | Time | None = None  # the miner's RFC 3339 time; unix seconds on the master's own "error" lines
+    attempt: Replica | None = None  # the replica's attempt the line is from (0: its first placement)
+    seq: Annotated[int, Meta(ge=0)] | None = None  # its place in the attempt's output (None on the master's own lines)
 
 
 class SyncedFile(msgspec.Struct, frozen=True):

@@ -25,7 +25,8 @@ from prime.protocol.heartbeat import DesiredReplica
 from prime.protocol.tasks import Task, TaskSpec
 from prime.roles.master.app import add_routes, new_app
 from prime.roles.master.cas import BlobStore
-from prime.roles.master.logs import LogMerger
+from prime.roles.master.logs import TaskLogs
+from prime.roles.master.logstore import LogStore
 from prime.roles.master.metrics import MasterMetrics
 from prime.roles.master.service import MasterEffects, MasterService, MasterSettings
 from prime.roles.master.state import (
@@ -164,7 +165,7 @@ async def master(tmp_path: Path):
     service = MasterService(settings, state, store, MasterMetrics(app[METRICS], lambda: state), effects, clock=clock)
     service.apply(MasterStarted(clock()))
     service.apply(ChainSynced(clock()))
-    logs = LogMerger(None, None, service.task)  # type: ignore[arg-type]  (no log route is called here)
+    logs = TaskLogs(LogStore(tmp_path / "logs.sqlite"), service.task)  # no keeper: no miner is read here
     add_routes(app, service, ChainPermissions(FakeRegistry()), logs=logs, blobs=BlobStore(tmp_path / "blobs"))
     client = TestClient(TestServer(app))
     await client.start_server()

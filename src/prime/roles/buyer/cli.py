@@ -369,20 +369,23 @@ def nodes(
 def logs(
     task_id: TaskId,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the task ends (Ctrl-C to stop).")] = False,
-    tail: Annotated[Optional[int], typer.Option("--tail", min=0, help="Only the last N lines of each replica first.")] = None,
+    tail: Annotated[Optional[int], typer.Option("--tail", min=0, help="Only the last N lines first.")] = None,
+    replica: Annotated[Optional[int], typer.Option("--replica", min=0, help="Only this replica's lines.")] = None,
+    attempt: Annotated[Optional[int], typer.Option("--attempt", min=0, help="Only this attempt's lines (0: the first placement; a rescheduled replica's next is 1, …).")] = None,
     master_url: MasterUrl = None,
     key_file: KeyFile = None,
     password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
     json_output: JsonOutput = False,
 ) -> None:
-    """Print a task's logs, every replica merged, each line prefixed with its replica (r0, r1, …)."""
+    """Print a task's logs as the master keeps them (also after its node is gone), every replica and attempt
+    merged, each line prefixed with its replica (r0, r1, …) and, past the first, its attempt (r0 a1)."""
     from prime.roles.buyer.render import log_line_text
 
     console = Console(highlight=False, soft_wrap=True)
 
     async def action(master: Any) -> int:
         count = 0
-        async for entry in master.logs(task_id, follow=follow, tail=tail):
+        async for entry in master.logs(task_id, follow=follow, tail=tail, replica=replica, attempt=attempt):
             count += 1
             if json_output:
                 typer.echo(json.dumps(entry, separators=(",", ":")))

@@ -106,8 +106,10 @@ class MasterClient:
 
     # -- logs --------------------------------------------------------------------------------
 
-    async def logs(self, task_id: str, *, follow: bool = False, tail: int | None = None) -> AsyncIterator[dict[str, Any]]:
-        """The task's log lines as the master merges them: {"replica","node","stream","line","ts"}.
+    async def logs(self, task_id: str, *, follow: bool = False, tail: int | None = None, replica: int | None = None,
+                   attempt: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The task's log lines as the master keeps them: {"replica","attempt","node","stream","line","ts","seq"}
+        (``replica``/``attempt``: only those).
 
         With ``follow`` the stream stays open until the master ends it (the task finished) or
         the caller stops iterating. A line that is not JSON comes through as {"line": text}.
@@ -116,6 +118,10 @@ class MasterClient:
         params: dict[str, Any] = {"follow": 1 if follow else 0}
         if tail is not None:
             params["tail"] = tail
+        if replica is not None:
+            params["replica"] = replica
+        if attempt is not None:
+            params["attempt"] = attempt
         try:
             # No read timeout while following: a quiet task may print nothing for hours.
             async with self._client.stream(

@@ -284,6 +284,9 @@ def log_line_text(entry: dict[str, Any]) -> Text:
         return Text(line)
     color = REPLICA_COLORS[int(replica) % len(REPLICA_COLORS)] if isinstance(replica, int) else ""
     marker = " err" if entry.get("stream") == "stderr" else ""
+    attempt = entry.get("attempt")
+    if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0:  # a rescheduled replica's later attempt
+        marker = f" a{attempt}{marker}"
     text = Text(f"[r{replica}{marker}] ", style=color)
     text.append(line, style="red" if marker else "")
     return text

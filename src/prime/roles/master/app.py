@@ -3,7 +3,7 @@
 - ``POST /heartbeat``: a node of the run (signed by the node key; 403 for anyone else).
 - Buyer API, signed by the run's owner on chain (403 for anyone else):
   ``POST /tasks``, ``GET /tasks``, ``GET /tasks/{id}``, ``DELETE /tasks/{id}``,
-  ``GET /tasks/{id}/logs?follow=0|1&tail=N`` (NDJSON), ``GET /tasks/{id}/files``,
+  ``GET /tasks/{id}/logs?follow=0|1&tail=N&replica=R&attempt=A`` (NDJSON, from the master's log store), ``GET /tasks/{id}/files``,
   ``GET /tasks/{id}/files/{path}?replica=R`` (raw bytes).
 - ``GET /nodes``: the run's owner or a master of the run.
 - ``GET /tasks/{id}/seed?replica=R``, ``GET /tasks/{id}/seed/{sha256}?replica=R``: the node a
@@ -31,7 +31,7 @@ from prime.protocol.nodes import NodeList
 from prime.protocol.storage import validate_relative_path
 from prime.protocol.tasks import Task, TaskList, TaskSpec, TaskView, is_task_id
 from prime.roles.master.cas import BlobStore
-from prime.roles.master.logs import LogMerger
+from prime.roles.master.logs import TaskLogs
 from prime.roles.master.seed_api import add_seed_routes
 from prime.roles.master.service import HeartbeatDenied, MasterService
 from prime.web import FLAG, NDJSON, ApiError, Binary, Param, api, json_error, make_app
@@ -44,7 +44,7 @@ CLIENT_MAX_SIZE = 1024 * 1024
 MAX_TAIL = 100_000
 
 SERVICE = web.AppKey("prime.master.service", MasterService)
-LOGS = web.AppKey("prime.master.logs", LogMerger)
+LOGS = web.AppKey("prime.master.logs", TaskLogs)
 BLOBS = web.AppKey("prime.master.blobs", BlobStore)
 
 
@@ -54,7 +54,7 @@ def new_app(signing: SignedService) -> web.Application:
 
 
 def add_routes(
-    app: web.Application, service: MasterService, permissions: ChainPermissions, *, logs: LogMerger, blobs: BlobStore
+    app: web.Application, service: MasterService, permissions: ChainPermissions, *, logs: TaskLogs, blobs: BlobStore
 ) -> web.Application:
     run_id = service.run_id
 
@@ -204,24 +204,36 @@ async def stop_task(request: web.Request) -> web.Response:
     return web.json_response(task.to_json())
 
 
-@api(response=NDJSON(TaskLogLine), query={"follow": FLAG, "tail": Param(int, "the last N lines", ge=0, le=MAX_TAIL)}, errors=(400, 404, 401, 403, 503))
-async def task_logs(request: web.Request) -> web.StreamResponse:
-    """The task's logs from every replica as NDJSON lines {replica, node, stream, line, ts}.
+MAX_ATTEMPT = 2**31
+LOG_QUERY = {
+    "follow": FLAG,
+    "tail": Param(int, "the last N lines", ge=0, le=MAX_TAIL),
+    "replica": Param(int, "only this replica", ge=0, le=10_000),
+    "attempt": Param(int, "only this attempt (0 is the first placement)", ge=0, le=MAX_ATTEMPT),
+}
 
-    ``follow=1`` keeps streaming until every replica finished (or the client leaves);
-    ``tail=N`` limits the backlog to the last N lines (per replica when following).
+
+@api(response=NDJSON(TaskLogLine), query=LOG_QUERY, errors=(400, 404, 401, 403, 503))
+async def task_logs(request: web.Request) -> web.StreamResponse:
+    """The task's logs, kept by the master for every attempt of every replica, as NDJSON lines
+    {replica, attempt, node, stream, line, ts, seq}: readable after the node is gone.
+
+    ``follow=1`` keeps streaming new lines until every replica finished (or the client leaves);
+    ``tail=N`` starts with the last N lines; ``replica=R`` and ``attempt=A`` select lines.
     """
     task = _task_or_raise(request)
     follow = _flag(request, "follow")
     tail = _int_query(request, "tail", default=None, maximum=MAX_TAIL)
+    replica = _int_query(request, "replica", default=None, maximum=10_000)
+    attempt = _int_query(request, "attempt", default=None, maximum=MAX_ATTEMPT)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    merger = request.app[LOGS]
+    source = request.app[LOGS]
     try:
-        async with contextlib.aclosing(merger.lines(task.id, follow=follow, tail=tail)) as lines:
+        async with contextlib.aclosing(source.lines(task.id, follow=follow, tail=tail, replica=replica, attempt=attempt)) as lines:
             async for item in lines:
                 if request.transport is None or request.transport.is_closing():
-                    return response  # the client went away: stop reading the miners
+                    return response  # the client went away
                 if item is not None:
                     await response.write(json.dumps(item, separators=(",", ":")).encode() + b"\n")
         await response.write_eof()

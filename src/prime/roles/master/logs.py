@@ -1,216 +1,149 @@
-"""A task's logs merged from every replica's miner.
+"""A task's logs as the master serves them: what ``logkeeper.LogKeeper`` stored, then new lines.
 
-Each replica placed on a node gets one reader of ``GET {miner}/tasks/{id}/logs?replica=R``
-(NDJSON ``{"stream","line","ts"}``); lines come out tagged with ``replica`` and ``node``.
+Lines come out as ``{replica, attempt, node, stream, line, ts, seq}`` (``seq``: the line's place in
+its attempt's output; None on the master's own "error" notes and "dropped" notices).
 
-- follow=0: every reader runs to its end; the lines are merged by timestamp.
-- follow=1: lines are passed on as they arrive; replicas placed later (or moved to another node)
-  get a reader when they appear; a reader that breaks off while its replica still runs is
-  reopened without backlog. The stream ends when every replica is finished and its reader is
-  done (or ``finish_grace_s`` after that), or when the client goes away (the caller stops
-  iterating). ``None`` items are idle ticks that let the caller notice a departed client.
+- follow=0: the stored lines of the selection (every replica and attempt, or ``replica=R``
+  and/or ``attempt=A``) in time order, ties in arrival order; ``tail=N`` the last N of them.
+  Before reading, the keeper is asked to fetch what the miners have now (``settle``), so a
+  line printed a moment ago is there.
+- follow=1: the same backlog, then each line as the keeper stores it, in arrival order; no line
+  comes twice (the backlog and the live part are split at one row id). The stream ends when the
+  task is finished and the keeper follows none of its attempts any more (or ``finish_grace_s``
+  after it finished), or when the client goes away (the caller stops iterating). ``None`` items
+  are idle ticks that let the caller notice a departed client.
+
+An attempt whose oldest lines the store dropped (its task went over the bound) starts with one
+notice line (stream "dropped") saying how many.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Annotated, Any
-from urllib.parse import quote
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
 
-from msgspec import Meta
-
-from prime.auth.client import SignedClient
-from prime.errors import PeerError
-from prime.protocol.codec import Answer, ValidationError, decode
-from prime.protocol.tasks import Task, Time
-from prime.roles.master.locator import NodeLocator
-
-log = logging.getLogger(__name__)
-
-MAX_LINE_BYTES = 1024 * 1024
+from prime.protocol.tasks import Task
+from prime.roles.master.logstore import LogStore
 
 
-class MinerLogLine(Answer, frozen=True):
-    """One NDJSON line of a miner's ``GET /tasks/{id}/logs`` as the master reads it (fields a
-    newer miner adds are ignored; a line that is not one of these is passed on as text)."""
-
-    stream: Annotated[str, Meta(max_length=64)] = "stdout"
-    line: str = ""
-    ts: Annotated[str, Meta(max_length=64)] | Time | None = None
-_DONE = object()
-
-
-def _sort_key(item: dict[str, Any]) -> tuple[int, Any]:
-    ts = item.get("ts")
-    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-        return (0, float(ts))
-    return (1, str(ts) if ts is not None else "")
-
-
-class LogMerger:
+class TaskLogs:
     def __init__(
         self,
-        client: SignedClient,
-        locator: NodeLocator,
+        store: LogStore,
         task: Callable[[str], Task | None],
         *,
+        keeper: Any = None,
         poll_s: float = 1.0,
-        reconnect_s: float = 1.0,
         finish_grace_s: float = 5.0,
+        settle_s: float = 3.0,
     ) -> None:
-        self.client = client
-        self.locator = locator
+        self.store = store
+        self.keeper = keeper  # a LogKeeper (None: only what is stored, e.g. in tests without miners)
         self._task = task
         self.poll_s = poll_s
-        self.reconnect_s = reconnect_s
         self.finish_grace_s = finish_grace_s
+        self.settle_s = settle_s
+        self._changed: dict[str, set[asyncio.Event]] = {}
 
-    async def lines(self, task_id: str, *, follow: bool, tail: int | None) -> AsyncGenerator[dict[str, Any] | None, None]:
-        if follow:
-            async for item in self._follow(task_id, tail):
-                yield item
-        else:
-            items = await self._snapshot(task_id, tail)
-            for item in items:
-                yield item
+    def changed(self, task_id: str) -> None:
+        """The keeper stored lines of the task: wake its followers."""
+        for event in self._changed.get(task_id, ()):
+            event.set()
 
-    # --- follow=0 -------------------------------------------------------------------------
+    def _active(self, task_id: str) -> bool:
+        return self.keeper is not None and self.keeper.active(task_id)
 
-    async def _snapshot(self, task_id: str, tail: int | None) -> list[dict[str, Any]]:
+    async def lines(self, task_id: str, *, follow: bool, tail: int | None, replica: int | None = None,
+                    attempt: int | None = None) -> AsyncGenerator[dict[str, Any] | None, None]:
         task = self._task(task_id)
-        if task is None:
-            return []
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        readers = [
-            asyncio.create_task(self._read(queue, task_id, r.index, r.node, follow=False, tail=tail))
-            for r in task.replicas if r.node is not None
-        ]
+        if self.keeper is not None and task is not None and not task.is_final:
+            await self.keeper.settle(task_id, self.settle_s)
+        event = asyncio.Event()
+        if follow:
+            self._changed.setdefault(task_id, set()).add(event)
         try:
-            await asyncio.gather(*readers)
-        finally:
-            for reader in readers:
-                reader.cancel()
-        items = []
-        while not queue.empty():
-            item = queue.get_nowait()
-            if isinstance(item, dict):
-                items.append(item)
-        items.sort(key=_sort_key)  # stable: each replica's own order is kept for equal stamps
-        if tail is not None:
-            items = items[-tail:] if tail else []
-        return items
-
-    # --- follow=1 -------------------------------------------------------------------------
-
-    async def _follow(self, task_id: str, tail: int | None) -> AsyncIterator[dict[str, Any] | None]:
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
-        readers: dict[tuple[int, int, str], asyncio.Task[None]] = {}
-        opened: set[Any] = set()                  # readers whose miner answered (their backlog was read)
-        failures: dict[Any, int] = {}             # reopen backoff per reader
-        reopen_at: dict[tuple[int, int, str], float] = {}
-        errors: set[tuple[Any, str]] = set()      # error lines already passed on (not repeated on every reopen)
-        finished_since: float | None = None
-        try:
-            while True:
-                task = self._task(task_id)
-                now = time.monotonic()
-                if task is not None:
-                    for r in task.replicas:
-                        if r.node is None:
-                            continue
-                        key = (r.index, r.attempt, r.node)
-                        reader = readers.get(key)
-                        if reader is not None and not reader.done():
-                            continue
-                        if reader is not None and (r.is_final or now < reopen_at.get(key, 0.0)):
-                            continue
-                        # A reopened reader of a stream that was read asks for no backlog (lines would repeat).
-                        backlog = 0 if key in opened else tail
-                        readers[key] = asyncio.create_task(
-                            self._read(queue, task_id, r.index, r.node, follow=True, tail=backlog, key=key, opened=opened)
-                        )
-                active = [k for k, t in readers.items() if not t.done()]
-                if task is None or task.is_final:
-                    finished_since = finished_since or now
-                    if not active and queue.empty():
-                        return
-                    if now - finished_since > self.finish_grace_s and queue.empty():
-                        return
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=self.poll_s)
-                except asyncio.TimeoutError:
-                    yield None
-                    continue
-                if isinstance(item, tuple) and len(item) == 2 and item[0] is _DONE:
-                    failures[item[1]] = failures.get(item[1], 0) + 1
-                    reopen_at[item[1]] = time.monotonic() + min(30.0, self.reconnect_s * 2 ** (failures[item[1]] - 1))
-                    continue
-                if item.get("stream") == "error":
-                    seen = ((item["replica"], item["node"]), item["line"])
-                    if seen in errors:
-                        continue
-                    errors.add(seen)
+            async for item in self._lines(task_id, event, follow=follow, tail=tail, replica=replica, attempt=attempt):
                 yield item
         finally:
-            for reader in readers.values():
-                reader.cancel()
-            for reader in readers.values():
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await reader
+            waiters = self._changed.get(task_id, set())
+            waiters.discard(event)
+            if not waiters:
+                self._changed.pop(task_id, None)
 
-    # --- one replica ------------------------------------------------------------------------
+    async def _lines(self, task_id: str, event: asyncio.Event, *, follow: bool, tail: int | None, replica: int | None,
+                     attempt: int | None) -> AsyncGenerator[dict[str, Any] | None, None]:
+        upto = await asyncio.to_thread(self.store.last_id)
+        for notice in await self._dropped(task_id, replica, attempt):
+            yield notice
+        async for item in self._backlog(task_id, tail, replica, attempt, upto):
+            yield item
+        if not follow:
+            return
+        last = upto
+        finished_since: float | None = None
+        while True:
+            event.clear()
+            page = await asyncio.to_thread(self.store.page_by_arrival, task_id, replica=replica, attempt=attempt,
+                                           after_id=last)
+            for item in page:
+                last = item["_id"]
+                yield _public(item)
+            if page:
+                continue
+            task = self._task(task_id)
+            now = time.monotonic()
+            if task is None or task.is_final:
+                finished_since = finished_since or now
+                if not self._active(task_id) or now - finished_since > self.finish_grace_s:
+                    if not await asyncio.to_thread(self.store.page_by_arrival, task_id, replica=replica,
+                                                   attempt=attempt, after_id=last, limit=1):
+                        return
+                    continue
+            try:
+                await asyncio.wait_for(event.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                yield None
 
-    async def _read(
-        self, queue: asyncio.Queue[Any], task_id: str, replica: int, node: str, *, follow: bool,
-        tail: int | None, key: Any = None, opened: set[Any] | None = None,
-    ) -> None:
-        params: dict[str, Any] = {"follow": "1" if follow else "0", "replica": replica}
+    async def _backlog(self, task_id: str, tail: int | None, replica: int | None, attempt: int | None,
+                       upto: int) -> AsyncGenerator[dict[str, Any], None]:
+        if tail == 0:
+            return
+        after: tuple[float, int] | None = None
+        inclusive = False
         if tail is not None:
-            params["tail"] = tail
-        try:
-            url = await self.locator.url_for(node)
-            target = f"{url}/tasks/{quote(task_id, safe='')}/logs"
-            async with self.client.stream(
-                "GET", target, audience=node, params=params, read_timeout_s=None if follow else self.client.timeout_s
-            ) as resp:
-                if opened is not None:
-                    opened.add(key)
-                while True:
-                    raw = await resp.content.readline()
-                    if not raw:
-                        break
-                    item = self._parse(raw, replica, node)
-                    if item is not None:
-                        await queue.put(item)
-        except asyncio.CancelledError:
-            raise
-        except PeerError as exc:
-            if exc.status != 404:  # 404: the miner has no logs for it (never started, or removed)
-                await queue.put(self._error(replica, node, str(exc)))
-        except Exception as exc:  # a broken stream is one error line, never a failed response
-            await queue.put(self._error(replica, node, f"reading logs from node {node} failed ({type(exc).__name__}: {exc})"))
-        finally:
-            if follow:
-                with contextlib.suppress(asyncio.QueueFull):
-                    queue.put_nowait((_DONE, key))
+            after = await asyncio.to_thread(self.store.start_of_tail, task_id, tail, replica=replica, attempt=attempt, upto=upto)
+            inclusive = after is not None
+        while True:
+            page = await asyncio.to_thread(self.store.page_by_time, task_id, replica=replica, attempt=attempt,
+                                           after=after, upto=upto, inclusive=inclusive)
+            if not page:
+                return
+            for item in page:
+                yield _public(item)
+            after, inclusive = page[-1]["_key"], False
 
-    @staticmethod
-    def _parse(raw: bytes, replica: int, node: str) -> dict[str, Any] | None:
-        raw = raw.strip()
-        if not raw:
-            return None
-        try:
-            # typed: a line of the miner's shape, its strings checked (no lone surrogates), no depth to nest in
-            line = decode(raw[:MAX_LINE_BYTES], MinerLogLine)
-        except ValidationError:  # not a miner log line: passed on as text
-            return {"replica": replica, "node": node, "stream": "stdout",
-                    "line": raw[:MAX_LINE_BYTES].decode("utf-8", "replace"), "ts": None}
-        return {"replica": replica, "node": node, "stream": line.stream, "line": line.line, "ts": line.ts}
+    async def _dropped(self, task_id: str, replica: int | None, attempt: int | None) -> list[dict[str, Any]]:
+        records = await asyncio.to_thread(self.store.attempts, task_id)
+        notices = []
+        for record in records:
+            if record.dropped <= 0:
+                continue
+            if (replica is not None and record.key.replica != replica) or (attempt is not None and record.key.attempt != attempt):
+                continue
+            notices.append({
+                "replica": record.key.replica, "attempt": record.key.attempt, "node": record.node, "stream": "dropped",
+                "line": f"{record.dropped} earlier lines of replica {record.key.replica} attempt {record.key.attempt} were "
+                        f"dropped: the master keeps at most {_size(self.store.max_bytes_per_task)} of logs per task",
+                "ts": None, "seq": None,
+            })
+        return notices
 
-    @staticmethod
-    def _error(replica: int, node: str, message: str) -> dict[str, Any]:
-        return {"replica": replica, "node": node, "stream": "error", "line": message, "ts": time.time()}
+
+def _public(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if not k.startswith("_")}
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:g} MiB" if count >= 2**20 else f"{count} bytes"

@@ -33,7 +33,9 @@ from prime.roles.miner.containers import (
     LABEL_HASH,
     LABEL_INSTANCE,
     LABEL_NODE,
+    LABEL_SPEC,
     LABEL_TASK,
+    attempt_of,
     build_container_kwargs,
     instance_id,
     key_of,
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_RECORDS = 1000
+MAX_LOG_LINE = 64 * 1024  # characters of one log line held before it is passed on in pieces
 
 
 class TaskNotFound(PrimeError):
@@ -402,14 +405,21 @@ class DockerExecutor:
 
     # -- logs
 
-    async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None) -> AsyncIterator[LogLine]:
+    async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None,
+                   attempt: int | None = None, skip: int = 0) -> AsyncIterator[LogLine]:
         """The task's output as lines (stdout and stderr, in order); with ``follow``, until it exits.
 
-        Runs the blocking read in its own thread; stopping the iteration early closes the stream.
+        ``attempt``: that attempt's container (TaskNotFound if the replica's is another's);
+        ``skip``: leave out the first N lines (a reader that has them). A line longer than
+        ``MAX_LOG_LINE`` characters comes out in pieces of about that size (a line without end
+        never sits in memory). Runs the blocking read in its own thread; stopping the
+        iteration early closes the stream.
         """
         container = await self._container((task_id, replica))
         if container is None:
             raise TaskNotFound(f"Task {task_id} has no container on this node, so it has no logs.")
+        if attempt is not None and attempt_of((container.labels or {}).get(LABEL_SPEC)) != attempt:
+            raise TaskNotFound(f"Task {task_id} replica {replica} has no container of attempt {attempt} on this node.")
         api = self.client.api
         container_id = container.id
 
@@ -423,6 +433,7 @@ class DockerExecutor:
 
         buffers = {"stdout": "", "stderr": ""}
         timestamps: dict[str, str | None] = {"stdout": None, "stderr": None}
+        counted = 0
         frames = iterate_in_thread(open_frames, close_stream, f"prime-logs-{task_id}")
         async with contextlib.aclosing(frames):  # closes the HTTP stream when our caller stops early
             async for stream_type, payload in frames:
@@ -431,13 +442,20 @@ class DockerExecutor:
                 if not buffers[stream]:
                     timestamps[stream] = timestamp
                 buffers[stream] += text
-                while "\n" in buffers[stream]:
-                    line, buffers[stream] = buffers[stream].split("\n", 1)
-                    yield LogLine(stream, line, timestamps[stream])
+                while "\n" in buffers[stream] or len(buffers[stream]) > MAX_LOG_LINE:
+                    if "\n" in buffers[stream]:
+                        line, buffers[stream] = buffers[stream].split("\n", 1)
+                    else:  # a piece of a line without end (cut at frame boundaries: the same on every read)
+                        line, buffers[stream] = buffers[stream], ""
+                    counted += 1
+                    if counted > skip:
+                        yield LogLine(stream, line, timestamps[stream])
                     timestamps[stream] = timestamp
         for stream, rest in buffers.items():
             if rest:  # a last line without a newline
-                yield LogLine(stream, rest, timestamps[stream])
+                counted += 1
+                if counted > skip:
+                    yield LogLine(stream, rest, timestamps[stream])
 
 
 def _created(container: Any) -> str:

@@ -7,7 +7,7 @@ read what a heartbeat does not carry (logs, the persistent /data manifest and it
 - ``POST /tasks`` {id, replica, attempt, gpu_indices, spec} → 202 {id, replica, state}
 - ``DELETE /tasks/{id}`` → {id, stopped} (containers go; the task's /data stays for the last sync)
 - ``GET /tasks`` → {tasks: [TaskStatus]}
-- ``GET /tasks/{id}/logs?follow=0|1&tail=N&replica=R`` → NDJSON {"stream","line","ts"}
+- ``GET /tasks/{id}/logs?follow=0|1&tail=N&replica=R&attempt=A&offset=N`` → NDJSON {"stream","line","ts"}
 - ``GET /tasks/{id}/manifest?replica=R`` → {task_id, replica, final, files: [{path,size,sha256}]}
 - ``GET /tasks/{id}/blobs/{sha256}?replica=R`` → the bytes of one file of that task's /data
 """
@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 
 Check = Callable[[web.Request, str], Awaitable[bool]]
 MAX_TAIL = 100_000
+MAX_ATTEMPT = 2**31
+MAX_OFFSET = 2**53
+OFFSET_HEADER = "X-Prime-Log-Offset"
+LOG_QUERY = {
+    "follow": FLAG,
+    "tail": Param(int, "the last N lines", ge=0, le=MAX_TAIL),
+    "replica": Param(int, "the replica (default 0)", ge=0, le=255),
+    "attempt": Param(int, "only this attempt's container", ge=0, le=MAX_ATTEMPT),
+    "offset": Param(int, "leave out the first N lines", ge=0, le=MAX_OFFSET),
+}
 CHUNK = 256 * 1024
 
 
@@ -111,30 +121,42 @@ class TasksApi:
         statuses = await self.executor.snapshot()
         return web.json_response({"tasks": [s.to_dict(self.converger.restarts(s.key)) for s in statuses]})
 
-    @api(response=NDJSON(ContainerLogLine), query={"follow": FLAG, "tail": Param(int, "the last N lines", ge=0, le=MAX_TAIL), "replica": Param(int, "the replica (default 0)", ge=0, le=255)}, errors=(400, 404, 401, 403, 503))
+    @api(response=NDJSON(ContainerLogLine), query=LOG_QUERY, errors=(400, 404, 401, 403, 503))
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """A replica's output as NDJSON lines {"stream","line","ts"}; follow=1 streams until it exits.
 
-        Query: follow=0|1, tail=N (last N lines), replica=R (default 0). 404 when the
-        replica has no container on this node.
+        Query: follow=0|1, tail=N (last N lines), replica=R (default 0), attempt=A (only that
+        attempt's container), offset=N (leave out the first N lines: a reader that has them
+        resumes; the answer's ``X-Prime-Log-Offset`` says where its first line is). The
+        container's output spans every restart of it (``restart: on-failure``). 404 when the
+        replica has no container (of that attempt) on this node.
         """
         task_id = _task_id(request)
         follow = _flag(request, "follow")
         tail = _int_param(request, "tail", None, maximum=MAX_TAIL)
         replica = _int_param(request, "replica", 0, maximum=255) or 0
+        attempt = _int_param(request, "attempt", None, maximum=MAX_ATTEMPT)
+        offset = _int_param(request, "offset", 0, maximum=MAX_OFFSET) or 0
         status = await self.executor.status(task_id, replica)
         if status is None or status.container_id is None:
             return json_error(404, "unknown_task", f"task {task_id} replica {replica} has no container on this node")
+        if attempt is not None and status.attempt != attempt:
+            return json_error(404, "unknown_task", f"task {task_id} replica {replica} has no container of attempt {attempt} on this node")
         # Headers go out at once, so a follower of a quiet task is not left waiting for them.
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", OFFSET_HEADER: str(offset)})
         await response.prepare(request)
-        lines = self.executor.logs(task_id, replica=replica, follow=follow, tail=tail)
+        extra: dict[str, Any] = {}
+        if attempt is not None:
+            extra["attempt"] = attempt
+        if offset:
+            extra["skip"] = offset
+        lines = self.executor.logs(task_id, replica=replica, follow=follow, tail=tail, **extra)
         async with contextlib.aclosing(lines):
             try:
                 async for line in lines:
                     await response.write(_line(line))
             except TaskNotFound:
-                pass  # removed between the check and the read: the stream just ends
+                pass  # removed (or replaced by another attempt's) between the check and the read: the stream just ends
         await response.write_eof()
         return response
 
