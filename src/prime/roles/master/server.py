@@ -58,11 +58,14 @@ async def start_master(
     port: int,
 ) -> RunningMaster:
     """Check, load, wire and listen; the caller owns the returned handles (``close()``)."""
+    import aiohttp
+
     from prime.auth.client import SignedClient
     from prime.auth.middleware import SignedService
     from prime.auth.permissions import ChainPermissions
     from prime.auth.replay import ReplayCache
     from prime.auth.signing import Domain
+    from prime.auth.transport import AiohttpTransport
     from prime.chain.client import RegistryClient
     from prime.chain.deploy import Deployment
     from prime.chain.events import EventFollower
@@ -75,7 +78,9 @@ async def start_master(
     from prime.roles.master.ejection import Ejector
     from prime.roles.master.invites import InviteSender
     from prime.roles.master.locator import NodeLocator
-    from prime.roles.master.logs import LogMerger
+    from prime.roles.master.logkeeper import LogKeeper
+    from prime.roles.master.logs import TaskLogs
+    from prime.roles.master.logstore import LogStore
     from prime.roles.master.metrics import MasterMetrics
     from prime.roles.master.service import MasterService
     from prime.roles.master.state import MasterStarted, RunEnded
@@ -148,8 +153,21 @@ async def start_master(
         service.apply(MasterStarted(clock()))
         if run.ended:
             service.apply(RunEnded(clock()))
-        logs = LogMerger(peer_client, locator, service.task)
+        # Every attempt's logs are followed and kept (logs.sqlite): readable after the node is gone.
+        # The log streams have a client of their own: held open for hours, they never take the
+        # peer client's connections.
+        log_store = LogStore(data_dir / "logs.sqlite")
+        resources.callback(log_store.close)
+        log_client = SignedClient(account, domain=domain, timeout_s=settings.peer_timeout_s, retries=1,
+                                  transport=AiohttpTransport(connector=aiohttp.TCPConnector(limit=0)))
+        resources.push_async_callback(log_client.transport.close)
+        logs = TaskLogs(log_store, service.task)
+        keeper = LogKeeper(log_client, locator, log_store, lambda: service.state.tasks.values(), service.task,
+                           on_stored=logs.changed)
+        logs.keeper = keeper
+        resources.push_async_callback(keeper.close)
         add_routes(app, service, permissions, logs=logs, blobs=blobs)
+        add_loop(app, "logs", keeper.step, interval_s=1.0)
         add_loop(app, "chain", watcher.step, interval_s=settings.poll_interval_s)
         add_loop(app, "tick", service.tick, interval_s=settings.tick_interval_s)
         if settings.eject_after_s > 0:
