@@ -177,11 +177,16 @@ class LogKeeper:
         self._done: set[AttemptKey] = set()
         self._loaded = False
         self._closed = False
+        self._stepping = asyncio.Lock()
 
     # --- supervision ------------------------------------------------------------------------
 
     async def step(self) -> None:
         """Start a follower for every attempt that has none and is not done (the "logs" loop)."""
+        async with self._stepping:  # the loop and a reader's settle(): never two followers for one attempt
+            await self._step()
+
+    async def _step(self) -> None:
         if self._closed:
             return
         wanted: dict[AttemptKey, str] = {}
@@ -214,7 +219,9 @@ class LogKeeper:
 
     async def settle(self, task_id: str, timeout_s: float = 3.0) -> None:
         """Have each follower of the task read what its miner has now (a follower waiting to retry
-        tries at once), and wait up to ``timeout_s`` until they did."""
+        tries at once), and wait up to ``timeout_s`` until they did. A replica placed since the last
+        step gets its follower now."""
+        await self.step()
         followers = [f for f in self._followers.values() if f.key.task_id == task_id]
         for follower in followers:
             if not follower.idle:
@@ -322,17 +329,19 @@ class LogKeeper:
         pending: list[NewLine] = []
         last_flush = last_data = time.monotonic()
         while True:
-            if not pending:
-                follower.idle = True
-                follower.fresh.set()
+            # Stored what came, and the miner has been quiet a moment (or keeps sending): "fresh".
+            quick = pending or not follower.fresh.is_set()
             try:
-                chunk = await asyncio.wait_for(resp.content.readany(), self.flush_s if pending else self.idle_check_s)
+                chunk = await asyncio.wait_for(resp.content.readany(), self.flush_s if quick else self.idle_check_s)
             except asyncio.TimeoutError:
                 now = time.monotonic()
                 if pending:
                     position = await self._flush(follower, pending, position)
                     last_flush = now
-                elif not follow and now - last_data > self.client.timeout_s:
+                    continue
+                follower.idle = True
+                follower.fresh.set()
+                if not follow and now - last_data > self.client.timeout_s:
                     raise PeerError(f"node {follower.node} sent no log line for {self.client.timeout_s:g} s") from None
                 elif follow and self._moved(follower) and follower.moved_at is not None \
                         and now - follower.moved_at > self.finish_grace_s:
@@ -364,6 +373,7 @@ class LogKeeper:
             follower.received = received
             pending.clear()
             self._on_stored(follower.key.task_id)
+        follower.fresh.set()
         return position
 
     async def _note(self, follower: _Follower, message: str) -> None:
