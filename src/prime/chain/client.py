@@ -339,11 +339,19 @@ class RegistryClient:
         async with rpc_errors(self.rpc_url):
             return int(await self.w3.eth.get_balance(to_address(account)))
 
-    async def get_logs(self, from_block: int, to_block: int, event_names: Sequence[str] | None = None) -> list[ChainEvent]:
-        """Registry events in [from_block, to_block], ordered by (block, log_index)."""
+    async def get_logs(self, from_block: int, to_block: int, event_names: Sequence[str] | None = None, *,
+                       run_id: int | None = None) -> list[ChainEvent]:
+        """Registry events in [from_block, to_block], ordered by (block, log_index).
+
+        ``run_id``: only events whose first indexed argument is that run id (the RPC filters them;
+        give only names of events that index ``runId`` first: Run*, Master*, Node* but NodeSlashed).
+        """
         params: FilterParams = {"address": self.address, "fromBlock": from_block, "toBlock": to_block}
-        if event_names:
-            params["topics"] = [[HexBytes(event_topic(n)) for n in event_names]]
+        names = [HexBytes(event_topic(n)) for n in event_names] if event_names else None
+        if run_id is not None:
+            params["topics"] = [names, HexBytes(int(run_id).to_bytes(32, "big"))]
+        elif names:
+            params["topics"] = [names]
         async with rpc_errors(self.rpc_url):
             try:
                 logs = await self.w3.eth.get_logs(params)

@@ -34,6 +34,7 @@ __all__ = [
     "JsonFileCursor",
     "MemoryCursor",
     "SqliteCursor",
+    "read_run_events",
 ]
 
 log = logging.getLogger(__name__)
@@ -221,3 +222,21 @@ class EventFollower:
                     await asyncio.wait_for(stop.wait(), timeout=interval_s)
                 except asyncio.TimeoutError:
                     pass
+
+
+async def read_run_events(
+    client: RegistryClient, run_id: int, event_names: Sequence[str], *, from_block: int | None = None,
+    to_block: int | None = None, max_blocks: int = 2000,
+) -> tuple[list[ChainEvent], int]:
+    """Every event of ``run_id`` named in ``event_names`` from ``from_block`` (default: the deployment
+    block) to ``to_block`` (default: the head), read ``max_blocks`` at a time with the run id filtered
+    by the RPC (a master rebuilds the run's membership from them at start). Returns (events, to_block)."""
+    start = from_block if from_block is not None else int(getattr(client.deployment, "block", 0))
+    end = to_block if to_block is not None else await client.block_number()
+    events: list[ChainEvent] = []
+    block = start
+    while block <= end:
+        last = min(end, block + max_blocks - 1)
+        events.extend(await client.get_logs(block, last, event_names, run_id=run_id))
+        block = last + 1
+    return events, end

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from prime.auth.signing import Domain
+from prime.errors import PeerError
 from prime.protocol.heartbeat import HeartbeatRequest
 from prime.roles.miner.state import StateFile
 from tests.fixtures.docker import remove_prime_containers
@@ -238,11 +239,17 @@ async def test_a_master_removed_on_chain_is_no_longer_obeyed(
                 await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
             await master.wait_for(lambda: len(master.heartbeats) >= 2)
             await (await chain_client(anvil.accounts[BUYER_INDEX])).remove_master(run_id, master_account.address)
-            await wait_until(lambda: "no longer a master" in (miner.store.state.last_heartbeat_error or ""), timeout_s=60,
-                             what="the removed master's answers refused")
             master.desired = [desired_entry("after-removal", busybox_image, SLEEPER)]
-            beats = len(master.heartbeats)
-            await master.wait_for(lambda: len(master.heartbeats) >= beats + 3)
+            # Its next answer is refused and the miner forgets it (issue 14): no more heartbeats to it, its
+            # pushes refused, the node waits for another master of the run to adopt it.
+            await wait_until(lambda: miner.store.state.master is None, timeout_s=60, what="the removed master forgotten")
+            assert "no longer a master" in (miner.store.state.last_heartbeat_error or "") \
+                or "no master of run" in miner.console.file.getvalue()
+            assert await miner.heartbeat.beat() is None  # idle: nothing goes to the removed master
+            async with peer_client(master_account, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
+                with pytest.raises(PeerError) as refused:
+                    await client.request("POST", f"{miner.url}/tasks", json=master.desired[0])
+            assert refused.value.status == 403
             assert not _containers(docker_client, node.address, "after-removal")
     finally:
         await master.stop()

@@ -3,6 +3,10 @@
 NodeValidated(approved) / NodeJoined / NodeLeft / NodeEjected of this run become
 NodeApprovedOnChain / NodeJoinedOnChain / NodeLeftOnChain / NodeEjectedOnChain (with the block,
 so stale facts never undo newer ones); RunEnded of this run becomes ``RunEnded``.
+With an ``adoption`` (adoption.py), MasterAdded / MasterRemoved are followed too and every event
+goes through it first: a NodeJoined through another master's invite makes the node that master's
+(``NodeLeftOnChain`` here: never judged, scheduled on or ejected by this master), and the nodes of
+a removed master are adopted by the one the rule picks (docs/protocol.md, "One master per node").
 The cursor moves only after a batch went through the state (``StateCursor`` stores it in the
 same transaction as the changes). The first poll that finds nothing left to read after a start
 feeds ``ChainSynced``: no invite goes out before the master's chain view caught up.
@@ -36,7 +40,8 @@ from prime.roles.master.state import (
 log = logging.getLogger(__name__)
 
 NODE_EVENT_NAMES = ("NodeValidated", "NodeJoined", "NodeLeft", "NodeEjected")
-EVENT_NAMES = [*NODE_EVENT_NAMES, "RunEnded"]
+MASTER_EVENT_NAMES = ("MasterAdded", "MasterRemoved")
+EVENT_NAMES = [*NODE_EVENT_NAMES, "RunEnded", *MASTER_EVENT_NAMES]
 
 # Node specs are read from chain for every newly approved node; a master that starts on a run
 # with thousands of nodes reads them this many at a time instead of one after the other.
@@ -56,6 +61,7 @@ class ChainWatcher:
         max_batches: int = 50,
         clock: Callable[[], float] = time.time,
         batch: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+        adoption: Any | None = None,  # adoption.Adoption: .observe(event), .holds(node)
     ) -> None:
         self.registry = registry
         self.follower = follower
@@ -66,6 +72,7 @@ class ChainWatcher:
         self.max_batches = max_batches
         self._clock = clock
         self._batch = batch
+        self.adoption = adoption
 
     async def step(self) -> int:
         """Read and apply batches until caught up (at most ``max_batches``); returns events applied."""
@@ -123,6 +130,11 @@ class ChainWatcher:
             return False
         now = self._clock()
         converted: Event | None = None
+        if self.adoption is not None:
+            self.adoption.observe(event)
+        if event.name in MASTER_EVENT_NAMES:
+            self._on_event(event.name)
+            return self.adoption is not None
         if event.name == "RunEnded":
             log.warning("run %d ended on chain (block %d): every node of the run is released; no more invites or "
                         "ejections; every task is stopped (persistent ones get their final sync) and their files "
@@ -134,6 +146,10 @@ class ChainWatcher:
                 if not args.get("approved"):
                     return False
                 converted = NodeApprovedOnChain(node, await self._read_specs(node, prefetched), now, block=event.block)
+            elif event.name == "NodeJoined" and self.adoption is not None and not self.adoption.holds(node):
+                log.info("node %s joined run %d with the invite of master %s, which holds it; not a member here",
+                         node, self.run_id, args.get("master"))
+                converted = NodeLeftOnChain(node, now, block=event.block)
             elif event.name == "NodeJoined":
                 specs = await self._read_specs(node, prefetched) if self._node_needing_specs(event) else None
                 converted = NodeJoinedOnChain(node, now, specs=specs, block=event.block)

@@ -70,6 +70,7 @@ async def start_master(
     from prime.chain.deploy import Deployment
     from prime.chain.events import EventFollower
     from prime.clients.discovery import DiscoveryClient
+    from prime.roles.master.adoption import Adoption
     from prime.roles.master.app import add_routes, new_app
     from prime.roles.master.cas import BlobStore
     from prime.roles.master.chainwatch import EVENT_NAMES, ChainWatcher
@@ -138,6 +139,8 @@ async def start_master(
                            concurrency=max(1, settings.concurrency // 4), clock=clock)
 
         async def chain_member(node: str) -> Any:
+            if not adoption.holds(node):
+                return None  # another master's node (docs/protocol.md, "One master per node")
             if not await permissions.is_active_node(settings.run_id, node):
                 return None
             return (await registry.get_node(node)).specs
@@ -145,10 +148,13 @@ async def start_master(
         effects = NetworkEffects(invites, TaskPusher(peer_client, locator), sync, chain_member, clock=clock)
         service = MasterService(settings, state, store, metrics, effects, clock=clock)
         resources.push_async_callback(service.close)
+        adoption = Adoption(registry, settings.run_id, account.address, state=lambda: state, apply=service.apply,
+                            invite=invites.send, invite_ttl_s=settings.state.invite_ttl_s, clock=clock)
+        await adoption.load()
         follower = EventFollower(registry, EVENT_NAMES, cursor=StateCursor(state, store))
         watcher = ChainWatcher(registry, follower, settings.run_id, lambda: state, service.apply,
                                on_event=lambda name: metrics.chain_events.labels(name).inc(),
-                               clock=clock, batch=service.batch)
+                               clock=clock, batch=service.batch, adoption=adoption)
 
         service.apply(MasterStarted(clock()))
         if run.ended:
@@ -170,9 +176,10 @@ async def start_master(
         add_loop(app, "logs", keeper.step, interval_s=1.0)
         add_loop(app, "chain", watcher.step, interval_s=settings.poll_interval_s)
         add_loop(app, "tick", service.tick, interval_s=settings.tick_interval_s)
+        add_loop(app, "adopt", adoption.step, interval_s=settings.tick_interval_s)
         if settings.eject_after_s > 0:
             ejector = Ejector(registry.with_account(account), settings.run_id, lambda: state, settings.eject_after_s,
-                              metrics=metrics, clock=clock)
+                              metrics=metrics, holds=adoption.holds, clock=clock)
             add_loop(app, "eject", ejector.step, interval_s=settings.tick_interval_s)
         # A sync round may move a lot of data: it is not stale while it works.
         add_loop(app, "sync", service.sync_round, interval_s=settings.sync_interval_s,

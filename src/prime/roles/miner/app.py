@@ -5,7 +5,8 @@
   validators on chain (prime.challenge.service; the verdict lets the miner show why it
   was rejected).
 - ``POST /invite``: any signed caller; the handler checks the invite against the chain.
-- ``/tasks…``: masters of the node's run on chain (prime.roles.miner.tasks_api).
+- ``/tasks…``: the node's own master, while it is a master of the node's run on chain
+  (prime.roles.miner.tasks_api); before any invite, any master of the run.
 
 Every request except the public ones must be signed (401 otherwise).
 """
@@ -48,14 +49,21 @@ def build_miner_app(
     invite: InviteHandler,
     tasks: TasksApi,
     on_verdict: Callable[[Verdict], Awaitable[None] | None],
+    current_master: Callable[[], str | None] | None = None,
 ) -> web.Application:
-    """The miner's aiohttp application (background loops are added by the caller)."""
+    """The miner's aiohttp application (background loops are added by the caller).
+
+    ``current_master``: the master the node is with (None: none yet); a master of the run that is
+    not it may not push, stop or read tasks (one master per node: docs/protocol.md)."""
     app = make_app(name="miner", middlewares=[signing.middleware()], client_max_size=CLIENT_MAX_SIZE, identity=signing.identity())
 
     async def validator(request: web.Request, signer: str) -> bool:
         return await permissions.is_validator(signer)
 
     async def master_of_run(request: web.Request, signer: str) -> bool:
+        current = current_master() if current_master is not None else None
+        if current is not None and current.lower() != signer.lower():
+            return False
         return await permissions.is_master(run_id, signer)
 
     add_challenge_routes(app, challenge, require(validator))

@@ -8,6 +8,10 @@ already active in the run answers the same acknowledgement without a transaction
 master may safely repeat an invite. The master's URL is persisted so a restarted miner
 resumes its heartbeats without a new invite.
 
+One master per node (docs/protocol.md): while the node's master is a master of the run, an
+invite from another master is refused (409 ``has_master``); once it is not (removed on chain),
+another master's invite adopts the node — no second joinRun, the node is active already.
+
 The acknowledgement is the node's EIP-191 signature of
 ``prime-invite-ack-v1\\n{chain_id}\\n{registry}\\n{run_id}\\n{node}\\n{expiry}``.
 """
@@ -18,7 +22,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,6 +116,7 @@ class InviteHandler:
         run_id: int,
         store: MinerStore,
         on_joined: Callable[[InviteAccepted], None] | None = None,
+        on_master_gone: Callable[[str], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.node_account = node_account
@@ -120,6 +125,7 @@ class InviteHandler:
         self.run_id = run_id
         self.store = store
         self.on_joined = on_joined
+        self.on_master_gone = on_master_gone
         self.clock = clock
         self._lock = asyncio.Lock()
 
@@ -138,6 +144,7 @@ class InviteHandler:
             raise InviteRefused(403, "not_master", f"{signer} is not a master of run {body.run_id} on chain")
         master_url = body.master_url.rstrip("/")
         async with self._lock:
+            await self._check_holder(body.run_id, signer)
             tx_hash = await self._join(body)
             await self.store.joined(master_url, to_checksum_address(signer), tx_hash, self.clock())
         ack = sign_message(self.node_account, ack_text(self.registry.chain_id, self.registry.address, body.run_id, node, body.expiry))
@@ -147,6 +154,25 @@ class InviteHandler:
         if self.on_joined is not None:
             self.on_joined(accepted)
         return accepted
+
+    async def _check_holder(self, run_id: int, signer: str) -> None:
+        """Refuse an invite from another master while the node's own master is still a master of the run."""
+        current = self.store.state.master
+        if current is None or current.lower() == signer.lower():
+            return
+        try:
+            still = await self.registry.is_master(run_id, current)  # fresh, as for the signer
+        except ChainError as exc:
+            raise InviteRefused(503, "chain_unavailable", f"could not check the node's master on chain: {exc}") from None
+        if still:
+            raise InviteRefused(
+                409, "has_master",
+                f"this node is with master {current}, which is still a master of run {run_id}; only it invites the node "
+                "(one master per node)",
+            )
+        log.warning("master %s adopts this node: its master %s is no master of run %d any more", signer, current, run_id)
+        if self.on_master_gone is not None:
+            await self.on_master_gone(current)
 
     async def _join(self, body: InviteBody) -> str | None:
         """joinRun unless already active in the run; the tx hash or None."""

@@ -49,7 +49,7 @@ from prime.chain.types import NodeInfo, NodeStatus, RunInfo, Specs
 from prime.challenge.service import ChallengeService
 from prime.clients.discovery import DiscoveryClient
 from prime.config import MINER_PORT
-from prime.errors import PrimeError
+from prime.errors import ChainError, PrimeError
 from prime.roles.miner import core
 from prime.roles.miner.announce import Announcer, choose_announce_ip
 from prime.roles.miner.app import build_miner_app
@@ -287,13 +287,14 @@ class MinerNode:
             run_id=options.run_id,
             store=self.store,
             on_joined=self._joined,
+            on_master_gone=lambda master: self._master_gone(permissions, master),
         )
         health = LoopHealth()  # the heartbeat reports into the app's own once the app exists (below)
         domain = Domain(self.registry.chain_id, self.registry.address)
         runtime = build_task_runtime(
             self.executor, self.store, self._client(SignedClient(self.node_account, domain=domain, timeout_s=10.0, retries=2)),
             self.gpus, health, retention_s=options.finished_retention_s, on_progress=self.out.pull_printer(),
-            still_master=lambda master: permissions.is_master(options.run_id, master),
+            still_master=lambda master: self._still_master(permissions, master),
         )
         self.converger, self.heartbeat = runtime.converger, runtime.heartbeat
         # A new attempt of a persistent replica resumes from the master's synced copy of its /data.
@@ -309,6 +310,7 @@ class MinerNode:
             invite=invite,
             tasks=TasksApi(self.executor, self.converger),
             on_verdict=self._verdict,
+            current_master=lambda: self.store.state.master,
         )
         self.heartbeat.health = self.app[HEALTH]
         permissions.attach(self.app[HEALTH])  # /health names the chain when permission checks cannot reach it
@@ -334,6 +336,9 @@ class MinerNode:
         add_loop(self.app, "announce", announcer.step, interval_s=tick, max_backoff_s=60.0)
         add_loop(self.app, "chain", watch.step, interval_s=options.chain_poll_interval_s, max_backoff_s=60.0)
         add_loop(self.app, "supervise", self.converger.supervise, interval_s=5.0, max_backoff_s=60.0)
+        # The node's master removed on chain: noticed between heartbeats too (issue 14).
+        add_loop(self.app, "master", lambda: self._check_master(permissions), interval_s=options.chain_poll_interval_s,
+                 max_backoff_s=60.0)
         self.runner = await serve(self.app, host=options.host, port=options.port)
         self._tasks.append(asyncio.create_task(self.heartbeat.run(), name="miner:heartbeat"))
         self.out.serving(options.host, options.port, self.run.discovery_uri)
@@ -358,6 +363,31 @@ class MinerNode:
     async def _verdict(self, verdict: Verdict) -> None:
         await self.store.verdict(verdict)
         self.out.verdict(verdict.validator, verdict.approved, verdict.reason)
+
+    async def _still_master(self, permissions: ChainPermissions, master: str) -> bool:
+        """Asked on every heartbeat answer: is ``master`` still a master of the run? Read fresh from the
+        chain (no cache: a removed master is refused at its very next answer); during a chain outage
+        the permission cache's last answer stands. A removed master is forgotten (``_master_gone``)."""
+        try:
+            still = bool(await self.registry.is_master(self.options.run_id, master))
+        except ChainError:
+            return bool(await permissions.is_master(self.options.run_id, master))
+        if not still:
+            await self._master_gone(permissions, master)
+        return still
+
+    async def _check_master(self, permissions: ChainPermissions) -> None:
+        master = self.store.state.master
+        if master is not None:
+            await self._still_master(permissions, master)
+
+    async def _master_gone(self, permissions: ChainPermissions, master: str) -> None:
+        permissions.cache.clear()  # its pushes are refused from now on, not after the cache's TTL
+        if await self.store.master_gone(master):
+            self.say(f"Master {master} is no master of run {self.options.run_id} any more: its answers and pushes "
+                     "are refused; waiting for another master of the run to adopt this node.", "yellow")
+            log.warning("master %s was removed from run %d: not obeyed any more; waiting to be adopted",
+                        master, self.options.run_id)
 
     def _status_changed(self, info: NodeInfo, line: str) -> None:
         self.out.status(line)

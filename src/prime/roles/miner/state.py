@@ -197,6 +197,17 @@ class MinerStore:
             state.joined_at = at
         await self._save()
 
+    async def master_gone(self, master: str) -> bool:
+        """The node's master is no master of the run any more (issue 14): forget it, so nothing of it is
+        obeyed and another master of the run may adopt the node. False when ``master`` was not the node's."""
+        state = self._state
+        if state.master is None or state.master.lower() != master.lower():
+            return False
+        state.master = None
+        state.master_url = None
+        await self._save()
+        return True
+
     async def announced(self, announcement: Announcement) -> None:
         self._state.announced = announcement
         await self._save()
