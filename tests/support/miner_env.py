@@ -318,7 +318,8 @@ class MemoryExecutor:
     def task_data_dir(self, task_id: str, replica: int = 0) -> Path:
         return self.root / "tasks" / task_id / f"r{replica}" / "data"
 
-    async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None) -> AsyncIterator[Any]:
+    async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None,
+                   attempt: int | None = None, skip: int = 0) -> AsyncIterator[Any]:
         if False:  # an async generator with no lines
             yield None
 

@@ -162,11 +162,13 @@ class ContainerlessExecutor:
     def task_data_dir(self, task_id: str, replica: int = 0) -> Path:
         return self.root / task_id
 
-    async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None) -> AsyncIterator[Any]:
+    async def logs(self, task_id: str, *, replica: int = 0, follow: bool = False, tail: int | None = None,
+                   attempt: int | None = None, skip: int = 0) -> AsyncIterator[Any]:
         from prime.roles.miner.executor import LogLine
 
         for i, stream in enumerate(("stdout", "stderr", "stdout")):
-            yield LogLine(stream, f"line {i} of {task_id}", f"2026-01-01T00:00:0{i}.000000000Z")
+            if i >= skip:
+                yield LogLine(stream, f"line {i} of {task_id}", f"2026-01-01T00:00:0{i}.000000000Z")
 
 
 def write_data(root: Path, task_id: str, name: str, payload: bytes) -> str:

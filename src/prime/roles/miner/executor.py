@@ -418,7 +418,8 @@ class DockerExecutor:
         container = await self._container((task_id, replica))
         if container is None:
             raise TaskNotFound(f"Task {task_id} has no container on this node, so it has no logs.")
-        if attempt is not None and attempt_of((container.labels or {}).get(LABEL_SPEC)) != attempt:
+        found = attempt_of((container.labels or {}).get(LABEL_SPEC))
+        if attempt is not None and found is not None and found != attempt:
             raise TaskNotFound(f"Task {task_id} replica {replica} has no container of attempt {attempt} on this node.")
         api = self.client.api
         container_id = container.id

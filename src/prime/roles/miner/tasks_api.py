@@ -140,7 +140,7 @@ class TasksApi:
         status = await self.executor.status(task_id, replica)
         if status is None or status.container_id is None:
             return json_error(404, "unknown_task", f"task {task_id} replica {replica} has no container on this node")
-        if attempt is not None and status.attempt != attempt:
+        if attempt is not None and status.attempt is not None and status.attempt != attempt:
             return json_error(404, "unknown_task", f"task {task_id} replica {replica} has no container of attempt {attempt} on this node")
         # Headers go out at once, so a follower of a quiet task is not left waiting for them.
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", OFFSET_HEADER: str(offset)})
