@@ -58,7 +58,7 @@ class TaskLogs:
     async def lines(self, task_id: str, *, follow: bool, tail: int | None, replica: int | None = None,
                     attempt: int | None = None) -> AsyncGenerator[dict[str, Any] | None, None]:
         task = self._task(task_id)
-        if self.keeper is not None and task is not None and not task.is_final:
+        if self.keeper is not None and task is not None:  # a finished task's last lines may still be on their way
             await self.keeper.settle(task_id, self.settle_s)
         event = asyncio.Event()
         if follow:
