@@ -4,7 +4,10 @@
     python bench/gas.py
 
 Starts its own anvil on a free loopback port, deploys the registry, walks nodes through their
-whole lifecycle and prints one row per transaction. Needs `cd contracts && npm ci` (for anvil).
+whole lifecycle and prints one row per transaction; then ``endRun`` of runs with 1, 100 and 1,000
+active nodes (the release is lazy: the same gas whatever the run's size) and the path of a dead
+node that a master ejects and that comes back (withdraw, register again). Needs
+`cd contracts && npm ci` (for anvil). ``--quick`` skips the 1,000-node run.
 """
 
 from __future__ import annotations
@@ -78,9 +81,43 @@ async def measure() -> list[tuple[str, int]]:
             record("withdrawStake (left)", await provider_c.withdraw_stake(nodes[0]))
             record("withdrawStake (rejected)", await provider_c.withdraw_stake(nodes[3]))
             record("endRun", await buyer_c.end_run(run_id))
+
+            # The dead node's path: a master ejects it, its provider takes the stake back, it registers again.
+            open_run = await buyer_c.create_run(Requirements(max_nodes=1), "http://127.0.0.1:8090", [master])
+            dead = (await _active_nodes(chain, admin_c, validator_c, master_c, master, open_run, 1))[0]
+            record("ejectNode (dead, after --eject-after)", await master_c.eject_node(open_run, dead))
+            dead_c = admin_c.with_account(dead)
+            record("withdrawStake (ejected)", await dead_c.withdraw_stake(dead))
+            record("registerNode (again, after ejection)", await dead_c.register_node(open_run, dead, SPECS))
+
+            for size in (1, 100) if QUICK else (1, 100, 1000):
+                sized = await buyer_c.create_run(Requirements(), "http://127.0.0.1:8090", [master])
+                active = await _active_nodes(chain, admin_c, validator_c, master_c, master, sized, size)
+                record(f"endRun ({size:,} active node{'s' if size > 1 else ''})", await buyer_c.end_run(sized))
+                if size == 1:
+                    record("withdrawStake (released by endRun)", await admin_c.with_account(active[0]).withdraw_stake(active[0]))
     finally:
         chain.stop()
     return rows
+
+
+QUICK = "--quick" in sys.argv
+
+
+async def _active_nodes(chain, admin_c, validator_c, master_c, master, run_id: int, count: int) -> list:  # type: ignore[no-untyped-def]
+    """``count`` nodes registered (each its own provider), approved and joined to ``run_id``."""
+    nodes = [Account.create() for _ in range(count)]
+    for node in nodes:
+        chain.set_balance(node.address, 10**18)
+    expiry = await admin_c.block_timestamp() + 3600
+    for start in range(0, count, 50):
+        batch = nodes[start:start + 50]
+        await asyncio.gather(*(admin_c.with_account(n).register_node(run_id, n, SPECS) for n in batch))
+        for node in batch:
+            await validator_c.report_validation(node, True, b"\x01" * 32)
+        await asyncio.gather(*(admin_c.with_account(n).join_run(run_id, n, expiry, master_c.sign_invite(master, run_id, n, expiry))
+                               for n in batch))
+    return nodes
 
 
 def main() -> None:
