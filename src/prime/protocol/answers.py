@@ -96,7 +96,7 @@ class TaskLogLine(msgspec.Struct, frozen=True):
     line: str
     ts: str | Time | None = None  # the miner's RFC 3339 time; unix seconds on the master's own "error" lines
     attempt: Replica | None = None  # the replica's attempt the line is from (0: its first placement)
-    seq: Annotated[int, Meta(ge=0)] | None = None  # its place in the attempt's output (None on the master's own lines)
+    seq: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None  # its place in the attempt's output (None on the master's own lines)
 
 
 class SyncedFile(msgspec.Struct, frozen=True):
