@@ -36,13 +36,15 @@ async def test_a_dead_node_is_ejected_after_the_grace_and_its_seat_goes_to_a_new
 
         await first.close()  # killed, never restarted
         await eventually(lambda: _state_is(world, first.address, "Dead"), what="Dead")
-        assert await reader.node_status(first.address) == NodeStatus.ACTIVE  # within the grace: no transaction yet
+        dead_since = (await world.nodes())[first.address]["state_since"]
         await eventually(lambda: _status_is(reader, first.address, NodeStatus.EJECTED), timeout_s=30,
                          what="the ejection on chain")
         assert (await reader.get_run(world.run_id)).node_count == 0
-        ejected = await reader.get_logs(0, await reader.block_number(), ["NodeEjected"])
+        ejected = await reader.get_logs(0, await reader.block_number(), ["NodeEjected"], run_id=world.run_id)
         assert [(e.args["node"], e.args["master"]) for e in ejected if e.args["runId"] == world.run_id] == [
             (first.address, world.master_account.address)]
+        # Not before the grace: the ejection's block is --eject-after past Dead (block times are whole seconds).
+        assert await reader.block_timestamp(ejected[-1].block) >= int(dead_since + EJECT_AFTER_S)
         await eventually(lambda: _state_is(world, first.address, "Left"), what="Left at the master")
         assert await world.metric("prime_master_ejections_total", 'reason="dead",result="ejected"') == 1
         assert "past the ejection grace" in world.master.logs()
