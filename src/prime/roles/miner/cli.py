@@ -239,43 +239,27 @@ def _node_action(action: str, node: str | None, key_file: Path | None, provider_
     operator.report(operator.run_action(rpc_url, deployment, sender, act), json_output=json_output)
 
 
-@app.command()
-def leave(
-    node: NodeOption = None,
-    key_file: KeyFile = None,
-    provider_key_file: SenderKeyFile = None,
-    rpc_url: RpcUrl = DEFAULT_RPC_URL,
-    deployment: DeploymentPath = None,
-    json_output: JsonOutput = False,
-) -> None:
-    """Take the node out of its run on chain (sent by its provider or the node key); the stake becomes withdrawable."""
-    _node_action("leave", node, key_file, provider_key_file, rpc_url, deployment, json_output)
+def _operator_command(action: str, summary: str) -> None:
+    """Register ``prime miner {action}``: the three share their options and differ only in what they send."""
+    def command(
+        node: NodeOption = None,
+        key_file: KeyFile = None,
+        provider_key_file: SenderKeyFile = None,
+        rpc_url: RpcUrl = DEFAULT_RPC_URL,
+        deployment: DeploymentPath = None,
+        json_output: JsonOutput = False,
+    ) -> None:
+        _node_action(action, node, key_file, provider_key_file, rpc_url, deployment, json_output)
+
+    command.__doc__ = summary
+    app.command(action)(command)
 
 
-@app.command()
-def withdraw(
-    node: NodeOption = None,
-    key_file: KeyFile = None,
-    provider_key_file: SenderKeyFile = None,
-    rpc_url: RpcUrl = DEFAULT_RPC_URL,
-    deployment: DeploymentPath = None,
-    json_output: JsonOutput = False,
-) -> None:
-    """Pay the stake of a node that has left (or was rejected or ejected) back to its provider."""
-    _node_action("withdraw", node, key_file, provider_key_file, rpc_url, deployment, json_output)
-
-
-@app.command()
-def deregister(
-    node: NodeOption = None,
-    key_file: KeyFile = None,
-    provider_key_file: SenderKeyFile = None,
-    rpc_url: RpcUrl = DEFAULT_RPC_URL,
-    deployment: DeploymentPath = None,
-    json_output: JsonOutput = False,
-) -> None:
-    """Leave the run (when still in it) and withdraw the stake to the provider: how a GPU owner gets out."""
-    _node_action("deregister", node, key_file, provider_key_file, rpc_url, deployment, json_output)
+_operator_command("leave", "Take the node out of its run on chain (sent by its provider or the node key); "
+                           "the stake becomes withdrawable.")
+_operator_command("withdraw", "Pay the stake of a node that has left (or was rejected or ejected) back to its provider.")
+_operator_command("deregister", "Leave the run (when still in it) and withdraw the stake to the provider: "
+                                "how a GPU owner gets out.")
 
 
 def main_with_prover(argv: list[str], prover: Any) -> None:
