@@ -162,7 +162,9 @@ async def test_a_desired_task_with_a_missing_image_is_pulled_with_progress_shown
             await master.wait_for(lambda: any(r["state"] == "Completed" for r in master.reports("pulled")), timeout_s=60)
             output = miner.console.file.getvalue()
             assert f"Pulling {image}" in output, output
-            assert "Pull complete" in output or "Downloaded newer image" in output, output
+            # not a terminal: a start line and an end line with the bytes and layers pulled (no bar)
+            assert f"Pulled {image} (" in output and " layers)" in output, output
+            assert "\x1b[" not in output, output
     finally:
         await master.stop()
         remove_prime_containers(docker_client, node.address)
