@@ -50,6 +50,22 @@ def test_check_run_names_the_failing_requirement_in_one_sentence() -> None:
         check_run(RunInfo(7, "0x" + "33" * 20, Requirements(), "http://d", ended=True), SPECS)
 
 
+def test_a_node_the_validators_would_refuse_is_told_before_it_stakes() -> None:
+    run = RunInfo(7, "0x" + "33" * 20, Requirements(), "http://d")
+    few_cores = Specs(gpu_count=8, gpu_model="NVIDIA H100 PCIe", gpu_memory_mib=81559, cpu_cores=16, ram_mib=1 << 20,
+                      disk_gib=500)
+    with pytest.raises(PrimeError) as err:
+        check_run(run, few_cores)
+    assert "16 CPU cores" in err.value.message and "--gpu" in err.value.message
+    small_ram = Specs(gpu_count=0, gpu_model="", gpu_memory_mib=0, cpu_cores=64, ram_mib=1024, disk_gib=50)
+    with pytest.raises(PrimeError, match="1024 MiB of RAM"):
+        check_run(run, small_ram)
+    check_run(run, Specs(gpu_count=8, gpu_model="NVIDIA H100 PCIe", gpu_memory_mib=81559, cpu_cores=64,
+                         ram_mib=1 << 20, disk_gib=500))
+    # a model only a validator's --gpu-classes file may know is left to the validators
+    check_run(run, Specs(gpu_count=1, gpu_model="RTX 9090", gpu_memory_mib=65536, cpu_cores=1, ram_mib=1024, disk_gib=5))
+
+
 def test_registration_decision() -> None:
     assert decide_registration(_info(NodeStatus.NONE, run_id=0), 1).register
     for status in (NodeStatus.REGISTERED, NodeStatus.APPROVED, NodeStatus.ACTIVE):

@@ -48,6 +48,22 @@ def check_run(run: RunInfo, specs: Specs) -> None:
     unmet = run.requirements.unmet_by(specs)
     if unmet is not None:
         raise PrimeError(f"{unmet.rstrip('.')}, so this node cannot register for run {run.run_id}; choose GPUs with --gpu or another run.")
+    problem = validators_refuse(specs)
+    if problem is not None:
+        raise PrimeError(f"Validators refuse this node's claim before any challenge ({problem.rstrip('.')}), so it "
+                         f"would stake for nothing; offer fewer GPUs with --gpu or run it on a host that has what is missing.")
+
+
+def validators_refuse(specs: Specs) -> str | None:
+    """Why the validators' claim check would refuse this node's own probe, where it can tell:
+    cores and RAM its challenge needs. A GPU model the built-in table lacks is left to the
+    validators (they may extend the table with --gpu-classes)."""
+    from prime.challenge.classes import claimed_variant
+    from prime.challenge.params import claim_problem
+
+    if specs.gpu_count and claimed_variant(specs) is None:
+        return None
+    return claim_problem(specs)
 
 
 @dataclass(frozen=True)
