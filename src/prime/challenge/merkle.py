@@ -50,7 +50,8 @@ def committed_rows(values: np.ndarray, dtype: str = "float32") -> np.ndarray:
     if dtype == "float32":
         return f32
     if dtype == "float16":
-        half = f32.astype(COMMITTED_DTYPE["float16"])
+        with np.errstate(over="ignore"):  # a value past float16's range becomes inf: refused just below
+            half = f32.astype(COMMITTED_DTYPE["float16"])
         back = half.astype(ROW_DTYPE)
     elif dtype == "bfloat16":
         bits = f32.view(np.uint32)

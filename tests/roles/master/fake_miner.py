@@ -151,6 +151,9 @@ class FakeMiner:
 
         async def loop() -> None:
             while True:
+                if self.master_url is None:  # not invited yet: beat once it is
+                    await asyncio.sleep(min(interval_s, 0.05))
+                    continue
                 try:
                     status, answer = await self.heartbeat()
                     if status != 200:
