@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--no-measure", action="store_true", help="class table without the honest CPU run")
     args = parser.parse_args()
     print_classes(measure=not args.no_measure)
-    margins = [spoof_margin(plan_challenge(s).params, claimed_class(s), plan_challenge(s).bound_s) for s in class_specs()]
+    margins = [plan_challenge(s).notes["spoof_margin"] for s in class_specs()]
     print(f"\nlowest spoof margin of any class: {min(margins) * 100:.1f}% (goal >= 40%)")
     print("row hashing here (float16 rows of 16384, the bound assumes "
           f"{HOST_HASH_RATE / 1e9:.1f} GB/s a thread, {HASH_THREADS_PER_GPU} threads a GPU): "

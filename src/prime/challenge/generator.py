@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from prime.protocol.challenge import MAX_PARTS
+
 MASK32 = 0xFFFFFFFF
 MIX1 = 0x85EBCA6B
 MIX2 = 0xC2B2AE35
@@ -69,8 +71,8 @@ _U32_MIX2 = np.uint32(MIX2)
 
 def part_matrix(part: int, matrix: int) -> int:
     """The generator's matrix index M of part ``part``'s A (matrix 0) or B (matrix 1)."""
-    if not 0 <= part < 16 or matrix not in (MATRIX_A, MATRIX_B):
-        raise ValueError("a part lies in [0, 16) and a matrix is A (0) or B (1)")
+    if not 0 <= part < MAX_PARTS or matrix not in (MATRIX_A, MATRIX_B):
+        raise ValueError(f"a part lies in [0, {MAX_PARTS}) and a matrix is A (0) or B (1)")
     return 2 * part + matrix
 
 

@@ -223,7 +223,8 @@ def fused_generator(torch: Any) -> Callable[[Any, Any, int], Any] | None:
     """``gen.ints_int64`` compiled by torch.compile into one elementwise kernel, or None.
 
     Unfused, the generator is ~20 torch kernels each reading and writing every int64
-    element; fused it writes each element once, which is what GPU_GENERATION_RATE assumes.
+    element; fused it writes each element once, which is what the bound's generation term
+    assumes (params.GEN_FLOPS_PER_ELEMENT).
     ``dynamic=True`` so every chunk shape reuses one kernel; the miner warms it up once at
     start (``warm_up``), so no challenge pays the compilation.
     """
