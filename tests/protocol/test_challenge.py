@@ -133,6 +133,10 @@ def test_the_module_imports_no_role_and_no_challenge_code() -> None:
     ({"repeat": 0}, ">= 1"),
     ({"repeat": 4097}, "<= 4096"),
     ({"n": 32768, "repeat": 128}, "n * repeat must not exceed 2097152"),  # MAX_INNER = 2**21 since issue 12
+    ({"parts": 0}, ">= 1"),
+    ({"parts": 17}, "<= 16"),  # one part per GPU; a host has at most 16
+    ({"parts": True}, "Expected `int`, got `bool`"),
+    ({"parts": 1 << 70}, ""),
     ({"dtype": "float64"}, "Invalid enum value 'float64'"),
     ({"dtype": "FLOAT32"}, "Invalid enum value"),
     ({"dtype": 3}, ""),
