@@ -12,6 +12,7 @@ import msgspec
 from msgspec import Meta
 
 from prime.protocol.codec import Message
+from prime.protocol.groups import Port, PortRange
 from prime.protocol.tasks import (
     MAX_GPUS_PER_REPLICA,
     REPORTABLE_REPLICA_STATES,
@@ -21,6 +22,9 @@ from prime.protocol.tasks import (
     GpuIndex,
     ReplicaIndex,
     ReplicaState,
+    ENV_NAME_RE,
+    EnvName,
+    EnvValue,
     TaskId,
     TaskSpec,
 )
@@ -28,6 +32,8 @@ from prime.protocol.tasks import (
 MAX_REPORTED_TASKS = 4096
 MAX_REPORTED_GPUS = 256
 MAX_LOAD_KEYS = 32
+MAX_MASTER_ENV = 64   # a group member's variables (NODE_RANK ... PRIME_PEERS)
+MAX_MEMBER_PORTS = 16
 
 # A measurement: finite (±inf and NaN fail these bounds; JSON itself has no literal for them)
 # and within ±2**53, where a float still counts whole numbers exactly (MiB, bytes, percent).
@@ -71,26 +77,41 @@ class GpuSample(Message, frozen=True):
 LoadName = Annotated[str, Meta(max_length=64)]
 
 
-class HeartbeatRequest(Message, frozen=True):
-    """``POST /heartbeat`` body: the node's replicas, GPU samples and load (cpu_pct, mem_used_mib, ...)."""
+class HeartbeatRequest(Message, frozen=True, omit_defaults=True):
+    """``POST /heartbeat`` body: the node's replicas, GPU samples and load (cpu_pct, mem_used_mib, ...),
+    and the port range its group members may listen on (``--task-ports``; None: it hosts none)."""
 
     tasks: Annotated[tuple[ReplicaReport, ...], Meta(max_length=MAX_REPORTED_TASKS)] = ()
     gpus: Annotated[tuple[GpuSample, ...], Meta(max_length=MAX_REPORTED_GPUS)] = ()
     load: Annotated[dict[LoadName, Finite], Meta(max_length=MAX_LOAD_KEYS)] | None = None
+    task_ports: PortRange | None = None
 
     def __post_init__(self) -> None:
         if self.load is None:  # "load": null is the same as no load
             msgspec.structs.force_setattr(self, "load", {})
+        if self.task_ports is not None and self.task_ports[0] > self.task_ports[1]:
+            raise ValueError("the first port must not be above the last (at task_ports)")
 
 
-class DesiredReplica(Message, frozen=True):
-    """One replica a node should run: everything it needs to start one it never saw."""
+class DesiredReplica(Message, frozen=True, omit_defaults=True):
+    """One replica a node should run: everything it needs to start one it never saw.
+
+    A group member (``spec.group``) also carries the master's ``env`` (its rank, its peers:
+    ``groupenv``), set over the spec's, and the ``ports`` it listens on, from the node's range.
+    """
 
     id: TaskId
     replica: ReplicaIndex
     attempt: Attempt
     gpu_indices: Annotated[tuple[GpuIndex, ...], Meta(max_length=MAX_GPUS_PER_REPLICA)]
     spec: TaskSpec
+    env: Annotated[dict[EnvName, EnvValue], Meta(max_length=MAX_MASTER_ENV)] = {}
+    ports: Annotated[tuple[Port, ...], Meta(max_length=MAX_MEMBER_PORTS)] = ()
+
+    def __post_init__(self) -> None:
+        for name in self.env:
+            if not ENV_NAME_RE.match(name):
+                raise ValueError(f"variable names must match [A-Za-z_][A-Za-z0-9_]* (at env.{name[:64]})")
 
 
 class HeartbeatResponse(Message, frozen=True):

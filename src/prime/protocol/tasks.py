@@ -24,6 +24,7 @@ from prime.protocol.codec import (
     decode,
     to_builtins,
 )
+from prime.protocol.groups import GroupPhase, GroupRequest, GroupView
 
 # Bounds that keep one request from exhausting the master (the app's body limit applies too).
 MAX_REPLICAS = 256
@@ -129,6 +130,7 @@ class TaskSpec(Message, frozen=True, omit_defaults=True):
     cpu_limit: Annotated[float, Meta(gt=0, le=MAX_CPU_LIMIT)] | None = None
     memory_limit_mib: Annotated[int, Meta(ge=1, le=MAX_MEMORY_LIMIT_MIB)] | None = None
     restart: RestartPolicy = RestartPolicy.NEVER
+    group: GroupRequest | None = None  # a group task (issue 15): one member on each of N..M nodes
     cmd: Command | None = None
 
     def __post_init__(self) -> None:
@@ -149,13 +151,28 @@ class TaskSpec(Message, frozen=True, omit_defaults=True):
                 raise ValueError(f"variable names must match [A-Za-z_][A-Za-z0-9_]* (at env.{name[:64]})")
         if sum(len(k.encode()) + len(v.encode()) for k, v in self.env.items()) > MAX_ENV_BYTES:
             raise ValueError(f"env must be at most {MAX_ENV_BYTES} bytes in all (at env)")
+        if self.group is not None:
+            # A group's members are its replicas, and the group restarts as a whole.
+            if self.gpus == "all":
+                raise ValueError("a group member needs a number of GPUs (GPUs per node), not 'all' (at gpus)")
+            if self.replicas != 1:
+                raise ValueError("a group's size is group.nodes (and group.max_nodes); leave replicas at 1 (at replicas)")
+            if self.restart != RestartPolicy.NEVER:
+                raise ValueError("a group restarts as a whole (group.max_restarts); leave restart at never (at restart)")
+
+    @property
+    def replica_count(self) -> int:
+        """Replicas of a task with this spec: a group's most members, else ``replicas``."""
+        return self.group.most_nodes if self.group is not None else self.replicas
 
     @property
     def wants_all_gpus(self) -> bool:
         return self.gpus == "all"
 
     def to_json(self) -> dict[str, Any]:
-        return {name: to_builtins(getattr(self, name)) for name in self.__struct_fields__ if name != "cmd"}
+        # Every field but ``cmd``; ``group`` only on a group task (an ordinary spec reads as before).
+        return {name: to_builtins(getattr(self, name)) for name in self.__struct_fields__
+                if name != "cmd" and not (name == "group" and self.group is None)}
 
 
 # --- tasks and replicas -----------------------------------------------------------------------
@@ -220,6 +237,7 @@ class TaskView(Answer, frozen=True):
     created_at: Time
     stop_requested: bool = False
     replicas: Annotated[tuple[ReplicaView, ...], Meta(max_length=MAX_REPLICAS)] = ()
+    group: GroupView | None = None  # a group task's phase, attempt and members
 
 
 class TaskList(Answer, frozen=True):
@@ -268,14 +286,18 @@ class Task:
     created_at: float
     replicas: list[Replica] = field(default_factory=list)
     stop_requested: bool = False
+    group: GroupView | None = None  # a group task: its state machine's view (the master refreshes it)
 
     @classmethod
     def new(cls, spec: TaskSpec, created_at: float, task_id: str | None = None) -> Task:
         tid = task_id or new_task_id()
-        return cls(tid, spec, created_at, [Replica(tid, i) for i in range(spec.replicas)])
+        group = GroupView(GroupPhase.PENDING) if spec.group is not None else None
+        return cls(tid, spec, created_at, [Replica(tid, i) for i in range(spec.replica_count)], group=group)
 
     @property
     def state(self) -> TaskState:
+        if self.group is not None and not self.stop_requested:
+            return _GROUP_TASK_STATES[self.group.phase]
         states = [r.state for r in self.replicas]
         if states and all(s in FINAL_REPLICA_STATES for s in states):
             if ReplicaState.FAILED in states:
@@ -305,11 +327,23 @@ class Task:
             "created_at": self.created_at,
             "stop_requested": self.stop_requested,
             "replicas": [r.to_json() for r in self.replicas],
+            "group": None if self.group is None else self.group.to_json(),
         }
 
     @classmethod
     def from_json(cls, data: Any) -> Task:
         view = decode(data, TaskView)
         replicas = [Replica(**{n: getattr(r, n) for n in r.__struct_fields__}) for r in view.replicas]
-        return cls(view.id, view.spec, view.created_at, replicas, view.stop_requested)
+        return cls(view.id, view.spec, view.created_at, replicas, view.stop_requested, view.group)
+
+
+# A group task's state is its group's: Starting and Restarting wait for members, as Pending does.
+_GROUP_TASK_STATES = {
+    GroupPhase.PENDING: TaskState.PENDING,
+    GroupPhase.STARTING: TaskState.PENDING,
+    GroupPhase.RUNNING: TaskState.RUNNING,
+    GroupPhase.RESTARTING: TaskState.PENDING,
+    GroupPhase.FAILED: TaskState.FAILED,
+    GroupPhase.COMPLETED: TaskState.COMPLETED,
+}
 

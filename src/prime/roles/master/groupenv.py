@@ -15,6 +15,9 @@ at least ``PORTS_NEEDED`` ports). Every member of the attempt gets::
     PRIME_GROUP_ID       the group's id
     PRIME_GROUP_ATTEMPT  the attempt, 0 for the first start, +1 for each restart
     PRIME_PEERS          JSON list, rank order: {"rank", "node", "address", "port", "gpus", "gpu_model"}
+    PET_NNODES, PET_NODE_RANK, PET_NPROC_PER_NODE, PET_MASTER_ADDR, PET_MASTER_PORT
+                         the same for torchrun, which reads PET_<OPTION> as its options' defaults:
+                         a plain ``torchrun train.py`` joins the group with no flags and no wrapper
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PORTS_NEEDED = 2  # rendezvous (used on rank 0) + peer-to-peer
+from prime.protocol.groups import MEMBER_PORTS as PORTS_NEEDED  # rendezvous (used on rank 0) + peer-to-peer
 
 
 @dataclass(frozen=True)
@@ -77,4 +80,8 @@ def member_envs(group_id: str, attempt: int, members: Sequence[Member], gpus_per
         "PRIME_GROUP_ATTEMPT": str(attempt),
         "PRIME_PEERS": peers_json(ordered, gpus_per_node),
     }
-    return {m.rank: {"NODE_RANK": str(m.rank), **shared} for m in ordered}
+    shared.update({
+        "PET_NNODES": shared["NNODES"], "PET_NPROC_PER_NODE": str(max(1, gpus_per_node)),
+        "PET_MASTER_ADDR": master.address, "PET_MASTER_PORT": shared["MASTER_PORT"],
+    })
+    return {m.rank: {"NODE_RANK": str(m.rank), "PET_NODE_RANK": str(m.rank), **shared} for m in ordered}
