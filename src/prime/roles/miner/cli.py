@@ -58,6 +58,14 @@ Stake = Annotated[
 TaskNetwork = Annotated[
     str, typer.Option("--task-network", envvar="PRIME_TASK_NETWORK", help="Docker network mode of task containers (bridge, host, none).")
 ]
+TaskPorts = Annotated[
+    str | None,
+    typer.Option(
+        "--task-ports", envvar="PRIME_TASK_PORTS", metavar="FIRST-LAST",
+        help="TCP ports the members of group tasks (distributed training) may listen on, with host networking; "
+             "default: none, the node hosts no group members.",
+    ),
+]
 AnnounceInterval = Annotated[
     float, typer.Option("--announce-interval", envvar="PRIME_ANNOUNCE_INTERVAL", min=1.0, help="Seconds between re-announcements to discovery.")
 ]
@@ -144,10 +152,12 @@ def start(
     chain_poll_interval: ChainPollInterval = 5.0,
     finished_retention: FinishedRetention = 3600.0,
     allow_registry: AllowRegistry = None,
+    task_ports: TaskPorts = None,
 ) -> None:
     """Start the miner: register the node for a run, get validated, join, and run the master's tasks."""
     from prime.keys import load_account
     from prime.roles.miner.node import MinerOptions, run_miner
+    from prime.roles.miner.preflight import parse_task_ports
     from prime.roles.miner.registration import parse_stake
     from prime.roles.miner.registries import parse_entries
     from prime.roles.process import configure_logging
@@ -156,6 +166,7 @@ def start(
         raise ConfigError("No deployment file given; pass --deployment (or set PRIME_DEPLOYMENT) to the file `prime chain deploy` wrote.")
     if task_network not in ("bridge", "host", "none") and not task_network.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"--task-network {task_network!r} is not a Docker network name; use bridge, host, none or a network you created.")
+    port_range = parse_task_ports(task_ports)
     stake_wei = parse_stake(stake)
     allow_registries = tuple(allow_registry or ())
     parse_entries(allow_registries)  # a malformed entry fails here, before any transaction
@@ -169,7 +180,7 @@ def start(
         run_id=run_id, rpc_url=rpc_url, deployment=Path(deployment), data_dir=Path(data_dir), host=host, port=port,
         gpu=gpu, public_ip=public_ip, stake_wei=stake_wei, task_network=task_network,
         announce_interval_s=announce_interval, chain_poll_interval_s=chain_poll_interval,
-        finished_retention_s=finished_retention, allow_registries=allow_registries,
+        finished_retention_s=finished_retention, allow_registries=allow_registries, task_ports=port_range,
     )
     asyncio.run(run_miner(options, node_account, provider_account, prover=_PROVER.get()))
 

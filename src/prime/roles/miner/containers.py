@@ -105,11 +105,19 @@ def build_container_kwargs(
     shm_size_mib: int | None = 1024,
     pids_limit: int | None = 4096,
 ) -> dict[str, Any]:
-    """Keyword arguments of ``client.containers.create`` for this placement."""
+    """Keyword arguments of ``client.containers.create`` for this placement. Its env: the spec's, a
+    group member's master variables over them, then the miner's own (PRIME_ATTEMPT, PRIME_TASK_ID,
+    PRIME_REPLICA), which no spec or master overrides."""
     spec = placement.spec
     env = placement.environment()
     env["PRIME_TASK_ID"] = placement.task_id
     env["PRIME_REPLICA"] = str(placement.replica)
+    if placement.member:
+        # A group member shares the node's network, whatever --task-network says: its peers reach it
+        # at the node's address on the ports the master gave it (inside --task-ports, core.place),
+        # with no port mapping (an engine may run with --bridge=none), and NCCL wants the host's
+        # interfaces anyway.
+        network_mode = "host"
     kwargs: dict[str, Any] = {
         "image": spec.image,
         "name": container_name(instance, placement.task_id, placement.replica, placement.desired.attempt),
@@ -211,6 +219,15 @@ def attempt_of(spec_label: str | None) -> int | None:
     except (ValueError, KeyError, TypeError):
         return None
     return attempt if 0 <= attempt <= 2**31 else None
+
+
+def ports_of(spec_label: str | None) -> tuple[int, ...]:
+    """The ports a group member's container listens on (its ``prime.spec`` label); () for any other."""
+    try:
+        ports = json.loads(spec_label or "").get("ports") or ()
+        return tuple(int(p) for p in ports if isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536)
+    except (ValueError, TypeError, AttributeError):
+        return ()
 
 
 def status_of(container: Any) -> ReplicaStatus:

@@ -31,6 +31,7 @@ from prime.protocol.tasks import MAX_ERROR_LENGTH, MAX_REPLICAS, ReplicaState, R
 from prime.roles.miner import exits
 
 Key = tuple[str, int]
+PortRange = tuple[int, int]  # a node's --task-ports, first and last inclusive
 
 ATTEMPT_ENV = "PRIME_ATTEMPT"
 MIN_MEMORY_MIB = 6  # Docker refuses less
@@ -73,12 +74,22 @@ class Placement:
         return self.desired.spec
 
     @property
+    def member(self) -> bool:
+        """A member of a group task (``spec.group``): the master's env and ports apply, host networking."""
+        return self.desired.spec.group is not None
+
+    @property
     def restart(self) -> RestartPolicy:
+        if self.member:  # a group restarts as a whole, by the master (the protocol refuses on-failure too)
+            return RestartPolicy.NEVER
         return RestartPolicy(self.desired.spec.restart)
 
     def environment(self) -> dict[str, str]:
-        """The task's env plus its attempt: a replica placed here again is a new container."""
+        """The task's env (a group member's: the master's variables over it) plus its attempt: a
+        replica placed here again is a new container. An ordinary replica's ``desired.env`` is ignored."""
         env = dict(self.desired.spec.env)
+        if self.member:
+            env.update(self.desired.env)
         env[ATTEMPT_ENV] = str(self.desired.attempt)
         return env
 
@@ -86,10 +97,12 @@ class Placement:
         """Everything that shapes the container, as stored in its ``prime.spec`` label.
 
         The shape is the label format of every miner so far (``max_restarts`` is always
-        null): containers started before an upgrade keep their hash and are adopted.
+        null): containers started before an upgrade keep their hash and are adopted. A group
+        member's record has two keys more (its ports and host networking; its ``env`` has the
+        master's variables): only members carry them, so ordinary records never changed.
         """
         spec = self.desired.spec
-        return {
+        record: dict[str, Any] = {
             "task_id": self.task_id,
             "image": spec.image,
             "command": list(spec.command),
@@ -102,6 +115,10 @@ class Placement:
             "restart": self.restart.value,
             "max_restarts": None,
         }
+        if self.member:
+            record["ports"] = list(self.desired.ports)
+            record["network"] = "host"
+        return record
 
     def spec_hash(self) -> str:
         """A stable hash of ``record()``: a change means the container is replaced."""
@@ -121,11 +138,25 @@ def physical_gpus(positions: Sequence[int], node_gpus: Sequence[int]) -> tuple[i
     return tuple(out)
 
 
-def place(desired: DesiredReplica, node_gpus: Sequence[int]) -> Placement:
-    """This node's placement of one desired replica; ``Unplaceable`` when it cannot run here."""
+def check_member_ports(ports: Sequence[int], task_ports: PortRange | None) -> None:
+    """A group member runs only on a node that offers task ports, and listens only inside them:
+    no master makes the node listen elsewhere. ``Unplaceable`` otherwise."""
+    if task_ports is None:
+        raise Unplaceable("This node offers no task ports (--task-ports), so it cannot host a member of a group task.")
+    first, last = task_ports
+    for port in ports:
+        if not first <= port <= last:
+            raise Unplaceable(f"The master gave this group member port {port}, outside this node's --task-ports {first}-{last}.")
+
+
+def place(desired: DesiredReplica, node_gpus: Sequence[int], task_ports: PortRange | None = None) -> Placement:
+    """This node's placement of one desired replica; ``Unplaceable`` when it cannot run here.
+    ``task_ports``: the node's ``--task-ports`` (None: it hosts no group members)."""
     memory = desired.spec.memory_limit_mib
     if memory is not None and memory < MIN_MEMORY_MIB:
         raise Unplaceable(f"The task's memory_limit_mib must be an integer of at least {MIN_MEMORY_MIB} (MiB).")
+    if desired.spec.group is not None:
+        check_member_ports(desired.ports, task_ports)
     return Placement(desired, physical_gpus(desired.gpu_indices, node_gpus))
 
 
@@ -298,6 +329,7 @@ def plan(
     now: float,
     policy: Policy = Policy(),
     node_gpus: Sequence[int] = (),
+    task_ports: PortRange | None = None,
 ) -> Plan:
     """The actions that bring the node to ``desired`` (None: a supervise tick), and the new book."""
     seen: dict[Key, ReplicaStatus] = {s.key: truthful(s, book.marks) for s in snapshot}
@@ -322,7 +354,7 @@ def plan(
     for entry in desired:  # a key listed twice: the last entry wins
         key = (entry.id, entry.replica)
         try:
-            placements[key] = place(entry, node_gpus)
+            placements[key] = place(entry, node_gpus, task_ports)
             invalid.pop(key, None)
         except Unplaceable as exc:
             placements.pop(key, None)

@@ -40,6 +40,7 @@ from prime.roles.miner.containers import (
     instance_id,
     key_of,
     parse_log_frame,
+    ports_of,
     read_frames,
     state_from_inspect,
     status_of,
@@ -251,6 +252,12 @@ class DockerExecutor:
             if key not in seen and record.state is not ReplicaState.STOPPED:
                 statuses.append(record)
         return sorted(statuses, key=lambda s: s.key)
+
+    async def held_ports(self) -> set[int]:
+        """The ports this instance's running group members listen on (from their spec labels): a
+        restarted miner that adopts them finds those ports of its --task-ports busy, by its own."""
+        running = [c for c in await self._containers() if state_from_inspect(c.attrs)[0] is ReplicaState.RUNNING]
+        return {port for c in running for port in ports_of((c.labels or {}).get(LABEL_SPEC))}
 
     # -- starting
 

@@ -105,9 +105,11 @@ class Converger:
         on_progress: ProgressCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         watch_engine: bool | None = None,
+        task_ports: core.PortRange | None = None,
     ) -> None:
         self.executor = executor
         self.node_gpus = list(node_gpus)
+        self.task_ports = task_ports  # --task-ports: where group members may listen (None: none here)
         self.policy = policy
         self.on_progress = on_progress
         self.clock = clock
@@ -159,7 +161,7 @@ class Converger:
             raise
         if self.book.marks.away_since is not None:
             self.engine_back(time.time(), None)
-        plan = core.plan(desired, snapshot, self.book, self.clock(), self.policy, self.node_gpus)
+        plan = core.plan(desired, snapshot, self.book, self.clock(), self.policy, self.node_gpus, self.task_ports)
         self.book = plan.book  # no await since the snapshot: a push meanwhile is in the book it started from
         for stop in plan.of(core.Stop):
             log.info("stopping task %s replica %d: %s", stop.key[0], stop.key[1], stop.why)
@@ -235,7 +237,7 @@ class Converger:
 
     def push(self, desired: DesiredReplica) -> core.Placement:
         """Start one replica now (master's POST /tasks); ``core.Unplaceable`` if it cannot run here."""
-        placement = core.place(desired, self.node_gpus)
+        placement = core.place(desired, self.node_gpus, self.task_ports)
         self.book = core.pushed(self.book, placement, self.clock())
         task = asyncio.create_task(self._push(placement), name=f"miner:push:{placement.task_id}")
         self._background.add(task)
@@ -322,7 +324,8 @@ class HeartbeatLoop:
         self._wake.set()
 
     def _request(self, reports: tuple[ReplicaReport, ...]) -> HeartbeatRequest:
-        return HeartbeatRequest(tasks=reports, gpus=gpu_samples(self.converger.node_gpus), load=load_sample())
+        return HeartbeatRequest(tasks=reports, gpus=gpu_samples(self.converger.node_gpus), load=load_sample(),
+                                task_ports=self.converger.task_ports)
 
     async def reports(self) -> tuple[ReplicaReport, ...]:
         """The node's replica reports from a fresh snapshot, or (Docker slow or away) the last ones."""

@@ -58,7 +58,7 @@ from prime.roles.miner.console import MinerConsole
 from prime.roles.miner.executor import DockerExecutor
 from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
 from prime.roles.miner.invite import InviteHandler
-from prime.roles.miner.preflight import challenge_prover, run_preflight
+from prime.roles.miner.preflight import challenge_prover, run_preflight, task_ports_preflight
 from prime.roles.miner.registration import check_run, ensure_registered
 from prime.roles.miner.registries import RegistryPolicy
 from prime.roles.miner.seeding import Seeder
@@ -98,6 +98,7 @@ class MinerOptions:
     chain_poll_interval_s: float = 5.0
     finished_retention_s: float = 3600.0
     allow_registries: tuple[str, ...] = ()  # --allow-registry; empty: public registries only
+    task_ports: tuple[int, int] | None = None  # --task-ports: where group members listen; None: it hosts none
     docker_base_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -123,10 +124,11 @@ def build_task_runtime(
     counter: Any = None,
     clock: Callable[[], float] = time.monotonic,
     still_master: Callable[[str], Awaitable[bool]] | None = None,
+    task_ports: tuple[int, int] | None = None,
 ) -> TaskRuntime:
     """Wire the executor, the converger and the heartbeat loop (no chain, no HTTP server)."""
     policy = core.Policy(retention_s=retention_s)
-    converger = Converger(executor, gpus, policy=policy, on_progress=on_progress, clock=clock)
+    converger = Converger(executor, gpus, policy=policy, on_progress=on_progress, clock=clock, task_ports=task_ports)
     heartbeat = HeartbeatLoop(client=client, converger=converger, store=store, health=health, counter=counter,
                               still_master=still_master)
     return TaskRuntime(executor, converger, heartbeat)
@@ -236,6 +238,10 @@ class MinerNode:
         bind_chain = getattr(self.executor, "bind_chain", None)
         if bind_chain is not None:  # the chain is part of the executor's instance id (its containers' label)
             bind_chain(self.registry.chain_id, self.registry.address)
+        # --task-ports free, but for this instance's own running members (known from here on).
+        failure = await task_ports_preflight(self.executor, options.task_ports, options.host, options.port)
+        if failure:
+            raise PrimeError(failure)
         run = await until_chain_answers(lambda: self.registry.get_run(options.run_id), rpc_url=options.rpc_url, say=self._say_plain)
         check_run(run, self.specs)
         _check_discovery_uri(run)
@@ -294,7 +300,7 @@ class MinerNode:
         runtime = build_task_runtime(
             self.executor, self.store, self._client(SignedClient(self.node_account, domain=domain, timeout_s=10.0, retries=2)),
             self.gpus, health, retention_s=options.finished_retention_s, on_progress=self.out.pull_printer(),
-            still_master=lambda master: self._still_master(permissions, master),
+            still_master=lambda master: self._still_master(permissions, master), task_ports=options.task_ports,
         )
         self.converger, self.heartbeat = runtime.converger, runtime.heartbeat
         # A new attempt of a persistent replica resumes from the master's synced copy of its /data.

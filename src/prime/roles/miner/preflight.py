@@ -6,23 +6,33 @@ directory and a port already taken; the miner says so up front instead. GPUs off
 without a GPU challenge backend (torch or cupy with CUDA) would fail the validator's
 GPU-sized challenge on numpy after the stake is paid; ``challenge_prover`` refuses that
 first, and builds the prover on exactly the offered GPUs otherwise.
+
+``--task-ports FIRST-LAST`` (the ports this node's group members may listen on, with host
+networking) is parsed by ``parse_task_ports`` and checked free by ``check_task_ports``; that
+check runs once the miner knows its instance (after the chain is read, before any stake), so
+the ports its own adopted, still running members hold (their labels say which) are not taken
+for another program's.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import os
+import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
 
-from prime.errors import PrimeError
+from prime.errors import ConfigError, PrimeError
+from prime.protocol.groups import MEMBER_PORTS
 
 GPU_BACKEND_FIX = "install the GPU backend: pipx install 'prime[gpu]' (or pip install 'prime[gpu]')"
 
@@ -119,6 +129,75 @@ def check_port(port: int, host: str = "127.0.0.1") -> str | None:
                 return f"Port {port} needs privileges this user lacks; choose a port above 1023 with --port."
             return f"Port {port} on {host} cannot be used ({exc.strerror}); choose another port with --port."
     return None
+
+
+MIN_TASK_PORTS = MEMBER_PORTS  # one member's ports at least
+MAX_TASK_PORTS = 1024
+_RANGE_RE = re.compile(r"\s*(\d{1,6})\s*-\s*(\d{1,6})\s*\Z", re.ASCII)
+
+
+def parse_task_ports(text: str | None) -> tuple[int, int] | None:
+    """``--task-ports FIRST-LAST`` as (first, last); None for none. ``ConfigError`` (one sentence) otherwise."""
+    if text is None or not text.strip():
+        return None
+    match = _RANGE_RE.match(text)
+    if match is None:
+        raise ConfigError(f"--task-ports {text!r} is not a port range; write FIRST-LAST, e.g. 29500-29599.")
+    first, last = int(match[1]), int(match[2])
+    if not 1 <= first <= last <= 65535:
+        raise ConfigError(f"--task-ports {text!r} is not a range of TCP ports; give 1 <= FIRST <= LAST <= 65535.")
+    count = last - first + 1
+    if count < MIN_TASK_PORTS:
+        raise ConfigError(f"--task-ports {text!r} holds {count} port(s); a group member needs {MIN_TASK_PORTS}, so give at least that many.")
+    if count > MAX_TASK_PORTS:
+        raise ConfigError(f"--task-ports {text!r} holds {count} ports; give at most {MAX_TASK_PORTS}.")
+    return first, last
+
+
+def _bind_addresses(host: str) -> list[tuple[int, Any]]:
+    """Where a task port must be free: every IPv4 address, and the miner's host when it is a specific one."""
+    found: list[tuple[int, Any]] = [(socket.AF_INET, "0.0.0.0")]
+    if host not in ("", "0.0.0.0"):
+        with contextlib.suppress(OSError):  # an unresolvable --host is check_port's sentence
+            family, _, _, _, address = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            found.append((family, address[0]))
+    return found
+
+
+def check_task_ports(task_ports: tuple[int, int], host: str = "127.0.0.1", port: int | None = None,
+                     held: Collection[int] = ()) -> str | None:
+    """Every port of the range can be bound now (TCP, without SO_REUSEADDR, closed at once), but
+    those in ``held`` (this miner's own running members'); the miner's own ``port`` lies outside it."""
+    first, last = task_ports
+    span = f"--task-ports {first}-{last}"
+    if port is not None and first <= port <= last:
+        return f"The miner's own --port {port} lies inside {span}; choose a port or a range that do not overlap."
+    addresses = _bind_addresses(host)
+    for candidate in range(first, last + 1):
+        if candidate in held:
+            continue
+        for family, address in addresses:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+                try:
+                    sock.bind((address, candidate))
+                except OSError as exc:
+                    if exc.errno == errno.EACCES:
+                        return f"Port {candidate} of {span} needs privileges this user lacks; choose a range above 1023."
+                    if exc.errno == errno.EADDRNOTAVAIL:
+                        continue  # the host address is not this machine's: check_port says so
+                    return f"Port {candidate} of {span} is in use; free it or choose another range."
+    return None
+
+
+async def task_ports_preflight(executor: Any, task_ports: tuple[int, int] | None, host: str, port: int) -> str | None:
+    """``check_task_ports`` for a starting miner (None: no range, nothing to check); the executor
+    (``held_ports``, if it has one) names the ports its own running members hold."""
+    if task_ports is None:
+        return None
+    held_ports = getattr(executor, "held_ports", None)
+    held: set[int] = set(await held_ports()) if held_ports is not None else set()
+    return await asyncio.to_thread(check_task_ports, task_ports, host, port, held)
 
 
 def challenge_prover(gpus: Sequence[int], info: Any, selection: str = "all",
