@@ -14,17 +14,17 @@ from msgspec import Meta
 from prime.protocol.codec import Message
 from prime.protocol.groups import Port, PortRange
 from prime.protocol.tasks import (
+    ENV_NAME_RE,
     MAX_GPUS_PER_REPLICA,
     REPORTABLE_REPLICA_STATES,
     Attempt,
+    EnvName,
+    EnvValue,
     ErrorText,
     ExitCode,
     GpuIndex,
     ReplicaIndex,
     ReplicaState,
-    ENV_NAME_RE,
-    EnvName,
-    EnvValue,
     TaskId,
     TaskSpec,
 )

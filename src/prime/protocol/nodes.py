@@ -12,6 +12,7 @@ from msgspec import Meta
 
 from prime.chain.types import NodeStatus, Specs
 from prime.protocol.codec import Answer, ValidationError, decode
+from prime.protocol.groups import PortRange
 from prime.protocol.heartbeat import Finite, GpuSample
 from prime.protocol.tasks import ErrorText, Time
 
@@ -69,9 +70,13 @@ class NodeSample:
     at: float
     gpus: tuple[GpuSample, ...] = ()
     load: Mapping[str, float] = field(default_factory=dict)
+    task_ports: tuple[int, int] | None = None  # the range its group members may listen on (--task-ports)
 
     def to_json(self) -> dict[str, Any]:
-        return {"at": self.at, "gpus": [g.to_json() for g in self.gpus], "load": dict(self.load)}
+        out: dict[str, Any] = {"at": self.at, "gpus": [g.to_json() for g in self.gpus], "load": dict(self.load)}
+        if self.task_ports is not None:
+            out["task_ports"] = list(self.task_ports)
+        return out
 
     @classmethod
     def from_json(cls, data: Any) -> NodeSample:
@@ -154,9 +159,10 @@ class SampleView(Answer, frozen=True):
     at: Time
     gpus: tuple[GpuSample, ...] = ()
     load: dict[str, Finite] | None = None
+    task_ports: PortRange | None = None
 
     def to_sample(self) -> NodeSample:
-        return NodeSample(self.at, self.gpus, self.load or {})
+        return NodeSample(self.at, self.gpus, self.load or {}, self.task_ports)
 
 
 ChainStatusLabel = Literal["none", "registered", "approved", "rejected", "active", "left", "ejected", "released"]

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from prime.protocol.groups import GroupPhase
 from prime.roles.master.groupenv import Member, member_envs
 from prime.roles.master.groups import (
     FINAL_PHASES,
@@ -16,7 +17,6 @@ from prime.roles.master.groups import (
     FailGroup,
     GroupDecision,
     GroupEvent,
-    GroupPhase,
     GroupSpec,
     GroupState,
     MemberExited,
@@ -184,10 +184,15 @@ def test_env_of_every_member_exactly() -> None:
         "PRIME_GROUP_ID": "grp-7",
         "PRIME_GROUP_ATTEMPT": "0",
         "PRIME_PEERS": peers,
+        # torchrun reads PET_<OPTION> as its options' defaults: `torchrun train.py` needs no flags
+        "PET_NNODES": "2",
+        "PET_NPROC_PER_NODE": "4",
+        "PET_MASTER_ADDR": "10.0.0.1",
+        "PET_MASTER_PORT": "29500",
     }
     assert [(m.rank, m.node, dict(m.env)) for m in start.members] == [
-        (0, "a", {"NODE_RANK": "0", **shared}),
-        (1, "b", {"NODE_RANK": "1", **shared}),
+        (0, "a", {"NODE_RANK": "0", "PET_NODE_RANK": "0", **shared}),
+        (1, "b", {"NODE_RANK": "1", "PET_NODE_RANK": "1", **shared}),
     ]
     assert json.loads(peers)[1]["port"] == 30001
 
@@ -225,13 +230,14 @@ def test_member_failure_stops_the_group_and_restarts_with_attempt_plus_one_on_th
     assert {m.env["PRIME_GROUP_ATTEMPT"] for m in start.members} == {"1"}
 
 
-def test_node_gone_restarts_on_survivors_plus_replacements_keeping_rank_order() -> None:
+def test_node_gone_restarts_on_survivors_in_their_ranks_plus_a_replacement_in_the_hole() -> None:
     g = running(3, None, ["n1", "n2", "n3"], backoff_base_s=0)
-    handle(g, offer("n0"))  # a new node: lowest id, but survivors come first
+    handle(g, offer("n0"))  # a new node: lowest id, but survivors are taken first
     out = handle(g, NodeGone("n2", at=5.0))
     assert out == [StopMembers("g1", 0, ("n1", "n3"), "the node n2 of rank 1 is gone")]
     (start,) = starts(handle(g, Tick(5.0)))
-    assert [(m.rank, m.node) for m in start.members] == [(0, "n1"), (1, "n3"), (2, "n0")]
+    # n1 and n3 keep ranks 0 and 2 (each resumes its own /data where it is); n0 takes over rank 1
+    assert [(m.rank, m.node) for m in start.members] == [(0, "n1"), (1, "n0"), (2, "n3")]
     assert start.members[0].env["MASTER_ADDR"] == offer("n1").address  # rank 0 survived: same master
 
 
@@ -243,7 +249,9 @@ def test_elastic_shrink_down_to_n_and_no_further() -> None:
     start_all(g)
     handle(g, NodeGone("n0", at=2.0))
     (start,) = starts(handle(g, Tick(2.0)))
-    assert [(m.rank, m.node) for m in start.members] == [(0, "n1"), (1, "n2")]
+    # n0 (rank 0) is gone and there is no replacement: n1 keeps rank 1, n2 (rank 2, past the new
+    # size) moves into rank 0 — the fewest members change rank
+    assert [(m.rank, m.node) for m in start.members] == [(0, "n2"), (1, "n1")]
     assert start.members[0].env["NNODES"] == "2" and start.members[0].env["WORLD_SIZE"] == "2"
     start_all(g)
     handle(g, NodeGone("n1", at=3.0))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from prime.chain.types import NodeStatus, Specs
+from prime.protocol.groups import GroupPhase
 from prime.protocol.heartbeat import HeartbeatRequest
 from prime.protocol.nodes import NodeState
 from prime.protocol.tasks import Task
@@ -253,6 +254,18 @@ class SyncStorage:
 
 
 @dataclass(frozen=True)
+class RecordGroupTransition:
+    """A group task's phase or attempt changed (log it): the master's record of every gang start,
+    attempt end and restart."""
+
+    task_id: str
+    attempt: int
+    old: GroupPhase
+    new: GroupPhase
+    reason: str
+
+
+@dataclass(frozen=True)
 class RecordViewGap:
     """The master's own view had a gap from ``since`` to ``until`` (log it): no node is judged worse
     for it until it has had a full window after ``until``."""
@@ -280,7 +293,7 @@ class TaskRefused:
 
 
 Instruction = Union[
-    SendInvite, RecordTransition, RecordReplicaTransition, StartReplica, StopReplica, SyncStorage, HeartbeatRefused,
-    TaskRefused, RecordViewGap,
+    SendInvite, RecordTransition, RecordReplicaTransition, RecordGroupTransition, StartReplica, StopReplica, SyncStorage,
+    HeartbeatRefused, TaskRefused, RecordViewGap,
 ]
 

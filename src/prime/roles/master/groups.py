@@ -42,9 +42,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Union
 
+from prime.protocol.groups import GroupPhase, GroupRequest
 from prime.roles.master.groupenv import Member, member_envs, ports_fit
 
 # --- the spec ------------------------------------------------------------------------------------
@@ -74,6 +74,12 @@ class GroupSpec:
             raise ValueError("--start-timeout must be more than 0.")
         if self.max_restarts < 0 or self.backoff_base_s < 0 or self.backoff_max_s < 0:
             raise ValueError("max_restarts and the backoff cannot be negative.")
+
+    @classmethod
+    def of(cls, request: GroupRequest, gpus_per_node: int) -> GroupSpec:
+        """The spec of a task's ``group`` (its ``gpus`` is the GPUs of each member)."""
+        return cls(request.nodes, request.max_nodes, gpus_per_node, request.same_gpu_model,
+                   request.start_timeout_s, request.max_restarts)
 
     @property
     def most_nodes(self) -> int:
@@ -113,6 +119,15 @@ class NodeAvailable:
 
 
 @dataclass(frozen=True)
+class Offers:
+    """Every node that can host a member now (the shell's fresh view): replaces the last one. A
+    member's node missing from it is not gone (``NodeGone`` says that), it only takes no new member."""
+
+    offers: Mapping[str, NodeAvailable]
+    at: float
+
+
+@dataclass(frozen=True)
 class NodeGone:
     """``node`` died, left or no longer has room: it cannot host (or keep) a member."""
 
@@ -136,11 +151,22 @@ class MemberExited:
 
 
 @dataclass(frozen=True)
+class MemberLost:
+    """A member of ``attempt`` ended without an exit code of its own (it could not start, its node's
+    engine stopped it, the node no longer reports it): the attempt fails as when it exits non-zero."""
+
+    attempt: int
+    rank: int
+    why: str
+    at: float
+
+
+@dataclass(frozen=True)
 class Tick:
     now: float
 
 
-GroupEvent = Union[NodeAvailable, NodeGone, MemberStarted, MemberExited, Tick]
+GroupEvent = Union[NodeAvailable, Offers, NodeGone, MemberStarted, MemberExited, MemberLost, Tick]
 
 # --- decisions (what to do) ----------------------------------------------------------------------
 
@@ -187,15 +213,6 @@ GroupDecision = Union[StartMembers, StopMembers, FailGroup, CompleteGroup]
 # --- state ---------------------------------------------------------------------------------------
 
 
-class GroupPhase(StrEnum):
-    PENDING = "Pending"
-    STARTING = "Starting"
-    RUNNING = "Running"
-    RESTARTING = "Restarting"
-    FAILED = "Failed"
-    COMPLETED = "Completed"
-
-
 FINAL_PHASES = frozenset({GroupPhase.FAILED, GroupPhase.COMPLETED})
 PLACED_PHASES = frozenset({GroupPhase.STARTING, GroupPhase.RUNNING})
 
@@ -206,7 +223,7 @@ class GroupState:
 
     group_id: str
     spec: GroupSpec
-    waiting_since: float  # when the current wait in Pending began (the start timeout counts from it)
+    waiting_since: float  # when the current wait in Pending (or Starting) began: the start timeout counts from it
     phase: GroupPhase = GroupPhase.PENDING
     offers: dict[str, NodeAvailable] = field(default_factory=dict)
     attempt: int = -1  # the attempt last started; -1 before the first
@@ -215,7 +232,7 @@ class GroupState:
     finished: set[int] = field(default_factory=set)  # ranks of this attempt that exited 0
     restarts: int = 0
     restart_at: float | None = None
-    survivors: tuple[str, ...] = ()  # nodes of the last attempt to keep, in their rank order
+    survivors: dict[str, int] = field(default_factory=dict)  # nodes of the last attempt still there -> their rank
     reason: str | None = None  # why it failed, or why the last attempt ended
 
 
@@ -237,13 +254,21 @@ def handle(group: GroupState, event: GroupEvent) -> list[GroupDecision]:
         return []
     if isinstance(event, NodeAvailable):
         group.offers[event.node] = event
-        return _try_place(group) if group.phase == GroupPhase.PENDING else []
+        return _try_place(group, event.at) if group.phase == GroupPhase.PENDING else []
+    if isinstance(event, Offers):
+        group.offers = dict(event.offers)
+        return _try_place(group, event.at) if group.phase == GroupPhase.PENDING else []
     if isinstance(event, NodeGone):
         return _node_gone(group, event)
     if isinstance(event, MemberStarted):
         return _member_started(group, event)
     if isinstance(event, MemberExited):
         return _member_exited(group, event)
+    if isinstance(event, MemberLost):
+        if not _current_rank(group, event.attempt, event.rank) or event.rank in group.finished:
+            return []
+        node = group.members[event.rank].node
+        return _attempt_failed(group, f"rank {event.rank} on {node}: {event.why}", event.at, exited=event.rank)
     return _tick(group, event.now)
 
 
@@ -292,7 +317,7 @@ def _attempt_failed(group: GroupState, why: str, at: float, exited: int | None =
         m.node for m in group.members if m.node in group.offers and m.rank != exited and m.rank not in group.finished
     )
     stop = StopMembers(group.group_id, group.attempt, to_stop, why)
-    group.survivors = tuple(m.node for m in group.members if m.node in group.offers)
+    group.survivors = {m.node: m.rank for m in group.members if m.node in group.offers}
     group.members, group.started, group.finished = (), set(), set()
     group.restarts += 1
     if group.restarts > group.spec.max_restarts:
@@ -306,18 +331,22 @@ def _attempt_failed(group: GroupState, why: str, at: float, exited: int | None =
 def _fail(group: GroupState, reason: str) -> FailGroup:
     group.phase = GroupPhase.FAILED
     group.reason = reason
-    group.members, group.survivors, group.restart_at = (), (), None
+    group.members, group.survivors, group.restart_at = (), {}, None
     return FailGroup(group.group_id, reason)
 
 
 def _tick(group: GroupState, now: float) -> list[GroupDecision]:
+    if group.phase == GroupPhase.STARTING and now - group.waiting_since >= group.spec.start_timeout_s:
+        # Placed, but a member never came up (an image that pulls for ever, a node that never starts it).
+        late = sorted(set(range(len(group.members))) - group.started)
+        return _attempt_failed(group, f"rank {late[0]} did not start within {_duration(group.spec.start_timeout_s)}", now)
     if group.phase == GroupPhase.RESTARTING:
         if group.restart_at is None or now < group.restart_at:
             return []
         group.phase, group.restart_at, group.waiting_since = GroupPhase.PENDING, None, now
     if group.phase != GroupPhase.PENDING:
         return []
-    placed = _try_place(group)
+    placed = _try_place(group, now)
     if placed or now - group.waiting_since < group.spec.start_timeout_s:
         return placed
     return [_fail(group, _timeout_reason(group))]
@@ -327,7 +356,7 @@ def _candidates(group: GroupState) -> list[NodeAvailable]:
     """The fitting nodes, in rank order: survivors first (old rank order), then by node id; one model if asked."""
     spec = group.spec
     fitting = [o for o in group.offers.values() if fits(spec, o)]
-    survivors = {node: i for i, node in enumerate(group.survivors)}
+    survivors = group.survivors
     if spec.same_gpu_model and fitting:
         models = sorted({o.gpu_model for o in fitting})
 
@@ -340,15 +369,34 @@ def _candidates(group: GroupState) -> list[NodeAvailable]:
     return sorted(fitting, key=lambda o: (0, survivors[o.node], "") if o.node in survivors else (1, 0, o.node))
 
 
-def _try_place(group: GroupState) -> list[GroupDecision]:
+def _ranked(group: GroupState, chosen: list[NodeAvailable]) -> list[NodeAvailable]:
+    """``chosen`` in rank order: a survivor keeps its old rank where that rank is still used (it
+    resumes its own /data on its own node); the other ranks are filled by the survivors whose rank
+    is gone (elastic shrink), then by the new nodes, in ``chosen``'s order."""
+    k = len(chosen)
+    old_rank = group.survivors
+    ranks: list[NodeAvailable | None] = [None] * k
+    movers = []
+    for o in chosen:
+        rank = old_rank.get(o.node)
+        if rank is not None and rank < k:
+            ranks[rank] = o
+        else:
+            movers.append(o)
+    holes = iter(movers)
+    return [o if o is not None else next(holes) for o in ranks]
+
+
+def _try_place(group: GroupState, at: float) -> list[GroupDecision]:
     """Gang placement: all members of the next attempt at once, or none."""
     spec = group.spec
-    chosen = _candidates(group)[: spec.most_nodes]
+    chosen = _ranked(group, _candidates(group)[: spec.most_nodes])
     if len(chosen) < spec.min_nodes:
         return []
     group.attempt += 1
     group.members = tuple(Member(rank, o.node, o.address, o.gpu_model, o.ports) for rank, o in enumerate(chosen))
-    group.phase, group.started, group.finished, group.survivors = GroupPhase.STARTING, set(), set(), ()
+    group.phase, group.started, group.finished, group.survivors = GroupPhase.STARTING, set(), set(), {}
+    group.waiting_since = at  # the start timeout now bounds the wait for every member to come up
     envs = member_envs(group.group_id, group.attempt, group.members, spec.gpus_per_node)
     launches = tuple(MemberLaunch(m.rank, m.node, envs[m.rank]) for m in group.members)
     return [StartMembers(group.group_id, group.attempt, launches)]

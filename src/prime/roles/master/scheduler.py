@@ -48,7 +48,8 @@ class RecordReplicaTransition:
     reason: str
 
 
-def _transition(task_id: str, replica: Replica, new: ReplicaState, reason: str) -> RecordReplicaTransition:
+def transition(task_id: str, replica: Replica, new: ReplicaState, reason: str) -> RecordReplicaTransition:
+    """Move ``replica`` to ``new``; the instruction that records it."""
     old = replica.state
     replica.state = new
     return RecordReplicaTransition(task_id, replica.index, replica.node, old, new, reason)
@@ -99,8 +100,8 @@ def place(tasks: Iterable[Task], nodes: Iterable[NodeRecord]) -> list[Placement]
 
     placements: list[Placement] = []
     for task in task_list:
-        if task.stop_requested:
-            continue
+        if task.stop_requested or task.spec.group is not None:
+            continue  # a group's members are placed together (gangs.py), never one by one
         for r in task.replicas:
             if r.state != ReplicaState.PENDING:
                 continue
@@ -131,20 +132,20 @@ def apply_placements(
         r = tasks[p.task_id].replicas[p.replica]
         r.node, r.gpu_indices, r.assigned_at = p.node, p.gpu_indices, at
         r.exit_code = r.started_at = r.finished_at = None
-        changes.append(_transition(p.task_id, r, ReplicaState.ASSIGNED, f"placed on {p.node}"))
+        changes.append(transition(p.task_id, r, ReplicaState.ASSIGNED, f"placed on {p.node}"))
     return changes
 
 
 def release_node(tasks: Iterable[Task], node: str, at: float, reason: str) -> list[RecordReplicaTransition]:
     """Take every unfinished replica off ``node`` (Dead or gone): Pending again, or Stopped if its task is stopping."""
     changes = []
-    for task in tasks:
+    for task in _not_grouped(tasks):
         for r in task.replicas:
             if r.node != node or r.state in FINAL_REPLICA_STATES:
                 continue
             if task.stop_requested:
                 r.finished_at = at
-                changes.append(_transition(task.id, r, ReplicaState.STOPPED, f"stopped; {reason}"))
+                changes.append(transition(task.id, r, ReplicaState.STOPPED, f"stopped; {reason}"))
                 continue
             changes.append(_reschedule(task.id, r, node, reason))
     return changes
@@ -152,7 +153,7 @@ def release_node(tasks: Iterable[Task], node: str, at: float, reason: str) -> li
 
 def _reschedule(task_id: str, r: Replica, node: str, reason: str) -> RecordReplicaTransition:
     """A replica lost on ``node`` (the node died, or its engine stopped it): Pending again, a new attempt."""
-    change = _transition(task_id, r, ReplicaState.PENDING, f"rescheduled; {reason}")
+    change = transition(task_id, r, ReplicaState.PENDING, f"rescheduled; {reason}")
     r.error = f"Lost on node {node}: {reason.rstrip('.')}."
     r.node, r.gpu_indices, r.assigned_at, r.started_at = None, (), None, None
     r.attempt += 1
@@ -169,7 +170,7 @@ def stop_task(task: Task, at: float) -> tuple[list[RecordReplicaTransition], lis
             continue
         if r.node is None:
             r.finished_at = at
-            changes.append(_transition(task.id, r, ReplicaState.STOPPED, "stop requested"))
+            changes.append(transition(task.id, r, ReplicaState.STOPPED, "stop requested"))
         else:
             to_stop.append((r.node, r.index))
     return changes, to_stop
@@ -204,7 +205,7 @@ def apply_node_report(
     """
     by_key = {(r.id, r.replica): r for r in reports}
     changes = []
-    for task in tasks:
+    for task in _not_grouped(tasks):
         for r in task.replicas:
             if r.node != node or r.state in FINAL_REPLICA_STATES:
                 continue
@@ -212,9 +213,9 @@ def apply_node_report(
             if report is None:
                 if task.stop_requested:
                     r.finished_at = at
-                    changes.append(_transition(task.id, r, ReplicaState.STOPPED, "the node stopped it"))
+                    changes.append(transition(task.id, r, ReplicaState.STOPPED, "the node stopped it"))
                 elif r.state in (ReplicaState.PULLING, ReplicaState.RUNNING):
-                    changes.append(_transition(task.id, r, ReplicaState.LOST, "the node no longer reports it"))
+                    changes.append(transition(task.id, r, ReplicaState.LOST, "the node no longer reports it"))
                 continue
             if report.attempt is not None and report.attempt != r.attempt:
                 continue  # a container of another attempt (a leftover the node has not replaced yet)
@@ -234,8 +235,14 @@ def apply_node_report(
                 r.exit_code = report.exit_code
             if report.error is not None or new == ReplicaState.COMPLETED:
                 r.error = report.error
-            changes.append(_transition(task.id, r, new, "reported by the node"))
+            changes.append(transition(task.id, r, new, "reported by the node"))
     return changes
+
+
+def _not_grouped(tasks: Iterable[Task]) -> Iterable[Task]:
+    """Tasks whose replicas change one by one: all but running groups (``gangs`` folds those; a
+    stopping group stops like any task)."""
+    return (t for t in tasks if t.spec.group is None or t.stop_requested)
 
 
 def check_placeable(spec: TaskSpec, nodes: Iterable[NodeRecord]) -> None:

@@ -39,6 +39,7 @@ from prime.roles.master.state import (
     MasterState,
     NodeJoinedOnChain,
     NodeUrlResolved,
+    RecordGroupTransition,
     RecordReplicaTransition,
     RecordTransition,
     RecordViewGap,
@@ -198,6 +199,9 @@ class MasterService:
             log.info("task %s replica %d on %s: %s -> %s (%s)", ins.task_id, ins.replica, ins.node or "-",
                      ins.old.value, ins.new.value, ins.reason)
             self.metrics.replica_transition(ins.old, ins.new)
+        elif isinstance(ins, RecordGroupTransition):
+            log.info("task %s group attempt %d: %s -> %s (%s)", ins.task_id, ins.attempt, ins.old.value, ins.new.value,
+                     ins.reason)
         elif isinstance(ins, SendInvite):
             self.spawn(f"invite {ins.node}", self._invite(ins))
         elif isinstance(ins, StartReplica):

@@ -31,7 +31,7 @@ from prime.protocol.errors import ValidationError
 from prime.protocol.heartbeat import DesiredReplica, HeartbeatResponse
 from prime.protocol.nodes import HOSTING_STATES, NodeRecord, NodeSample, NodeState
 from prime.protocol.tasks import FINAL_REPLICA_STATES, PLACED_REPLICA_STATES, ReplicaState, Task, TaskSpec
-from prime.roles.master import scheduler, syncplan
+from prime.roles.master import gangs, scheduler, syncplan
 from prime.roles.master.events import (  # re-exported (__all__): the core's vocabulary
     ChainMember,
     ChainMembershipObserved,
@@ -48,6 +48,7 @@ from prime.roles.master.events import (  # re-exported (__all__): the core's voc
     NodeJoinedOnChain,
     NodeLeftOnChain,
     NodeUrlResolved,
+    RecordGroupTransition,
     RecordReplicaTransition,
     RecordTransition,
     RecordViewGap,
@@ -64,6 +65,7 @@ from prime.roles.master.events import (  # re-exported (__all__): the core's voc
     TaskStopRequested,
     Tick,
 )
+from prime.roles.master.groups import GroupState
 from prime.roles.master.lifecycle import Reconciliation, StateConfig, reconcile
 from prime.roles.master.syncplan import SyncKey, SyncMark
 
@@ -71,7 +73,7 @@ __all__ = [
     "ChainMember", "ChainMembershipObserved", "ChainSynced", "Event", "HeartbeatReceived", "HeartbeatRefused",
     "Instruction", "InviteFailed", "InviteSent", "MasterStarted", "MasterState", "NodeApprovedOnChain",
     "NodeEjectedOnChain", "NodeJoinedOnChain", "NodeLeftOnChain", "NodeUrlResolved", "Reconciliation",
-    "RecordReplicaTransition", "RecordTransition", "RecordViewGap", "RunEnded", "SendInvite", "StartReplica", "StateConfig",
+    "RecordGroupTransition", "RecordReplicaTransition", "RecordTransition", "RecordViewGap", "RunEnded", "SendInvite", "StartReplica", "StateConfig",
     "StopReplica", "SyncFailed", "SyncKey", "SyncMark", "SyncRound", "SyncStorage", "SyncSucceeded",
     "TaskCreated", "TaskRefused", "TaskStopRequested", "Tick", "admission_refusal", "desired_entry", "handle",
     "heartbeat_refusal", "heartbeat_response", "invite_is_current", "may_heartbeat", "reconcile",
@@ -89,6 +91,7 @@ class MasterState:
     tasks: dict[str, Task] = field(default_factory=dict)
     chain_cursor: int | None = None      # the event follower's cursor (opaque here), stored with the state
     sync_marks: dict[SyncKey, SyncMark] = field(default_factory=dict)  # storage sync bookkeeping (syncplan)
+    groups: dict[str, GroupState] = field(default_factory=dict)  # group tasks' state machines (gangs), by task id
     # Runtime only (not stored):
     watching_since: float | None = None  # when this master's continuous view began: its start, or the end of a gap
     last_tick_at: float | None = None    # the previous Tick's time (gaps in the master's own view show there)
@@ -128,8 +131,8 @@ def heartbeat_refusal(state: MasterState, node: str) -> str | None:
 
 def heartbeat_response(state: MasterState, node: str) -> HeartbeatResponse:
     """The answer to a node's heartbeat: the interval and everything it should run."""
-    desired = scheduler.desired_for(state.tasks.values(), node)
-    return HeartbeatResponse(state.config.heartbeat_interval_s, tuple(desired))
+    desired = (gangs.desired(state, d) for d in scheduler.desired_for(state.tasks.values(), node))
+    return HeartbeatResponse(state.config.heartbeat_interval_s, tuple(d for d in desired if d is not None))
 
 
 def invite_is_current(state: MasterState, ins: SendInvite) -> bool:
@@ -146,7 +149,7 @@ def desired_entry(state: MasterState, task_id: str, replica: int, node: str) -> 
     r = task.replica(replica) if task is not None else None
     if task is None or r is None or task.stop_requested or r.node != node or r.state not in PLACED_REPLICA_STATES:
         return None
-    return DesiredReplica(task.id, r.index, r.attempt, r.gpu_indices, task.spec)
+    return gangs.desired(state, DesiredReplica(task.id, r.index, r.attempt, r.gpu_indices, task.spec))
 
 
 def admission_refusal(state: MasterState, spec: TaskSpec, task_id: str = "") -> TaskRefused | None:
@@ -187,7 +190,9 @@ def _apply(state: MasterState, result: Reconciliation, at: float, *, schedule: b
         if ins.old in HOSTING_STATES and ins.new not in HOSTING_STATES:
             changes = scheduler.release_node(state.tasks.values(), ins.node, at, f"node went {ins.new.value}")
             instructions.extend(_note_replicas(state, changes))
-            schedule = schedule or bool(changes)
+            gone = gangs.node_gone(state, ins.node, at)
+            instructions.extend(gone)
+            schedule = schedule or bool(changes) or bool(gone)
     if schedule:
         instructions.extend(_schedule(state, at))
     return instructions
@@ -216,12 +221,16 @@ def _note_replicas(state: MasterState, changes: list[RecordReplicaTransition]) -
 
 
 def _schedule(state: MasterState, at: float) -> list[Instruction]:
-    waiting = [t for t in state.tasks.values() if not t.stop_requested and any(r.state == ReplicaState.PENDING for r in t.replicas)]
+    # Groups first (oldest first): a gang takes all its nodes at once or none, so one that does not
+    # fit holds nothing back, and one that does is not starved by the replicas behind it.
+    out = gangs.schedule(state, at)
+    waiting = [t for t in state.tasks.values() if not t.stop_requested and t.spec.group is None
+               and any(r.state == ReplicaState.PENDING for r in t.replicas)]
     if not waiting:
-        return []
+        return out
     placements = scheduler.place(state.tasks.values(), state.nodes.values())
     changes = scheduler.apply_placements(state.tasks, placements, at)
-    out = _note_replicas(state, changes)
+    out.extend(_note_replicas(state, changes))
     out.extend(StartReplica(p.node, p.task_id, p.replica) for p in placements)
     return out
 
@@ -335,7 +344,7 @@ def _on_heartbeat(state: MasterState, event: HeartbeatReceived) -> list[Instruct
     if reason is not None:
         return [HeartbeatRefused(event.node, reason)]
     rec = state.nodes[event.node]
-    rec.last_sample = NodeSample(event.at, event.payload.gpus, event.payload.load or {})
+    rec.last_sample = NodeSample(event.at, event.payload.gpus, event.payload.load or {}, event.payload.task_ports)
     state.dirty_nodes.add(event.node)
     instructions = _reconcile_one(state, event.node, event.at, heartbeat=event.at)
     restarts = _restart_counts(state, event.node)
@@ -343,6 +352,9 @@ def _on_heartbeat(state: MasterState, event: HeartbeatReceived) -> list[Instruct
     after = _restart_counts(state, event.node)
     state.dirty_tasks.update(key[0] for key, count in after.items() if restarts.get(key) != count)
     instructions.extend(_note_replicas(state, changes))
+    members = gangs.report(state, event.node, event.payload.tasks, event.at)
+    instructions.extend(members)
+    changes.extend(c for c in members if isinstance(c, RecordReplicaTransition))
     if any(c.new in FINAL_REPLICA_STATES or c.new == ReplicaState.PENDING for c in changes):
         instructions.extend(_schedule(state, event.at))  # finished replicas free GPUs; lost ones are placed again
     return instructions
@@ -364,7 +376,8 @@ def _on_tick(state: MasterState, event: Tick) -> list[Instruction]:
         if elapsed < 0 or elapsed > state.config.view_gap_s(event.every_s):
             state.watching_since = event.now
             out.append(RecordViewGap(last, event.now))
-    return out + _reconcile_all(state, event.now, schedule=True)
+    out.extend(_reconcile_all(state, event.now, schedule=True))
+    return out + gangs.tick(state, event.now)
 
 
 def _on_task_created(state: MasterState, event: TaskCreated) -> list[Instruction]:
@@ -376,6 +389,8 @@ def _on_task_created(state: MasterState, event: TaskCreated) -> list[Instruction
         return [refusal]
     state.tasks[task.id] = task
     state.dirty_tasks.add(task.id)
+    if gangs.is_group(task):
+        return gangs.created(state, task, task.created_at) + _schedule(state, task.created_at)
     return _schedule(state, task.created_at)
 
 

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from prime.chain.types import NodeStatus
+from prime.protocol.groups import GroupRequest
 from prime.protocol.nodes import NO_HARDWARE, NodeRecord, NodeSample, NodeState, specs_from_json, specs_to_json
 from prime.protocol.storage import ManifestEntry
 from prime.protocol.tasks import Replica, ReplicaState, RestartPolicy, Task, TaskSpec
+from prime.roles.master import gangs
 from prime.roles.master.state import MasterState, StateConfig
 from prime.roles.master.syncplan import SyncMark, dropped
 from prime.store import Database
@@ -56,6 +58,8 @@ MIGRATIONS: list[str] = [
     # How often the node restarted the replica's container this attempt (ReplicaReport.restarts):
     # a restarted master shows it before the node's next heartbeat.
     "ALTER TABLE replicas ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0",
+    # A group task's state machine (issue 15: gangs.to_json), written with its task.
+    "CREATE TABLE groups (task_id TEXT PRIMARY KEY, state TEXT NOT NULL)",
 ]
 
 LEGACY_SYNC_FILE = "sync.sqlite"
@@ -115,6 +119,9 @@ class MasterStore:
             for task_id in task_ids:
                 if task_id in state.tasks:
                     self._write_task(state.tasks[task_id])
+                if task_id in state.groups:
+                    self.db.execute("INSERT OR REPLACE INTO groups (task_id, state) VALUES (?, ?)",
+                                    (task_id, json.dumps(gangs.to_json(state.groups[task_id]))))
             marks = [(key, state.sync_marks[key]) for key in sync_keys or () if key in state.sync_marks]
             if marks:
                 self.db.executemany(SYNC_MARK_UPSERT, [_sync_mark_row(key, mark) for key, mark in marks])
@@ -139,6 +146,11 @@ class MasterStore:
             task = Task(row["id"], _spec_from_stored(json.loads(row["spec"])), row["created_at"],
                         replicas.get(row["id"], []), bool(row["stop_requested"]))
             state.tasks[task.id] = task
+        for row in self.db.query("SELECT * FROM groups", ()):
+            owner = state.tasks.get(row["task_id"])
+            if owner is not None:
+                group = state.groups[owner.id] = gangs.from_json(owner.id, json.loads(row["state"]))
+                owner.group = gangs.view(group)
         for row in self.db.query("SELECT * FROM sync_marks ORDER BY task_id, replica", ()):
             state.sync_marks[(row["task_id"], row["replica"])] = SyncMark(
                 row["failures"], row["next_at"], row["final_attempts"], row["final_at"], row["files"], row["attempt"])
@@ -331,6 +343,7 @@ def _spec_from_stored(data: dict[str, Any]) -> TaskSpec:
         gpus=data.get("gpus", 0), replicas=data.get("replicas", 1), persistent=bool(data.get("persistent", False)),
         cpu_limit=data.get("cpu_limit"), memory_limit_mib=data.get("memory_limit_mib"),
         restart=RestartPolicy(data.get("restart", "never")),
+        group=GroupRequest(**data["group"]) if data.get("group") else None,
     )
 
 
