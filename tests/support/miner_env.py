@@ -4,7 +4,8 @@
 - ``create_run(chain_client, anvil, discovery_url, **requirements)``: a run owned by
   accounts[2] with accounts[3] as its master.
 - ``write_keystore(path, account)``: a cheap (pbkdf2) keystore with password "devnet".
-- ``miner_args(...)``: the argv of ``prime miner start`` for a node (short intervals).
+- ``miner_args(...)``: the argv of ``prime miner start`` for a node (short intervals; ``task_ports``:
+  ``--task-ports``, e.g. from ``free_port_range()``).
 - ``TestMaster``: a small signed-request aiohttp server that answers heartbeats with a
   desired list the test sets, and records what it got.
 - ``sign_invite_body(...)``: the JSON body of POST /invite as a master sends it.
@@ -105,8 +106,10 @@ def miner_args(
     deployment: Any,
     provider_key_file: Path | None = None,
     extra: list[str] | None = None,
+    task_ports: tuple[int, int] | None = None,
 ) -> list[str]:
-    """Arguments of ``prime miner start`` (after "start") for a loopback test node."""
+    """Arguments of ``prime miner start`` (after "start") for a loopback test node; ``task_ports``
+    (first, last): ``--task-ports`` (the node may host members of group tasks; see ``free_port_range``)."""
     args = [
         "--run-id", str(run_id), "--gpu", "none", "--host", "127.0.0.1", "--port", str(port),
         "--public-ip", "127.0.0.1", "--key-file", str(key_file), "--rpc-url", anvil.rpc_url,
@@ -115,7 +118,32 @@ def miner_args(
     ]
     if provider_key_file is not None:
         args += ["--provider-key-file", str(provider_key_file)]
+    if task_ports is not None:
+        args += ["--task-ports", f"{task_ports[0]}-{task_ports[1]}"]
     return args + (extra or [])
+
+
+def free_port_range(count: int = 10, *, tries: int = 200) -> tuple[int, int]:
+    """(first, last): ``count`` consecutive TCP ports free on this machine just now (for ``--task-ports``;
+    several miners of one test each take their own range). Never a fixed range: suites share the host."""
+    import random
+    import socket
+
+    for _ in range(tries):
+        first = random.randint(10000, 32000 - count)  # below Linux's ephemeral ports (32768-60999): no client socket takes one
+        socks: list[socket.socket] = []
+        try:
+            for port in range(first, first + count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind(("0.0.0.0", port))
+            return first, first + count - 1
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free TCP ports found")
 
 
 def miner_command(**kwargs: Any) -> list[str]:

@@ -130,9 +130,13 @@ async def test_the_heartbeat_loop_runs_what_the_master_lists_without_docker_or_c
         # The master goes away: the failure is recorded and saved; heartbeats resume when it is back.
         master.down = True
         await wait_until(lambda: store.state.last_heartbeat_error, timeout_s=5, interval_s=0.01, what="a failure")
-        assert StateFile(tmp_path).load().last_heartbeat_error == "the master is down"
+        # Saved off the loop, just after the state changed: waited for, not raced.
+        await wait_until(lambda: StateFile(tmp_path).load().last_heartbeat_error == "the master is down", timeout_s=5,
+                         interval_s=0.01, what="the failure saved")
         master.down = False
         await wait_until(lambda: store.state.last_heartbeat_error is None, timeout_s=10, interval_s=0.01, what="a beat again")
+        await wait_until(lambda: StateFile(tmp_path).load().last_heartbeat_error is None, timeout_s=5, interval_s=0.01,
+                         what="the beat saved")
         saved = StateFile(tmp_path).load()
         assert saved.last_heartbeat_error is None and saved.heartbeat_interval_s == pytest.approx(0.02)
         assert runtime.heartbeat.beats >= 4

@@ -142,7 +142,7 @@ def parse_task_ports(text: str | None) -> tuple[int, int] | None:
         return None
     match = _RANGE_RE.match(text)
     if match is None:
-        raise ConfigError(f"--task-ports {text!r} is not a port range; write FIRST-LAST, e.g. 29500-29599.")
+        raise ConfigError(f"--task-ports {text!r} is not a port range; write FIRST-LAST, such as 29500-29599.")
     first, last = int(match[1]), int(match[2])
     if not 1 <= first <= last <= 65535:
         raise ConfigError(f"--task-ports {text!r} is not a range of TCP ports; give 1 <= FIRST <= LAST <= 65535.")
