@@ -29,6 +29,7 @@ from tests.support.miner_env import (
     TestMaster,
     create_run,
     desired_entry,
+    free_port_range,
     running_node,
     sign_invite_body,
     wait_until,
@@ -53,7 +54,8 @@ async def test_heartbeats_reach_the_master_and_run_its_desired_tasks(
     reader = await chain_client()
     master = await TestMaster(anvil.accounts[MASTER_INDEX], Domain.of(deployment), interval_s=0.3).start()
     try:
-        async with running_node(anvil, deployment, run_id, node, tmp_path / "data") as miner:
+        task_ports = free_port_range(4)  # checked free at start, then offered in every beat
+        async with running_node(anvil, deployment, run_id, node, tmp_path / "data", task_ports=task_ports) as miner:
             await (await chain_client(anvil.accounts[VALIDATOR_INDEX])).report_validation(node.address, True, b"\x02" * 32)
             async with peer_client(master_account, to=miner.address, domain=Domain.of(deployment), retries=0) as client:
                 await client.request("POST", f"{miner.url}/invite", json=await sign_invite_body(reader, master_account, run_id, node.address, master.url))
@@ -63,6 +65,7 @@ async def test_heartbeats_reach_the_master_and_run_its_desired_tasks(
             assert signer == node.address
             parsed = HeartbeatRequest.from_json(body)  # the master's own strict parser accepts it
             assert parsed.tasks == () and parsed.gpus == () and "cpu_pct" in parsed.load
+            assert parsed.task_ports == task_ports
 
             # The master wants a long task: the miner starts its container and reports it Running.
             master.desired = [desired_entry("sleeper", busybox_image, SLEEPER)]
@@ -76,6 +79,20 @@ async def test_heartbeats_reach_the_master_and_run_its_desired_tasks(
             # A short task next to it: reported Completed with its exit code.
             master.desired.append(desired_entry("hello", busybox_image, ["echo", "hello"]))
             await master.wait_for(lambda: any(r["state"] == "Completed" and r["exit_code"] == 0 for r in master.reports("hello")))
+
+            # A group member (issue 15) with the master's env and ports: on the host's network; one on a port
+            # outside --task-ports is refused, in the report.
+            first, last = task_ports
+            for task_id, ports in (("member", [first, first + 1]), ("stray", [last + 1])):
+                member = desired_entry(task_id, busybox_image, ["sh", "-c", "echo rank=$NODE_RANK"])
+                member["spec"]["group"] = {"nodes": 2}
+                master.desired.append({**member, "env": {"NODE_RANK": "1"}, "ports": ports})
+            await master.wait_for(lambda: any(r["state"] == "Completed" for r in master.reports("member")))
+            (container,) = _containers(docker_client, node.address, "member")
+            assert container.attrs["HostConfig"]["NetworkMode"] == "host" and container.logs().decode() == "rank=1\n"
+            stray = master.reports("stray")[-1]
+            assert stray["state"] == "Failed" and f"port {last + 1}, outside this node's --task-ports" in stray["error"]
+            master.desired = master.desired[:2]
 
             # The master stops listing both: the running one is stopped, the finished one kept (its logs stay readable).
             master.desired = []
