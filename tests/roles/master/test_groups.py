@@ -398,6 +398,7 @@ def test_random_node_arrivals_deaths_and_exits_keep_the_invariants(spec: GroupSp
     for op in steps:
         now += 1.0 + op[2] % 3
         offers_before = dict(g.offers)
+        survivors = dict(g.survivors)  # the last attempt's members still there -> their rank
         event = to_event(g, op, now)
         out = handle(g, event)
         if ended:
@@ -414,9 +415,11 @@ def test_random_node_arrivals_deaths_and_exits_keep_the_invariants(spec: GroupSp
                     assert m.node in offers_now and fits(spec, offers_now[m.node])
                     assert m.env["NODE_RANK"] == str(m.rank)
                     assert m.env["NNODES"] == str(len(d.members))
-                    assert m.env["WORLD_SIZE"] == str(len(d.members) * spec.gpus_per_node)
+                    assert m.env["WORLD_SIZE"] == str(len(d.members) * max(1, spec.gpus_per_node))
                     assert m.env["PRIME_GROUP_ATTEMPT"] == str(d.attempt)
                     assert len(json.loads(m.env["PRIME_PEERS"])) == len(d.members)
+                    if survivors.get(m.node, len(d.members)) < len(d.members):
+                        assert m.rank == survivors[m.node]  # a survivor keeps its rank (and its /data)
             elif isinstance(d, StopMembers):
                 assert d.attempt == last_attempt
         assert sum(isinstance(d, StartMembers) for d in out) <= 1

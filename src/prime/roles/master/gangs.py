@@ -118,6 +118,7 @@ def _fold(state: MasterState, task: Task, r: Replica, seen: ReplicaReport | None
     elif seen.state == ReplicaState.PULLING:
         if r.state == ReplicaState.ASSIGNED:
             out.append(scheduler.transition(task.id, r, ReplicaState.PULLING, "reported by the node"))
+        event = groups.MemberPulling(r.attempt, r.index, at)
     elif seen.state == ReplicaState.RUNNING:
         if r.state != ReplicaState.RUNNING:
             r.started_at = at
@@ -299,7 +300,8 @@ def to_json(group: GroupState) -> dict[str, Any]:
                  s.backoff_base_s, s.backoff_max_s],
         "waiting_since": group.waiting_since, "phase": group.phase.value, "attempt": group.attempt,
         "members": [[m.rank, m.node, m.address, m.gpu_model, list(m.ports)] for m in group.members],
-        "started": sorted(group.started), "finished": sorted(group.finished), "restarts": group.restarts,
+        "started": sorted(group.started), "finished": sorted(group.finished), "heard": sorted(group.heard),
+        "restarts": group.restarts,
         "restart_at": group.restart_at, "survivors": group.survivors, "reason": group.reason,
     }
 
@@ -307,7 +309,8 @@ def to_json(group: GroupState) -> dict[str, Any]:
 def from_json(group_id: str, data: Mapping[str, Any]) -> GroupState:
     members = tuple(Member(int(m[0]), str(m[1]), str(m[2]), str(m[3]), (int(m[4][0]), int(m[4][1]))) for m in data["members"])
     return GroupState(
-        group_id, GroupSpec(*data["spec"]), float(data["waiting_since"]), GroupPhase(data["phase"]), {},
-        int(data["attempt"]), members, set(data["started"]), set(data["finished"]), int(data["restarts"]),
-        data["restart_at"], {str(k): int(v) for k, v in data["survivors"].items()}, data["reason"],
+        group_id, GroupSpec(*data["spec"]), float(data["waiting_since"]), phase=GroupPhase(data["phase"]),
+        attempt=int(data["attempt"]), members=members, started=set(data["started"]), finished=set(data["finished"]),
+        heard=set(data.get("heard", ())), restarts=int(data["restarts"]), restart_at=data["restart_at"],
+        survivors={str(k): int(v) for k, v in data["survivors"].items()}, reason=data["reason"],
     )

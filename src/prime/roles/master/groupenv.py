@@ -8,7 +8,7 @@ at least ``PORTS_NEEDED`` ports). Every member of the attempt gets::
     NODE_RANK            its rank, 0 .. NNODES-1
     NNODES               members in this attempt
     GPUS_PER_NODE        the spec's GPUs per node
-    WORLD_SIZE           NNODES * GPUS_PER_NODE
+    WORLD_SIZE           NNODES * GPUS_PER_NODE (one process a node on a group without GPUs)
     MASTER_ADDR          rank 0's address
     MASTER_PORT          rank 0's rendezvous port
     NODE_IPS             every member's address, rank order, comma-separated
@@ -72,7 +72,7 @@ def member_envs(group_id: str, attempt: int, members: Sequence[Member], gpus_per
     shared = {
         "NNODES": str(len(ordered)),
         "GPUS_PER_NODE": str(gpus_per_node),
-        "WORLD_SIZE": str(len(ordered) * gpus_per_node),
+        "WORLD_SIZE": str(len(ordered) * max(1, gpus_per_node)),
         "MASTER_ADDR": master.address,
         "MASTER_PORT": str(master.rendezvous_port),
         "NODE_IPS": ",".join(m.address for m in ordered),

@@ -136,6 +136,15 @@ class NodeGone:
 
 
 @dataclass(frozen=True)
+class MemberPulling:
+    """A member's node is pulling its image: it is on its way (the start timeout does not end it)."""
+
+    attempt: int
+    rank: int
+    at: float
+
+
+@dataclass(frozen=True)
 class MemberStarted:
     attempt: int
     rank: int
@@ -166,7 +175,7 @@ class Tick:
     now: float
 
 
-GroupEvent = Union[NodeAvailable, Offers, NodeGone, MemberStarted, MemberExited, MemberLost, Tick]
+GroupEvent = Union[NodeAvailable, Offers, NodeGone, MemberPulling, MemberStarted, MemberExited, MemberLost, Tick]
 
 # --- decisions (what to do) ----------------------------------------------------------------------
 
@@ -229,6 +238,7 @@ class GroupState:
     attempt: int = -1  # the attempt last started; -1 before the first
     members: tuple[Member, ...] = ()
     started: set[int] = field(default_factory=set)  # ranks of this attempt reported started
+    heard: set[int] = field(default_factory=set)  # ranks of this attempt reported at all (pulling or started)
     finished: set[int] = field(default_factory=set)  # ranks of this attempt that exited 0
     restarts: int = 0
     restart_at: float | None = None
@@ -260,6 +270,10 @@ def handle(group: GroupState, event: GroupEvent) -> list[GroupDecision]:
         return _try_place(group, event.at) if group.phase == GroupPhase.PENDING else []
     if isinstance(event, NodeGone):
         return _node_gone(group, event)
+    if isinstance(event, MemberPulling):
+        if _current_rank(group, event.attempt, event.rank):
+            group.heard.add(event.rank)
+        return []
     if isinstance(event, MemberStarted):
         return _member_started(group, event)
     if isinstance(event, MemberExited):
@@ -289,6 +303,7 @@ def _member_started(group: GroupState, event: MemberStarted) -> list[GroupDecisi
     if not _current_rank(group, event.attempt, event.rank):
         return []
     group.started.add(event.rank)
+    group.heard.add(event.rank)
     if group.phase == GroupPhase.STARTING and len(group.started) == len(group.members):
         group.phase = GroupPhase.RUNNING
     return []
@@ -307,7 +322,7 @@ def _member_exited(group: GroupState, event: MemberExited) -> list[GroupDecision
             group.phase = GroupPhase.RUNNING
         return []
     group.phase = GroupPhase.COMPLETED
-    group.members, group.started, group.finished = (), set(), set()
+    group.members, group.started, group.finished, group.heard = (), set(), set(), set()
     return [CompleteGroup(group.group_id)]
 
 
@@ -318,7 +333,7 @@ def _attempt_failed(group: GroupState, why: str, at: float, exited: int | None =
     )
     stop = StopMembers(group.group_id, group.attempt, to_stop, why)
     group.survivors = {m.node: m.rank for m in group.members if m.node in group.offers}
-    group.members, group.started, group.finished = (), set(), set()
+    group.members, group.started, group.finished, group.heard = (), set(), set(), set()
     group.restarts += 1
     if group.restarts > group.spec.max_restarts:
         return [stop, _fail(group, f"Group {group.group_id} failed: {why}; the restart limit ({group.spec.max_restarts}) is reached.")]
@@ -336,10 +351,12 @@ def _fail(group: GroupState, reason: str) -> FailGroup:
 
 
 def _tick(group: GroupState, now: float) -> list[GroupDecision]:
-    if group.phase == GroupPhase.STARTING and now - group.waiting_since >= group.spec.start_timeout_s:
-        # Placed, but a member never came up (an image that pulls for ever, a node that never starts it).
-        late = sorted(set(range(len(group.members))) - group.started)
-        return _attempt_failed(group, f"rank {late[0]} did not start within {_duration(group.spec.start_timeout_s)}", now)
+    silent = sorted(set(range(len(group.members))) - group.heard)
+    if group.phase == GroupPhase.STARTING and silent and now - group.waiting_since >= group.spec.start_timeout_s:
+        # Placed, but a member's node never even reported it (a pull in progress counts as heard:
+        # a large image may take longer than the timeout).
+        why = f"rank {silent[0]} was not reported by its node within {_duration(group.spec.start_timeout_s)}"
+        return _attempt_failed(group, why, now)
     if group.phase == GroupPhase.RESTARTING:
         if group.restart_at is None or now < group.restart_at:
             return []
@@ -396,6 +413,7 @@ def _try_place(group: GroupState, at: float) -> list[GroupDecision]:
     group.attempt += 1
     group.members = tuple(Member(rank, o.node, o.address, o.gpu_model, o.ports) for rank, o in enumerate(chosen))
     group.phase, group.started, group.finished, group.survivors = GroupPhase.STARTING, set(), set(), {}
+    group.heard = set()
     group.waiting_since = at  # the start timeout now bounds the wait for every member to come up
     envs = member_envs(group.group_id, group.attempt, group.members, spec.gpus_per_node)
     launches = tuple(MemberLaunch(m.rank, m.node, envs[m.rank]) for m in group.members)
