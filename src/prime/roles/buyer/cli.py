@@ -19,36 +19,18 @@ from rich.console import Console
 
 from prime.config import DEFAULT_PASSWORD_ENV, DEFAULT_RPC_URL, DeploymentPath, KeyFile, PasswordEnv, RpcUrl
 from prime.errors import ConfigError, PeerError, PrimeError
+from prime.roles.buyer.common import JsonOutput, MasterUrl, TaskId
+from prime.roles.buyer.common import account as _account
+from prime.roles.buyer.common import console as _console
+from prime.roles.buyer.common import echo_json as _echo_json
+from prime.roles.buyer.common import with_master as _with_master
+from prime.roles.buyer.task_cli import task_app
 
 app = typer.Typer(no_args_is_help=True)
 run_app = typer.Typer(no_args_is_help=True, help="Read a run's record on chain.")
-task_app = typer.Typer(no_args_is_help=True, help="Create, show and stop tasks through the run's master.")
 app.add_typer(run_app, name="run")
 app.add_typer(task_app, name="task")
-
-MasterUrl = Annotated[
-    Optional[str],
-    typer.Option("--master-url", envvar="PRIME_MASTER_URL", help="URL of a master of the run, e.g. http://127.0.0.1:8092.", show_default=False),
-]
-JsonOutput = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of tables.")]
 RunId = Annotated[int, typer.Argument(min=1, help="The run's id (printed by create-run).")]
-TaskId = Annotated[str, typer.Argument(help="The task's id (see `prime buyer tasks`).")]
-
-
-def _console() -> Console:
-    console = Console()
-    # Piped into a file or grep: no 80-column wrapping.
-    return console if console.is_terminal else Console(width=200)
-
-
-def _echo_json(value: Any) -> None:
-    typer.echo(json.dumps(value, indent=2, sort_keys=False))
-
-
-def _account(key_file: Path | None, password_env: str):
-    from prime.keys import load_account
-
-    return load_account(key_file, password_env=password_env)
 
 
 # --- chain commands ---------------------------------------------------------------------------
@@ -235,97 +217,6 @@ def run_show(
 # --- master commands --------------------------------------------------------------------------
 
 
-def _with_master(master_url: str | None, key_file: Path | None, password_env: str, action: Callable[[Any], Awaitable[Any]], *, timeout_s: float = 10.0) -> Any:
-    from prime.roles.buyer.master_client import MasterClient, normalize_master_url
-
-    url = normalize_master_url(master_url)  # checked before asking for a password
-    account = _account(key_file, password_env)
-
-    async def run() -> Any:
-        async with MasterClient.open(account, url, timeout_s=timeout_s) as master:
-            return await action(master)
-
-    return asyncio.run(run())
-
-
-@task_app.command("create")
-def task_create(
-    image: Annotated[str, typer.Option("--image", help="Container image, e.g. ghcr.io/org/trainer:1.2.")],
-    args: Annotated[Optional[list[str]], typer.Argument(help="The command, after -- (or use --cmd).", show_default=False)] = None,
-    cmd: Annotated[Optional[str], typer.Option("--cmd", help='The command as one string, split like a shell: --cmd "python train.py --lr 0.1".')] = None,
-    env: Annotated[Optional[list[str]], typer.Option("--env", help="Environment variable NAME=VALUE (repeatable).")] = None,
-    gpus: Annotated[str, typer.Option("--gpus", help="GPUs per replica: a number, or 'all' (every GPU of one node).")] = "0",
-    replicas: Annotated[int, typer.Option("--replicas", min=1, help="How many copies to run (each on its own GPUs).")] = 1,
-    persistent: Annotated[bool, typer.Option("--persistent/--no-persistent", help="Keep /data and let the master sync it (see `prime buyer files`).")] = False,
-    cpu_limit: Annotated[Optional[float], typer.Option("--cpu-limit", help="CPUs per replica (e.g. 2.5); default no limit.")] = None,
-    memory_limit_mib: Annotated[Optional[int], typer.Option("--memory-limit-mib", help="Memory per replica in MiB; default no limit.")] = None,
-    restart: Annotated[str, typer.Option("--restart", help="never | on-failure (restarted with backoff).")] = "never",
-    master_url: MasterUrl = None,
-    key_file: KeyFile = None,
-    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
-    json_output: JsonOutput = False,
-) -> None:
-    """Create a task: e.g. `prime buyer task create --image busybox --persistent -- sh -c 'echo hi > /data/out'`."""
-    from prime.roles.buyer.render import replica_summary
-    from prime.roles.buyer.spec import build_task_spec, parse_command, parse_env, parse_gpus
-
-    spec = build_task_spec(
-        image=image,
-        command=parse_command(cmd, args),
-        env=parse_env(env or []),
-        gpus=parse_gpus(gpus),
-        replicas=replicas,
-        persistent=persistent,
-        cpu_limit=cpu_limit,
-        memory_limit_mib=memory_limit_mib,
-        restart=restart,
-    )
-    task = _with_master(master_url, key_file, password_env, lambda master: master.create_task(spec))
-    if json_output:
-        _echo_json(task)
-        return
-    typer.echo(task["id"])
-    Console(stderr=True, soft_wrap=True).print(
-        f"Task {task['id']} created ({task.get('state', '?')}: {replica_summary(task)}); "
-        f"follow it with `prime buyer logs {task['id']} -f`.",
-        highlight=False,
-    )
-
-
-@task_app.command("show")
-def task_show(
-    task_id: TaskId,
-    master_url: MasterUrl = None,
-    key_file: KeyFile = None,
-    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
-    json_output: JsonOutput = False,
-) -> None:
-    """Show one task: its spec and each replica's node, state and exit code."""
-    from prime.roles.buyer.render import task_detail
-
-    task = _with_master(master_url, key_file, password_env, lambda master: master.get_task(task_id))
-    if json_output:
-        _echo_json(task)
-    else:
-        _console().print(task_detail(task))
-
-
-@task_app.command("stop")
-def task_stop(
-    task_id: TaskId,
-    master_url: MasterUrl = None,
-    key_file: KeyFile = None,
-    password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
-    json_output: JsonOutput = False,
-) -> None:
-    """Stop every replica of a task (its synced files stay readable)."""
-    answer = _with_master(master_url, key_file, password_env, lambda master: master.stop_task(task_id))
-    if json_output:
-        _echo_json(answer if answer is not None else {"id": task_id, "stop_requested": True})
-        return
-    typer.echo(f"Stop requested for task {task_id}; its replicas stop at their nodes' next heartbeat.")
-
-
 @app.command("tasks")
 def tasks(
     master_url: MasterUrl = None,
@@ -371,6 +262,7 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the task ends (Ctrl-C to stop).")] = False,
     tail: Annotated[Optional[int], typer.Option("--tail", min=0, help="Only the last N lines first.")] = None,
     replica: Annotated[Optional[int], typer.Option("--replica", min=0, help="Only this replica's lines.")] = None,
+    rank: Annotated[Optional[int], typer.Option("--rank", min=0, help="A group task: only this member's lines (its rank is its replica).", show_default=False)] = None,
     attempt: Annotated[Optional[int], typer.Option("--attempt", min=0, help="Only this attempt's lines (0: the first placement; a rescheduled replica's next is 1, …).")] = None,
     master_url: MasterUrl = None,
     key_file: KeyFile = None,
@@ -378,9 +270,12 @@ def logs(
     json_output: JsonOutput = False,
 ) -> None:
     """Print a task's logs as the master keeps them (also after its node is gone), every replica and attempt
-    merged, each line prefixed with its replica (r0, r1, …) and, past the first, its attempt (r0 a1)."""
+    merged, each line prefixed with its replica (r0, r1, …) and, past the first, its attempt (r0 a1);
+    a group task's lines carry the member's rank instead, as the master writes it (--rank R: one member's)."""
     from prime.roles.buyer.render import log_line_text
+    from prime.roles.buyer.spec import replica_of
 
+    replica = replica_of(replica, rank)
     console = Console(highlight=False, soft_wrap=True)
 
     async def action(master: Any) -> int:

@@ -17,11 +17,12 @@ from rich.table import Table
 from rich.text import Text
 
 from prime.chain.types import RunInfo
+from prime.protocol.groups import DEFAULT_MAX_RESTARTS, DEFAULT_START_TIMEOUT_S
 
 STATE_STYLES = {
     "Healthy": "green", "Running": "green", "Completed": "cyan",
     "Joined": "yellow", "Invited": "yellow", "Approved": "yellow", "Pending": "yellow", "Assigned": "yellow",
-    "Pulling": "yellow", "Unhealthy": "magenta", "Lost": "magenta",
+    "Pulling": "yellow", "Starting": "yellow", "Unhealthy": "magenta", "Lost": "magenta", "Restarting": "magenta",
     "Dead": "red", "Failed": "red", "Left": "dim", "Stopped": "dim",
     "alive": "green", "dead": "red", "skipped": "dim", "not started": "dim",
 }
@@ -103,6 +104,11 @@ def replica_summary(task: dict[str, Any]) -> str:
     return ", ".join(f"{n} {state}" for state, n in counts.items()) or "-"
 
 
+def task_summary(task: dict[str, Any]) -> str:
+    """A group task's size and phase ('group 2:3 · Running (attempt 1)'), else its replicas' states."""
+    return group_summary(task) if is_group_task(task) else replica_summary(task)
+
+
 WIDE = 120  # terminal columns from which the nodes table shows every column
 WIDE_TASKS = 140
 
@@ -123,7 +129,7 @@ def tasks_table(tasks: Sequence[dict[str, Any]], now: float | None = None, *, wi
         cells: list[Any] = [str(task.get("id", "?")), state_text(task.get("state")), str(spec.get("image", "-"))]
         if wide:
             cells += [_command_text(spec), str(spec.get("gpus", 0))]
-        cells += [replica_summary(task), age(task.get("created_at"), now)]
+        cells += [task_summary(task), age(task.get("created_at"), now)]
         table.add_row(*cells)
     if not tasks:
         table.add_row("-", "", "no tasks yet", *([""] * (len(table.columns) - 3)))
@@ -131,7 +137,10 @@ def tasks_table(tasks: Sequence[dict[str, Any]], now: float | None = None, *, wi
 
 
 def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
+    """The task's spec and replicas; a group task's spec, its group (phase, attempt, restarts,
+    reason) and its members instead of the replicas."""
     spec = task.get("spec") or {}
+    group = spec.get("group") if isinstance(spec.get("group"), dict) else None
     info = Table(title=f"Task {task.get('id')}", show_header=False)
     info.add_column("What", style="bold")
     info.add_column("Value", overflow="fold")
@@ -140,8 +149,12 @@ def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
     info.add_row("Command", _command_text(spec))
     env = spec.get("env") or {}
     info.add_row("Env", "\n".join(f"{k}={v}" for k, v in env.items()) or "-")
-    info.add_row("GPUs per replica", str(spec.get("gpus", 0)))
-    info.add_row("Replicas", str(spec.get("replicas", 1)))
+    if group is not None:
+        info.add_row("Nodes", group_size(spec) + (" (same GPU model)" if group.get("same_gpu_model") else ""))
+        info.add_row("GPUs per node", str(spec.get("gpus", 0)))
+    else:
+        info.add_row("GPUs per replica", str(spec.get("gpus", 0)))
+        info.add_row("Replicas", str(spec.get("replicas", 1)))
     info.add_row("Persistent /data", "yes" if spec.get("persistent") else "no")
     limits = []
     if spec.get("cpu_limit") is not None:
@@ -149,10 +162,21 @@ def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
     if spec.get("memory_limit_mib") is not None:
         limits.append(f"{spec['memory_limit_mib']} MiB")
     info.add_row("Limits", ", ".join(limits) or "none")
-    info.add_row("Restart", str(spec.get("restart", "never")))
+    if group is not None:
+        info.add_row("Start timeout", duration_text(group.get("start_timeout_s", DEFAULT_START_TIMEOUT_S)))
+        info.add_row("Max restarts", str(group.get("max_restarts", DEFAULT_MAX_RESTARTS)))
+    else:
+        info.add_row("Restart", str(spec.get("restart", "never")))
     info.add_row("Created", age(task.get("created_at"), now))
     if task.get("stop_requested"):
         info.add_row("Stop requested", "yes")
+    view = task.get("group")
+    if group is not None and isinstance(view, dict):
+        return Group(info, group_table(view), members_table(task, view))
+    return Group(info, _replicas_table(task, now))
+
+
+def _replicas_table(task: dict[str, Any], now: float | None) -> Table:
     replicas = Table(title="Replicas")
     for column in ("#", "State", "Node", "GPUs", "Attempt", "Restarts", "Exit", "Started", "Error"):
         replicas.add_column(column, overflow="fold")
@@ -169,7 +193,86 @@ def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
             age(replica.get("started_at"), now),
             str(replica.get("error") or ""),
         )
-    return Group(info, replicas)
+    return replicas
+
+
+# --- group tasks (issue 15) -----------------------------------------------------------------------
+
+
+def is_group_task(task: dict[str, Any]) -> bool:
+    spec = task.get("spec") or {}
+    return isinstance(spec, dict) and isinstance(spec.get("group"), dict)
+
+
+def group_size(spec: dict[str, Any]) -> str:
+    """'2' (exactly 2 nodes) or '2:3' (2 to 3), as --nodes spells it."""
+    group = spec.get("group") or {}
+    least, most = group.get("nodes", "?"), group.get("max_nodes")
+    return f"{least}" if most is None or most == least else f"{least}:{most}"
+
+
+def _attempt_text(attempt: Any) -> str:
+    return str(attempt) if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt >= 0 else "-"
+
+
+def group_summary(task: dict[str, Any]) -> str:
+    """'group 2:3 · Running (attempt 1)'; 'group 2 · Pending' before the first attempt."""
+    view = task.get("group")
+    view = view if isinstance(view, dict) else {}
+    text = f"group {group_size(task.get('spec') or {})} · {view.get('phase', '-')}"
+    attempt = _attempt_text(view.get("attempt"))
+    return text if attempt == "-" else f"{text} (attempt {attempt})"
+
+
+def duration_text(seconds: Any) -> str:
+    """300 → '5m', 5400 → '1h30m', 90 → '1m30s', 2.5 → '2.5s' (as --start-timeout reads them)."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "-"
+    if seconds != int(seconds):
+        return f"{seconds:g}s"
+    hours, rest = divmod(int(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    text = (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + (f"{secs}s" if secs else "")
+    return text or "0s"
+
+
+def group_table(view: dict[str, Any]) -> Table:
+    """The group's phase, attempt, restarts and reason (GroupView)."""
+    table = Table(title="Group", show_header=False)
+    table.add_column("What", style="bold")
+    table.add_column("Value", overflow="fold")
+    table.add_row("Phase", state_text(view.get("phase")))
+    attempt = _attempt_text(view.get("attempt"))
+    table.add_row("Attempt", "- (not started yet)" if attempt == "-" else attempt)
+    table.add_row("Restarts", str(view.get("restarts") or 0))
+    table.add_row("Reason", str(view.get("reason") or "-"))
+    return table
+
+
+def members_table(task: dict[str, Any], view: dict[str, Any]) -> Table:
+    """The current attempt's members: rank, node, address, ports, and the state of replica ``rank``."""
+    replicas = {r.get("index"): r for r in task.get("replicas") or [] if isinstance(r, dict)}
+    members = [m for m in view.get("members") or [] if isinstance(m, dict)]
+    table = Table(title=f"Members ({len(members)})")
+    for column in ("Rank", "Node", "Address", "Rendezvous port", "Peer port", "State", "Exit", "Error"):
+        table.add_column(column, overflow="fold")
+    for member in sorted(members, key=lambda m: int(m["rank"]) if isinstance(m.get("rank"), int) else 0):
+        replica = replicas.get(member.get("rank")) or {}
+        exit_code = replica.get("exit_code")
+        table.add_row(
+            str(member.get("rank", "?")),
+            str(member.get("node") or "-"),
+            str(member.get("address") or "-"),
+            str(member.get("rendezvous_port", "-")),
+            str(member.get("peer_port", "-")),
+            state_text(replica.get("state")),
+            "-" if exit_code is None else str(exit_code),
+            str(replica.get("error") or ""),
+        )
+    if not members:
+        waiting = f"waiting for {group_size(task.get('spec') or {})} nodes that fit" if view.get("phase") == "Pending" else ""
+        table.add_row("-", "no members in this attempt", waiting, *([""] * (len(table.columns) - 3)))
+    return table
 
 
 # --- nodes --------------------------------------------------------------------------------------
@@ -266,13 +369,31 @@ def files_table(task_id: str, files: Sequence[dict[str, Any]], now: float | None
     return table
 
 
+def _rank_prefixed(line: str, replica: Any) -> str | None:
+    """The rest of a group's merged line that the master prefixed "[rank R] " (R = its replica), else None."""
+    prefix = f"[rank {replica}] "
+    return line[len(prefix):] if isinstance(replica, int) and line.startswith(prefix) else None
+
+
+def _marker(entry: dict[str, Any]) -> str:
+    marker = " err" if entry.get("stream") == "stderr" else ""
+    attempt = entry.get("attempt")
+    if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0:  # a rescheduled replica's later attempt
+        marker = f" a{attempt}{marker}"
+    return marker
+
+
 def format_log_line(entry: dict[str, Any]) -> str:
-    """``[r0] text`` (the replica prefix, stderr marked ``[r0 err]``); plain text when no replica."""
+    """``[r0] text`` (the replica prefix, stderr marked ``[r0 err]``); plain text when no replica.
+    A group's line the master prefixed ``[rank 0] `` keeps that prefix instead (``[rank 0 err] text``)."""
     line = str(entry.get("line", ""))
     replica = entry.get("replica")
     if replica is None:
         return line
     marker = " err" if entry.get("stream") == "stderr" else ""
+    rest = _rank_prefixed(line, replica)
+    if rest is not None:
+        return f"[rank {replica}{marker}] {rest}"
     return f"[r{replica}{marker}] {line}"
 
 
@@ -283,11 +404,13 @@ def log_line_text(entry: dict[str, Any]) -> Text:
     if replica is None:
         return Text(line)
     color = REPLICA_COLORS[int(replica) % len(REPLICA_COLORS)] if isinstance(replica, int) else ""
-    marker = " err" if entry.get("stream") == "stderr" else ""
-    attempt = entry.get("attempt")
-    if isinstance(attempt, int) and not isinstance(attempt, bool) and attempt > 0:  # a rescheduled replica's later attempt
-        marker = f" a{attempt}{marker}"
-    text = Text(f"[r{replica}{marker}] ", style=color)
+    marker = _marker(entry)
+    rest = _rank_prefixed(line, replica)
+    if rest is not None:  # the master's "[rank R] " on a group's merged lines: not a second prefix
+        text = Text(f"[rank {replica}{marker}] ", style=color)
+        line = rest
+    else:
+        text = Text(f"[r{replica}{marker}] ", style=color)
     text.append(line, style="red" if marker else "")
     return text
 
