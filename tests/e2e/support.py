@@ -136,6 +136,9 @@ def remove_containers(client: docker.DockerClient, containers: list[dict[str, An
             client.api.remove_container(container["Id"], force=True)
         except docker.errors.NotFound:
             pass
+        except docker.errors.APIError as exc:  # its miner is removing it right now
+            if exc.status_code != 409:
+                raise
 
 
 def only(items: Sequence[Any], what: str) -> Any:

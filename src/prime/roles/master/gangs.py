@@ -285,7 +285,9 @@ def desired(state: MasterState, entry: DesiredReplica) -> DesiredReplica | None:
 
 
 def view(group: GroupState) -> GroupView:
-    members = tuple(MemberView(m.rank, m.node, m.address, m.rendezvous_port, m.peer_port) for m in group.members)
+    """The group as the buyer sees it: the current attempt's members, or the last attempt's once it ended."""
+    shown = group.members or group.last_members
+    members = tuple(MemberView(m.rank, m.node, m.address, m.rendezvous_port, m.peer_port) for m in shown)
     return GroupView(group.phase, group.attempt, group.restarts, group.reason, members)
 
 
@@ -299,18 +301,28 @@ def to_json(group: GroupState) -> dict[str, Any]:
         "spec": [s.min_nodes, s.max_nodes, s.gpus_per_node, s.same_gpu_model, s.start_timeout_s, s.max_restarts,
                  s.backoff_base_s, s.backoff_max_s],
         "waiting_since": group.waiting_since, "phase": group.phase.value, "attempt": group.attempt,
-        "members": [[m.rank, m.node, m.address, m.gpu_model, list(m.ports)] for m in group.members],
+        "members": [_member_json(m) for m in group.members],
+        "last_members": [_member_json(m) for m in group.last_members],
         "started": sorted(group.started), "finished": sorted(group.finished), "heard": sorted(group.heard),
         "restarts": group.restarts,
         "restart_at": group.restart_at, "survivors": group.survivors, "reason": group.reason,
     }
 
 
+def _member_json(m: Member) -> list[Any]:
+    return [m.rank, m.node, m.address, m.gpu_model, list(m.ports)]
+
+
+def _member(m: list[Any]) -> Member:
+    return Member(int(m[0]), str(m[1]), str(m[2]), str(m[3]), (int(m[4][0]), int(m[4][1])))
+
+
 def from_json(group_id: str, data: Mapping[str, Any]) -> GroupState:
-    members = tuple(Member(int(m[0]), str(m[1]), str(m[2]), str(m[3]), (int(m[4][0]), int(m[4][1]))) for m in data["members"])
+    members = tuple(_member(m) for m in data["members"])
     return GroupState(
         group_id, GroupSpec(*data["spec"]), float(data["waiting_since"]), phase=GroupPhase(data["phase"]),
         attempt=int(data["attempt"]), members=members, started=set(data["started"]), finished=set(data["finished"]),
-        heard=set(data.get("heard", ())), restarts=int(data["restarts"]), restart_at=data["restart_at"],
+        heard=set(data.get("heard", ())), last_members=tuple(_member(m) for m in data.get("last_members", ())),
+        restarts=int(data["restarts"]), restart_at=data["restart_at"],
         survivors={str(k): int(v) for k, v in data["survivors"].items()}, reason=data["reason"],
     )

@@ -237,6 +237,7 @@ class GroupState:
     offers: dict[str, NodeAvailable] = field(default_factory=dict)
     attempt: int = -1  # the attempt last started; -1 before the first
     members: tuple[Member, ...] = ()
+    last_members: tuple[Member, ...] = ()  # the members of the attempt that ended last (shown after it)
     started: set[int] = field(default_factory=set)  # ranks of this attempt reported started
     heard: set[int] = field(default_factory=set)  # ranks of this attempt reported at all (pulling or started)
     finished: set[int] = field(default_factory=set)  # ranks of this attempt that exited 0
@@ -322,6 +323,7 @@ def _member_exited(group: GroupState, event: MemberExited) -> list[GroupDecision
             group.phase = GroupPhase.RUNNING
         return []
     group.phase = GroupPhase.COMPLETED
+    group.last_members = group.members
     group.members, group.started, group.finished, group.heard = (), set(), set(), set()
     return [CompleteGroup(group.group_id)]
 
@@ -333,6 +335,7 @@ def _attempt_failed(group: GroupState, why: str, at: float, exited: int | None =
     )
     stop = StopMembers(group.group_id, group.attempt, to_stop, why)
     group.survivors = {m.node: m.rank for m in group.members if m.node in group.offers}
+    group.last_members = group.members
     group.members, group.started, group.finished, group.heard = (), set(), set(), set()
     group.restarts += 1
     if group.restarts > group.spec.max_restarts:
