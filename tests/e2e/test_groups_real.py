@@ -31,7 +31,7 @@ import pytest
 from eth_account import Account
 
 from prime.chain.types import Requirements
-from tests.e2e.support import node_containers, remove_containers
+from tests.e2e.support import Prime, node_containers, remove_containers
 from tests.fixtures.processes import RoleProcess, RoleProcesses, free_port
 from tests.roles.master.fake_miner import World, eventually, make_world, signed_call
 from tests.support.miner_env import free_port_range, miner_command, miner_env, write_keystore
@@ -158,8 +158,14 @@ async def _timeout_then_elastic_rendezvous(world: World, miners: list[Miner], im
     assert "could not start within 6s" in reason and "at least 3 nodes" in reason and "2 fit now" in reason, reason
     assert all(r["node"] is None and r["state"] == "Failed" for r in shown["replicas"]), shown
 
-    elastic = await _create(world, {"image": image, "command": command, "persistent": True,
-                                    "group": {"nodes": 2, "max_nodes": 3}})
+    # The buyer's own command line, as an ML team would type it.
+    key = write_keystore(world.data_dir.parent / "owner.json", world.owner)
+    buyer = Prime(miner_env(world.data_dir.parent / "buyer-home"))
+    where = ("--master-url", world.url, "--key-file", key)
+    created = await buyer.json("buyer", "task", "create", "--image", image, "--nodes", "2:3", "--persistent", *where,
+                               "--json", "--", *command)
+    elastic = created["id"]
+    assert created["spec"]["group"] == {"nodes": 2, "max_nodes": 3}, created
     shown = await _finished(world, elastic)
     assert shown["state"] == "Completed", shown
     group = shown["group"]
@@ -187,6 +193,11 @@ async def _timeout_then_elastic_rendezvous(world: World, miners: list[Miner], im
         assert [(p["rank"], p["node"].lower(), p["port"]) for p in peers] == \
             [(m["rank"], m["node"].lower(), m["peer_port"]) for m in group["members"]]
         assert f"rank {rank} done" in lines
+    assert all(x["rank"] == x["replica"] for x in logs)  # a group's merged lines name their rank
+    printed = (await buyer.run("buyer", "logs", elastic, *where)).stdout.splitlines()
+    assert "[rank 0] rank 0 done" in printed and "[rank 1] rank 1 done" in printed, printed
+    show = (await buyer.run("buyer", "task", "show", elastic, *where)).stdout
+    assert "Completed" in show and all(m["node"] in show for m in group["members"]), show
 
 
 async def _killed_member_restarts_elsewhere(world: World, miners: list[Miner], image: str) -> None:

@@ -1,5 +1,5 @@
 """render.py for group tasks (issue 15): `task show`'s group and members, the task list's size and
-phase, the live view's phase and attempt, and a group's merged log lines ("[rank R] …")."""
+phase, the live view's phase and attempt, and a group's merged log lines ("[rank R] …", from the rank the master names)."""
 
 from __future__ import annotations
 
@@ -91,13 +91,14 @@ def test_durations_as_the_option_reads_them():
     assert duration_text(None) == "-"
 
 
-def test_a_groups_merged_lines_keep_the_masters_rank_prefix_only():
-    line = {"replica": 1, "attempt": 0, "stream": "stdout", "line": "[rank 1] loss 0.5"}
+def test_a_groups_merged_lines_are_prefixed_with_the_rank_the_master_names():
+    line = {"replica": 1, "rank": 1, "attempt": 0, "stream": "stdout", "line": "loss 0.5"}
     assert format_log_line(line) == "[rank 1] loss 0.5"
     assert log_line_text(line).plain == "[rank 1] loss 0.5"
     err = {**line, "stream": "stderr", "attempt": 2}
     assert format_log_line(err) == "[rank 1 err] loss 0.5"
     assert log_line_text(err).plain == "[rank 1 a2 err] loss 0.5"
-    # Another rank's text, or an ordinary task's line: the replica prefix as before.
+    # An ordinary task's line (no rank), or text that only looks like a prefix: the replica prefix as before.
     assert format_log_line({"replica": 0, "line": "[rank 1] x"}) == "[r0] [rank 1] x"
     assert log_line_text({"replica": 0, "line": "plain"}).plain == "[r0] plain"
+    assert log_line_text({"replica": 0, "rank": True, "line": "plain"}).plain == "[r0] plain"  # a bool is no rank

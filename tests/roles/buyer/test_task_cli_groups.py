@@ -100,12 +100,12 @@ async def test_the_task_list_and_watch_show_the_group(fake, key_file_for, random
 async def test_logs_rank_is_the_replica_query_parameter(fake, key_file_for, random_account):
     env = env_for(fake, key_file_for, random_account)
     fake.log_lines[:] = [
-        {"replica": 0, "attempt": 1, "stream": "stdout", "line": "[rank 0] step 1", "ts": 1.0, "seq": 1},
-        {"replica": 1, "attempt": 1, "stream": "stdout", "line": "[rank 1] step 1", "ts": 2.0, "seq": 2},
+        {"replica": 0, "rank": 0, "attempt": 1, "stream": "stdout", "line": "step 1", "ts": 1.0, "seq": 1},
+        {"replica": 1, "rank": 1, "attempt": 1, "stream": "stdout", "line": "step 1", "ts": 2.0, "seq": 2},
     ]
     merged = await arun_prime("buyer", "logs", GROUP_TASK_ID, env=env)
     assert merged.returncode == 0, merged.stderr
-    assert merged.stdout.splitlines() == ["[rank 0 a1] step 1", "[rank 1 a1] step 1"]  # no second prefix
+    assert merged.stdout.splitlines() == ["[rank 0 a1] step 1", "[rank 1 a1] step 1"]
     assert "replica" not in fake.log_queries[-1]
 
     one = await arun_prime("buyer", "logs", GROUP_TASK_ID, "--rank", "1", env=env)

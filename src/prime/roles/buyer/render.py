@@ -369,10 +369,12 @@ def files_table(task_id: str, files: Sequence[dict[str, Any]], now: float | None
     return table
 
 
-def _rank_prefixed(line: str, replica: Any) -> str | None:
-    """The rest of a group's merged line that the master prefixed "[rank R] " (R = its replica), else None."""
-    prefix = f"[rank {replica}] "
-    return line[len(prefix):] if isinstance(replica, int) and line.startswith(prefix) else None
+def _label(entry: dict[str, Any]) -> str:
+    """``rank R`` on a group task's line (the master names the member's rank), else ``rR``."""
+    rank = entry.get("rank")
+    if isinstance(rank, int) and not isinstance(rank, bool):
+        return f"rank {rank}"
+    return f"r{entry.get('replica')}"
 
 
 def _marker(entry: dict[str, Any]) -> str:
@@ -384,17 +386,13 @@ def _marker(entry: dict[str, Any]) -> str:
 
 
 def format_log_line(entry: dict[str, Any]) -> str:
-    """``[r0] text`` (the replica prefix, stderr marked ``[r0 err]``); plain text when no replica.
-    A group's line the master prefixed ``[rank 0] `` keeps that prefix instead (``[rank 0 err] text``)."""
+    """``[r0] text`` (the replica prefix, stderr marked ``[r0 err]``), ``[rank 0] text`` on a group
+    task's merged lines; plain text when no replica."""
     line = str(entry.get("line", ""))
-    replica = entry.get("replica")
-    if replica is None:
+    if entry.get("replica") is None:
         return line
     marker = " err" if entry.get("stream") == "stderr" else ""
-    rest = _rank_prefixed(line, replica)
-    if rest is not None:
-        return f"[rank {replica}{marker}] {rest}"
-    return f"[r{replica}{marker}] {line}"
+    return f"[{_label(entry)}{marker}] {line}"
 
 
 def log_line_text(entry: dict[str, Any]) -> Text:
@@ -405,12 +403,7 @@ def log_line_text(entry: dict[str, Any]) -> Text:
         return Text(line)
     color = REPLICA_COLORS[int(replica) % len(REPLICA_COLORS)] if isinstance(replica, int) else ""
     marker = _marker(entry)
-    rest = _rank_prefixed(line, replica)
-    if rest is not None:  # the master's "[rank R] " on a group's merged lines: not a second prefix
-        text = Text(f"[rank {replica}{marker}] ", style=color)
-        line = rest
-    else:
-        text = Text(f"[r{replica}{marker}] ", style=color)
+    text = Text(f"[{_label(entry)}{marker}] ", style=color)
     text.append(line, style="red" if marker else "")
     return text
 

@@ -1,7 +1,8 @@
 """A task's logs as the master serves them: what ``logkeeper.LogKeeper`` stored, then new lines.
 
 Lines come out as ``{replica, attempt, node, stream, line, ts, seq}`` (``seq``: the line's place in
-its attempt's output; None on the master's own "error" notes and "dropped" notices).
+its attempt's output; None on the master's own "error" notes and "dropped" notices). A group task's
+lines (issue 15) also carry ``rank`` (= replica): its members' output merged, each line naming its rank.
 
 - follow=0: the stored lines of the selection (every replica and attempt, or ``replica=R``
   and/or ``attempt=A``) in time order, ties in arrival order; ``tail=N`` the last N of them.
@@ -63,8 +64,11 @@ class TaskLogs:
         event = asyncio.Event()
         if follow:
             self._changed.setdefault(task_id, set()).add(event)
+        grouped = task is not None and task.spec.group is not None
         try:
             async for item in self._lines(task_id, event, follow=follow, tail=tail, replica=replica, attempt=attempt):
+                if grouped and item is not None:
+                    item["rank"] = item["replica"]
                 yield item
         finally:
             waiters = self._changed.get(task_id, set())
