@@ -113,6 +113,22 @@ async def _task_state(world: World, task_id: str, state: str) -> bool:
     ({"image": "busybox", "replicas": 0}, "replicas"),
     ({"image": "busybox", "colour": "red"}, "colour"),
     ({"command": ["true"]}, "image"),
+    # group tasks (issue 15): sizes out of range, wrong types, nesting, and what a group may not combine
+    ({"image": "busybox", "group": {"nodes": 0}}, "group.nodes"),
+    ({"image": "busybox", "group": {"nodes": 257}}, "group.nodes"),
+    ({"image": "busybox", "group": {"nodes": "2"}}, "group.nodes"),
+    ({"image": "busybox", "group": {"nodes": True}}, "group.nodes"),
+    ({"image": "busybox", "group": {"nodes": 3, "max_nodes": 2}}, "group.max_nodes"),
+    ({"image": "busybox", "group": {"nodes": 2, "start_timeout_s": 0}}, "group.start_timeout_s"),
+    ({"image": "busybox", "group": {"nodes": 2, "start_timeout_s": 1e300}}, "group.start_timeout_s"),
+    ({"image": "busybox", "group": {"nodes": 2, "max_restarts": -1}}, "group.max_restarts"),
+    ({"image": "busybox", "group": {"nodes": 2, "leader": {"nodes": {"nodes": 2}}}}, "group.leader"),
+    ({"image": "busybox", "group": [2, 3]}, "group"),
+    ({"image": "busybox", "group": {}}, "group.nodes"),
+    ({"image": "busybox", "gpus": "all", "group": {"nodes": 2}}, "gpus"),
+    ({"image": "busybox", "replicas": 2, "group": {"nodes": 2}}, "replicas"),
+    ({"image": "busybox", "restart": "on-failure", "group": {"nodes": 2}}, "restart"),
+    ({"image": "busybox", "gpus": 3, "group": {"nodes": 2}}, "gpus"),  # no member fits: the largest node has 2
 ])
 async def test_bad_task_specs_are_400_naming_the_field(world: World, body: dict, field: str) -> None:
     before = (await owner_call(world, "GET", "/tasks"))[1]["tasks"]
