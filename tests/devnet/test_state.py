@@ -128,3 +128,13 @@ def test_logs_tail_and_follow(paths):
     threading.Thread(target=write_later).start()
     show_logs(paths, ["anvil", "master"], tail=1, follow=True, emit=out.append, poll_s=0.05, stop=stop.is_set)
     assert out == ["anvil  | a1", "master | m3", "master | m4", "master | partial"]
+
+
+def test_the_devnet_miner_passes_task_ports_on(paths):
+    from prime.devnet.up import miner_command
+
+    info = sample_info(paths)
+    plain = miner_command(info, paths)
+    assert "--task-ports" not in plain
+    ported = miner_command(info, paths, task_ports="29500-29509")
+    assert ported[ported.index("--task-ports") + 1] == "29500-29509" and ported[: len(plain)] == plain

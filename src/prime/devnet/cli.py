@@ -252,6 +252,8 @@ def miner(
     gpu: Gpu = "none",
     task_network: TaskNetwork = "auto",
     background: Annotated[bool, typer.Option("--background", help="Run it in the background (log: `prime devnet logs miner`).")] = False,
+    task_ports: Annotated[Optional[str], typer.Option(
+        "--task-ports", metavar="FIRST-LAST", help="Ports this node's group-task members may listen on (none: it hosts none).")] = None,
 ) -> None:
     """Start a miner with the devnet's node and provider keys (in the foreground: Ctrl-C stops it)."""
     from prime.devnet.miner import exec_foreground, start_background
@@ -259,7 +261,7 @@ def miner(
     paths = DevnetPaths.at(state_dir)
     info = require_info(paths)
     if background:
-        record, started = start_background(paths, info, gpu=gpu, task_network=task_network)
+        record, started = start_background(paths, info, gpu=gpu, task_network=task_network, task_ports=task_ports)
         typer.echo(f"The miner {'started' if started else 'was already running'} (pid {record.pid}, node {info.node_address}); "
                    f"its log: prime devnet logs miner -f")
         return
@@ -267,7 +269,7 @@ def miner(
         f"Starting the devnet's miner (node {info.node_address}, provider {info.address('provider')}, run {info.run_id}) "
         "in the foreground; Ctrl-C stops it (its containers keep running until `prime devnet down`).", style="dim"
     )
-    exec_foreground(paths, info, gpu=gpu, task_network=task_network)
+    exec_foreground(paths, info, gpu=gpu, task_network=task_network, task_ports=task_ports)
 
 
 # --- demo ----------------------------------------------------------------------------------------

@@ -42,11 +42,11 @@ def check_ready_for_miner(paths: DevnetPaths, info: DevnetInfo) -> None:
         raise PrimeError(f"The devnet in {paths.root} is not up ({', '.join(dead)} not running); run `prime devnet up` (make up) first.")
 
 
-def exec_foreground(paths: DevnetPaths, info: DevnetInfo, *, gpu: str, task_network: str) -> NoReturn:
+def exec_foreground(paths: DevnetPaths, info: DevnetInfo, *, gpu: str, task_network: str, task_ports: str | None = None) -> NoReturn:
     """Replace this process with `prime miner start …`: Ctrl-C reaches the miner directly, and the
     pid file names this pid, so `devnet down` can stop it from another terminal."""
     check_ready_for_miner(paths, info)
-    argv = miner_command(info, paths, gpu=gpu, task_network=resolve_task_network(task_network))
+    argv = miner_command(info, paths, gpu=gpu, task_network=resolve_task_network(task_network), task_ports=task_ports)
     env = child_env(paths, ROLE_ENV)
     record_current_process(paths, "miner", argv, port=info.services["miner"].port, url=info.url("miner"))
     sys.stdout.flush()
@@ -55,13 +55,14 @@ def exec_foreground(paths: DevnetPaths, info: DevnetInfo, *, gpu: str, task_netw
     raise AssertionError("unreachable")  # execve does not return
 
 
-def start_background(paths: DevnetPaths, info: DevnetInfo, *, gpu: str, task_network: str, timeout_s: float = 120.0) -> tuple[ProcessRecord, bool]:
+def start_background(paths: DevnetPaths, info: DevnetInfo, *, gpu: str, task_network: str, timeout_s: float = 120.0,
+                     task_ports: str | None = None) -> tuple[ProcessRecord, bool]:
     """(record, started_now): the running miner, started now unless one already runs."""
     existing = ProcessRecord.load(paths, "miner")
     if is_alive(existing):
         return existing, False
     check_ready_for_miner(paths, info)
-    argv = miner_command(info, paths, gpu=gpu, task_network=resolve_task_network(task_network))
+    argv = miner_command(info, paths, gpu=gpu, task_network=resolve_task_network(task_network), task_ports=task_ports)
     record = start_process(paths, "miner", argv, env=child_env(paths, ROLE_ENV), port=info.services["miner"].port, url=info.url("miner"))
     wait_until_healthy(record, f"{record.url}/health", timeout_s=timeout_s, what="miner")
     return record, True

@@ -148,7 +148,8 @@ def service_command(name: str, info: DevnetInfo, paths: DevnetPaths, *, heartbea
     raise ValueError(name)
 
 
-def miner_command(info: DevnetInfo, paths: DevnetPaths, *, gpu: str = "none", task_network: str | None = None) -> list[str]:
+def miner_command(info: DevnetInfo, paths: DevnetPaths, *, gpu: str = "none", task_network: str | None = None,
+                  task_ports: str | None = None) -> list[str]:
     command = prime_command(
         "miner", "start", "--run-id", str(info.run_id), "--gpu", gpu, "--host", HOST,
         "--port", str(info.services["miner"].port), "--public-ip", HOST,
@@ -158,6 +159,8 @@ def miner_command(info: DevnetInfo, paths: DevnetPaths, *, gpu: str = "none", ta
     )
     if task_network:
         command += ["--task-network", task_network]
+    if task_ports:  # checked by the miner itself (one sentence when wrong)
+        command += ["--task-ports", task_ports]
     return command
 
 

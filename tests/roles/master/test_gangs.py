@@ -126,10 +126,20 @@ def test_running_only_once_every_member_runs_then_completed() -> None:
     assert task.replicas[1].state == ReplicaState.PULLING and task.group.phase == GroupPhase.STARTING
     beat(st, B, 5.0, report("g", 1, ReplicaState.RUNNING, 0))
     assert task.group.phase == GroupPhase.RUNNING and task.state == TaskState.RUNNING
-    beat(st, A, 6.0, report("g", 0, ReplicaState.COMPLETED, 0, code=0))
+    out = beat(st, A, 6.0, report("g", 0, ReplicaState.COMPLETED, 0, code=0))
     assert task.state == TaskState.RUNNING
+    assert of(out, SyncStorage) == []  # not persistent: nothing to sync
     beat(st, B, 7.0, report("g", 1, ReplicaState.COMPLETED, 0, code=0))
     assert task.state == TaskState.COMPLETED and [r.state for r in task.replicas] == [ReplicaState.COMPLETED] * 2
+
+
+def test_a_persistent_members_exit_is_synced_at_once() -> None:
+    st = fresh()
+    node(st, A), node(st, B)
+    handle(st, TaskCreated(group_task(persistent=True)))
+    run_both(st, "g", 4.0)
+    out = beat(st, A, 5.0, report("g", 0, ReplicaState.COMPLETED, 0, code=0))
+    assert [(s.node, s.replica, s.final) for s in of(out, SyncStorage)] == [(A, 0, True)]
 
 
 def test_a_member_failure_stops_the_others_and_restarts_the_group_after_the_backoff() -> None:

@@ -127,6 +127,8 @@ def _fold(state: MasterState, task: Task, r: Replica, seen: ReplicaReport | None
     elif seen.state in (ReplicaState.COMPLETED, ReplicaState.FAILED) and seen.exit_code is not None:
         r.finished_at, r.exit_code, r.error = at, seen.exit_code, seen.error
         out.append(scheduler.transition(task.id, r, seen.state, "reported by the node"))
+        if task.spec.persistent and r.node is not None:
+            out.extend(syncplan.final_sync(state, r.node, task.id, r.index))  # its last files, at once
         event = groups.MemberExited(r.attempt, r.index, seen.exit_code, at)
     else:  # Failed before it ran, Lost (its engine stopped it), Stopped (not asked for)
         r.error = seen.error
