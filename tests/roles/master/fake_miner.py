@@ -6,6 +6,12 @@ caller is a master of its run; it joins the run with a real ``joinRun`` transact
 provider key and acknowledges the invite with the node key; it heartbeats with signed requests.
 It runs no containers: tests set the replica states it reports, the files it lists in a manifest
 and the log lines it serves. (The end-to-end tests use the real miner.)
+
+Two options, off by default (group tasks, issue 15): ``task_ports`` (a port range, sent in every
+heartbeat as a miner's ``--task-ports``), and ``run_desired``: the node behaves like a miner whose
+containers start at once and never exit; every replica the master desires (pushed or in a
+heartbeat answer) is reported Running with its attempt from the next heartbeat on, and one no
+longer desired (stopped or left out of an answer) is no longer reported.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ class FakeMiner:
         self.last_answer: dict[str, Any] | None = None
         self.heartbeat_errors: list[str] = []
         self.refuse_invites = False  # answer invites 503 (a miner that is down or not ready)
+        self.task_ports: tuple[int, int] | None = None  # sent in heartbeats when set (a miner's --task-ports)
+        self.run_desired = False  # report what the master desires Running at once (see the module's doc)
         self._runner: web.AppRunner | None = None
         self._chain: RegistryClient | None = None
         self._beat: asyncio.Task[None] | None = None
@@ -138,12 +146,25 @@ class FakeMiner:
     async def heartbeat(self) -> tuple[int, Any]:
         """One signed heartbeat to the master; (status, JSON answer)."""
         assert self.master_url is not None, "no invite received yet"
-        body = json.dumps({"tasks": list(self.reports.values()), "gpus": [{"index": 0, "util": 10.0}],
-                           "load": {"cpu_pct": 5.0}}).encode()
-        status, answer = await signed_call(self.node, "POST", self.master_url, "/heartbeat", body)
+        payload: dict[str, Any] = {"tasks": list(self.reports.values()), "gpus": [{"index": 0, "util": 10.0}],
+                                   "load": {"cpu_pct": 5.0}}
+        if self.task_ports is not None:
+            payload["task_ports"] = list(self.task_ports)
+        status, answer = await signed_call(self.node, "POST", self.master_url, "/heartbeat", json.dumps(payload).encode())
         if status == 200:
             self.last_answer = answer
+            if self.run_desired and isinstance(answer, dict):
+                self._run(answer.get("desired", []))
         return status, answer
+
+    def _run(self, desired: list[dict[str, Any]]) -> None:
+        """``run_desired``: report exactly the desired replicas, Running with their attempts."""
+        wanted = {(d["id"], d["replica"]): d["attempt"] for d in desired}
+        for key in [k for k in self.reports if k not in wanted]:
+            del self.reports[key]
+        for (task_id, replica), attempt in wanted.items():
+            if self.reports.get((task_id, replica), {}).get("attempt") != attempt:
+                self.report(task_id, replica, "Running", attempt=attempt)
 
     def start_heartbeats(self, interval_s: float = 0.3) -> None:
         if self._beat is not None and not self._beat.done():
@@ -169,8 +190,11 @@ class FakeMiner:
             self._beat.cancel()
             self._beat = None
 
-    def report(self, task_id: str, replica: int, state: str, exit_code: int | None = None) -> None:
+    def report(self, task_id: str, replica: int, state: str, exit_code: int | None = None,
+               attempt: int | None = None) -> None:
         self.reports[(task_id, replica)] = {"id": task_id, "replica": replica, "state": state, "exit_code": exit_code}
+        if attempt is not None:  # left out unless given (None: not known, the master does not check it)
+            self.reports[(task_id, replica)]["attempt"] = attempt
 
     # --- the miner's wire -----------------------------------------------------------------------------
 
@@ -221,12 +245,17 @@ class FakeMiner:
             return json_error(403, "forbidden", "not a master")
         body = await request.json()
         self.received.starts.append(body)
+        if self.run_desired:
+            self.report(body["id"], body["replica"], "Running", attempt=body["attempt"])
         return web.json_response({"id": body["id"], "replica": body["replica"], "state": "Pulling"})
 
     async def _stop_task(self, request: web.Request) -> web.Response:
         if not await self._caller_is_master(request):
             return json_error(403, "forbidden", "not a master")
         self.received.stops.append(request.match_info["task_id"])
+        if self.run_desired:
+            for key in [k for k in self.reports if k[0] == request.match_info["task_id"]]:
+                del self.reports[key]
         return web.json_response({"stopped": True})
 
     async def _manifest(self, request: web.Request) -> web.Response:
