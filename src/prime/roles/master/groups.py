@@ -1,13 +1,15 @@
 """Group tasks (issue 15): gang placement, start barrier, restart and elastic shrink. Pure, no I/O.
 
-Core only, not wired into ``state.handle`` yet. A group task asks for ``--nodes N[:M]
---gpus-per-node G [--same-gpu-model] [--start-timeout 5m]``. ``handle(group, event)`` mutates a
-``GroupState`` in place and returns decisions; the same state and events give the same result.
+``gangs.py`` feeds it from the master's state (``state.handle``). A group task asks for
+``--nodes N[:M] --gpus-per-node G [--same-gpu-model] [--start-timeout 5m]``. ``handle(group,
+event)`` mutates a ``GroupState`` in place and returns decisions; the same state and events give
+the same result.
 
-The shell feeds ``NodeAvailable`` for every node that could host a member (its free GPUs, GPU
-model, address and offered port range; sent again when that changes), ``NodeGone`` when such a
-node dies or leaves, ``MemberStarted`` / ``MemberExited`` from the members' reports (each names its
-attempt: reports of another attempt are ignored), and ``Tick`` on the clock. Phases::
+The shell feeds ``Offers`` (every node that could host a member now: its free GPUs, GPU model,
+address and offered port range; ``NodeAvailable`` adds one), ``NodeGone`` when a node dies or
+leaves, ``MemberPulling`` / ``MemberStarted`` / ``MemberExited`` / ``MemberLost`` from the
+members' reports (each names its attempt: reports of another attempt are ignored), and ``Tick``
+on the clock. Phases::
 
               (>= N nodes fit: take up to M, all at once)          every member started
     Pending ------------------------------------------> Starting --------------------> Running
@@ -27,11 +29,15 @@ Rules:
   ``same_gpu_model`` every member shares one model: the one with the most fitting nodes
   (survivors of the last attempt first, ties by model name).
 - Ranks are deterministic: on a restart the survivors of the last attempt (their nodes still
-  available) come first in their old rank order (so rank 0, MASTER_ADDR, stays if it survived),
-  then the other fitting nodes by node id; the first M are taken. Ranks are 0 .. k-1, N <= k <= M.
+  available) are taken first, then the other fitting nodes by node id; the first M are taken.
+  A survivor keeps its old rank where that rank is still used (it resumes its own /data where it
+  is; so rank 0, MASTER_ADDR, stays if it survived); replacements fill the free ranks, and on a
+  shrink the survivors whose rank is past the new size move in first. Ranks are 0 .. k-1, N <= k <= M.
 - The start timeout bounds each wait in Pending (the first start and each restart's): no
-  placement by then fails the group with a reason saying what it needs and what fits.
-- A member exiting non-zero, or the node of a member going away, stops the attempt
+  placement by then fails the group with a reason saying what it needs and what fits. It also
+  bounds Starting for a member its node never reported (a pull counts as reported).
+- A member exiting non-zero or lost (``MemberLost``: it could not start, its engine stopped it,
+  its node no longer reports it), or the node of a member going away, stops the attempt
   (``StopMembers`` for the other members' nodes still there) and counts a restart; past
   ``max_restarts`` the group fails, else it waits ``backoff_s(restarts)`` in Restarting, then
   places attempt + 1 on survivors plus replacements, down to N nodes (elastic shrink).
