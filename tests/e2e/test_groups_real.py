@@ -6,7 +6,7 @@ on one Docker engine; members run with host networking on loopback.
 
 1. With two miners up, a group of 3 stays Pending (no member is placed) and fails at its start
    timeout with the reason; the same program as ``--nodes 2:3`` starts on the two.
-2. That 2-node group is a rendezvous: rank 0 listens on MASTER_ADDR:MASTER_PORT, every rank
+2. A 2-node group (then the 2:3 one) is a rendezvous: rank 0 listens on MASTER_ADDR:MASTER_PORT, every rank
    connects and sends its NODE_RANK, rank 0 writes the ranks it saw to /data; the file is
    downloaded through the master and holds 0..NNODES-1; every member's log shows its WORLD_SIZE,
    NODE_IPS and PRIME_PEERS.
@@ -39,13 +39,16 @@ from tests.support.miner_env import free_port_range, miner_command, miner_env, w
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(420)]
 
 # Rendezvous: rank 0 accepts NNODES connections on MASTER_PORT; every rank (rank 0 too) connects
-# and sends its rank; rank 0 writes what it received, sorted, to /data/ranks.txt.
+# and sends its rank; rank 0 writes what it received, sorted, to /data/ranks.txt. Each connection is
+# read by its own `sh` (nc -e): a plain `nc -l` whose stdin is at its end (a container's is) may
+# leave before it read what the peer sent.
 RENDEZVOUS = (
     'echo "env NODE_RANK=$NODE_RANK NNODES=$NNODES WORLD_SIZE=$WORLD_SIZE NODE_IPS=$NODE_IPS '
     'MASTER=$MASTER_ADDR:$MASTER_PORT ATTEMPT=$PRIME_GROUP_ATTEMPT"; echo "peers $PRIME_PEERS"; '
     'if [ "$NODE_RANK" = 0 ]; then rm -f /data/seen; '
-    '(i=0; while [ $i -lt $NNODES ]; do busybox nc -l -p $MASTER_PORT >> /data/seen; i=$((i+1)); done; '
-    'busybox sort -n /data/seen > /data/ranks.txt) & L=$!; fi; '
+    '(i=0; while [ $i -lt $NNODES ]; do busybox nc -l -p $MASTER_PORT -e sh -c "read r; echo \\$r >> /data/seen"; '
+    'i=$((i+1)); done; '
+    'busybox sort -n /data/seen > /data/ranks.txt; echo "seen $(cat /data/seen | busybox tr -d \\\\n)") & L=$!; fi; '
     'ok=0; for t in $(seq 1 150); do if echo $NODE_RANK | busybox nc -w 2 $MASTER_ADDR $MASTER_PORT; then ok=1; break; fi; '
     'sleep 0.2; done; [ $ok = 1 ] || exit 7; '
     'if [ "$NODE_RANK" = 0 ]; then wait $L; fi; echo "rank $NODE_RANK done"'
@@ -158,31 +161,36 @@ async def _timeout_then_elastic_rendezvous(world: World, miners: list[Miner], im
     assert "could not start within 6s" in reason and "at least 3 nodes" in reason and "2 fit now" in reason, reason
     assert all(r["node"] is None and r["state"] == "Failed" for r in shown["replicas"]), shown
 
-    # The buyer's own command line, as an ML team would type it.
+    # The buyer's own command line, as an ML team would type it: a 2-node group, then 2:3 on the same two nodes.
     key = write_keystore(world.data_dir.parent / "owner.json", world.owner)
     buyer = Prime(miner_env(world.data_dir.parent / "buyer-home"))
     where = ("--master-url", world.url, "--key-file", key)
-    created = await buyer.json("buyer", "task", "create", "--image", image, "--nodes", "2:3", "--persistent", *where,
-                               "--json", "--", *command)
-    elastic = created["id"]
-    assert created["spec"]["group"] == {"nodes": 2, "max_nodes": 3}, created
-    shown = await _finished(world, elastic)
+    for nodes, size in (("2", {"nodes": 2}), ("2:3", {"nodes": 2, "max_nodes": 3})):
+        created = await buyer.json("buyer", "task", "create", "--image", image, "--nodes", nodes, "--persistent", *where,
+                                   "--json", "--", *command)
+        assert created["spec"]["group"] == size, created
+        shown = await _rendezvous(world, buyer, where, created["id"], miners[:2])
+        states = [r["state"] for r in shown["replicas"]]
+        assert states == (["Completed", "Completed"] if nodes == "2" else ["Completed", "Completed", "Stopped"]), shown
+
+
+async def _rendezvous(world: World, buyer: Prime, where: tuple[str, ...], task_id: str, nodes: list[Miner]) -> dict[str, Any]:
+    """The rendezvous group ``task_id`` ran on ``nodes``: every rank reached rank 0, every member's log shows its peers."""
+    shown = await _finished(world, task_id)
     assert shown["state"] == "Completed", shown
     group = shown["group"]
     assert group["attempt"] == 0 and [m["rank"] for m in group["members"]] == [0, 1], group
-    ours = {m.address.lower() for m in miners[:2]}
-    assert {m["node"].lower() for m in group["members"]} == ours
-    assert [r["state"] for r in shown["replicas"]] == ["Completed", "Completed", "Stopped"], shown
+    assert {m["node"].lower() for m in group["members"]} == {m.address.lower() for m in nodes}
 
     async def ranks() -> bytes | None:  # once rank 0's final sync is in
-        status, raw = await signed_call(world.owner, "GET", world.url, f"/tasks/{elastic}/files/ranks.txt?replica=0",
+        status, raw = await signed_call(world.owner, "GET", world.url, f"/tasks/{task_id}/files/ranks.txt?replica=0",
                                         raw=True)
         return raw if status == 200 else None
 
     raw = await eventually(ranks, timeout_s=30, what="rank 0's ranks.txt through the master")
     assert raw.split() == [b"0", b"1"]  # every rank reached rank 0 at MASTER_ADDR:MASTER_PORT
 
-    logs = await _logs(world, elastic)
+    logs = await _logs(world, task_id)
     rank0 = group["members"][0]
     ips = ",".join(m["address"] for m in group["members"])
     for rank in (0, 1):
@@ -194,10 +202,11 @@ async def _timeout_then_elastic_rendezvous(world: World, miners: list[Miner], im
             [(m["rank"], m["node"].lower(), m["peer_port"]) for m in group["members"]]
         assert f"rank {rank} done" in lines
     assert all(x["rank"] == x["replica"] for x in logs)  # a group's merged lines name their rank
-    printed = (await buyer.run("buyer", "logs", elastic, *where)).stdout.splitlines()
+    printed = (await buyer.run("buyer", "logs", task_id, *where)).stdout.splitlines()
     assert "[rank 0] rank 0 done" in printed and "[rank 1] rank 1 done" in printed, printed
-    show = (await buyer.run("buyer", "task", "show", elastic, *where)).stdout
+    show = (await buyer.run("buyer", "task", "show", task_id, *where)).stdout
     assert "Completed" in show and all(m["node"] in show for m in group["members"]), show
+    return shown
 
 
 async def _killed_member_restarts_elsewhere(world: World, miners: list[Miner], image: str) -> None:
