@@ -11,7 +11,9 @@ Two options, off by default (group tasks, issue 15): ``task_ports`` (a port rang
 heartbeat as a miner's ``--task-ports``), and ``run_desired``: the node behaves like a miner whose
 containers start at once and never exit; every replica the master desires (pushed or in a
 heartbeat answer) is reported Running with its attempt from the next heartbeat on, and one no
-longer desired (stopped or left out of an answer) is no longer reported.
+longer desired (stopped or left out of an answer) is no longer reported. ``desired_ever`` keeps
+every (task, replica, attempt) any heartbeat answer desired, and ``heartbeat(tasks=...)`` sends one
+heartbeat with exactly the reports given (a lying node), leaving ``reports`` as they are.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class FakeMiner:
         self.refuse_invites = False  # answer invites 503 (a miner that is down or not ready)
         self.task_ports: tuple[int, int] | None = None  # sent in heartbeats when set (a miner's --task-ports)
         self.run_desired = False  # report what the master desires Running at once (see the module's doc)
+        self.desired_ever: set[tuple[str, int, int]] = set()  # (task, replica, attempt) of every answer's desired
         self._runner: web.AppRunner | None = None
         self._chain: RegistryClient | None = None
         self._beat: asyncio.Task[None] | None = None
@@ -143,17 +146,20 @@ class FakeMiner:
 
     # --- heartbeats -------------------------------------------------------------------------------
 
-    async def heartbeat(self) -> tuple[int, Any]:
-        """One signed heartbeat to the master; (status, JSON answer)."""
+    async def heartbeat(self, tasks: list[dict[str, Any]] | None = None) -> tuple[int, Any]:
+        """One signed heartbeat to the master; (status, JSON answer). ``tasks``: report exactly these
+        this once instead of ``reports`` (``run_desired`` does not act on its answer)."""
         assert self.master_url is not None, "no invite received yet"
-        payload: dict[str, Any] = {"tasks": list(self.reports.values()), "gpus": [{"index": 0, "util": 10.0}],
-                                   "load": {"cpu_pct": 5.0}}
+        payload: dict[str, Any] = {"tasks": list(self.reports.values()) if tasks is None else tasks,
+                                   "gpus": [{"index": 0, "util": 10.0}], "load": {"cpu_pct": 5.0}}
         if self.task_ports is not None:
             payload["task_ports"] = list(self.task_ports)
         status, answer = await signed_call(self.node, "POST", self.master_url, "/heartbeat", json.dumps(payload).encode())
         if status == 200:
             self.last_answer = answer
-            if self.run_desired and isinstance(answer, dict):
+            if isinstance(answer, dict):
+                self.desired_ever.update((d["id"], d["replica"], d["attempt"]) for d in answer.get("desired", []))
+            if self.run_desired and tasks is None and isinstance(answer, dict):
                 self._run(answer.get("desired", []))
         return status, answer
 
