@@ -28,6 +28,7 @@ def test_a_group_spec_round_trips_and_sizes_its_replicas() -> None:
     (GroupPhase.PENDING, TaskState.PENDING), (GroupPhase.STARTING, TaskState.PENDING),
     (GroupPhase.RUNNING, TaskState.RUNNING), (GroupPhase.RESTARTING, TaskState.PENDING),
     (GroupPhase.FAILED, TaskState.FAILED), (GroupPhase.COMPLETED, TaskState.COMPLETED),
+    (GroupPhase.STOPPED, TaskState.STOPPED),
 ])
 def test_a_group_tasks_state_is_its_groups(phase: GroupPhase, state: TaskState) -> None:
     task = Task.new(TaskSpec(image="busybox", group=GroupRequest(2)), 1.0, "g")

@@ -61,6 +61,7 @@ class GroupPhase(StrEnum):
     RESTARTING = "Restarting"  # an attempt ended (a member failed, a node died): backoff, then Pending
     FAILED = "Failed"          # final: start timeout or restart limit (``reason`` says which)
     COMPLETED = "Completed"    # final: every member of an attempt exited 0
+    STOPPED = "Stopped"        # final: the buyer stopped the task (or its run ended)
 
 
 class MemberView(Answer, frozen=True):

@@ -345,5 +345,6 @@ _GROUP_TASK_STATES = {
     GroupPhase.RESTARTING: TaskState.PENDING,
     GroupPhase.FAILED: TaskState.FAILED,
     GroupPhase.COMPLETED: TaskState.COMPLETED,
+    GroupPhase.STOPPED: TaskState.STOPPED,  # (a stopping task's state comes from its replicas)
 }
 

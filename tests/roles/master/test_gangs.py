@@ -224,6 +224,9 @@ def test_stop_request_stops_every_member_and_the_group_is_left_alone() -> None:
     run_both(st, "g", 4.0)
     out = handle(st, TaskStopRequested("g", 5.0))
     assert sorted(s.node for s in of(out, StopReplica)) == [A, B]
+    assert st.tasks["g"].group is not None and st.tasks["g"].group.phase == GroupPhase.STOPPED
+    assert [(t.old, t.new) for t in of(out, RecordGroupTransition)] == [(GroupPhase.RUNNING, GroupPhase.STOPPED)]
+    assert [m.rank for m in st.tasks["g"].group.members] == [0, 1]  # the last attempt's members stay shown
     beat(st, A, 6.0), beat(st, B, 6.0)  # both stopped their containers
     task = st.tasks["g"]
     assert task.state == TaskState.STOPPED and all(r.state == ReplicaState.STOPPED for r in task.replicas)
@@ -275,3 +278,34 @@ def test_the_group_survives_a_master_restart(tmp_path: Path) -> None:
     assert loaded.tasks["g"].group == st.tasks["g"].group and loaded.tasks["g"].state == TaskState.RUNNING
     assert heartbeat_response(loaded, B).desired == heartbeat_response(st, B).desired
     assert loaded.tasks["g"].spec.group == st.tasks["g"].spec.group
+
+
+def test_the_masters_own_downtime_does_not_count_against_the_start_timeout(tmp_path: Path) -> None:
+    st = fresh()
+    node(st, A)
+    handle(st, TaskCreated(group_task(timeout=30.0)))  # waits for a second node from t=2
+    store = MasterStore(Database(tmp_path / "master.sqlite"))
+    store.save(st)
+    again = store.load(CFG)
+    handle(again, MasterStarted(600.0))  # down for ten minutes: no node could report meanwhile
+    handle(again, ChainSynced(600.0))
+    handle(again, Tick(601.0))
+    task = again.tasks["g"]
+    assert task.group is not None and task.group.phase == GroupPhase.PENDING  # counted from 600, not from 2
+    node(again, B, at=610.0)
+    beat(again, A, 612.0)
+    handle(again, Tick(613.0))
+    assert sorted(members(again, "g")) == sorted([A, B]) and task.group.phase == GroupPhase.STARTING
+
+
+def test_a_stall_of_the_masters_loop_does_not_count_against_the_start_timeout() -> None:
+    st = fresh()
+    node(st, A)
+    handle(st, TaskCreated(group_task(timeout=30.0)))
+    handle(st, Tick(10.0, every_s=1.0))
+    handle(st, Tick(500.0, every_s=1.0))  # the loop stalled for 490 s: a gap in the master's own view
+    task = st.tasks["g"]
+    assert task.group is not None and task.group.phase == GroupPhase.PENDING
+    for t in range(501, 532):
+        handle(st, Tick(float(t), every_s=1.0))
+    assert task.group.phase == GroupPhase.FAILED  # 30 s after the gap ended, with still one node

@@ -329,8 +329,8 @@ async def test_a_group_stopped_in_its_restart_backoff_stays_stopped(world: World
     await fresh_answers(miners)
     task = await view(world, tid)
     assert task["state"] == "Stopped" and task["stop_requested"], task
-    # the group is left as the stop found it (Restarting, attempt 0): the stop ends it like any task
-    assert task["group"]["attempt"] == 0 and task["group"]["phase"] not in ("Starting", "Running"), task["group"]
+    # the stop ends the group (Stopped, still attempt 0): no attempt after the backoff
+    assert task["group"]["attempt"] == 0 and task["group"]["phase"] == "Stopped", task["group"]
     assert all(r["state"] == "Stopped" and r["node"] is None for r in task["replicas"]), task["replicas"]
     assert all(of_task(m, tid) == [] for m in miners)
     assert {a for (_, _, a) in desired_ever(miners, tid)} == {0} and {a for (_, _, a) in starts_of(miners, tid)} == {0}

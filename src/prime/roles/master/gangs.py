@@ -87,6 +87,27 @@ def tick(state: MasterState, now: float) -> list[Instruction]:
     return out
 
 
+def view_resumed(state: MasterState, at: float) -> list[Instruction]:
+    """The master (re)started or its loop stalled: the start timeouts count from ``at``, not through
+    the gap (no node could report meanwhile)."""
+    out: list[Instruction] = []
+    for task in _active(state):
+        out.extend(_step(state, task, groups.ViewResumed(at), at))
+    return out
+
+
+def stopped(state: MasterState, task: Task) -> list[Instruction]:
+    """The task's stop was asked for: its group ends as Stopped (the members stop as any replicas do)."""
+    group = state.groups.get(task.id)
+    if group is None or group.phase in groups.FINAL_PHASES:
+        return []
+    before = group.phase
+    groups.stop(group, "stopped on request")
+    task.group = view(group)
+    state.dirty_tasks.add(task.id)
+    return [RecordGroupTransition(task.id, group.attempt, before, group.phase, group.reason or "stopped")]
+
+
 def node_gone(state: MasterState, node: str, at: float) -> list[Instruction]:
     out: list[Instruction] = []
     for task in _active(state):

@@ -181,7 +181,15 @@ class Tick:
     now: float
 
 
-GroupEvent = Union[NodeAvailable, Offers, NodeGone, MemberPulling, MemberStarted, MemberExited, MemberLost, Tick]
+@dataclass(frozen=True)
+class ViewResumed:
+    """The shell's own view restarted at ``at`` (a master restart, a stalled loop): a wait under the
+    start timeout counts from then, as node health does; nodes need a moment to report again."""
+
+    at: float
+
+
+GroupEvent = Union[NodeAvailable, Offers, NodeGone, MemberPulling, MemberStarted, MemberExited, MemberLost, Tick, ViewResumed]
 
 # --- decisions (what to do) ----------------------------------------------------------------------
 
@@ -228,7 +236,7 @@ GroupDecision = Union[StartMembers, StopMembers, FailGroup, CompleteGroup]
 # --- state ---------------------------------------------------------------------------------------
 
 
-FINAL_PHASES = frozenset({GroupPhase.FAILED, GroupPhase.COMPLETED})
+FINAL_PHASES = frozenset({GroupPhase.FAILED, GroupPhase.COMPLETED, GroupPhase.STOPPED})
 PLACED_PHASES = frozenset({GroupPhase.STARTING, GroupPhase.RUNNING})
 
 
@@ -277,6 +285,10 @@ def handle(group: GroupState, event: GroupEvent) -> list[GroupDecision]:
         return _try_place(group, event.at) if group.phase == GroupPhase.PENDING else []
     if isinstance(event, NodeGone):
         return _node_gone(group, event)
+    if isinstance(event, ViewResumed):
+        if group.phase in (GroupPhase.PENDING, GroupPhase.STARTING):
+            group.waiting_since = max(group.waiting_since, event.at)
+        return []
     if isinstance(event, MemberPulling):
         if _current_rank(group, event.attempt, event.rank):
             group.heard.add(event.rank)
@@ -350,6 +362,16 @@ def _attempt_failed(group: GroupState, why: str, at: float, exited: int | None =
     group.reason = f"attempt {group.attempt} ended: {why}"
     group.restart_at = at + group.spec.backoff_s(group.restarts)
     return [stop]
+
+
+def stop(group: GroupState, reason: str) -> None:
+    """The task was stopped (by its buyer, or its run ended): final, the shell stops the members."""
+    if group.phase in FINAL_PHASES:
+        return
+    group.last_members = group.members or group.last_members
+    group.phase, group.reason = GroupPhase.STOPPED, reason
+    group.members, group.started, group.finished, group.heard = (), set(), set(), set()
+    group.survivors, group.restart_at = {}, None
 
 
 def _fail(group: GroupState, reason: str) -> FailGroup:

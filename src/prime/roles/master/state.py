@@ -247,7 +247,7 @@ def _on_started(state: MasterState, event: MasterStarted) -> list[Instruction]:
     state.watching_since = event.at
     state.last_tick_at = event.at
     state.chain_synced = False
-    return _reconcile_all(state, event.at)
+    return gangs.view_resumed(state, event.at) + _reconcile_all(state, event.at)
 
 
 def _on_chain_synced(state: MasterState, event: ChainSynced) -> list[Instruction]:
@@ -376,6 +376,7 @@ def _on_tick(state: MasterState, event: Tick) -> list[Instruction]:
         if elapsed < 0 or elapsed > state.config.view_gap_s(event.every_s):
             state.watching_since = event.now
             out.append(RecordViewGap(last, event.now))
+            out.extend(gangs.view_resumed(state, event.now))
     out.extend(_reconcile_all(state, event.now, schedule=True))
     return out + gangs.tick(state, event.now)
 
@@ -399,8 +400,9 @@ def _on_stop(state: MasterState, event: TaskStopRequested) -> list[Instruction]:
     if task is None or task.is_final or task.stop_requested:
         return []  # unknown, finished, or asked before: each stop goes out once
     state.dirty_tasks.add(task.id)
+    out: list[Instruction] = gangs.stopped(state, task)
     changes, to_stop = scheduler.stop_task(task, event.at)
-    out = _note_replicas(state, changes)
+    out.extend(_note_replicas(state, changes))
     first: dict[str, int] = {}
     for node, index in to_stop:  # one DELETE per task and node stops all its replicas there
         first[node] = min(index, first.get(node, index))
