@@ -57,6 +57,8 @@ def test_a_group_view_reads_with_fields_a_newer_master_adds() -> None:
     ({"nodes": 2, "start_timeout_s": -5}, "group.start_timeout_s"),
     ({"nodes": 2, "start_timeout_s": "5m"}, "group.start_timeout_s"),
     ({"nodes": 2, "max_restarts": 10**6}, "group.max_restarts"),
+    ({"nodes": 2, "restart_backoff_s": -1}, "group.restart_backoff_s"),
+    ({"nodes": 2, "restart_backoff_s": 3601}, "group.restart_backoff_s"),
     ({"nodes": 2, "extra": 1}, "group.extra"),
     ("2", "group"),
 ])

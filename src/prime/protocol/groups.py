@@ -21,6 +21,8 @@ MAX_START_TIMEOUT_S = 7 * 86_400.0
 MAX_GROUP_RESTARTS = 1000
 DEFAULT_START_TIMEOUT_S = 300.0  # Kubernetes' gang scheduling waits 5 minutes too
 DEFAULT_MAX_RESTARTS = 3
+DEFAULT_RESTART_BACKOFF_S = 5.0
+MAX_RESTART_BACKOFF_S = 3600.0
 # Ports each member is given from its node's ``--task-ports`` range: the range's first is the
 # rendezvous port (MASTER_PORT, used on rank 0), the next one the member's peer-to-peer port.
 MEMBER_PORTS = 2
@@ -36,7 +38,8 @@ class GroupRequest(Message, frozen=True, omit_defaults=True):
     The task's ``gpus`` is the GPUs of each member (``--gpus-per-node``). ``max_nodes`` None:
     exactly ``nodes``. ``start_timeout_s`` bounds each wait for enough nodes (the first start
     and every restart's); ``max_restarts`` how often the whole group is started again after a
-    member failed or its node died (with a backoff of 5 s, doubling).
+    member failed or its node died: the first time at once (a lost node is no crash loop), then
+    after ``restart_backoff_s``, doubling for each further restart.
     """
 
     nodes: GroupNodes
@@ -44,6 +47,7 @@ class GroupRequest(Message, frozen=True, omit_defaults=True):
     same_gpu_model: bool = False
     start_timeout_s: Annotated[float, Meta(gt=0, le=MAX_START_TIMEOUT_S)] = DEFAULT_START_TIMEOUT_S
     max_restarts: Annotated[int, Meta(ge=0, le=MAX_GROUP_RESTARTS)] = DEFAULT_MAX_RESTARTS
+    restart_backoff_s: Annotated[float, Meta(ge=0, le=MAX_RESTART_BACKOFF_S)] = DEFAULT_RESTART_BACKOFF_S
 
     def __post_init__(self) -> None:
         if self.max_nodes is not None and self.max_nodes < self.nodes:

@@ -38,6 +38,7 @@ def test_task_show_has_the_group_and_its_members():
     assert "Nodes" in text and "2:3 (same GPU model)" in text and "GPUs per node" in text
     assert "Start timeout" in text and "10m" in text and "Max restarts" in text
     assert "GPUs per replica" not in text and "Restart " not in text  # a group's own words instead
+    assert "first restart at once, then 5s, doubling" in text
     assert "Phase" in text and "Starting" in text and "rank 2 exited with code 1; restarting with 2 nodes" in text
     assert "Members (2)" in text
     rank0, rank1 = row_of(text, "0"), row_of(text, "1")

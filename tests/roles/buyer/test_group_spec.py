@@ -62,6 +62,18 @@ def test_the_group_spec_built_from_the_flags():
     assert group_spec(nodes="2", gpus="4").gpus == 4
     assert group_spec(nodes="2", gpus="4", gpus_per_node=4).gpus == 4
     assert group_spec(nodes="3", max_restarts=0, start_timeout="90").group.max_restarts == 0  # type: ignore[union-attr]
+    assert group_spec(nodes="2", restart_backoff="30s").group.restart_backoff_s == 30.0  # type: ignore[union-attr]
+    assert group_spec(nodes="2", restart_backoff="0").group.restart_backoff_s == 0.0  # type: ignore[union-attr]
+    assert exact.group.restart_backoff_s == 5.0
+
+
+def test_a_bad_restart_backoff_is_one_sentence():
+    with pytest.raises(OptionError, match=r"^--restart-backoff '2h' is longer than the most it can be, 1h\.$"):
+        group_options(nodes="2", restart_backoff="2h")
+    with pytest.raises(OptionError, match=r"^--restart-backoff 'soon' is not a duration"):
+        group_options(nodes="2", restart_backoff="soon")
+    with pytest.raises(OptionError, match=r"^--restart-backoff only applies to a group task"):
+        group_options(nodes=None, restart_backoff="5s")
 
 
 def test_no_group_without_nodes():

@@ -28,6 +28,7 @@ from prime.roles.master.state import (
     StateConfig,
     StopReplica,
     SyncStorage,
+    SyncSucceeded,
     TaskCreated,
     TaskStopRequested,
     Tick,
@@ -155,16 +156,28 @@ def test_a_member_failure_stops_the_others_and_restarts_the_group_after_the_back
     assert task.group is not None and task.group.phase == GroupPhase.RESTARTING and task.group.restarts == 1
     assert "rank 1" in (task.group.reason or "") and "code 3" in (task.group.reason or "")
     assert heartbeat_response(st, A).desired == () and heartbeat_response(st, B).desired == ()
-    handle(st, Tick(6.0))  # within the 5 s backoff
+    syncs = of(out, SyncStorage)
+    handle(st, Tick(6.0))  # the first restart has no backoff, but waits for its members' final syncs
     assert task.group.phase == GroupPhase.RESTARTING
-    beat(st, A, 9.0), beat(st, B, 9.0)
-    out = handle(st, Tick(10.5))
+    for s in syncs:
+        handle(st, SyncSucceeded(s.node, s.task_id, s.replica, True, 6.5))
+    out = handle(st, Tick(7.0))
     assert sorted((s.node, s.replica) for s in of(out, StartReplica)) == [(A, 0), (B, 1)]
     assert [r.attempt for r in task.replicas] == [1, 1]
     assert {e["PRIME_GROUP_ATTEMPT"] for e in desired_env(st, A) + desired_env(st, B)} == {"1"}
     # a late report of attempt 0 changes nothing
-    beat(st, A, 11.0, report("g", 0, ReplicaState.FAILED, 0, code=9))
+    beat(st, A, 8.0, report("g", 0, ReplicaState.FAILED, 0, code=9))
     assert task.group.phase == GroupPhase.STARTING and task.group.restarts == 1
+    # a second failure: the restart waits its backoff (5 s) as well
+    run_both(st, "g", 9.0, attempt=1)
+    out = beat(st, A, 10.0, report("g", 0, ReplicaState.FAILED, 1, code=2))
+    for s in of(out, SyncStorage):
+        handle(st, SyncSucceeded(s.node, s.task_id, s.replica, True, 10.5))
+    beat(st, A, 12.0), beat(st, B, 12.0)
+    handle(st, Tick(14.9))
+    assert task.group.phase == GroupPhase.RESTARTING
+    handle(st, Tick(15.1))
+    assert task.group.phase == GroupPhase.STARTING and task.group.attempt == 2
 
 
 def test_a_dead_node_restarts_the_group_on_the_survivor_plus_a_replacement_in_its_rank() -> None:
@@ -175,14 +188,13 @@ def test_a_dead_node_restarts_the_group_on_the_survivor_plus_a_replacement_in_it
     node(st, C, at=5.0)
     for t in (20.0, 40.0, 58.0):  # A and C beat, B falls silent
         beat(st, A, t, report("g", 0, ReplicaState.RUNNING, 0)), beat(st, C, t)
-    out = handle(st, Tick(62.0))  # B is Dead (55 s + grace); the backoff of 5 s starts
+    out = handle(st, Tick(62.0))  # B is Dead (55 s + grace): the first restart goes out in the same tick
     task = st.tasks["g"]
-    assert task.group is not None and task.group.phase == GroupPhase.RESTARTING
     assert [(s.node, s.task_id) for s in of(out, StopReplica)] == [(A, "g")]
-    assert all(r.node is None for r in task.replicas)
     assert not [t for t in of(out, RecordReplicaTransition) if "rescheduled" in t.reason]  # never one member alone
-    beat(st, A, 66.0), beat(st, C, 66.0)
-    handle(st, Tick(68.0))
+    phases = [(t.old, t.new, t.attempt) for t in of(out, RecordGroupTransition)]
+    assert phases == [(GroupPhase.RUNNING, GroupPhase.RESTARTING, 0), (GroupPhase.RESTARTING, GroupPhase.STARTING, 1)]
+    assert task.group is not None and task.group.phase == GroupPhase.STARTING
     assert members(st, "g") == [A, C] and task.group.attempt == 1  # A keeps rank 0, C takes B's rank 1
     assert desired_env(st, C)[0]["NODE_RANK"] == "1" and desired_env(st, C)[0]["MASTER_ADDR"] == "10.0.0.1"
 

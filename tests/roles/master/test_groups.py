@@ -65,7 +65,8 @@ def test_parse_nodes_and_spec_checks() -> None:
         GroupSpec(0)
     assert GroupSpec(3).most_nodes == 3
     spec = GroupSpec(1, backoff_base_s=5, backoff_max_s=30)
-    assert [spec.backoff_s(k) for k in (0, 1, 2, 3, 4, 5)] == [0.0, 5.0, 10.0, 20.0, 30.0, 30.0]
+    # the first restart at once (a lost node is no crash loop), then 5 s doubling, capped
+    assert [spec.backoff_s(k) for k in (0, 1, 2, 3, 4, 5, 6)] == [0.0, 0.0, 5.0, 10.0, 20.0, 30.0, 30.0]
 
 
 # --- gang placement ------------------------------------------------------------------------------
@@ -223,11 +224,15 @@ def test_member_failure_stops_the_group_and_restarts_with_attempt_plus_one_on_th
     out = handle(g, MemberExited(0, 1, 1, at=5.0))
     assert out == [StopMembers("g1", 0, ("n0", "n2"), "rank 1 on n1 exited with code 1")]
     assert g.phase == GroupPhase.RESTARTING and g.members == ()
-    assert handle(g, Tick(14.9)) == []  # backoff: 10 s
-    (start,) = starts(handle(g, Tick(15.0)))
+    (start,) = starts(handle(g, Tick(5.0)))  # the first restart: at once
     assert start.attempt == 1
     assert [m.node for m in start.members] == ["n0", "n1", "n2"]  # n1 is healthy: only its process failed
     assert {m.env["PRIME_GROUP_ATTEMPT"] for m in start.members} == {"1"}
+    start_all(g, 6.0)
+    handle(g, MemberExited(1, 0, 1, at=7.0))  # a second failure: now the backoff (10 s)
+    assert handle(g, Tick(16.9)) == [] and g.phase == GroupPhase.RESTARTING
+    (start,) = starts(handle(g, Tick(17.0)))
+    assert start.attempt == 2
 
 
 def test_node_gone_restarts_on_survivors_in_their_ranks_plus_a_replacement_in_the_hole() -> None:

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from prime.chain.types import RunInfo
-from prime.protocol.groups import DEFAULT_MAX_RESTARTS, DEFAULT_START_TIMEOUT_S
+from prime.protocol.groups import DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_BACKOFF_S, DEFAULT_START_TIMEOUT_S
 
 STATE_STYLES = {
     "Healthy": "green", "Running": "green", "Completed": "cyan",
@@ -165,6 +165,7 @@ def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
     if group is not None:
         info.add_row("Start timeout", duration_text(group.get("start_timeout_s", DEFAULT_START_TIMEOUT_S)))
         info.add_row("Max restarts", str(group.get("max_restarts", DEFAULT_MAX_RESTARTS)))
+        info.add_row("Backoff", f"first restart at once, then {duration_text(group.get('restart_backoff_s', DEFAULT_RESTART_BACKOFF_S))}, doubling")
     else:
         info.add_row("Restart", str(spec.get("restart", "never")))
     info.add_row("Created", age(task.get("created_at"), now))

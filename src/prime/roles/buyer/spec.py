@@ -15,7 +15,7 @@ from typing import Any
 
 from prime.errors import PrimeError
 from prime.protocol.errors import ValidationError
-from prime.protocol.groups import MAX_GROUP_NODES, MAX_START_TIMEOUT_S
+from prime.protocol.groups import MAX_GROUP_NODES, MAX_RESTART_BACKOFF_S, MAX_START_TIMEOUT_S
 from prime.protocol.tasks import ENV_NAME_RE, TaskSpec
 
 
@@ -111,6 +111,7 @@ _GROUP_OPTIONS = {
     "group.same_gpu_model": "--same-gpu-model",
     "group.start_timeout_s": "--start-timeout",
     "group.max_restarts": "--max-restarts",
+    "group.restart_backoff_s": "--restart-backoff",
 }
 
 
@@ -136,8 +137,10 @@ def parse_nodes(text: str) -> tuple[int, int | None]:
     return least, most
 
 
-def parse_duration(text: str, option: str = "--start-timeout") -> float:
-    """Seconds from ``90s``, ``5m``, ``1h``, ``1h30m`` or a plain number of seconds (``300``, ``2.5``); more than 0."""
+def parse_duration(text: str, option: str = "--start-timeout", *, zero_ok: bool = False,
+                   most_s: float = MAX_START_TIMEOUT_S) -> float:
+    """Seconds from ``90s``, ``5m``, ``1h``, ``1h30m`` or a plain number of seconds (``300``, ``2.5``);
+    more than 0 (``zero_ok``: 0 too), at most ``most_s``."""
     value = text.strip().lower()
     if re.fullmatch(_NUMBER, value):
         seconds = float(value)
@@ -147,11 +150,15 @@ def parse_duration(text: str, option: str = "--start-timeout") -> float:
             raise OptionError(f"{option} {text!r} is not a duration; write it like 90s, 5m, 1h30m or a number of seconds.")
         hours, minutes, secs = (float(part) if part else 0.0 for part in match.groups())
         seconds = hours * 3600 + minutes * 60 + secs
-    if seconds <= 0:
+    if seconds < 0 or (seconds == 0 and not zero_ok):
         raise OptionError(f"{option} {text!r} must be longer than 0 seconds.")
-    if seconds > MAX_START_TIMEOUT_S:
-        raise OptionError(f"{option} {text!r} is longer than the most it can be, {MAX_START_TIMEOUT_S / 3600:g}h ({MAX_START_TIMEOUT_S / 86400:g} days).")
+    if seconds > most_s:
+        raise OptionError(f"{option} {text!r} is longer than the most it can be, {_hours(most_s)}.")
     return seconds
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:g}h ({seconds / 86400:g} days)" if seconds >= 86400 else f"{seconds / 3600:g}h"
 
 
 def _options_text(names: Sequence[str]) -> str:
@@ -166,6 +173,7 @@ def group_options(
     same_gpu_model: bool = False,
     start_timeout: str | None = None,
     max_restarts: int | None = None,
+    restart_backoff: str | None = None,
     replicas: int = 1,
     restart: str = "never",
 ) -> tuple[int | str, dict[str, Any] | None]:
@@ -179,6 +187,7 @@ def group_options(
         given = [name for name, present in (
             ("--gpus-per-node", gpus_per_node is not None), ("--same-gpu-model", same_gpu_model),
             ("--start-timeout", start_timeout is not None), ("--max-restarts", max_restarts is not None),
+            ("--restart-backoff", restart_backoff is not None),
         ) if present]
         if given:
             verb = "applies" if len(given) == 1 else "apply"
@@ -205,6 +214,9 @@ def group_options(
         group["start_timeout_s"] = parse_duration(start_timeout)
     if max_restarts is not None:
         group["max_restarts"] = max_restarts
+    if restart_backoff is not None:
+        group["restart_backoff_s"] = parse_duration(restart_backoff, option="--restart-backoff", zero_ok=True,
+                                                    most_s=MAX_RESTART_BACKOFF_S)
     return per_node, group
 
 

@@ -36,6 +36,7 @@ def task_create(
     same_gpu_model: Annotated[bool, typer.Option("--same-gpu-model", help="A group task: every member on the same GPU model.")] = False,
     start_timeout: Annotated[Optional[str], typer.Option("--start-timeout", help="A group task: how long to wait for enough nodes (90s, 5m, 1h30m; default 5m).", show_default=False)] = None,
     max_restarts: Annotated[Optional[int], typer.Option("--max-restarts", min=0, help="A group task: how often the whole group is started again after a failure (default 3).", show_default=False)] = None,
+    restart_backoff: Annotated[Optional[str], typer.Option("--restart-backoff", help="A group task: the wait before a second restart, doubling for each later one (the first is at once; default 5s).", show_default=False)] = None,
     master_url: MasterUrl = None,
     key_file: KeyFile = None,
     password_env: PasswordEnv = DEFAULT_PASSWORD_ENV,
@@ -48,7 +49,8 @@ def task_create(
 
     spec_gpus, group = group_options(
         nodes=nodes, gpus=gpus, gpus_per_node=gpus_per_node, same_gpu_model=same_gpu_model,
-        start_timeout=start_timeout, max_restarts=max_restarts, replicas=replicas, restart=restart,
+        start_timeout=start_timeout, max_restarts=max_restarts, restart_backoff=restart_backoff, replicas=replicas,
+        restart=restart,
     )
     spec = build_task_spec(
         image=image,

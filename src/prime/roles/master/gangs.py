@@ -10,7 +10,8 @@ checkpoint resume and the log keeper work as for any replica). ``state.handle`` 
   ``--task-ports`` range, with the GPUs free (other tasks' replicas counted) and no member of
   another group there (its ports are taken). Gang placement takes all members at once or none,
   so a group that does not fit blocks nothing behind it.
-- ``tick``: the clock (start timeout, restart backoff).
+- ``tick``: the clock (start timeout, restart backoff; a restart also waits for its members'
+  final syncs in flight).
 - ``node_gone``: a node left the hosting states (Dead, Left): its member's attempt ends.
 - ``report``: a node's heartbeat reports about members: Running -> ``MemberStarted``; an exit ->
   ``MemberExited``; a member that could not start, was stopped by the engine or is no longer
@@ -79,12 +80,20 @@ def schedule(state: MasterState, at: float) -> list[Instruction]:
 
 
 def tick(state: MasterState, now: float) -> list[Instruction]:
-    """The clock: fresh offers (a restart after its backoff places on them), then the timeouts."""
+    """The clock: fresh offers (a restart after its backoff places on them), then the timeouts. A
+    group restarting waits for the final syncs of its last attempt's members still in flight: each
+    member of the next attempt resumes its rank's /data as synced last, never an older copy."""
     out: list[Instruction] = []
     for task in _active(state):
         out.extend(_step(state, task, groups.Offers(offers(state, task, now), now), now))
+        if state.groups[task.id].phase == GroupPhase.RESTARTING and _syncing(state, task):
+            continue
         out.extend(_step(state, task, groups.Tick(now), now))
     return out
+
+
+def _syncing(state: MasterState, task: Task) -> bool:
+    return any((task.id, r.index) in state.syncing for r in task.replicas)
 
 
 def view_resumed(state: MasterState, at: float) -> list[Instruction]:

@@ -85,17 +85,19 @@ class GroupSpec:
     def of(cls, request: GroupRequest, gpus_per_node: int) -> GroupSpec:
         """The spec of a task's ``group`` (its ``gpus`` is the GPUs of each member)."""
         return cls(request.nodes, request.max_nodes, gpus_per_node, request.same_gpu_model,
-                   request.start_timeout_s, request.max_restarts)
+                   request.start_timeout_s, request.max_restarts, request.restart_backoff_s)
 
     @property
     def most_nodes(self) -> int:
         return self.min_nodes if self.max_nodes is None else self.max_nodes
 
     def backoff_s(self, restarts: int) -> float:
-        """The wait before restart number ``restarts`` (1 = the first): base * 2^(restarts-1), capped."""
-        if restarts <= 0:
+        """The wait before restart number ``restarts`` (1 = the first): none for the first (a node
+        lost is no crash loop: the group should run again within dead detection + a moment), then
+        base * 2^(restarts-2), capped."""
+        if restarts <= 1:
             return 0.0
-        return float(min(self.backoff_max_s, self.backoff_base_s * 2.0 ** min(restarts - 1, 60)))
+        return float(min(self.backoff_max_s, self.backoff_base_s * 2.0 ** min(restarts - 2, 60)))
 
 
 def parse_nodes(text: str) -> tuple[int, int | None]:
