@@ -78,11 +78,25 @@ class MemberView(Answer, frozen=True):
     peer_port: Port
 
 
+MAX_GROUP_HISTORY = 50  # transitions a group view keeps (the oldest go first)
+
+
+class GroupTransition(Answer, frozen=True):
+    """One step of a group: when, the attempt, the phase it entered and why."""
+
+    at: Annotated[float, Meta(ge=0, le=2.0**40)]
+    attempt: Annotated[int, Meta(ge=-1, le=2**31)]
+    phase: GroupPhase
+    reason: Annotated[str, Meta(max_length=4096)] = ""
+
+
 class GroupView(Answer, frozen=True):
-    """``TaskView.group``: the group's phase, its attempt (-1 before the first) and its members."""
+    """``TaskView.group``: the group's phase, its attempt (-1 before the first), its members, and
+    its last transitions (``history``, oldest first)."""
 
     phase: GroupPhase
     attempt: Annotated[int, Meta(ge=-1, le=2**31)] = -1
     restarts: Annotated[int, Meta(ge=0, le=2**31)] = 0
     reason: Annotated[str, Meta(max_length=4096)] | None = None
     members: Annotated[tuple[MemberView, ...], Meta(max_length=MAX_GROUP_NODES)] = ()
+    history: Annotated[tuple[GroupTransition, ...], Meta(max_length=MAX_GROUP_HISTORY)] = ()

@@ -103,3 +103,16 @@ def test_a_groups_merged_lines_are_prefixed_with_the_rank_the_master_names():
     assert format_log_line({"replica": 0, "line": "[rank 1] x"}) == "[r0] [rank 1] x"
     assert log_line_text({"replica": 0, "line": "plain"}).plain == "[r0] plain"
     assert log_line_text({"replica": 0, "rank": True, "line": "plain"}).plain == "[r0] plain"  # a bool is no rank
+
+def test_task_show_lists_every_transition_of_the_group():
+    task = group_task_json(NOW)
+    task["group"]["history"] = [
+        {"at": NOW - 120, "attempt": 0, "phase": "Starting", "reason": "attempt 0: rank 0 on a, rank 1 on b"},
+        {"at": NOW - 60, "attempt": 0, "phase": "Restarting", "reason": "attempt 0 ended: the node b of rank 1 is gone"},
+        {"at": NOW - 59, "attempt": 1, "phase": "Starting", "reason": "attempt 1: rank 0 on a, rank 1 on c"},
+    ]
+    text = rendered(task_detail(task, now=NOW))
+    assert "History" in text
+    rows = [line for line in text.splitlines() if "attempt 0 ended" in line or "attempt 1: rank 0 on a" in line]
+    assert len(rows) == 2 and "Restarting" in rows[0] and "Starting" in rows[1]  # oldest first
+    assert text.index("attempt 0: rank 0 on a") < text.index("attempt 0 ended") < text.index("attempt 1: rank 0 on a")

@@ -178,6 +178,11 @@ def test_a_member_failure_stops_the_others_and_restarts_the_group_after_the_back
     assert task.group.phase == GroupPhase.RESTARTING
     handle(st, Tick(15.1))
     assert task.group.phase == GroupPhase.STARTING and task.group.attempt == 2
+    # every transition is in the view, oldest first, with its time and reason
+    assert [(h.attempt, h.phase) for h in task.group.history] == [
+        (0, GroupPhase.STARTING), (0, GroupPhase.RUNNING), (0, GroupPhase.RESTARTING), (1, GroupPhase.STARTING),
+        (1, GroupPhase.RUNNING), (1, GroupPhase.RESTARTING), (2, GroupPhase.STARTING)]
+    assert task.group.history[2].at == 5.0 and "code 3" in task.group.history[2].reason
 
 
 def test_a_dead_node_restarts_the_group_on_the_survivor_plus_a_replacement_in_its_rank() -> None:
@@ -288,6 +293,7 @@ def test_the_group_survives_a_master_restart(tmp_path: Path) -> None:
     g1, g2 = st.groups["g"], loaded.groups["g"]
     assert (g2.phase, g2.attempt, g2.started, g2.restarts, g2.waiting_since) == (g1.phase, g1.attempt, g1.started, g1.restarts, g1.waiting_since)
     assert loaded.tasks["g"].group == st.tasks["g"].group and loaded.tasks["g"].state == TaskState.RUNNING
+    assert len(loaded.tasks["g"].group.history) == 2  # Starting, Running: kept across the restart
     assert heartbeat_response(loaded, B).desired == heartbeat_response(st, B).desired
     assert loaded.tasks["g"].spec.group == st.tasks["g"].spec.group
 

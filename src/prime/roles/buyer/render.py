@@ -173,7 +173,7 @@ def task_detail(task: dict[str, Any], now: float | None = None) -> Group:
         info.add_row("Stop requested", "yes")
     view = task.get("group")
     if group is not None and isinstance(view, dict):
-        return Group(info, group_table(view), members_table(task, view))
+        return Group(info, group_table(view), members_table(task, view), history_table(view, now))
     return Group(info, _replicas_table(task, now))
 
 
@@ -273,6 +273,17 @@ def members_table(task: dict[str, Any], view: dict[str, Any]) -> Table:
     if not members:
         waiting = f"waiting for {group_size(task.get('spec') or {})} nodes that fit" if view.get("phase") == "Pending" else ""
         table.add_row("-", "no members in this attempt", waiting, *([""] * (len(table.columns) - 3)))
+    return table
+
+
+def history_table(view: dict[str, Any], now: float | None = None) -> Table:
+    """The group's last transitions, oldest first: when, the attempt, the phase it entered, why."""
+    table = Table(title="History")
+    for column in ("When", "Attempt", "Phase", "Why"):
+        table.add_column(column, overflow="fold")
+    for step in [h for h in view.get("history") or [] if isinstance(h, dict)]:
+        table.add_row(age(step.get("at"), now), _attempt_text(step.get("attempt")), state_text(step.get("phase")),
+                      str(step.get("reason") or ""))
     return table
 
 

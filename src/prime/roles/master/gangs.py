@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from prime.protocol.groups import GroupPhase, GroupView, MemberView
+from prime.protocol.groups import MAX_GROUP_HISTORY, GroupPhase, GroupTransition, GroupView, MemberView
 from prime.protocol.heartbeat import DesiredReplica, ReplicaReport
 from prime.protocol.nodes import NodeRecord, NodeState
 from prime.protocol.tasks import FINAL_REPLICA_STATES, PLACED_REPLICA_STATES, Replica, ReplicaState, Task
@@ -105,13 +105,14 @@ def view_resumed(state: MasterState, at: float) -> list[Instruction]:
     return out
 
 
-def stopped(state: MasterState, task: Task) -> list[Instruction]:
+def stopped(state: MasterState, task: Task, at: float) -> list[Instruction]:
     """The task's stop was asked for: its group ends as Stopped (the members stop as any replicas do)."""
     group = state.groups.get(task.id)
     if group is None or group.phase in groups.FINAL_PHASES:
         return []
     before = group.phase
     groups.stop(group, "stopped on request")
+    _remember(group, at, group.reason or "stopped")
     task.group = view(group)
     state.dirty_tasks.add(task.id)
     return [RecordGroupTransition(task.id, group.attempt, before, group.phase, group.reason or "stopped")]
@@ -213,10 +214,17 @@ def _step(state: MasterState, task: Task, event: groups.GroupEvent, at: float) -
         else:
             out.extend(_finish(state, task, group, at))
     if (group.phase, group.attempt) != before:
-        out.append(RecordGroupTransition(task.id, group.attempt, before[0], group.phase, _why(group)))
+        why = _why(group)
+        out.append(RecordGroupTransition(task.id, group.attempt, before[0], group.phase, why))
+        _remember(group, at, why)
     task.group = view(group)
     state.dirty_tasks.add(task.id)
     return out
+
+
+def _remember(group: GroupState, at: float, why: str) -> None:
+    group.history.append((at, group.attempt, group.phase.value, why[:4096]))
+    del group.history[:-MAX_GROUP_HISTORY]
 
 
 def _why(group: GroupState) -> str:
@@ -320,7 +328,8 @@ def view(group: GroupState) -> GroupView:
     """The group as the buyer sees it: the current attempt's members, or the last attempt's once it ended."""
     shown = group.members or group.last_members
     members = tuple(MemberView(m.rank, m.node, m.address, m.rendezvous_port, m.peer_port) for m in shown)
-    return GroupView(group.phase, group.attempt, group.restarts, group.reason, members)
+    history = tuple(GroupTransition(at, attempt, GroupPhase(phase), why) for at, attempt, phase, why in group.history)
+    return GroupView(group.phase, group.attempt, group.restarts, group.reason, members, history)
 
 
 # --- storing a group -------------------------------------------------------------------------------
@@ -338,6 +347,7 @@ def to_json(group: GroupState) -> dict[str, Any]:
         "started": sorted(group.started), "finished": sorted(group.finished), "heard": sorted(group.heard),
         "restarts": group.restarts,
         "restart_at": group.restart_at, "survivors": group.survivors, "reason": group.reason,
+        "history": [list(h) for h in group.history],
     }
 
 
@@ -357,4 +367,5 @@ def from_json(group_id: str, data: Mapping[str, Any]) -> GroupState:
         heard=set(data.get("heard", ())), last_members=tuple(_member(m) for m in data.get("last_members", ())),
         restarts=int(data["restarts"]), restart_at=data["restart_at"],
         survivors={str(k): int(v) for k, v in data["survivors"].items()}, reason=data["reason"],
+        history=[(float(h[0]), int(h[1]), str(h[2]), str(h[3])) for h in data.get("history", ())],
     )

@@ -261,6 +261,7 @@ class GroupState:
     restart_at: float | None = None
     survivors: dict[str, int] = field(default_factory=dict)  # nodes of the last attempt still there -> their rank
     reason: str | None = None  # why it failed, or why the last attempt ended
+    history: list[tuple[float, int, str, str]] = field(default_factory=list)  # (at, attempt, phase, why): the shell's record
 
 
 def new_group(group_id: str, spec: GroupSpec, at: float) -> GroupState:

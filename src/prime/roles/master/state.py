@@ -400,7 +400,7 @@ def _on_stop(state: MasterState, event: TaskStopRequested) -> list[Instruction]:
     if task is None or task.is_final or task.stop_requested:
         return []  # unknown, finished, or asked before: each stop goes out once
     state.dirty_tasks.add(task.id)
-    out: list[Instruction] = gangs.stopped(state, task)
+    out: list[Instruction] = gangs.stopped(state, task, event.at)
     changes, to_stop = scheduler.stop_task(task, event.at)
     out.extend(_note_replicas(state, changes))
     first: dict[str, int] = {}
