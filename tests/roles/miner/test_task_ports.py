@@ -138,6 +138,17 @@ def test_a_bound_but_not_listening_socket_counts_as_busy() -> None:
         assert check_task_ports((first, last)) == f"Port {last} of --task-ports {first}-{last} is in use; free it or choose another range."
 
 
+def test_a_closed_connection_in_time_wait_does_not_hold_the_range() -> None:
+    first, last = free_port_range(2)
+    server = _listener(first, "127.0.0.1")
+    client = socket.create_connection(("127.0.0.1", first))
+    accepted, _ = server.accept()
+    accepted.close()  # the member's side closes first: its port's connection waits in TIME_WAIT
+    client.close()
+    server.close()
+    assert check_task_ports((first, last)) is None
+
+
 def test_the_miners_own_port_must_lie_outside_the_range() -> None:
     assert check_task_ports((29500, 29509), "127.0.0.1", 29505) == \
         "The miner's own --port 29505 lies inside --task-ports 29500-29509; choose a port or a range that do not overlap."

@@ -166,8 +166,10 @@ def _bind_addresses(host: str) -> list[tuple[int, Any]]:
 
 def check_task_ports(task_ports: tuple[int, int], host: str = "127.0.0.1", port: int | None = None,
                      held: Collection[int] = ()) -> str | None:
-    """Every port of the range can be bound now (TCP, without SO_REUSEADDR, closed at once), but
-    those in ``held`` (this miner's own running members'); the miner's own ``port`` lies outside it."""
+    """Every port of the range can be bound now (TCP, closed at once), but those in ``held`` (this
+    miner's own running members'); the miner's own ``port`` lies outside it. With SO_REUSEADDR, as
+    a member's server binds: a listener or another bound socket is refused, a connection of a
+    finished member still in TIME_WAIT is not (it would hold a restarted miner back a minute)."""
     first, last = task_ports
     span = f"--task-ports {first}-{last}"
     if port is not None and first <= port <= last:
@@ -178,7 +180,7 @@ def check_task_ports(task_ports: tuple[int, int], host: str = "127.0.0.1", port:
             continue
         for family, address in addresses:
             with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind((address, candidate))
                 except OSError as exc:
