@@ -47,10 +47,10 @@ from eth_account.signers.local import LocalAccount
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.fixtures.processes (RoleProcess) when run from a checkout
 
+from bench.world import deploy_for_bench  # noqa: E402
 from prime.auth.signing import HEADER_NONCE, Domain, recover_signer, sign_answer, sign_headers  # noqa: E402
 from prime.chain.anvil import AnvilProcess, rpc_call, start_anvil  # noqa: E402
 from prime.chain.client import RegistryClient, invite_digest, registration_digest, sign_digest  # noqa: E402
-from prime.chain.deploy import deploy_registry  # noqa: E402
 from prime.chain.types import Requirements, Specs  # noqa: E402
 from prime.keys import create_keystore  # noqa: E402
 from tests.fixtures.processes import RoleProcess, free_port, prime_command  # noqa: E402
@@ -331,11 +331,7 @@ async def main(args: argparse.Namespace) -> None:
         work = Path(tmp)
         anvil = start_anvil(None, log_path=work / "anvil.log", extra_args=["--disable-block-gas-limit"])
         try:
-            admin, validator = anvil.accounts[0], anvil.accounts[1]
-            deployed = await deploy_registry(anvil.rpc_url, admin, min_stake_wei=10**15)
-            async with await RegistryClient.connect(anvil.rpc_url, deployed, admin) as client:
-                await client.grant_validator(validator)
-            deployment = deployed.save(work / "deployment.json")
+            deployment = await deploy_for_bench(anvil, work)
             print(f"machine: {os.cpu_count()} CPUs; load generator and servers share them; "
                   f"{args.seconds:g} s per phase; bodies {len(BODY)} bytes (8 GPU samples)")
             summary = []

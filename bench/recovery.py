@@ -32,58 +32,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the tests' FakeMiner and process helpers when run from a checkout
 
-from eth_account import Account  # noqa: E402
 
+from bench.world import deploy_for_bench, start_world, wait_for  # noqa: E402
 from prime.chain.anvil import start_anvil  # noqa: E402
-from prime.chain.client import RegistryClient  # noqa: E402
-from prime.chain.deploy import deploy_registry  # noqa: E402
-from prime.chain.types import Requirements  # noqa: E402
 from prime.roles.master.lifecycle import StateConfig  # noqa: E402
-from tests.fixtures.processes import RoleProcesses, free_port  # noqa: E402
+from tests.fixtures.processes import RoleProcesses  # noqa: E402
 from tests.roles.master.fake_miner import (  # noqa: E402
-    PASSWORD,
     World,
-    discovery_command,
-    master_command,
     signed_call,
-    write_key,
 )
-
-
-async def wait_for(check: Any, *, timeout_s: float, what: str, interval_s: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out waiting for {what}")
-        await asyncio.sleep(interval_s)
-
-
-async def start_world(anvil: Any, deployment: Any, processes: RoleProcesses, tmp: Path, interval_s: float,
-                      dead_after: int, grace_s: float) -> World:
-    disc_port = free_port()
-    discovery_key = Account.create()
-    discovery = processes.create("discovery", discovery_command(disc_port, anvil.rpc_url, deployment.path, tmp / "discovery"),
-                                 port=disc_port, env={"PRIME_PRIVATE_KEY": discovery_key.key.hex()})
-    await discovery.start_async()
-    owner, validator = anvil.accounts[2], anvil.accounts[1]
-    master_account = Account.create()
-    owner_client = await RegistryClient.connect(anvil.rpc_url, deployment, owner)
-    validator_client = await RegistryClient.connect(anvil.rpc_url, deployment, validator)
-    run_id = await owner_client.create_run(Requirements(min_gpus=1), f"{discovery.base_url}#{discovery_key.address}",
-                                           [master_account.address])
-    port = free_port()
-    # The fixtures' short test settings, then the master's own defaults for liveness (the last flag wins).
-    command = master_command(port, run_id, write_key(tmp, master_account), anvil.rpc_url, deployment.path, tmp / "master",
-                             "--heartbeat-interval", f"{interval_s:g}",
-                             "--unhealthy-after", str(StateConfig().unhealthy_after_missed),
-                             "--dead-after", str(dead_after), "--heartbeat-grace", f"{grace_s:g}")
-    master = processes.create("master", command, port=port, env={"PRIME_KEY_PASSWORD": PASSWORD})
-    await master.start_async(timeout_s=60)
-    return World(discovery, master, run_id, owner, master_account, validator, validator_client, owner_client,
-                 anvil.rpc_url, deployment, tmp, discovery_key=discovery_key)
 
 
 async def one_death(world: World, anvil: Any, interval_s: float) -> dict[str, float]:
@@ -167,11 +124,7 @@ async def main(args: argparse.Namespace) -> None:
         work = Path(tmp)
         anvil = start_anvil(None, log_path=work / "anvil.log")
         try:
-            admin, validator = anvil.accounts[0], anvil.accounts[1]
-            deployed = await deploy_registry(anvil.rpc_url, admin, min_stake_wei=10**15)
-            async with await RegistryClient.connect(anvil.rpc_url, deployed, admin) as client:
-                await client.grant_validator(validator)
-            deployment = deployed.save(work / "deployment.json")
+            deployment = await deploy_for_bench(anvil, work)
             for interval in intervals:
                 (work / f"logs-{interval:g}").mkdir()
                 (work / f"i{interval:g}").mkdir()

@@ -144,3 +144,34 @@ def remove_containers(client: docker.DockerClient, containers: list[dict[str, An
 def only(items: Sequence[Any], what: str) -> Any:
     assert len(items) == 1, f"expected exactly one {what}, got {len(items)}: {items}"
     return items[0]
+
+
+class MinerProcess:
+    """One real `prime miner start` process with its own node and provider keys and data directory
+    (``task_ports``: its --task-ports, to host group members), in a run of a ``World``."""
+
+    def __init__(self, name: str, world: Any, anvil: Any, deployment: Any, processes: Any, root: Path,
+                 task_ports: tuple[int, int] | None = None) -> None:
+        from eth_account import Account
+
+        from tests.fixtures.processes import free_port
+        from tests.support.miner_env import miner_command, miner_env, write_keystore
+
+        self.node, self.provider = Account.create(), Account.create()
+        anvil.set_balance(self.provider.address, 10 * 10**18)
+        root.mkdir(parents=True)
+        self.data_dir = root / "data"
+        port = free_port()
+        command = miner_command(
+            run_id=world.run_id, port=port, key_file=write_keystore(root / "node.json", self.node),
+            data_dir=self.data_dir, anvil=anvil, deployment=deployment,
+            provider_key_file=write_keystore(root / "provider.json", self.provider), task_ports=task_ports,
+        )
+        self.process = processes.create(name, command, port=port, env=miner_env(root / "home"))
+
+    @property
+    def address(self) -> str:
+        return str(self.node.address)
+
+    def replica_dir(self, task_id: str, replica: int = 0) -> Path:
+        return self.data_dir / "tasks" / task_id / f"r{replica}" / "data"

@@ -28,13 +28,13 @@ from typing import Any
 
 import docker
 import pytest
-from eth_account import Account
 
 from prime.chain.types import Requirements
+from tests.e2e.support import MinerProcess as Miner
 from tests.e2e.support import Prime, node_containers, remove_containers
-from tests.fixtures.processes import RoleProcess, RoleProcesses, free_port
+from tests.fixtures.processes import RoleProcesses
 from tests.roles.master.fake_miner import World, eventually, make_world, signed_call
-from tests.support.miner_env import free_port_range, miner_command, miner_env, write_keystore
+from tests.support.miner_env import free_port_range, miner_env, write_keystore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(420)]
 
@@ -63,31 +63,6 @@ CHECKPOINT = (
     'echo "attempt $PRIME_GROUP_ATTEMPT rank $NODE_RANK resumed $(cat /data/resumed.txt)"; '
     "while [ ! -f /data/go ]; do sleep 0.2 & wait $!; done; exit 0"
 )
-
-
-class Miner:
-    """One real `prime miner start` process with its own keys, data directory and task ports."""
-
-    def __init__(self, name: str, world: World, anvil: Any, deployment: Any, processes: RoleProcesses, root: Path,
-                 task_ports: tuple[int, int]) -> None:
-        self.node, self.provider = Account.create(), Account.create()
-        anvil.set_balance(self.provider.address, 10 * 10**18)
-        root.mkdir(parents=True)
-        self.data_dir = root / "data"
-        port = free_port()
-        command = miner_command(
-            run_id=world.run_id, port=port, key_file=write_keystore(root / "node.json", self.node),
-            data_dir=self.data_dir, anvil=anvil, deployment=deployment,
-            provider_key_file=write_keystore(root / "provider.json", self.provider), task_ports=task_ports,
-        )
-        self.process: RoleProcess = processes.create(name, command, port=port, env=miner_env(root / "home"))
-
-    @property
-    def address(self) -> str:
-        return self.node.address
-
-    def replica_dir(self, task_id: str, replica: int) -> Path:
-        return self.data_dir / "tasks" / task_id / f"r{replica}" / "data"
 
 
 async def _task(world: World, task_id: str) -> dict[str, Any]:
@@ -132,7 +107,8 @@ async def test_group_tasks_gang_start_rendezvous_timeout_and_restart_after_kill(
         role_processes: RoleProcesses, anvil, deployment, docker_client: docker.DockerClient, busybox_image: str,
         tmp_path: Path) -> None:
     world = await make_world(anvil, deployment, role_processes, tmp_path / "world", requirements=Requirements(min_gpus=0))
-    miners = [Miner(f"miner-{n}", world, anvil, deployment, role_processes, tmp_path / n, free_port_range(4)) for n in "abc"]
+    miners = [Miner(f"miner-{n}", world, anvil, deployment, role_processes, tmp_path / n, task_ports=free_port_range(4))
+              for n in "abc"]
     try:
         await _up(world, miners[:2])
         await _timeout_then_elastic_rendezvous(world, miners, busybox_image)

@@ -27,13 +27,12 @@ from typing import Any
 
 import docker
 import pytest
-from eth_account import Account
 
 from prime.chain.types import Requirements
+from tests.e2e.support import MinerProcess as Miner
 from tests.e2e.support import node_containers, remove_containers
-from tests.fixtures.processes import RoleProcess, RoleProcesses, free_port
+from tests.fixtures.processes import RoleProcesses
 from tests.roles.master.fake_miner import World, eventually, make_world, signed_call
-from tests.support.miner_env import miner_command, miner_env, write_keystore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker, pytest.mark.timeout(300)]
 
@@ -47,30 +46,6 @@ SCRIPT = (
     'i=0; while [ ! -f /data/stop ]; do echo "step $i" > /data/step/$i.txt; i=$((i+1)); sleep 0.3 & wait $!; done; '
     "echo orphan done; exit 0"
 )
-
-
-class Miner:
-    """One real `prime miner start` process with its own keys and data directory."""
-
-    def __init__(self, name: str, world: World, anvil: Any, deployment: Any, processes: RoleProcesses, root: Path) -> None:
-        self.node, self.provider = Account.create(), Account.create()
-        anvil.set_balance(self.provider.address, 10 * 10**18)
-        root.mkdir(parents=True)
-        self.data_dir = root / "data"
-        port = free_port()
-        command = miner_command(
-            run_id=world.run_id, port=port, key_file=write_keystore(root / "node.json", self.node),
-            data_dir=self.data_dir, anvil=anvil, deployment=deployment,
-            provider_key_file=write_keystore(root / "provider.json", self.provider),
-        )
-        self.process: RoleProcess = processes.create(name, command, port=port, env=miner_env(root / "home"))
-
-    @property
-    def address(self) -> str:
-        return self.node.address
-
-    def replica_dir(self, task_id: str) -> Path:
-        return self.data_dir / "tasks" / task_id / "r0" / "data"
 
 
 async def _task(world: World, task_id: str) -> dict[str, Any]:
