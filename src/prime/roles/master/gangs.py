@@ -21,7 +21,8 @@ Decisions become replica changes and pushes: ``StartMembers`` assigns every memb
 one call (so no member is desired anywhere before all are placed) and pushes each start;
 ``StopMembers`` takes the attempt's replicas off their nodes (Pending again; a persistent one gets
 its final sync first, which the next attempt's member resumes from) and pushes the stops.
-A stopped task (``TaskStopRequested``, the run ended) leaves its group alone: it stops like any task.
+A stopped task (``TaskStopRequested``, the run ended) ends its group as Stopped (``stopped``); its
+members stop like any task's replicas (``scheduler.stop_task``).
 """
 
 from __future__ import annotations
@@ -45,12 +46,6 @@ if TYPE_CHECKING:
 
 def is_group(task: Task) -> bool:
     return task.spec.group is not None
-
-
-def active(task: Task) -> bool:
-    """A group task its state machine still drives (not stopped, not final)."""
-    return is_group(task) and not task.stop_requested and task.group is not None \
-        and task.group.phase not in groups.FINAL_PHASES
 
 
 def node_host(rec: NodeRecord) -> str | None:
@@ -107,15 +102,9 @@ def view_resumed(state: MasterState, at: float) -> list[Instruction]:
 
 def stopped(state: MasterState, task: Task, at: float) -> list[Instruction]:
     """The task's stop was asked for: its group ends as Stopped (the members stop as any replicas do)."""
-    group = state.groups.get(task.id)
-    if group is None or group.phase in groups.FINAL_PHASES:
+    if task.id not in state.groups:
         return []
-    before = group.phase
-    groups.stop(group, "stopped on request")
-    _remember(group, at, group.reason or "stopped")
-    task.group = view(group)
-    state.dirty_tasks.add(task.id)
-    return [RecordGroupTransition(task.id, group.attempt, before, group.phase, group.reason or "stopped")]
+    return _step(state, task, groups.StopRequested("stopped on request", at), at)
 
 
 def node_gone(state: MasterState, node: str, at: float) -> list[Instruction]:
@@ -163,7 +152,8 @@ def _fold(state: MasterState, task: Task, r: Replica, seen: ReplicaReport | None
         event = groups.MemberExited(r.attempt, r.index, seen.exit_code, at)
     else:  # Failed before it ran, Lost (its engine stopped it), Stopped (not asked for)
         r.error = seen.error
-        why = seen.error or {ReplicaState.LOST: "its engine stopped it"}.get(seen.state, f"the node reported it {seen.state.value}")
+        why = seen.error or ("its engine stopped it" if seen.state == ReplicaState.LOST
+                             else f"the node reported it {seen.state.value}")
         event = groups.MemberLost(r.attempt, r.index, why.rstrip("."), at)
     if seen is not None:
         r.restarts = seen.restarts
@@ -174,7 +164,9 @@ def _fold(state: MasterState, task: Task, r: Replica, seen: ReplicaReport | None
 
 
 def _active(state: MasterState) -> list[Task]:
-    return sorted((t for t in state.tasks.values() if active(t) and t.id in state.groups), key=lambda t: (t.created_at, t.id))
+    """The group tasks their state machines still drive (not stopped, not final), oldest first."""
+    tasks = (state.tasks.get(task_id) for task_id, group in state.groups.items() if group.phase not in groups.FINAL_PHASES)
+    return sorted((t for t in tasks if t is not None and not t.stop_requested), key=lambda t: (t.created_at, t.id))
 
 
 # --- what can host a member ------------------------------------------------------------------------
@@ -212,7 +204,7 @@ def _step(state: MasterState, task: Task, event: groups.GroupEvent, at: float) -
         elif isinstance(decision, groups.StopMembers):
             out.extend(_stop(state, task, decision, at))
         else:
-            out.extend(_finish(state, task, group, at))
+            out.extend(_finish(task, group, at))
     if (group.phase, group.attempt) != before:
         why = _why(group)
         out.append(RecordGroupTransition(task.id, group.attempt, before[0], group.phase, why))
@@ -280,9 +272,8 @@ def _reachable(state: MasterState, node: str) -> bool:
     return rec is not None and rec.state in syncplan.SYNC_NODE_STATES
 
 
-def _finish(state: MasterState, task: Task, group: GroupState, at: float) -> list[Instruction]:
+def _finish(task: Task, group: GroupState, at: float) -> list[Instruction]:
     """Completed or Failed: replicas that are not final yet end with the group (they never ran)."""
-    del state
     out: list[Instruction] = []
     completed = group.phase == GroupPhase.COMPLETED
     for r in task.replicas:

@@ -191,7 +191,18 @@ class ViewResumed:
     at: float
 
 
-GroupEvent = Union[NodeAvailable, Offers, NodeGone, MemberPulling, MemberStarted, MemberExited, MemberLost, Tick, ViewResumed]
+@dataclass(frozen=True)
+class StopRequested:
+    """The task was stopped (by its buyer, or its run ended): the group ends Stopped; the shell stops
+    the members as it stops any task's replicas."""
+
+    reason: str
+    at: float
+
+
+GroupEvent = Union[
+    NodeAvailable, Offers, NodeGone, MemberPulling, MemberStarted, MemberExited, MemberLost, Tick, ViewResumed, StopRequested,
+]
 
 # --- decisions (what to do) ----------------------------------------------------------------------
 
@@ -288,6 +299,9 @@ def handle(group: GroupState, event: GroupEvent) -> list[GroupDecision]:
         return _try_place(group, event.at) if group.phase == GroupPhase.PENDING else []
     if isinstance(event, NodeGone):
         return _node_gone(group, event)
+    if isinstance(event, StopRequested):
+        _stop(group, event.reason)
+        return []
     if isinstance(event, ViewResumed):
         if group.phase in (GroupPhase.PENDING, GroupPhase.STARTING):
             group.waiting_since = max(group.waiting_since, event.at)
@@ -367,10 +381,7 @@ def _attempt_failed(group: GroupState, why: str, at: float, exited: int | None =
     return [stop]
 
 
-def stop(group: GroupState, reason: str) -> None:
-    """The task was stopped (by its buyer, or its run ended): final, the shell stops the members."""
-    if group.phase in FINAL_PHASES:
-        return
+def _stop(group: GroupState, reason: str) -> None:
     group.last_members = group.members or group.last_members
     group.phase, group.reason = GroupPhase.STOPPED, reason
     group.members, group.started, group.finished, group.heard = (), set(), set(), set()
