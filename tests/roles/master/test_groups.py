@@ -25,6 +25,7 @@ from prime.roles.master.groups import (
     NodeGone,
     StartMembers,
     StopMembers,
+    StopRequested,
     Tick,
     fits,
     handle,
@@ -445,3 +446,12 @@ def test_same_events_same_decisions(spec: GroupSpec, steps: list[tuple[str, int,
             out += handle(g, to_event(g, op, float(i)))
         runs.append((out, g.phase, g.attempt, g.members))
     assert runs[0] == runs[1]
+
+
+def test_a_stop_ends_the_group_stopped_and_nothing_after_it() -> None:
+    g = running(2, None, ["n0", "n1"])
+    members = g.members
+    assert handle(g, StopRequested("stopped on request", 5.0)) == []  # the shell stops the replicas itself
+    assert g.phase == GroupPhase.STOPPED and g.members == () and g.last_members == members
+    assert g.reason == "stopped on request"
+    assert handle(g, MemberExited(0, 0, 1, 6.0)) == [] and handle(g, Tick(1000.0)) == [] and g.phase == GroupPhase.STOPPED

@@ -8,8 +8,8 @@ the same result.
 The shell feeds ``Offers`` (every node that could host a member now: its free GPUs, GPU model,
 address and offered port range; ``NodeAvailable`` adds one), ``NodeGone`` when a node dies or
 leaves, ``MemberPulling`` / ``MemberStarted`` / ``MemberExited`` / ``MemberLost`` from the
-members' reports (each names its attempt: reports of another attempt are ignored), and ``Tick``
-on the clock. Phases::
+members' reports (each names its attempt: reports of another attempt are ignored), ``Tick``
+on the clock, ``ViewResumed`` after a gap in the shell's own view and ``StopRequested``. Phases::
 
               (>= N nodes fit: take up to M, all at once)          every member started
     Pending ------------------------------------------> Starting --------------------> Running
