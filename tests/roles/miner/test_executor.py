@@ -184,6 +184,41 @@ async def test_stop_removes_the_container(executor: DockerExecutor, busybox_imag
     assert spec.task_id not in {s.task_id for s in await executor.snapshot()}
 
 
+@pytest.mark.parametrize("on_term", ["exit 0", "exit 3"])
+async def test_a_container_that_exits_on_the_miners_stop_is_stopped_until_removed(
+        executor: DockerExecutor, busybox_image: str, on_term: str) -> None:
+    """The window between the container's exit on SIGTERM and its removal: a heartbeat snapshot
+    taken there said Completed (the task trapped TERM and exited 0) and the master kept it."""
+    spec = _spec(busybox_image, f"trap '{on_term}' TERM; sleep 600 & wait")
+    assert (await executor.start(spec)).state is TaskState.RUNNING
+    exited, go_on = asyncio.Event(), asyncio.Event()
+    engine_call = executor._docker
+
+    async def pause_after_the_stop(fn, *args, **kwargs):  # the real engine calls, a pause before the removal
+        if getattr(fn, "__name__", "") == "stop":
+            kwargs["timeout"] = 5  # time for the trap to run (the fixture's executor kills at once)
+            result = await engine_call(fn, *args, **kwargs)
+            exited.set()
+            await go_on.wait()
+            return result
+        return await engine_call(fn, *args, **kwargs)
+
+    executor._docker = pause_after_the_stop  # type: ignore[method-assign]
+    stopping = asyncio.ensure_future(executor.stop(spec.task_id))
+    await asyncio.wait_for(exited.wait(), 30)
+    seen = {s.key: s for s in await executor.snapshot()}[spec.key]
+    assert seen.state is TaskState.STOPPED, seen
+    assert seen.container_id is not None  # the exited container itself, read while the stop is on
+    assert (await executor.status(spec.task_id)).state is TaskState.STOPPED
+    go_on.set()
+    assert await stopping is True
+    assert (await executor.status(spec.task_id)).state is TaskState.STOPPED
+    # the mark goes with the stop: the replica's next container reads as Docker says
+    again = await executor.start(_spec(busybox_image, "exit 0", task_id=spec.task_id))
+    assert again.state in (TaskState.RUNNING, TaskState.COMPLETED)
+    assert (await _wait(executor, spec.task_id)).state is TaskState.COMPLETED
+
+
 async def test_restarted_miner_adopts_instead_of_duplicating(
     executor: DockerExecutor, busybox_image: str, docker_client: docker.DockerClient
 ) -> None:

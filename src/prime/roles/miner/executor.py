@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -113,6 +114,9 @@ class DockerExecutor:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._generation: dict[Key, int] = {}  # bumped by stop/replace: a start in flight gives up
         self._starting: Counter[Key] = Counter()
+        # Containers this executor is stopping and removing (ids): one that exits on the stop
+        # signal (a task that traps SIGTERM and exits 0) reads Stopped, not Completed, until gone.
+        self._removing: set[str] = set()
         # Records of replicas with no container: Pulling, failed before a container, Stopped.
         self._records: OrderedDict[Key, ReplicaStatus] = OrderedDict()
         self.images = ImagePuller(lambda: self.client, self._docker,
@@ -236,8 +240,15 @@ class DockerExecutor:
         """The replica's state from Docker (or this executor's record when it has no container)."""
         container = await self._container((task_id, replica))
         if container is not None:
-            return status_of(container)
+            return self._status_of(container)
         return self._records.get((task_id, replica))
+
+    def _status_of(self, container: Any) -> ReplicaStatus:
+        """``status_of``, but a container that exited while this executor removes it is Stopped."""
+        status = status_of(container)
+        if container.id in self._removing and status.state in (ReplicaState.COMPLETED, ReplicaState.FAILED):
+            return dataclasses.replace(status, state=ReplicaState.STOPPED, reason=None)
+        return status
 
     async def snapshot(self) -> list[ReplicaStatus]:
         """Every replica of this node: its containers, plus replicas being started or failed before starting."""
@@ -246,7 +257,7 @@ class DockerExecutor:
             key = key_of(container.labels)
             if key is not None:
                 newest[key] = container  # one per replica: the newest (older ones go at its next start or stop)
-        statuses = [status_of(c) for c in newest.values()]
+        statuses = [self._status_of(c) for c in newest.values()]
         seen = set(newest)
         for key, record in self._records.items():
             if key not in seen and record.state is not ReplicaState.STOPPED:
@@ -372,6 +383,13 @@ class DockerExecutor:
     # -- stopping
 
     async def _remove(self, container: Any) -> None:
+        self._removing.add(container.id)
+        try:
+            await self._stop_and_remove(container)
+        finally:
+            self._removing.discard(container.id)
+
+    async def _stop_and_remove(self, container: Any) -> None:
         try:
             await self._docker(container.stop, timeout=self.stop_timeout_s)
         except docker.errors.NotFound:

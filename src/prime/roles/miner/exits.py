@@ -17,7 +17,7 @@ not ask for the stop:
 
 Every other exit is the task's own: exit 0 is Completed, any other code (137 and 143 included,
 when no outside signal was seen; ``OOMKilled``) is Failed. The miner's own stops never show:
-a container the miner stops is removed right after.
+a container the miner stops reads Stopped until it is removed (``DockerExecutor._removing``).
 """
 
 from __future__ import annotations
