@@ -66,6 +66,14 @@ TaskPorts = Annotated[
              "default: none, the node hosts no group members.",
     ),
 ]
+ReleaseGrace = Annotated[
+    float,
+    typer.Option(
+        "--release-grace", envvar="PRIME_RELEASE_GRACE", min=0.0,
+        help="Seconds after the run ends on chain before the miner stops the tasks its master has not stopped "
+             "(a master down at the end); their files stay in the data dir.",
+    ),
+]
 AnnounceInterval = Annotated[
     float, typer.Option("--announce-interval", envvar="PRIME_ANNOUNCE_INTERVAL", min=1.0, help="Seconds between re-announcements to discovery.")
 ]
@@ -153,6 +161,7 @@ def start(
     finished_retention: FinishedRetention = 3600.0,
     allow_registry: AllowRegistry = None,
     task_ports: TaskPorts = None,
+    release_grace: ReleaseGrace = 300.0,
 ) -> None:
     """Start the miner: register the node for a run, get validated, join, and run the master's tasks."""
     from prime.keys import load_account
@@ -181,6 +190,7 @@ def start(
         gpu=gpu, public_ip=public_ip, stake_wei=stake_wei, task_network=task_network,
         announce_interval_s=announce_interval, chain_poll_interval_s=chain_poll_interval,
         finished_retention_s=finished_retention, allow_registries=allow_registries, task_ports=port_range,
+        release_grace_s=release_grace,
     )
     asyncio.run(run_miner(options, node_account, provider_account, prover=_PROVER.get()))
 

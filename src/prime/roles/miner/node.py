@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from prometheus_client import Counter
@@ -59,8 +58,9 @@ from prime.roles.miner.executor import DockerExecutor
 from prime.roles.miner.heartbeat import Converger, HeartbeatLoop
 from prime.roles.miner.invite import InviteHandler
 from prime.roles.miner.preflight import challenge_prover, run_preflight, task_ports_preflight
-from prime.roles.miner.registration import check_run, ensure_registered
+from prime.roles.miner.registration import check_discovery_uri, check_run, ensure_registered
 from prime.roles.miner.registries import RegistryPolicy
+from prime.roles.miner.release import DEFAULT_GRACE_S, ReleaseGuard
 from prime.roles.miner.seeding import Seeder
 from prime.roles.miner.state import (
     Announcement,
@@ -99,6 +99,7 @@ class MinerOptions:
     finished_retention_s: float = 3600.0
     allow_registries: tuple[str, ...] = ()  # --allow-registry; empty: public registries only
     task_ports: tuple[int, int] | None = None  # --task-ports: where group members listen; None: it hosts none
+    release_grace_s: float = DEFAULT_GRACE_S  # after the run's end, stop what its master did not (release.py)
     docker_base_url: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -179,6 +180,7 @@ class MinerNode:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopped = asyncio.Event()
         self._failure: PrimeError | None = None
+        self.release: ReleaseGuard | None = None  # stops what runs once the node has no master (release.py)
 
     # -- what others read
 
@@ -244,7 +246,7 @@ class MinerNode:
             raise PrimeError(failure)
         run = await until_chain_answers(lambda: self.registry.get_run(options.run_id), rpc_url=options.rpc_url, say=self._say_plain)
         check_run(run, self.specs)
-        _check_discovery_uri(run)
+        check_discovery_uri(run)
         choose_announce_ip(options.public_ip, options.host, run.discovery_uri)  # a bad --public-ip fails before any transaction
         self.run = run
         await self.store.open_for(self.address, options.run_id)
@@ -338,7 +340,10 @@ class MinerNode:
             on_change=self._status_changed, on_outcome=self._fail,
             verdict_grace_s=max(5.0, 2 * options.chain_poll_interval_s),
         )
+        self.release = ReleaseGuard(self.converger, options.run_id, lambda: watch.last, grace_s=options.release_grace_s,
+                                    say=lambda line: self.say(escape(line), "yellow"))
         tick = min(10.0, options.announce_interval_s)
+        add_loop(self.app, "release", self.release.step, interval_s=options.chain_poll_interval_s, max_backoff_s=60.0)
         add_loop(self.app, "announce", announcer.step, interval_s=tick, max_backoff_s=60.0)
         add_loop(self.app, "chain", watch.step, interval_s=options.chain_poll_interval_s, max_backoff_s=60.0)
         add_loop(self.app, "supervise", self.converger.supervise, interval_s=5.0, max_backoff_s=60.0)
@@ -422,7 +427,11 @@ class MinerNode:
             raise self._failure
 
     async def close(self) -> None:
-        """Stop serving and looping; task containers keep running (a restart adopts them)."""
+        """Stop serving and looping; task containers keep running (a restart adopts them) unless the
+        node has no master any more (ejected, left: ``release.ReleaseGuard.on_exit``)."""
+        if self.release is not None:
+            with contextlib.suppress(Exception):  # the engine away: nothing can be stopped; the close goes on
+                await self.release.on_exit()
         self.out.close()
         for task in self._tasks:
             task.cancel()
@@ -454,14 +463,6 @@ class MinerNode:
 
 def _preflight(gpus_requested: bool, data_dir: Path, port: int, host: str, docker_base_url: str | None) -> list[str]:
     return run_preflight(gpus_requested=gpus_requested, data_dir=data_dir, port=port, host=host, docker_base_url=docker_base_url)
-
-
-def _check_discovery_uri(run: RunInfo) -> None:
-    parts = urlsplit(run.discovery_uri)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PrimeError(
-            f"Run {run.run_id} names the discovery service {run.discovery_uri!r}, which is not an http(s) URL; ask the run's owner to fix it."
-        )
 
 
 async def run_miner(

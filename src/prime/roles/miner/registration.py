@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
+from urllib.parse import urlsplit
 
 from prime.chain.types import NodeInfo, NodeStatus, RunInfo, Specs
 from prime.errors import PrimeError
@@ -151,3 +152,12 @@ async def ensure_registered(
     result = await provider_client.register_node(run_id, node_account, specs, stake_wei=stake_wei)
     log.info("registered node %s for run %d (stake %d wei, tx %s)", node_account.address, run_id, stake_wei, result.tx_hash)
     return RegistrationResult(await node_client.get_node(node_account), result.tx_hash)
+
+
+def check_discovery_uri(run: RunInfo) -> None:
+    """The run's discovery URI must be an http(s) URL before the node announces itself there."""
+    parts = urlsplit(run.discovery_uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise PrimeError(
+            f"Run {run.run_id} names the discovery service {run.discovery_uri!r}, which is not an http(s) URL; ask the run's owner to fix it."
+        )
