@@ -28,7 +28,7 @@ from prime.chain.types import ChainEvent, NodeStatus
 from prime.errors import PrimeError
 from prime.protocol.nodes import NO_HARDWARE
 from prime.roles.master.membership import EVENT_NAMES, HolderChange, Membership
-from prime.roles.master.state import MasterState, NodeJoinedOnChain, NodeLeftOnChain
+from prime.roles.master.state import MastershipChanged, MasterState, NodeJoinedOnChain, NodeLeftOnChain
 
 log = logging.getLogger("prime.master")
 
@@ -100,16 +100,22 @@ class Adoption:
         log.info("run %d has %d master(s) on chain; this master holds %d node(s)%s", self.run_id,
                  len(self.membership.masters), len(self.membership.held_by(self.me)),
                  f", {len(self.pending)} to adopt" if self.pending else "")
+        if self.removed:  # removed while it was down: it invites nobody until it is added back
+            self._apply(MastershipChanged(False, self.clock()))
         return len(events)
 
     def observe(self, event: ChainEvent) -> list[HolderChange]:
         """One chain event, before the watcher handles it (so its NodeJoined asks the new holder)."""
         changes = self.membership.apply(event)
-        if event.name == "MasterRemoved" and to_checksum_address(event.args["master"]) == self.me:
-            log.error("this master (%s) was removed from run %d on chain (block %d): its nodes go to the run's "
-                      "other masters; it invites, adopts and ejects nobody any more", self.me, self.run_id, event.block)
-        elif event.name == "MasterAdded" and to_checksum_address(event.args["master"]) == self.me:
-            log.info("this master (%s) was added to run %d on chain (block %d)", self.me, self.run_id, event.block)
+        # Read from the membership, not the event: a replayed or another run's event changes nothing.
+        is_master = self.membership.is_master(self.me)
+        if event.name in ("MasterRemoved", "MasterAdded") and is_master != self._state().is_master:
+            if is_master:
+                log.info("this master (%s) was added to run %d on chain (block %d)", self.me, self.run_id, event.block)
+            else:
+                log.error("this master (%s) was removed from run %d on chain (block %d): its nodes go to the run's "
+                          "other masters; it invites, adopts and ejects nobody any more", self.me, self.run_id, event.block)
+            self._apply(MastershipChanged(is_master, self.clock()))
         for change in changes:
             self._react(change)
         return changes

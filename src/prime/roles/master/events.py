@@ -117,6 +117,15 @@ class RunEnded:
 
 
 @dataclass(frozen=True)
+class MastershipChanged:
+    """This master was removed from the run on chain (``is_master`` False: its nodes go to the
+    run's other masters and it invites nobody), or added back (True)."""
+
+    is_master: bool
+    at: float
+
+
+@dataclass(frozen=True)
 class NodeUrlResolved:
     """Discovery gave (a new) address for the node."""
 
@@ -195,7 +204,7 @@ class SyncFailed:
 
 Event = Union[
     MasterStarted, ChainSynced, NodeApprovedOnChain, NodeJoinedOnChain, NodeLeftOnChain, NodeEjectedOnChain,
-    ChainMembershipObserved, InviteSent, InviteFailed, RunEnded, NodeUrlResolved, HeartbeatReceived, Tick,
+    ChainMembershipObserved, InviteSent, InviteFailed, RunEnded, MastershipChanged, NodeUrlResolved, HeartbeatReceived, Tick,
     TaskCreated, TaskStopRequested, SyncRound, SyncSucceeded, SyncFailed,
 ]
 

@@ -42,6 +42,7 @@ from prime.roles.master.events import (  # re-exported (__all__): the core's voc
     Instruction,
     InviteFailed,
     InviteSent,
+    MastershipChanged,
     MasterStarted,
     NodeApprovedOnChain,
     NodeEjectedOnChain,
@@ -71,7 +72,7 @@ from prime.roles.master.syncplan import SyncKey, SyncMark
 
 __all__ = [
     "ChainMember", "ChainMembershipObserved", "ChainSynced", "Event", "HeartbeatReceived", "HeartbeatRefused",
-    "Instruction", "InviteFailed", "InviteSent", "MasterStarted", "MasterState", "NodeApprovedOnChain",
+    "Instruction", "InviteFailed", "InviteSent", "MastershipChanged", "MasterStarted", "MasterState", "NodeApprovedOnChain",
     "NodeEjectedOnChain", "NodeJoinedOnChain", "NodeLeftOnChain", "NodeUrlResolved", "Reconciliation",
     "RecordGroupTransition", "RecordReplicaTransition", "RecordTransition", "RecordViewGap", "RunEnded", "SendInvite", "StartReplica", "StateConfig",
     "StopReplica", "SyncFailed", "SyncKey", "SyncMark", "SyncRound", "SyncStorage", "SyncSucceeded",
@@ -97,6 +98,7 @@ class MasterState:
     last_tick_at: float | None = None    # the previous Tick's time (gaps in the master's own view show there)
     chain_synced: bool = True            # False from MasterStarted until ChainSynced: no invites meanwhile
     run_ended: bool = False              # RunEnded (fed from the chain at every start): no invites, no new tasks
+    is_master: bool = True               # False after MasterRemoved of this master (a start needs it on chain)
     syncing: set[SyncKey] = field(default_factory=set, repr=False, compare=False)  # SyncStorage in flight
     dirty_nodes: set[str] = field(default_factory=set, repr=False, compare=False)
     dirty_tasks: set[str] = field(default_factory=set, repr=False, compare=False)
@@ -105,7 +107,7 @@ class MasterState:
 
     @property
     def may_invite(self) -> bool:
-        return self.chain_synced and not self.run_ended
+        return self.chain_synced and not self.run_ended and self.is_master
 
     def set_cursor(self, block: int) -> None:
         """Advance the chain cursor; it is stored by the next flush, in the same transaction as
@@ -137,9 +139,10 @@ def heartbeat_response(state: MasterState, node: str) -> HeartbeatResponse:
 
 def invite_is_current(state: MasterState, ins: SendInvite) -> bool:
     """Whether a ``SendInvite`` that waited for its turn should still go out: the node is still
-    Invited with this very invite, and the run has not ended meanwhile."""
+    Invited with this very invite, and invites may still go out (the run has not ended, this master
+    was not removed)."""
     rec = state.nodes.get(ins.node)
-    return not state.run_ended and rec is not None and rec.state == NodeState.INVITED \
+    return state.may_invite and rec is not None and rec.state == NodeState.INVITED \
         and rec.invite_expiry == ins.expiry
 
 
@@ -252,6 +255,11 @@ def _on_started(state: MasterState, event: MasterStarted) -> list[Instruction]:
 
 def _on_chain_synced(state: MasterState, event: ChainSynced) -> list[Instruction]:
     state.chain_synced = True
+    return _reconcile_all(state, event.at)
+
+
+def _on_mastership(state: MasterState, event: MastershipChanged) -> list[Instruction]:
+    state.is_master = event.is_master
     return _reconcile_all(state, event.at)
 
 
@@ -421,6 +429,7 @@ _HANDLERS: dict[type, Callable[[MasterState, Any], list[Instruction]]] = {
     InviteSent: _on_invite_sent,
     InviteFailed: _on_invite_failed,
     RunEnded: _on_run_ended,
+    MastershipChanged: _on_mastership,
     NodeUrlResolved: _on_url,
     HeartbeatReceived: _on_heartbeat,
     Tick: _on_tick,
