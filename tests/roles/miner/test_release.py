@@ -12,7 +12,9 @@ from prime.chain.types import NodeInfo, NodeStatus
 from prime.protocol.heartbeat import DesiredReplica
 from prime.roles.miner import core
 from prime.roles.miner.heartbeat import Converger
-from prime.roles.miner.release import ReleaseGuard, orphaned, released_too_long
+from prime.roles.miner.release import ReleaseGuard, released, released_too_long
+from prime.roles.miner.state import MinerState
+from prime.roles.miner.watch import outcome
 from tests.fixtures.chain import DEFAULT_SPECS
 from tests.support.miner_env import MemoryExecutor
 
@@ -28,23 +30,16 @@ def desired(task_id: str) -> DesiredReplica:
                                      "spec": {"image": "busybox", "command": ["true"]}})
 
 
-@pytest.mark.parametrize(("status", "run_id", "expected"), [
-    (NodeStatus.EJECTED, RUN, "ejected"),
-    (NodeStatus.LEFT, RUN, "left"),
-    (NodeStatus.NONE, 0, "no longer registered"),
-    (NodeStatus.REGISTERED, RUN + 1, f"run {RUN + 1}"),
-    (NodeStatus.APPROVED, RUN + 1, f"run {RUN + 1}"),
-])
-def test_statuses_that_leave_the_node_no_master(status: NodeStatus, run_id: int, expected: str) -> None:
-    reason = orphaned(info(status, run_id), RUN)
-    assert reason is not None and expected in reason
+def ended(status: NodeStatus, run_id: int = RUN) -> str | None:
+    """What the chain watch says ends the miner for this status (the rule on_exit follows)."""
+    error = outcome(info(status, run_id), RUN, MinerState(), verdict_wait_over=True)
+    return None if error is None else str(error)
 
 
-@pytest.mark.parametrize("status", [NodeStatus.REGISTERED, NodeStatus.APPROVED, NodeStatus.ACTIVE, NodeStatus.RELEASED,
-                                    NodeStatus.REJECTED])
-def test_statuses_that_may_still_have_a_master(status: NodeStatus) -> None:
-    assert orphaned(info(status), RUN) is None
-    assert orphaned(None, RUN) is None  # never read from the chain yet: nothing is known
+def test_released_only_for_this_runs_end() -> None:
+    assert released(info(NodeStatus.RELEASED), RUN)
+    assert not released(info(NodeStatus.RELEASED, RUN + 1), RUN)
+    assert not released(info(NodeStatus.ACTIVE), RUN) and not released(None, RUN)
 
 
 def test_released_too_long_only_for_this_runs_end_past_the_grace() -> None:
@@ -59,12 +54,13 @@ class World:
     def __init__(self) -> None:
         self.now = 0.0
         self.last: NodeInfo | None = info(NodeStatus.ACTIVE)
+        self.ended: str | None = None
         self.said: list[str] = []
         self.executor = MemoryExecutor()
         self.converger = Converger(self.executor, [], policy=core.Policy(retention_s=100, push_grace_s=10),
                                    clock=lambda: self.now)
-        self.guard = ReleaseGuard(self.converger, RUN, lambda: self.last, grace_s=30.0, say=self.said.append,
-                                  clock=lambda: self.now)
+        self.guard = ReleaseGuard(self.converger, RUN, lambda: self.last, lambda: self.ended, grace_s=30.0,
+                                  say=self.said.append, clock=lambda: self.now)
 
     def running(self) -> set[str]:
         return {k[0] for k, s in self.executor.containers.items() if s.state.value == "Running"}
@@ -109,21 +105,33 @@ async def test_the_grace_restarts_when_the_status_changes_back() -> None:
     assert await w.guard.step() == 1 and w.running() == set()
 
 
-@pytest.mark.parametrize(("status", "stops"), [(NodeStatus.EJECTED, True), (NodeStatus.LEFT, True),
-                                               (NodeStatus.ACTIVE, False), (NodeStatus.RELEASED, False)])
-async def test_on_exit_stops_only_when_the_node_has_no_master(status: NodeStatus, stops: bool) -> None:
+@pytest.mark.parametrize(("status", "run_id", "stops", "why"), [
+    (NodeStatus.EJECTED, RUN, True, "ejected"),
+    (NodeStatus.LEFT, RUN, True, "left"),
+    (NodeStatus.NONE, 0, True, "no longer registered"),
+    (NodeStatus.REGISTERED, RUN + 1, True, f"run {RUN + 1}"),
+    (NodeStatus.APPROVED, RUN + 1, True, f"run {RUN + 1}"),
+    (NodeStatus.REGISTERED, RUN, False, None),
+    (NodeStatus.APPROVED, RUN, False, None),
+    (NodeStatus.ACTIVE, RUN, False, None),
+    (NodeStatus.RELEASED, RUN, False, None),
+])
+async def test_on_exit_stops_only_when_the_chain_ended_the_miner(status: NodeStatus, run_id: int, stops: bool,
+                                                                  why: str | None) -> None:
     w = World()
     await w.converger.converge([desired("a")])
-    w.last = info(status)
+    w.last, w.ended = info(status, run_id), ended(status, run_id)
     assert await w.guard.on_exit() == (1 if stops else 0)
     assert w.running() == (set() if stops else {"a"})  # a plain stop (SIGTERM) leaves it for the restart to adopt
     assert bool(w.said) is stops
+    if why is not None:
+        assert why in w.said[0]
 
 
 async def test_an_engine_failure_while_stopping_raises_to_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     w = World()
     await w.converger.converge([desired("a")])
-    w.last = info(NodeStatus.EJECTED)
+    w.last, w.ended = info(NodeStatus.EJECTED), ended(NodeStatus.EJECTED)
 
     async def broken(*_: Any) -> list[Any]:
         raise OSError("engine away")

@@ -34,6 +34,7 @@ TASK = "echo kept > /data/out.txt; trap 'exit 0' TERM; sleep 300 & wait"
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def world(anvil, deployment, role_processes: RoleProcesses, tmp_path_factory):
+    """A fresh run and master for each test (function scope): the first kills its master and ends its run."""
     w = await make_world(anvil, deployment, role_processes, tmp_path_factory.mktemp("release"),
                          requirements=Requirements(min_gpus=0))
     yield w
@@ -93,17 +94,8 @@ async def test_run_ended_with_its_master_gone_the_miner_stops_the_task_after_the
         assert console.count("Stopped 1 task(s)") == 1  # once, not on every loop round
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def second_world(anvil, deployment, role_processes: RoleProcesses, tmp_path_factory):
-    w = await make_world(anvil, deployment, role_processes, tmp_path_factory.mktemp("eject"),
-                         requirements=Requirements(min_gpus=0))
-    yield w
-    await w.close()
-
-
 async def test_an_ejected_miner_ends_and_leaves_no_container_of_the_run(
-        second_world: World, anvil, deployment, docker_client, busybox_image: str, tmp_path: Path) -> None:
-    world = second_world
+        world: World, anvil, deployment, docker_client, busybox_image: str, tmp_path: Path) -> None:
     node = Account.create()
     anvil.set_balance(node.address, 10 * 10**18)
     master = await RegistryClient.connect(world.rpc_url, world.deployment, world.master_account)

@@ -340,8 +340,9 @@ class MinerNode:
             on_change=self._status_changed, on_outcome=self._fail,
             verdict_grace_s=max(5.0, 2 * options.chain_poll_interval_s),
         )
-        self.release = ReleaseGuard(self.converger, options.run_id, lambda: watch.last, grace_s=options.release_grace_s,
-                                    say=lambda line: self.say(escape(line), "yellow"))
+        self.release = ReleaseGuard(self.converger, options.run_id, lambda: watch.last,
+                                    lambda: None if watch.error is None else str(watch.error),
+                                    grace_s=options.release_grace_s, say=lambda line: self.say(escape(line), "yellow"))
         tick = min(10.0, options.announce_interval_s)
         add_loop(self.app, "release", self.release.step, interval_s=options.chain_poll_interval_s, max_backoff_s=60.0)
         add_loop(self.app, "announce", announcer.step, interval_s=tick, max_backoff_s=60.0)
@@ -428,7 +429,7 @@ class MinerNode:
 
     async def close(self) -> None:
         """Stop serving and looping; task containers keep running (a restart adopts them) unless the
-        node has no master any more (ejected, left: ``release.ReleaseGuard.on_exit``)."""
+        chain ended the miner (ejected, left: ``release.ReleaseGuard.on_exit``)."""
         if self.release is not None:
             with contextlib.suppress(Exception):  # the engine away: nothing can be stopped; the close goes on
                 await self.release.on_exit()

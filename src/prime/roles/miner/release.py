@@ -2,10 +2,10 @@
 
 A task container runs for the master that holds the node, and the chain says when that is over:
 
-- **Ejected, left, no longer registered, or registered for another run** (``orphaned``): the
-  run's master has given the node's replicas to other nodes (or the provider left). What still
-  runs here is a duplicate nobody reads, on the provider's GPUs. The miner ends on such a
-  status; it stops the run's containers first (``ReleaseGuard.on_exit``).
+- **The chain watch ended the miner** (``watch.outcome``: ejected, left, no longer registered,
+  registered for another run, rejected): the run's master has given the node's replicas to
+  other nodes (or the provider left). What still runs here is a duplicate nobody reads, on the
+  provider's GPUs. The miner stops the run's containers before it ends (``ReleaseGuard.on_exit``).
 - **Released** (the run ended): the master stops every task and takes the final files of
   persistent ones. A master that is down at the end, and stays down, would leave them running
   for ever: ``grace_s`` after the miner first saw the node Released, it stops what still runs
@@ -32,38 +32,29 @@ DEFAULT_GRACE_S = 300.0
 ACTIVE = frozenset({ReplicaState.PULLING, ReplicaState.RUNNING})
 
 
-def orphaned(info: NodeInfo | None, run_id: int) -> str | None:
-    """Why the node's containers of ``run_id`` have no master any more (None: they may have one)."""
-    if info is None:
-        return None
-    if info.status == NodeStatus.EJECTED:
-        return f"the node was ejected from run {info.run_id}"
-    if info.status == NodeStatus.LEFT:
-        return f"the node left run {info.run_id}"
-    if info.status == NodeStatus.NONE:
-        return "the node is no longer registered on chain"
-    if info.run_id != run_id:
-        return f"the node is registered for run {info.run_id} now, not run {run_id}"
-    return None
+def released(info: NodeInfo | None, run_id: int) -> bool:
+    """The node reads Released for ``run_id``: that run ended on chain."""
+    return info is not None and info.status == NodeStatus.RELEASED and info.run_id == run_id
 
 
 def released_too_long(info: NodeInfo | None, run_id: int, released_since: float | None, now: float,
                       grace_s: float) -> bool:
     """The run ended ``grace_s`` or more ago and the miner should stop what its master did not."""
-    return (info is not None and info.status == NodeStatus.RELEASED and info.run_id == run_id
-            and released_since is not None and now - released_since >= grace_s)
+    return released(info, run_id) and released_since is not None and now - released_since >= grace_s
 
 
 class ReleaseGuard:
-    """Reads the chain watch's last record of the node (``last``); stops the node's running
-    containers through ``converger.stop_task`` (a stop the miner asked for: never read as Lost)."""
+    """Reads the chain watch's last record of the node (``last``) and the outcome that ends the
+    miner (``ended``: its words; None while there is none); stops the node's running containers
+    through ``converger.stop_task`` (a stop the miner asked for: never read as Lost)."""
 
-    def __init__(self, converger: Any, run_id: int, last: Callable[[], NodeInfo | None], *,
-                 grace_s: float = DEFAULT_GRACE_S, say: Callable[[str], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, converger: Any, run_id: int, last: Callable[[], NodeInfo | None],
+                 ended: Callable[[], str | None], *, grace_s: float = DEFAULT_GRACE_S,
+                 say: Callable[[str], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.converger = converger
         self.run_id = run_id
         self.last = last
+        self.ended = ended
         self.grace_s = grace_s
         self.say = say
         self.clock = clock
@@ -73,8 +64,7 @@ class ReleaseGuard:
     async def step(self) -> int:
         """The loop body: past the grace after the run's end, stop what still runs (once)."""
         info = self.last()
-        released = info is not None and info.status == NodeStatus.RELEASED and info.run_id == self.run_id
-        if not released:
+        if not released(info, self.run_id):
             self.released_since = None
             return 0
         if self.released_since is None:
@@ -85,8 +75,8 @@ class ReleaseGuard:
         return await self._stop_running(f"run {self.run_id} ended on chain {self.grace_s:g} s ago and no master has stopped them")
 
     async def on_exit(self) -> int:
-        """When the miner ends: stop what runs if the node's status leaves it no master."""
-        reason = orphaned(self.last(), self.run_id)
+        """When the miner ends: stop what runs if the chain's outcome ended it (no master any more)."""
+        reason = self.ended()
         return 0 if reason is None else await self._stop_running(reason)
 
     async def _stop_running(self, reason: str) -> int:
@@ -94,8 +84,8 @@ class ReleaseGuard:
         for task_id in running:
             await self.converger.stop_task(task_id)
         if running:
-            line = (f"Stopped {len(running)} task(s) still running on this node ({', '.join(running)}): {reason}; "
-                    "their files stay in the data dir.")
+            line = (f"Stopped {len(running)} task(s) still running on this node ({', '.join(running)}); "
+                    f"their files stay in the data dir. Why: {reason.rstrip('.')}.")
             log.warning("%s", line)
             if self.say is not None:
                 self.say(line)

@@ -105,10 +105,10 @@ class ChainWatch:
         self.clock = clock
         self.last: NodeInfo | None = None
         self._rejected_seen_at: float | None = None
-        self.finished = False
+        self.error: PrimeError | None = None  # the outcome that ends the miner, once there is one
 
     async def step(self) -> WatchResult | None:
-        if self.finished:
+        if self.error is not None:
             return None
         info = await self.registry.get_node(self.node)
         changed = self.last is None or (info.status, info.run_id) != (self.last.status, self.last.run_id)
@@ -120,6 +120,6 @@ class ChainWatch:
         wait_over = self._rejected_seen_at is not None and self.clock() - self._rejected_seen_at >= self.verdict_grace_s
         error = outcome(info, self.run_id, self.state, verdict_wait_over=wait_over)
         if error is not None:
-            self.finished = True
+            self.error = error
             self.on_outcome(error)
         return WatchResult(info, changed)
