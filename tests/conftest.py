@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.fixtures.docker",
     "tests.fixtures.processes",
     "tests.fixtures.servers",
+    "tests.fixtures.report",
 ]

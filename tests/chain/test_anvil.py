@@ -50,3 +50,28 @@ def test_busy_port_is_a_clear_error(anvil):
         start_anvil(anvil.port, startup_timeout_s=5)
     assert exc.value.message.startswith(f"Could not start anvil on 127.0.0.1:{anvil.port}")
     assert anvil.running
+
+
+def test_anvil_keeps_no_old_states_on_disk_and_forgets_no_block(monkeypatch, tmp_path):
+    """Past 500 blocks anvil used to write every older state under ~/.foundry/anvil/tmp and leave it there
+    (about 130 MB a test run); what we start keeps none on disk, yet every block and the latest state stay."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # anvil's cache dir follows HOME
+    blocks = 650
+    with start_anvil(None) as chain:
+        for i in range(blocks):
+            chain.set_balance(f"0x{i + 1:040x}", 10**18 + i)
+            chain.rpc("evm_mine")
+        assert int(chain.rpc("eth_blockNumber"), 16) == blocks
+        assert int(chain.rpc("eth_getBalance", [f"0x{5:040x}", "latest"]), 16) == 10**18 + 4
+        assert chain.rpc("eth_getBlockByNumber", ["0x1", False])["number"] == "0x1"
+    cache = tmp_path / ".foundry" / "anvil" / "tmp"
+    assert not cache.exists() or not any(cache.iterdir()), sorted(p.name for p in cache.iterdir())
+
+
+def test_the_devnet_anvil_keeps_no_old_states_on_disk_either(tmp_path):
+    from prime.devnet.state import DevnetPaths
+    from prime.devnet.up import anvil_command
+
+    command = anvil_command(DevnetPaths(tmp_path), 8545)
+    at = command.index(anvil_mod.NO_DISK_STATES[0])
+    assert tuple(command[at:at + 2]) == anvil_mod.NO_DISK_STATES

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from prime.chain.anvil import DEFAULT_CHAIN_ID, DEV_MNEMONIC, find_anvil, port_is_free
+from prime.chain.anvil import DEFAULT_CHAIN_ID, DEV_MNEMONIC, NO_DISK_STATES, find_anvil, port_is_free
 from prime.chain.types import Requirements
 from prime.clients.discovery import discovery_uri
 from prime.config import DEFAULT_PORTS as ROLE_PORTS
@@ -122,7 +122,7 @@ def url(port: int) -> str:
 def anvil_command(paths: DevnetPaths, port: int) -> list[str]:
     return [
         str(find_anvil()), "--host", HOST, "--port", str(port), "--chain-id", str(DEFAULT_CHAIN_ID),
-        "--accounts", "10", "--balance", "10000", "--mnemonic", DEV_MNEMONIC,
+        "--accounts", "10", "--balance", "10000", "--mnemonic", DEV_MNEMONIC, *NO_DISK_STATES,
         # Also names the state dir in anvil's command line, so a scan for it finds anvil too.
         "--config-out", str(paths.root / "anvil.json"),
     ]

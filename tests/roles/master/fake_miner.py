@@ -314,16 +314,14 @@ class FakeMiner:
         return response
 
 
-_IDENTITIES: dict[str, tuple[str, Domain]] = {}
-
-
 async def identity_of(base_url: str) -> tuple[str, Domain]:
-    """(address, domain) the service at ``base_url`` names in its /health (what a request to it is addressed to)."""
-    if base_url not in _IDENTITIES:
-        async with aiohttp.ClientSession() as session, session.get(base_url + "/health") as answer:
-            found = (await answer.json())["identity"]
-        _IDENTITIES[base_url] = (found["address"], Domain(found["chain_id"], found["registry"]))
-    return _IDENTITIES[base_url]
+    """(address, domain) the service at ``base_url`` names in its /health (what a request to it is addressed to).
+
+    Asked every time, never cached by URL: the OS hands a freed port to the next test's service, which
+    has another key, and a request addressed to the old one is refused (401) as it should be."""
+    async with aiohttp.ClientSession() as session, session.get(base_url + "/health") as answer:
+        found = (await answer.json())["identity"]
+    return found["address"], Domain(found["chain_id"], found["registry"])
 
 
 async def headers_for(account: LocalAccount, base_url: str, method: str, path: str, body: bytes = b"") -> dict[str, str]:

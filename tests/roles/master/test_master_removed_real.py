@@ -16,6 +16,7 @@ from eth_account import Account
 
 from prime.chain.client import RegistryClient
 from prime.chain.types import Requirements
+from tests.fixtures.docker import remove_prime_containers
 from tests.fixtures.processes import RoleProcesses, free_port
 from tests.roles.master.fake_miner import PASSWORD, World, eventually, make_world, master_command, signed_call, write_key
 from tests.support.miner_env import desired_entry, running_node
@@ -50,6 +51,8 @@ async def test_a_removed_masters_miners_refuse_it_and_are_adopted_by_the_other_m
         anvil.set_balance(account.address, 10 * 10**18)
     addresses = [a.address for a in accounts]
     async with contextlib.AsyncExitStack() as stack:
+        for address in addresses:  # the finished containers the miners keep: gone with the test
+            stack.callback(remove_prime_containers, docker_client, address)
         miners = [await stack.enter_async_context(running_node(anvil, deployment, world.run_id, a, tmp_path / f"m{i}"))
                   for i, a in enumerate(accounts)]
         for account in accounts:
