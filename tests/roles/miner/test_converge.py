@@ -183,4 +183,4 @@ def test_the_node_takes_its_executor_and_builds_none_itself(tmp_path: Path) -> N
     memory = MemoryExecutor(tmp_path)
     assert MinerNode(options, account, executor=memory).executor is memory
     default = MinerNode(options, account).executor  # made, but it has not touched Docker (DOCKER_HOST points nowhere)
-    assert isinstance(default, DockerExecutor) and default._client is None
+    assert isinstance(default, DockerExecutor) and default.engine._client is None

@@ -6,7 +6,7 @@ keeps what an engine call in flight needs: a record of replicas being started (p
 or failed before a container existed). Images are made present by ``images.ImagePuller``
 (one pull per image, a backoff after a failure, the registry policy asked first).
 
-The docker SDK is blocking; every call runs in a worker thread, and the long-lived streams
+The docker SDK is blocking; every call runs in a worker thread (``engine.py``), and the long-lived streams
 (image pulls, followed logs) get a thread of their own (``streams.py``).
 """
 
@@ -17,9 +17,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-import threading
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,6 +46,7 @@ from prime.roles.miner.containers import (
     status_of,
 )
 from prime.roles.miner.core import Key, Placement, ReplicaStatus
+from prime.roles.miner.engine import Engine, ExecutorError
 from prime.roles.miner.images import ImagePuller, ProgressCallback
 from prime.roles.miner.registries import RegistryPolicy
 from prime.roles.miner.streams import close_stream, iterate_in_thread
@@ -60,10 +60,6 @@ MAX_LOG_LINE = 64 * 1024  # characters of one log line held before it is passed 
 
 class TaskNotFound(PrimeError):
     """No container or record of this task on this node."""
-
-
-class ExecutorError(PrimeError):
-    """The Docker engine failed or could not be reached."""
 
 
 @dataclass(frozen=True)
@@ -100,8 +96,8 @@ class DockerExecutor:
         chain_id: int | None = None,
         registry_address: str | None = None,
     ) -> None:
-        self._client = client
-        self._client_lock = threading.Lock()
+        self.engine = Engine(client)  # the SDK client and the worker threads its blocking calls run in
+        self._docker = self.engine.call
         self.data_dir = Path(data_dir)
         # Fills a new attempt's /data from the master's synced copy (seeding.Seeder; None: never).
         self.seeder: Any = None
@@ -140,25 +136,11 @@ class DockerExecutor:
 
     @property
     def client(self) -> docker.DockerClient:
-        if self._client is None:
-            with self._client_lock:  # first use may come from two worker threads at once
-                if self._client is None:
-                    try:
-                        self._client = docker.from_env(timeout=60)
-                    except docker.errors.DockerException as exc:
-                        raise ExecutorError(f"The Docker engine is not reachable ({exc}); start Docker or set DOCKER_HOST.") from exc
-        return self._client
+        return self.engine.client
 
-    async def _docker(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """A blocking SDK call in a worker thread; engine outages become ``ExecutorError``."""
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except docker.errors.APIError:  # NotFound included: the caller decides
-            raise
-        except docker.errors.DockerException as exc:
-            raise ExecutorError(f"The Docker engine failed ({exc}); check that Docker is running.") from exc
-        except OSError as exc:  # requests' ConnectionError is an OSError
-            raise ExecutorError(f"The Docker engine is not reachable ({exc}); check that Docker is running.") from exc
+    async def close(self) -> None:
+        """Close the engine connections of a client this executor made, once its calls are back."""
+        await self.engine.close()
 
     def _lock(self, key: Key) -> asyncio.Lock:
         lock = self._locks.get(key)

@@ -169,6 +169,7 @@ class MinerNode:
         self.gpus: list[int] = []
         self.hardware: hardware.HardwareInfo | None = None
         self.registration_tx: str | None = None
+        self._owns_executor = executor is None  # then its engine connections are closed with the node
         self.executor: Any = executor if executor is not None else docker_executor(options, self.data_dir, node_account.address)
         self.converger: Converger | None = None
         self.heartbeat: HeartbeatLoop | None = None
@@ -445,6 +446,8 @@ class MinerNode:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        if self._owns_executor:  # after the server: its log streams read through the engine client
+            await self.executor.close()
         if self.challenge is not None:
             self.challenge.release()
         for client in self._clients:

@@ -40,11 +40,14 @@ GPU_BACKEND_FIX = "install the GPU backend: pipx install 'prime[gpu]' (or pip in
 def docker_client_or_failure(base_url: str | None = None, timeout_s: int = 10) -> tuple[docker.DockerClient | None, str | None]:
     """A client of a reachable engine, or None and the sentence that says how to fix it."""
     where = base_url or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    client = None
     try:
         client = docker.DockerClient(base_url=base_url, timeout=timeout_s) if base_url else docker.from_env(timeout=timeout_s)
         client.ping()
         return client, None
     except Exception as exc:  # DockerException, ConnectionError, PermissionError...
+        if client is not None:  # made, but the engine did not answer: nothing of it is kept
+            client.close()
         text = str(exc)
         if "Permission denied" in text or isinstance(exc, PermissionError):
             return None, (

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from docker.types import CancellableStream
 
 T = TypeVar("T")
 _DONE = object()
+JOIN_S = 2.0  # how long a stopped stream's thread is waited for (a pull cannot be cut short)
 
 
 async def iterate_in_thread(open_stream: Callable[[], Iterator[T]], close: Callable[[Any], None], name: str) -> AsyncGenerator[T, None]:
@@ -46,6 +48,7 @@ async def iterate_in_thread(open_stream: Callable[[], Iterator[T]], close: Calla
                 return False
 
     def work() -> None:
+        stream = None
         try:
             stream = open_stream()
             holder["stream"] = stream
@@ -59,6 +62,8 @@ async def iterate_in_thread(open_stream: Callable[[], Iterator[T]], close: Calla
         except BaseException as exc:  # handed to the consumer, raised there
             if not stop.is_set():
                 put(exc)
+        finally:
+            release_stream(stream)
 
     thread = threading.Thread(target=work, name=name, daemon=True)
     thread.start()
@@ -78,8 +83,23 @@ async def iterate_in_thread(open_stream: Callable[[], Iterator[T]], close: Calla
                 close(stream)
             except Exception:
                 pass
+        if thread.is_alive():  # let it release its connection before the caller goes on (bounded)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(thread.join, JOIN_S)
 
 
 def close_stream(stream: Any) -> None:
+    """Unblock a read in progress (the SDK shuts the socket down)."""
     if isinstance(stream, CancellableStream):
         stream.close()
+
+
+def release_stream(stream: Any) -> None:
+    """In the reading thread, once its reads are over: close the HTTP response itself. Closing the
+    stream alone leaves the engine connection open for as long as the response lives."""
+    response = getattr(stream, "_response", None)
+    if response is not None:
+        try:
+            response.close()
+        except Exception:
+            pass
