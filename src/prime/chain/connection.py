@@ -57,6 +57,11 @@ def make_web3(rpc_url: str, *, timeout_s: float = 30.0) -> AsyncWeb3:
 async def close_web3(w3: AsyncWeb3) -> None:
     with contextlib.suppress(Exception):
         await w3.provider.disconnect()
+    # web3 8's session manager takes its cache lock through a thread pool of its own that nothing
+    # shuts down: without this, every closed client leaves an idle thread behind for good.
+    pool = getattr(getattr(w3.provider, "_request_session_manager", None), "session_pool", None)
+    if pool is not None:
+        pool.shutdown(wait=False)
 
 
 def to_address(value: str | LocalAccount | Any) -> ChecksumAddress:
