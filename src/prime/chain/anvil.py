@@ -28,6 +28,9 @@ from prime.errors import ChainError, PrimeError
 # anvil's (and hardhat's) public development mnemonic: its keys are known to everyone, devnet only.
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
 DEFAULT_CHAIN_ID = 31337
+# Past its 500 in-memory states anvil writes each older one to ~/.foundry/anvil/tmp and never
+# deletes them (about 130 MB a test run, left behind after it stops): every anvil we start keeps
+# none. Nothing here reads state at an old block; blocks, receipts and logs are kept either way.
 NO_DISK_STATES = ("--max-persisted-states", "0")
 
 _PLATFORM_PACKAGES = {
@@ -191,9 +194,6 @@ def start_anvil(
         args = [
             str(binary), "--host", host, "--port", str(chosen), "--chain-id", str(chain_id),
             "--accounts", str(accounts), "--balance", str(balance_eth), "--mnemonic", DEV_MNEMONIC,
-            # Past its 500 in-memory states anvil writes each older one to ~/.foundry/anvil/tmp and
-            # never deletes them (about 130 MB a test run, left behind after it stops): keep none.
-            # Nothing here reads state at an old block; logs and receipts are kept either way.
             *NO_DISK_STATES,
         ]
         if block_time_s:

@@ -334,10 +334,7 @@ async def signed_call(account: LocalAccount | None, method: str, base_url: str, 
                       *, raw: bool = False) -> tuple[int, Any]:
     """One request with exactly ``path`` on the wire (signed by ``account`` and addressed to the service at
     ``base_url``, as its /health names itself; unsigned when None)."""
-    headers: dict[str, str] = {}
-    if account is not None:
-        audience, domain = await identity_of(base_url)
-        headers = sign_headers(account, method, path, body, audience=audience, domain=domain)
+    headers = await headers_for(account, base_url, method, path, body) if account is not None else {}
     if body:
         headers["Content-Type"] = "application/json"
     from yarl import URL

@@ -67,17 +67,15 @@ class Engine:
         except OSError as exc:  # requests' ConnectionError is an OSError
             raise ExecutorError(f"The Docker engine is not reachable ({exc}); check that Docker is running.") from exc
 
-    @property
-    def busy(self) -> int:
-        return self._busy
-
     async def close(self, wait_s: float = 15.0) -> None:
         """Close a client made here, once the calls in flight are back (at most ``wait_s``); a
-        later call connects again."""
+        later call connects again. A given client is left as it is."""
+        if not self._owns_client:
+            return
         deadline = time.monotonic() + wait_s
         while self._busy and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         with self._lock:
-            client, self._client = (self._client, None) if self._owns_client else (None, self._client)
+            client, self._client = self._client, None
         if client is not None:
             client.close()

@@ -21,7 +21,7 @@ from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import docker.errors
@@ -53,7 +53,6 @@ from prime.roles.miner.streams import close_stream, iterate_in_thread
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 MAX_RECORDS = 1000
 MAX_LOG_LINE = 64 * 1024  # characters of one log line held before it is passed on in pieces
 
