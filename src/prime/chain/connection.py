@@ -12,6 +12,7 @@ from eth_typing import ChecksumAddress
 from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3 import AsyncWeb3
+from web3._utils.http_session_manager import HTTPSessionManager
 from web3.exceptions import Web3Exception
 from web3.providers.rpc import AsyncHTTPProvider
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
@@ -34,6 +35,33 @@ def unreachable(rpc_url: str) -> ChainError:
     )
 
 
+class LoopSessions(HTTPSessionManager):
+    """web3's HTTP session cache, one aiohttp session per event loop, without web3's lock.
+
+    web3 8 takes a process-wide ``threading.Lock`` (``HTTPSessionManager._lock``, a class
+    attribute) on every request, through a thread pool. A request cancelled while it waits for
+    that lock (a timeout, a shutdown) leaves it taken for good, and from then on every web3 HTTP
+    call of the process hangs: web3.py issue #3867, still open. One event loop needs no thread
+    lock here: nothing is awaited between looking a session up and storing a new one.
+    """
+
+    async def async_cache_and_return_session(self, endpoint_uri: Any, session: aiohttp.ClientSession | None = None,
+                                             request_timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        key = f"{id(loop)}:{endpoint_uri}"
+        cached = self.session_cache.get_cache_entry(key)
+        if session is None and cached is not None and not cached.closed and cached._loop is loop:
+            return cached
+        if session is None:  # what web3 makes: a connection per request, closed ones cleaned up
+            session = aiohttp.ClientSession(
+                raise_for_status=True, connector=aiohttp.TCPConnector(force_close=True, enable_cleanup_closed=True))
+        _, evicted = self.session_cache.cache(key, session)
+        for old in [cached, *(evicted or {}).values()]:
+            if old is not None and old is not session and not old.closed and old._loop is loop:
+                loop.create_task(old.close())
+        return session
+
+
 def make_web3(rpc_url: str, *, timeout_s: float = 30.0) -> AsyncWeb3:
     """An AsyncWeb3 over HTTP with a request timeout and a short retry on connection errors only.
 
@@ -51,17 +79,13 @@ def make_web3(rpc_url: str, *, timeout_s: float = 30.0) -> AsyncWeb3:
         cache_allowed_requests=True,
         cacheable_requests={"eth_chainId", "net_version"},
     )
+    provider._request_session_manager = LoopSessions()  # no process-wide lock to deadlock on (see there)
     return AsyncWeb3(provider)
 
 
 async def close_web3(w3: AsyncWeb3) -> None:
     with contextlib.suppress(Exception):
         await w3.provider.disconnect()
-    # web3 8's session manager takes its cache lock through a thread pool of its own that nothing
-    # shuts down: without this, every closed client leaves an idle thread behind for good.
-    pool = getattr(getattr(w3.provider, "_request_session_manager", None), "session_pool", None)
-    if pool is not None:
-        pool.shutdown(wait=False)
 
 
 def to_address(value: str | LocalAccount | Any) -> ChecksumAddress:
